@@ -1,0 +1,289 @@
+//! The client-facing interface of kvpaxos: the `Kv` tarpc service, the
+//! request and response types it carries, its typed errors, and the parser of
+//! the `replica` file that clients and servers share.
+//!
+//! # Layout
+//!
+//! - [`Kv`] — the service trait (one listener per replica, on its client address).
+//! - [`WriteRequest`], [`Op`], [`WriteOutcome`], [`OpResult`] — writes, which go
+//!   through the replicated log and are deduplicated by `(client_id, seq)`.
+//! - [`ReadMode`], [`GetResponse`] — reads, linearizable or local.
+//! - [`ReplicaStatus`] — what `status` reports about one replica.
+//! - [`KvError`] — every error a client can see, serializable.
+//! - [`replicas`] — the `replica` file format.
+//! - [`Limits`] — key and value size limits, checked by client and server.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+
+pub mod replicas;
+
+/// A replica's identifier, a positive integer from the `replica` file.
+pub type ReplicaId = u64;
+
+/// An index into the replicated log.
+pub type Slot = u64;
+
+/// One write operation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` if present.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Set `key` to `new` only if its current value equals `expected`
+    /// (`None`: only if the key is absent).
+    Cas {
+        /// The key.
+        key: Vec<u8>,
+        /// The value the key must hold now, or `None` for "absent".
+        expected: Option<Vec<u8>>,
+        /// The value to store if the comparison holds.
+        new: Vec<u8>,
+    },
+}
+
+impl Op {
+    /// The key this operation touches.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
+        }
+    }
+}
+
+/// A write as a client sends it. `(client_id, seq)` identifies it: the state
+/// machine applies a given pair at most once and answers retries with the
+/// first result, so a retry after a timeout is safe.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WriteRequest {
+    /// A random identifier the client picks once (per session).
+    pub client_id: u64,
+    /// Increasing per client, starting at 1; a retry reuses the number.
+    pub seq: u64,
+    /// The client has received the replies of every sequence number below
+    /// this one, so the replicas may forget them. 0 or 1 mean "none yet".
+    pub acked_below: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+/// The result of one applied write.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    /// A put was applied.
+    Put,
+    /// A delete was applied; `existed` tells whether the key was there.
+    Deleted {
+        /// Whether the key existed before the delete.
+        existed: bool,
+    },
+    /// A compare-and-swap was evaluated.
+    Cas {
+        /// Whether the new value was stored.
+        swapped: bool,
+        /// The key's value after the operation.
+        current: Option<Vec<u8>>,
+    },
+    /// The request's sequence number is below what the client already
+    /// acknowledged; its original result has been forgotten. A correct client
+    /// never sees this.
+    Stale,
+}
+
+/// A write's result and where it sits in the log.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The log slot that holds the write (of its first application).
+    pub slot: Slot,
+    /// The result.
+    pub result: OpResult,
+}
+
+/// How a read is served.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Reflects every write acknowledged before the read began (served by the
+    /// leader after it confirms its leadership with a quorum).
+    #[default]
+    Linearizable,
+    /// The contacted replica's own state: fast, possibly stale.
+    Local,
+}
+
+/// The answer to a get.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GetResponse {
+    /// The value, or `None` if the key is absent.
+    pub value: Option<Vec<u8>>,
+    /// The log index the serving replica had applied when it read.
+    pub applied: Slot,
+}
+
+/// One replica's view of itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The replica's id.
+    pub id: ReplicaId,
+    /// Whether it currently believes itself the leader.
+    pub leader: bool,
+    /// The leader it knows of, if any.
+    pub leader_id: Option<ReplicaId>,
+    /// The round of the highest ballot it has promised.
+    pub ballot_round: u64,
+    /// The highest log index it has applied (0: nothing yet; slots start at 1).
+    pub applied: Slot,
+    /// The highest slot of the contiguous prefix it knows chosen (0: none).
+    pub chosen: Slot,
+    /// The log index covered by its latest snapshot (0: none).
+    pub snapshot: Slot,
+    /// Number of keys in its map.
+    pub keys: u64,
+}
+
+/// Where the leader can be reached.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LeaderHint {
+    /// The leader's id.
+    pub id: ReplicaId,
+    /// The leader's client address (`host:port`).
+    pub addr: String,
+}
+
+/// Every error the `Kv` service returns.
+#[derive(thiserror::Error, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum KvError {
+    /// This replica does not lead and could not forward; retry at the hint.
+    #[error("replica is not the leader{}", match .0 { Some(h) => format!("; the leader is replica {} at {}", h.id, h.addr), None => "; no leader is known yet, retry shortly".to_string() })]
+    NotLeader(Option<LeaderHint>),
+    /// No quorum could be reached; for a write the outcome is unknown.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request is malformed or too large; it was not applied.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The operation did not finish in time; for a write the outcome is unknown.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// Size limits on keys and values, checked by the client before sending and
+/// by the server before proposing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest key in bytes (default 1 KiB).
+    pub max_key: usize,
+    /// Longest value in bytes (default 1 MiB).
+    pub max_value: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key: 1024,
+            max_value: 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks a key: non-empty and not over the limit.
+    pub fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
+        if key.is_empty() {
+            return Err(KvError::InvalidArgument("the key is empty".into()));
+        }
+        if key.len() > self.max_key {
+            return Err(KvError::InvalidArgument(format!(
+                "the key is {} bytes, over the limit of {} bytes",
+                key.len(),
+                self.max_key
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a value against the limit.
+    pub fn check_value(&self, value: &[u8]) -> Result<(), KvError> {
+        if value.len() > self.max_value {
+            return Err(KvError::InvalidArgument(format!(
+                "the value is {} bytes, over the limit of {} bytes",
+                value.len(),
+                self.max_value
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks every key and value an operation carries.
+    pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
+        self.check_key(op.key())?;
+        match op {
+            Op::Put { value, .. } => self.check_value(value),
+            Op::Delete { .. } => Ok(()),
+            Op::Cas { expected, new, .. } => {
+                if let Some(e) = expected {
+                    self.check_value(e)?;
+                }
+                self.check_value(new)
+            }
+        }
+    }
+}
+
+/// Largest frame either side accepts: a maximal value plus headroom. Both
+/// ends raise tarpc's default (8 MiB) to this.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// The client-facing service every replica serves on its client address.
+#[tarpc::service]
+pub trait Kv {
+    /// Applies a write through the replicated log and returns its result.
+    /// A follower forwards it to the leader. Retrying the same
+    /// `(client_id, seq)` is safe: it is applied at most once.
+    async fn write(req: WriteRequest) -> Result<WriteOutcome, KvError>;
+    /// Reads a key, linearizably (through the leader) or locally.
+    async fn get(key: Vec<u8>, mode: ReadMode) -> Result<GetResponse, KvError>;
+    /// Reports this replica's role and progress.
+    async fn status() -> ReplicaStatus;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_refuse_large_keys_and_values() {
+        let l = Limits::default();
+        assert!(l.check_key(b"k").is_ok());
+        assert!(l.check_key(b"").is_err());
+        assert!(l.check_key(&vec![0; 1025]).is_err());
+        assert!(l.check_value(&vec![0; 1 << 20]).is_ok());
+        assert!(l.check_value(&vec![0; (1 << 20) + 1]).is_err());
+        let cas = Op::Cas {
+            key: b"k".to_vec(),
+            expected: Some(vec![0; (1 << 20) + 1]),
+            new: vec![],
+        };
+        assert!(l.check_op(&cas).is_err());
+    }
+
+    #[test]
+    fn not_leader_message_names_the_leader() {
+        let e = KvError::NotLeader(Some(LeaderHint {
+            id: 3,
+            addr: "127.0.0.1:7003".into(),
+        }));
+        assert_eq!(
+            e.to_string(),
+            "replica is not the leader; the leader is replica 3 at 127.0.0.1:7003"
+        );
+    }
+}

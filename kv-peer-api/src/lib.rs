@@ -1,0 +1,180 @@
+//! The replica-to-replica interface of kvpaxos: Multi-Paxos messages,
+//! heartbeats, catch-up, and forwarding of client requests to the leader.
+//!
+//! Clients never link this crate; only `kv-server` does.
+//!
+//! # Layout
+//!
+//! - [`Ballot`] — totally ordered `(round, replica id)`.
+//! - [`Value`] — what one log slot chooses: a batch of client writes or a no-op.
+//! - Phase 1: [`Prepare`] → [`Promise`]; phase 2: [`Accept`] → [`Accepted`];
+//!   [`Heartbeat`] → [`HeartbeatAck`]; catch-up: [`Fetch`] → [`FetchReply`].
+//! - [`Peer`] — the tarpc service every replica serves on its peer address.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+
+pub use kv_api::{GetResponse, KvError, ReadMode, ReplicaId, Slot, WriteOutcome, WriteRequest};
+
+/// A proposal number: totally ordered by round, then replica id, so two
+/// replicas never use the same ballot.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
+)]
+pub struct Ballot {
+    /// Increases with every election a replica starts.
+    pub round: u64,
+    /// The replica that owns the ballot (0 only in the initial zero ballot).
+    pub id: ReplicaId,
+}
+
+impl Ballot {
+    /// The ballot below every real one.
+    pub const ZERO: Ballot = Ballot { round: 0, id: 0 };
+}
+
+impl std::fmt::Display for Ballot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.round, self.id)
+    }
+}
+
+/// What a log slot chooses.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    /// Fills a hole; applies nothing.
+    Noop,
+    /// Client writes, applied in order.
+    Batch(Vec<WriteRequest>),
+}
+
+/// One accepted (not necessarily chosen) log entry, as reported in a promise.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedEntry {
+    /// The slot.
+    pub slot: Slot,
+    /// The ballot it was accepted in.
+    pub ballot: Ballot,
+    /// The value.
+    pub value: Value,
+}
+
+/// Phase 1a: a candidate asks for promises from `from_slot` on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Prepare {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The candidate's ballot.
+    pub ballot: Ballot,
+    /// The first slot the candidate does not know chosen.
+    pub from_slot: Slot,
+}
+
+/// Phase 1b: the answer to a prepare.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Promise {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The ballot promised, if `ok`; else the higher ballot already promised.
+    pub ballot: Ballot,
+    /// Whether the promise was given.
+    pub ok: bool,
+    /// Entries accepted at or after `from_slot` (empty unless `ok`).
+    pub accepted: Vec<AcceptedEntry>,
+    /// The sender's chosen prefix: every slot up to here is chosen.
+    pub chosen: Slot,
+}
+
+/// Phase 2a: the leader asks to accept values (several slots at once).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The leader's ballot.
+    pub ballot: Ballot,
+    /// `(slot, value)` pairs to accept.
+    pub entries: Vec<(Slot, Value)>,
+    /// The leader's chosen prefix, so followers learn what is chosen.
+    pub chosen: Slot,
+}
+
+/// Phase 2b: the answer to an accept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The ballot accepted, if `ok`; else the higher ballot already promised.
+    pub ballot: Ballot,
+    /// Whether the entries were accepted.
+    pub ok: bool,
+    /// The slots accepted.
+    pub slots: Vec<Slot>,
+}
+
+/// The leader's periodic assertion of its ballot and progress.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The leader's ballot.
+    pub ballot: Ballot,
+    /// The leader's chosen prefix.
+    pub chosen: Slot,
+    /// The heartbeat's round number, echoed in the ack; confirms leadership
+    /// for reads (read-index).
+    pub round: u64,
+}
+
+/// The answer to a heartbeat.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The highest ballot the sender has promised.
+    pub ballot: Ballot,
+    /// Whether the sender still follows the heartbeat's ballot.
+    pub ok: bool,
+    /// The heartbeat round echoed back.
+    pub round: u64,
+    /// The sender's chosen prefix (so the leader sees who is behind).
+    pub chosen: Slot,
+}
+
+/// Catch-up: asks for chosen entries from `from_slot` on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Fetch {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The first slot wanted.
+    pub from_slot: Slot,
+    /// At most this many entries.
+    pub max_entries: u32,
+}
+
+/// Chosen entries in slot order, contiguous from the requested slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchReply {
+    /// The sender.
+    pub from: ReplicaId,
+    /// `(slot, chosen value)`, contiguous from the requested slot.
+    pub entries: Vec<(Slot, Value)>,
+    /// The sender's chosen prefix.
+    pub chosen: Slot,
+}
+
+/// The service every replica serves on its peer address.
+#[tarpc::service]
+pub trait Peer {
+    /// Phase 1: promise not to accept lower ballots; report accepted entries.
+    async fn prepare(req: Prepare) -> Promise;
+    /// Phase 2: accept entries (persisted before the reply).
+    async fn accept(req: Accept) -> Accepted;
+    /// Leader liveness, chosen prefix, and read-index confirmation.
+    async fn heartbeat(req: Heartbeat) -> HeartbeatAck;
+    /// Returns chosen entries the caller lacks.
+    async fn fetch(req: Fetch) -> FetchReply;
+    /// A client write forwarded by a follower; answered as the leader would.
+    async fn forward_write(req: WriteRequest) -> Result<WriteOutcome, KvError>;
+    /// A linearizable read forwarded by a follower.
+    async fn forward_get(key: Vec<u8>) -> Result<GetResponse, KvError>;
+}
