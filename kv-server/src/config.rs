@@ -1,0 +1,64 @@
+//! Configuration of one replica.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kv_api::replicas::Replicas;
+use kv_api::{Limits, ReplicaId};
+
+use crate::{Result, ServerError};
+
+/// Everything one replica needs to run. Public fields; `validate()` checks them.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This replica's id; must appear in `replicas`.
+    pub id: ReplicaId,
+    /// All replicas, this one included.
+    pub replicas: Replicas,
+    /// Where this replica keeps its log and snapshots (created if missing).
+    pub data_dir: PathBuf,
+    /// Key and value size limits.
+    pub limits: Limits,
+    /// The consensus clock's tick.
+    pub tick: Duration,
+    /// Deadline of one call to a peer.
+    pub peer_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with default tuning.
+    pub fn new(id: ReplicaId, replicas: Replicas, data_dir: PathBuf) -> ServerConfig {
+        ServerConfig {
+            id,
+            replicas,
+            data_dir,
+            limits: Limits::default(),
+            tick: Duration::from_millis(10),
+            peer_timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// Checks that the id is in the replica list and the tuning is sane.
+    pub fn validate(&self) -> Result<()> {
+        if self.replicas.get(self.id).is_none() {
+            let ids: Vec<String> = self
+                .replicas
+                .replicas
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect();
+            return Err(ServerError::Config(format!(
+                "--id {} is not in {} (its ids are {})",
+                self.id,
+                self.replicas.source.display(),
+                ids.join(", ")
+            )));
+        }
+        if self.tick.is_zero() || self.peer_timeout.is_zero() {
+            return Err(ServerError::Config(
+                "tick and peer timeout must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
