@@ -1,1 +1,291 @@
-fn main() {}
+//! The `kv-server` binary: runs one kvpaxos replica, or (`kv-server cluster`)
+//! every replica of a replica file on this machine as child processes.
+//!
+//! This file only parses arguments, sets up logging and the shutdown signal,
+//! and maps errors to exit codes; the replica itself is [`kv_server::run`] and
+//! the supervisor of `cluster` mode lives in [`cluster`].
+//!
+//! Exit codes (scripts and tests rely on them):
+//! - 0: clean shutdown (Ctrl-C or SIGTERM);
+//! - 2: bad usage or invalid configuration (malformed replica file, unknown
+//!   `--id`), with `kv-server: <error>` on stderr naming the file and line;
+//! - 1: any other failure (data directory not writable, cannot bind, damaged
+//!   storage), with a one-line message on stderr.
+
+mod cluster;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kv_api::replicas::Replicas;
+use kv_server::{ServerConfig, ServerError};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code of a bad command line or an invalid configuration (clap uses it too).
+const EXIT_USAGE: u8 = 2;
+/// Exit code of any other failure.
+const EXIT_FAILURE: u8 = 1;
+
+const LONG_ABOUT: &str = "\
+A replica of kvpaxos, a fault-tolerant key-value store replicated with
+Multi-Paxos.
+
+With --id, runs the replica with that id from the replica file (lines of
+`ID CLIENT_ADDR PEER_ADDR`): it keeps its log and snapshots in its data
+directory, serves clients on CLIENT_ADDR and its peers on PEER_ADDR, and
+stops cleanly on Ctrl-C or SIGTERM. Writes succeed while a majority of the
+replicas of the file is up.
+
+`kv-server cluster` runs every replica of the file on this machine as child
+processes, prints where each one listens, and stops them all on Ctrl-C or
+SIGTERM.
+
+Logs go to stderr; set the level with RUST_LOG (default: info).";
+
+const EXAMPLES: &str = "\
+Examples:
+  # Run replica 3 of ./replica, keeping its data in data/3
+  kv-server --id 3
+
+  # Run replica 1 of another file with its data elsewhere
+  kv-server --id 1 --replicas /etc/kvpaxos/replica --data-dir /var/lib/kvpaxos
+
+  # Run all five replicas of ./replica on this machine (data in data/1 .. data/5)
+  kv-server cluster
+
+Exit status: 0 after a clean shutdown, 2 for bad usage or an invalid replica
+file or id, 1 for other failures (data directory, address in use, storage).";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kv-server",
+    version,
+    about = "Run a kvpaxos replica, or a whole cluster of them on this machine",
+    long_about = LONG_ABOUT,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    /// The id of the replica to run, as listed in the replica file
+    /// (required unless a subcommand is given).
+    #[arg(long, value_name = "ID", required = true, value_parser = clap::value_parser!(u64).range(1..))]
+    id: Option<u64>,
+
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line.
+    #[arg(long, value_name = "FILE", default_value = "replica")]
+    replicas: PathBuf,
+
+    /// Where this replica keeps its log and snapshots, created if missing
+    /// [default: data/ID]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Stop when standard input reaches end-of-file. `cluster` passes this
+    /// to its children (with a pipe as stdin) so that they stop even if the
+    /// supervisor itself is killed with SIGKILL.
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every replica of the replica file on this machine as child
+    /// processes; stop them all on Ctrl-C or SIGTERM.
+    #[command(after_help = "\
+Example:
+  # Start the five replicas of ./replica, data in data/1 .. data/5
+  kv-server cluster
+
+Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`.
+The replicas' log lines are copied to stderr prefixed with `[replica ID]`.")]
+    Cluster(ClusterArgs),
+}
+
+/// Arguments of `kv-server cluster`.
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line.
+    #[arg(long, value_name = "FILE", default_value = "replica")]
+    replicas: PathBuf,
+
+    /// The parent of the replicas' data directories (replica N uses DIR/N).
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    data_dir: PathBuf,
+}
+
+/// A failure together with the exit code it deserves.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+
+    fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_FAILURE,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<ServerError> for Failure {
+    fn from(e: ServerError) -> Failure {
+        match e {
+            ServerError::Config(_) => Failure::usage(e),
+            _ => Failure::runtime(e),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Parse before anything else: clap prints its own message and exits 2.
+    let cli = Cli::parse();
+    init_logging();
+
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::runtime)
+        .and_then(|runtime| runtime.block_on(run_cli(cli)));
+
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            // `{:#}` puts the whole cause chain on one line. Not `eprintln!`,
+            // which panics if stderr is gone (a supervisor that died).
+            let _ = writeln!(std::io::stderr(), "kv-server: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Logs to stderr, level from `RUST_LOG`, `info` by default.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // No colour codes in files and pipes (e.g. under `cluster`).
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run_cli(cli: Cli) -> Result<(), Failure> {
+    // Listen for signals first, so that a SIGTERM arriving during start-up
+    // shuts down cleanly instead of killing the process outright.
+    let shutdown = Shutdown::listen(cli.exit_on_stdin_eof).map_err(Failure::runtime)?;
+    match cli.command {
+        Some(Command::Cluster(args)) => {
+            let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;
+            let exe = std::env::current_exe()
+                .context("cannot find the kv-server executable to start the replicas")
+                .map_err(Failure::runtime)?;
+            cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
+                .run(shutdown.wait())
+                .await
+                .map_err(Failure::runtime)
+        }
+        None => {
+            // clap guarantees `--id` when there is no subcommand.
+            let id = cli
+                .id
+                .ok_or_else(|| Failure::usage(anyhow::anyhow!("--id is required")))?;
+            run_replica(id, cli.replicas, cli.data_dir, shutdown).await
+        }
+    }
+}
+
+async fn run_replica(
+    id: u64,
+    replica_file: PathBuf,
+    data_dir: Option<PathBuf>,
+    shutdown: Shutdown,
+) -> Result<(), Failure> {
+    let replicas = Replicas::load(&replica_file).map_err(Failure::usage)?;
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("data").join(id.to_string()));
+    let config = ServerConfig::new(id, replicas, data_dir);
+    config.validate()?;
+    if let Some(me) = config.replicas.get(id) {
+        tracing::info!(
+            id,
+            client_addr = %me.client_addr,
+            peer_addr = %me.peer_addr,
+            data_dir = %config.data_dir.display(),
+            replicas = %config.replicas.source.display(),
+            "starting replica"
+        );
+    }
+    kv_server::run(config, shutdown.wait()).await?;
+    tracing::info!(id, "replica stopped");
+    Ok(())
+}
+
+/// The shutdown signal: Ctrl-C (SIGINT), SIGTERM, or, with
+/// `--exit-on-stdin-eof`, the end of standard input.
+struct Shutdown {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    stdin_eof: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Shutdown {
+    fn listen(exit_on_stdin_eof: bool) -> anyhow::Result<Shutdown> {
+        let sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let stdin_eof = exit_on_stdin_eof.then(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // A plain thread, not `tokio::io::stdin()`: a blocking read would
+            // keep the runtime from shutting down, whereas a detached thread
+            // simply ends with the process.
+            std::thread::spawn(move || {
+                let mut sink = std::io::sink();
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut sink);
+                let _ = tx.send(());
+            });
+            rx
+        });
+        Ok(Shutdown {
+            sigint,
+            sigterm,
+            stdin_eof,
+        })
+    }
+
+    /// Resolves at the first signal.
+    async fn wait(self) {
+        let Shutdown {
+            mut sigint,
+            mut sigterm,
+            stdin_eof,
+        } = self;
+        let stdin_eof = async move {
+            match stdin_eof {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigint.recv() => tracing::info!("received Ctrl-C, shutting down"),
+            _ = sigterm.recv() => tracing::info!("received SIGTERM, shutting down"),
+            _ = stdin_eof => tracing::info!("standard input closed, shutting down"),
+        }
+    }
+}
