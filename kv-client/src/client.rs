@@ -1,0 +1,397 @@
+//! [`Client`], [`ClientBuilder`] and [`CasOutcome`].
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kv_api::replicas::Replicas;
+use kv_api::{
+    KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest,
+};
+use tarpc::client::RpcError;
+use tarpc::context::Context;
+
+use crate::error::{Error, Result};
+use crate::failover::{failover, Attempt};
+use crate::pool::Pool;
+use crate::seq::SeqTracker;
+
+/// The default overall time budget of one operation.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A handle on a kvpaxos cluster. Cheap to clone (an `Arc` inside); clones
+/// share connections, the client id and the sequence numbers, so one
+/// `Client` may serve many tasks at once.
+///
+/// Each operation tries replicas in turn (starting with the one that last
+/// worked, following leader hints) until one completes it or the time budget
+/// set with [`ClientBuilder::timeout`] is spent.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    addrs: Vec<String>,
+    timeout: Duration,
+    client_id: u64,
+    limits: Limits,
+    seqs: Arc<SeqTracker>,
+    pool: Pool,
+    /// The address that last completed a write or a linearizable read: the
+    /// leader, or a replica that forwards to it. A std Mutex, never held
+    /// across an await.
+    preferred: Mutex<Option<String>>,
+}
+
+/// Configures a [`Client`]. Start with [`Client::builder`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    addrs: Vec<String>,
+    timeout: Duration,
+    client_id: Option<u64>,
+    limits: Limits,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            addrs: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            client_id: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The result of [`Client::cas`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// Whether the new value was stored.
+    pub swapped: bool,
+    /// The key's value after the operation: the new value if swapped,
+    /// otherwise the value that made the comparison fail.
+    pub current: Option<Vec<u8>>,
+}
+
+impl ClientBuilder {
+    /// Talks to every replica of a replica file, by its client address.
+    /// Replaces any addresses given before.
+    pub fn replicas(mut self, r: Replicas) -> Self {
+        self.addrs = r.replicas.into_iter().map(|r| r.client_addr).collect();
+        self
+    }
+
+    /// Talks to these addresses (`host:port`) only, e.g. a single replica,
+    /// which forwards to the leader. Replaces any addresses given before.
+    pub fn addrs(mut self, addrs: Vec<String>) -> Self {
+        self.addrs = addrs;
+        self
+    }
+
+    /// The overall time budget of each operation, retries included
+    /// (default 5 s).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// The client id that writes carry (default: random). Two clients must
+    /// never use the same id at the same time.
+    pub fn client_id(mut self, id: u64) -> Self {
+        self.client_id = Some(id);
+        self
+    }
+
+    /// Key and value size limits checked before sending (default
+    /// [`Limits::default`], the server's).
+    pub fn limits(mut self, l: Limits) -> Self {
+        self.limits = l;
+        self
+    }
+
+    /// Builds the client. Does not connect: connections are made on first
+    /// use. Fails with [`Error::InvalidArgument`] if no address was given or
+    /// the timeout is zero.
+    pub fn build(self) -> Result<Client> {
+        let mut addrs: Vec<String> = Vec::with_capacity(self.addrs.len());
+        for a in self.addrs {
+            let a = a.trim().to_string();
+            if a.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "an empty replica address was given".into(),
+                ));
+            }
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no replica address was given (use a replica file or an explicit address)".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "the timeout must be above zero".into(),
+            ));
+        }
+        // Never 0, so that it cannot be mistaken for a "no client" marker.
+        let client_id = self
+            .client_id
+            .unwrap_or_else(|| rand::random::<u64>().max(1));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                addrs,
+                timeout: self.timeout,
+                client_id,
+                limits: self.limits,
+                seqs: SeqTracker::new(),
+                pool: Pool::default(),
+                preferred: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+fn invalid(e: KvError) -> Error {
+    match e {
+        KvError::InvalidArgument(m) => Error::InvalidArgument(m),
+        other => Error::InvalidArgument(other.to_string()),
+    }
+}
+
+impl Client {
+    /// A builder with the defaults: no addresses yet, 5 s timeout, random
+    /// client id, default limits.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The id this client's writes carry.
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// Sets `key` to `value`.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<()> {
+        let op = Op::Put {
+            key: key.into(),
+            value: value.into(),
+        };
+        let (outcome, addr) = self.write_op(op).await?;
+        match outcome.result {
+            OpResult::Put => Ok(()),
+            other => Err(mismatch(addr, "put", &other)),
+        }
+    }
+
+    /// Reads `key` linearizably: the answer reflects every write that
+    /// completed before the read began. `None` if the key is absent.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        self.read(key.into(), ReadMode::Linearizable).await
+    }
+
+    /// Reads `key` from the first replica that answers, from its own state:
+    /// fast, possibly stale. `None` if the key is absent there.
+    pub async fn get_local(&self, key: impl Into<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        self.read(key.into(), ReadMode::Local).await
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool> {
+        let op = Op::Delete { key: key.into() };
+        let (outcome, addr) = self.write_op(op).await?;
+        match outcome.result {
+            OpResult::Deleted { existed } => Ok(existed),
+            other => Err(mismatch(addr, "delete", &other)),
+        }
+    }
+
+    /// Sets `key` to `new` if its value is `expected` (`None`: if it is
+    /// absent).
+    pub async fn cas(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected: Option<Vec<u8>>,
+        new: impl Into<Vec<u8>>,
+    ) -> Result<CasOutcome> {
+        let op = Op::Cas {
+            key: key.into(),
+            expected,
+            new: new.into(),
+        };
+        let (outcome, addr) = self.write_op(op).await?;
+        match outcome.result {
+            OpResult::Cas { swapped, current } => Ok(CasOutcome { swapped, current }),
+            other => Err(mismatch(addr, "compare-and-swap", &other)),
+        }
+    }
+
+    /// Sends a write exactly as given: the caller picks `client_id`, `seq`
+    /// and `acked_below` (for tests of retries and deduplication). Limits are
+    /// checked first; the same failover and budget apply as for the other
+    /// operations, and every retry resends the same request.
+    pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome> {
+        self.inner.limits.check_op(&req.op).map_err(invalid)?;
+        Ok(self.send_write(req).await?.0)
+    }
+
+    /// Asks every replica for its status, in parallel, in the order the
+    /// addresses were given. Each answer (or error) comes with the address
+    /// asked. Takes at most the client's timeout.
+    pub async fn status(&self) -> Vec<(String, Result<ReplicaStatus>)> {
+        let deadline = Instant::now() + self.inner.timeout;
+        let asks = self.inner.addrs.iter().map(|addr| async move {
+            let r = self.status_of(addr, deadline).await;
+            (addr.clone(), r)
+        });
+        let answers = futures::future::join_all(asks).await;
+        // A replica that calls itself leader is the best place to start.
+        if let Some((addr, _)) = answers.iter().find(|(_, r)| matches!(r, Ok(s) if s.leader)) {
+            self.set_preferred(addr);
+        }
+        answers
+    }
+
+    async fn status_of(&self, addr: &str, deadline: Instant) -> Result<ReplicaStatus> {
+        // Two tries: the first may hit a cached connection that has died
+        // since (the replica restarted); the second dials afresh.
+        let mut last = String::new();
+        for _ in 0..2 {
+            match attempt(&self.inner.pool, addr, deadline, |c, ctx| async move {
+                c.status(ctx).await.map(Ok)
+            })
+            .await
+            {
+                Attempt::Done(s) => return Ok(s),
+                Attempt::NoConnection(e) => {
+                    return Err(Error::Unavailable(format!("{addr}: cannot connect: {e}")))
+                }
+                Attempt::CallFailed(e) => last = e,
+                Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(Error::Timeout(format!("{addr}: {last}")))
+    }
+
+    async fn read(&self, key: Vec<u8>, mode: ReadMode) -> Result<Option<Vec<u8>>> {
+        self.inner.limits.check_key(&key).map_err(invalid)?;
+        let (resp, addr) = self
+            .call(move |c, ctx| {
+                let key = key.clone();
+                async move { c.get(ctx, key, mode).await }
+            })
+            .await?;
+        if mode == ReadMode::Linearizable {
+            self.set_preferred(&addr);
+        }
+        Ok(resp.value)
+    }
+
+    /// Checks limits, takes a sequence number and sends the write; the
+    /// number stays outstanding (holding `acked_below` down) until this
+    /// returns.
+    async fn write_op(&self, op: Op) -> Result<(WriteOutcome, String)> {
+        self.inner.limits.check_op(&op).map_err(invalid)?;
+        let guard = self.inner.seqs.begin();
+        let req = WriteRequest {
+            client_id: self.inner.client_id,
+            seq: guard.seq(),
+            acked_below: self.inner.seqs.acked_below(),
+            op,
+        };
+        let r = self.send_write(req).await;
+        drop(guard);
+        r
+    }
+
+    async fn send_write(&self, req: WriteRequest) -> Result<(WriteOutcome, String)> {
+        let (outcome, addr) = self
+            .call(move |c, ctx| {
+                let req = req.clone();
+                async move { c.write(ctx, req).await }
+            })
+            .await?;
+        self.set_preferred(&addr);
+        Ok((outcome, addr))
+    }
+
+    /// Runs one RPC with failover within the client's budget.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<(T, String)>
+    where
+        F: Fn(KvClient, Context) -> Fut,
+        Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
+    {
+        let start = self.preferred();
+        let pool = &self.inner.pool;
+        let f = &f;
+        failover(
+            &self.inner.addrs,
+            start.as_deref(),
+            self.inner.timeout,
+            move |addr, deadline| async move { attempt(pool, &addr, deadline, f).await },
+        )
+        .await
+    }
+
+    fn preferred(&self) -> Option<String> {
+        self.inner
+            .preferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_preferred(&self, addr: &str) {
+        let mut p = self
+            .inner
+            .preferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if p.as_deref() != Some(addr) {
+            *p = Some(addr.to_string());
+        }
+    }
+}
+
+/// One RPC at one replica, connection included, bounded by `deadline`.
+async fn attempt<T, F, Fut>(pool: &Pool, addr: &str, deadline: Instant, f: F) -> Attempt<T>
+where
+    F: FnOnce(KvClient, Context) -> Fut,
+    Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
+{
+    let conn = match pool.get(addr, deadline).await {
+        Ok(c) => c,
+        Err(e) => return Attempt::NoConnection(e),
+    };
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = deadline;
+    // tarpc enforces the deadline itself; the outer timeout is a second
+    // guard so that nothing here can outlive the budget.
+    match tokio::time::timeout_at(deadline.into(), f(conn.client.clone(), ctx)).await {
+        Ok(Ok(Ok(v))) => Attempt::Done(v),
+        Ok(Ok(Err(e))) => Attempt::Refused(e),
+        Ok(Err(e)) => {
+            // Dropped connection, deadline, aborted request: the connection
+            // may be dead or wedged; dial afresh next time.
+            pool.evict(addr, &conn);
+            Attempt::CallFailed(e.to_string())
+        }
+        Err(_) => {
+            pool.evict(addr, &conn);
+            Attempt::CallFailed("no answer before the deadline".into())
+        }
+    }
+}
+
+fn mismatch(addr: String, what: &str, got: &OpResult) -> Error {
+    Error::Protocol {
+        addr,
+        detail: format!("a {what} was answered with {got:?}"),
+    }
+}
