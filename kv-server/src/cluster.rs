@@ -106,6 +106,12 @@ impl Supervisor {
         }
     }
 
+    /// Sets how long the replicas get to stop after SIGTERM before SIGKILL.
+    pub fn with_grace(mut self, grace: Duration) -> Supervisor {
+        self.grace = grace;
+        self
+    }
+
     /// Starts every replica, prints where each listens, reports unexpected
     /// exits, and stops them all when `shutdown` resolves. Fails if a replica
     /// cannot be started (the others are stopped first) or once every
@@ -357,5 +363,75 @@ fn terminate(pid: u32) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Serializes the tests below: a script written by one test while the
+    /// other forks could fail to execute with ETXTBSY ("text file busy").
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// A fresh directory holding `script` as an executable file; the
+    /// supervisor runs it in place of kv-server (it ignores the arguments).
+    fn script_dir(name: &str, script: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kv-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("fake-replica");
+        std::fs::write(&exe, script).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (dir, exe)
+    }
+
+    fn two_replicas() -> Replicas {
+        Replicas::parse(
+            "1 127.0.0.1:1 127.0.0.1:2\n2 127.0.0.1:3 127.0.0.1:4\n",
+            "replica",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn replicas_ignoring_sigterm_are_killed_after_the_grace_period() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (dir, exe) = script_dir(
+            "ignore-term",
+            "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.1; done\n",
+        );
+        let grace = Duration::from_millis(300);
+        let supervisor = Supervisor::new(exe, two_replicas(), "replica".into(), dir.join("data"))
+            .with_grace(grace);
+        let started = Instant::now();
+        let shutdown = tokio::time::sleep(Duration::from_millis(300));
+        let result = timeout(Duration::from_secs(30), supervisor.run(shutdown))
+            .await
+            .expect("the supervisor did not kill replicas that ignore SIGTERM");
+        assert!(result.is_ok(), "{result:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300) + grace);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn supervisor_fails_once_every_replica_has_exited() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (dir, exe) = script_dir("all-exit", "#!/bin/sh\nexit 3\n");
+        let supervisor = Supervisor::new(exe, two_replicas(), "replica".into(), dir.join("data"));
+        let result = timeout(
+            Duration::from_secs(30),
+            supervisor.run(std::future::pending()),
+        )
+        .await
+        .expect("the supervisor kept waiting with no replica left");
+        let error = result.expect_err("no replica is left, yet the supervisor succeeded");
+        assert!(
+            error.to_string().contains("every replica has exited"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
