@@ -57,6 +57,9 @@ pub struct AcceptedEntry {
     pub ballot: Ballot,
     /// The value.
     pub value: Value,
+    /// The sender knows this value is chosen (the ballot is then irrelevant:
+    /// a candidate must re-propose exactly this value).
+    pub chosen: bool,
 }
 
 /// Phase 1a: a candidate asks for promises from `from_slot` on.

@@ -4,11 +4,27 @@
 //! # Layout
 //!
 //! - [`config`] — [`ServerConfig`]: what one replica needs to run.
+//! - [`paxos`] — the consensus core: no I/O; messages and ticks in, records
+//!   to persist, messages to send and entries to apply out.
+//! - [`storage`] — the acceptor's durable state in redb, one synced
+//!   transaction per round (group commit).
+//! - [`state`] — the key-value map and per-client deduplication.
+//! - `node` — the driver task that owns core, storage and state machine.
+//! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
+//! - `rpc` — the `Kv` and `Peer` tarpc services.
 //! - [`run`] — starts one replica and serves until `shutdown` resolves.
 #![deny(missing_docs)]
 
 pub mod config;
 mod error;
+mod node;
+pub mod paxos;
+mod peers;
+mod rpc;
+pub mod state;
+pub mod storage;
+
+use std::sync::Arc;
 
 pub use config::ServerConfig;
 pub use error::{Result, ServerError};
@@ -21,6 +37,53 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
-    shutdown.await;
-    Ok(())
+    let me = config
+        .replicas
+        .get(config.id)
+        .expect("validate() checked the id")
+        .clone();
+    let dir = config.data_dir.clone();
+    let (storage, durable) = tokio::task::spawn_blocking(move || storage::Storage::open(&dir))
+        .await
+        .expect("opening storage does not panic")?;
+    let members: Vec<u64> = config.replicas.replicas.iter().map(|r| r.id).collect();
+    let mut core_cfg = paxos::Config::new(config.id, members);
+    core_cfg.seed = rand::random();
+    tracing::info!(
+        id = config.id,
+        promised = %durable.promised,
+        chosen = durable.chosen,
+        entries = durable.entries.len(),
+        "loaded state from {}",
+        storage.path().display()
+    );
+    let core = paxos::Paxos::new(core_cfg, durable);
+
+    let pool = Arc::new(peers::PeerPool::new(
+        config
+            .replicas
+            .replicas
+            .iter()
+            .filter(|r| r.id != config.id)
+            .map(|r| (r.id, r.peer_addr.clone())),
+        config.peer_timeout,
+    ));
+    let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
+    let handler = rpc::Handler::new(config.id, tx.clone(), pool.clone(), config.limits);
+    let (serve_kv, serve_peer) =
+        rpc::listen(me.client_addr.clone(), me.peer_addr.clone(), handler).await?;
+    let kv_task = tokio::spawn(serve_kv);
+    let peer_task = tokio::spawn(serve_peer);
+    tracing::info!(
+        id = config.id,
+        client = %me.client_addr,
+        peer = %me.peer_addr,
+        data_dir = %config.data_dir.display(),
+        "replica serving"
+    );
+    let node = node::Node::new(core, storage, config.replicas.clone(), pool, tx);
+    let result = node.run(rx, config.tick, shutdown).await;
+    kv_task.abort();
+    peer_task.abort();
+    result
 }

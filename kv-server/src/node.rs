@@ -1,0 +1,291 @@
+//! The driver: one task per replica that owns the consensus core, the
+//! storage and the state machine. It feeds the core with inputs (peer
+//! messages, client requests, ticks), then carries out what the core hands
+//! back, strictly in this order: persist and sync; release replies and
+//! messages; apply chosen entries and answer the clients waiting on them.
+//!
+//! Everything that arrives while a sync is in progress waits in the input
+//! queue and is handled in the next round, so its records share the next
+//! sync: group commit falls out of the loop's shape.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_api::replicas::Replicas;
+use kv_api::{
+    GetResponse, KvError, LeaderHint, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
+    WriteRequest,
+};
+use kv_peer_api::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::paxos::{Msg, Paxos};
+use crate::peers::PeerPool;
+use crate::state::StateMachine;
+use crate::storage::Storage;
+use crate::Result;
+
+/// Inputs handled per round at most, so ticks are never starved.
+const MAX_DRAIN: usize = 4096;
+
+/// Ticks between sweeps of abandoned waiters.
+const SWEEP_TICKS: u64 = 100;
+
+/// Capacity of the driver's input queue.
+pub const INPUT_QUEUE: usize = 16 * 1024;
+
+/// Replies to a client write.
+pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
+/// Replies to a client read.
+pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
+
+/// What the driver task receives.
+pub enum Input {
+    /// A message from a peer: a request (with where to reply) or a reply.
+    Peer {
+        /// The message.
+        msg: Msg,
+        /// Where the answer goes, for requests.
+        reply: Option<oneshot::Sender<Msg>>,
+    },
+    /// A client write.
+    Write {
+        /// The write.
+        req: WriteRequest,
+        /// Where the result goes.
+        reply: WriteReply,
+    },
+    /// A client read.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+        /// Linearizable or local.
+        mode: ReadMode,
+        /// Where the result goes.
+        reply: GetReply,
+    },
+    /// A status request.
+    Status {
+        /// Where the status goes.
+        reply: oneshot::Sender<ReplicaStatus>,
+    },
+}
+
+/// The driver's state.
+pub struct Node {
+    core: Paxos,
+    sm: StateMachine,
+    storage: Option<Storage>,
+    replicas: Replicas,
+    pool: Arc<PeerPool>,
+    inputs: mpsc::Sender<Input>,
+    held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
+    waiters: HashMap<(u64, u64), Vec<WriteReply>>,
+    reads: HashMap<u64, (Vec<u8>, GetReply)>,
+    next_token: u64,
+    ticks: u64,
+}
+
+impl Node {
+    /// A driver for `core`, which was built from `storage`'s contents.
+    pub fn new(
+        core: Paxos,
+        storage: Storage,
+        replicas: Replicas,
+        pool: Arc<PeerPool>,
+        inputs: mpsc::Sender<Input>,
+    ) -> Node {
+        Node {
+            core,
+            sm: StateMachine::default(),
+            storage: Some(storage),
+            replicas,
+            pool,
+            inputs,
+            held_replies: Vec::new(),
+            waiters: HashMap::new(),
+            reads: HashMap::new(),
+            next_token: 0,
+            ticks: 0,
+        }
+    }
+
+    /// Serves inputs until `shutdown` resolves or a storage failure makes
+    /// it unsafe to go on.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        tick: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        self.flush().await?;
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = ticker.tick() => self.tick(),
+                input = rx.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => break,
+                },
+            }
+            for _ in 0..MAX_DRAIN {
+                match rx.try_recv() {
+                    Ok(input) => self.handle(input),
+                    Err(_) => break,
+                }
+            }
+            self.flush().await?;
+        }
+        tracing::info!(id = self.core.id(), "replica stopping");
+        Ok(())
+    }
+
+    fn tick(&mut self) {
+        self.core.tick();
+        self.ticks += 1;
+        if self.ticks % SWEEP_TICKS == 0 {
+            self.waiters.retain(|_, v| {
+                v.retain(|tx| !tx.is_closed());
+                !v.is_empty()
+            });
+        }
+    }
+
+    fn hint(&self, leader: Option<ReplicaId>) -> KvError {
+        KvError::NotLeader(
+            leader
+                .filter(|&l| l != self.core.id())
+                .and_then(|l| self.replicas.get(l))
+                .map(|r| LeaderHint {
+                    id: r.id,
+                    addr: r.client_addr.clone(),
+                }),
+        )
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Peer { msg, reply } => {
+                let answer = self.core.step(msg);
+                if let (Some(answer), Some(tx)) = (answer, reply) {
+                    self.held_replies.push((tx, answer));
+                }
+            }
+            Input::Write { req, reply } => {
+                if let Some(done) = self.sm.cached(req.client_id, req.seq) {
+                    let _ = reply.send(Ok(done));
+                    return;
+                }
+                let key = (req.client_id, req.seq);
+                match self.core.propose(req) {
+                    Ok(()) => self.waiters.entry(key).or_default().push(reply),
+                    Err(leader) => {
+                        let _ = reply.send(Err(self.hint(leader)));
+                    }
+                }
+            }
+            Input::Get { key, mode, reply } => match mode {
+                ReadMode::Local => {
+                    let _ = reply.send(Ok(self.read_local(&key)));
+                }
+                ReadMode::Linearizable => {
+                    self.next_token += 1;
+                    let token = self.next_token;
+                    match self.core.read(token) {
+                        Ok(()) => {
+                            self.reads.insert(token, (key, reply));
+                        }
+                        Err(leader) => {
+                            let _ = reply.send(Err(self.hint(leader)));
+                        }
+                    }
+                }
+            },
+            Input::Status { reply } => {
+                let _ = reply.send(ReplicaStatus {
+                    id: self.core.id(),
+                    leader: self.core.is_leader(),
+                    leader_id: self.core.leader(),
+                    ballot_round: self.core.promised().round,
+                    applied: self.sm.applied(),
+                    chosen: self.core.chosen(),
+                    snapshot: 0,
+                    keys: self.sm.len() as u64,
+                });
+            }
+        }
+    }
+
+    fn read_local(&self, key: &[u8]) -> GetResponse {
+        GetResponse {
+            value: self.sm.get(key).cloned(),
+            applied: self.sm.applied(),
+        }
+    }
+
+    /// Carries out the core's `Ready`: persist, release, apply.
+    async fn flush(&mut self) -> Result<()> {
+        let ready = self.core.ready();
+        if !ready.persist.is_empty() {
+            let mut storage = self.storage.take().expect("storage is always returned");
+            let records = ready.persist;
+            let (storage, result) = tokio::task::spawn_blocking(move || {
+                let r = storage.write(&records);
+                (storage, r)
+            })
+            .await
+            .expect("the storage task does not panic");
+            self.storage = Some(storage);
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
+                return Err(e);
+            }
+        }
+        for (tx, msg) in self.held_replies.drain(..) {
+            let _ = tx.send(msg);
+        }
+        for (to, msg) in ready.messages {
+            self.pool.send(to, msg, self.inputs.clone());
+        }
+        for (slot, value) in ready.apply {
+            self.apply(slot, value);
+        }
+        for token in ready.reads_ready {
+            if let Some((key, tx)) = self.reads.remove(&token) {
+                let _ = tx.send(Ok(self.read_local(&key)));
+            }
+        }
+        for (token, leader) in ready.reads_failed {
+            if let Some((_, tx)) = self.reads.remove(&token) {
+                let _ = tx.send(Err(self.hint(leader)));
+            }
+        }
+        for (req, leader) in ready.dropped {
+            if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
+                for tx in txs {
+                    let _ = tx.send(Err(self.hint(leader)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, slot: u64, value: Value) {
+        if let Value::Batch(reqs) = value {
+            for req in &reqs {
+                let outcome = self.sm.apply(slot, req);
+                if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
+                    for tx in txs {
+                        let _ = tx.send(Ok(outcome.clone()));
+                    }
+                }
+            }
+        }
+        self.sm.set_applied(slot);
+    }
+}

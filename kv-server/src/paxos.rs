@@ -1,0 +1,1128 @@
+//! The Multi-Paxos core: a deterministic state machine with no I/O.
+//!
+//! Messages and timer ticks go in ([`Paxos::step`], [`Paxos::tick`],
+//! [`Paxos::propose`], [`Paxos::read`]); [`Paxos::ready`] hands out what the
+//! driver must do: records to persist, messages to send, chosen entries to
+//! apply, reads that may now be served. The driver must persist a `Ready`'s
+//! records (and sync) *before* it sends any of its messages or replies, and
+//! must hold back the replies returned by `step` until then too. That one
+//! rule gives the acceptor its durability: a promise or an accept is on disk
+//! before anyone hears of it.
+//!
+//! Roles: every replica is an acceptor and a learner. One of them leads: it
+//! won phase 1 for its ballot at a majority, and then runs only phase 2 (one
+//! round trip to a majority per batch of commands), several slots in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use kv_peer_api::{
+    Accept, Accepted, AcceptedEntry, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Prepare,
+    Promise, ReplicaId, Slot, Value, WriteRequest,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Tuning of the core, in ticks and counts.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This replica.
+    pub id: ReplicaId,
+    /// Every replica, this one included.
+    pub members: Vec<ReplicaId>,
+    /// A leader sends heartbeats this often.
+    pub heartbeat_ticks: u32,
+    /// A follower that hears no leader for a random number of ticks in this
+    /// range starts an election.
+    pub election_ticks: (u32, u32),
+    /// A leader re-sends accepts not yet answered by a majority after this long.
+    pub retransmit_ticks: u32,
+    /// Slots a leader may have in flight (proposed, not chosen).
+    pub max_inflight: usize,
+    /// Client commands per slot, at most.
+    pub max_batch: usize,
+    /// Entries per catch-up fetch and per accept message.
+    pub max_entries_per_message: usize,
+    /// Proposals queued at a leader waiting for a slot, at most.
+    pub max_queue: usize,
+    /// Seed of the election-timeout jitter.
+    pub seed: u64,
+}
+
+impl Config {
+    /// Default tuning for replica `id` among `members`.
+    pub fn new(id: ReplicaId, members: Vec<ReplicaId>) -> Config {
+        Config {
+            id,
+            members,
+            heartbeat_ticks: 5,
+            election_ticks: (15, 30),
+            retransmit_ticks: 30,
+            max_inflight: 8,
+            max_batch: 512,
+            max_entries_per_message: 256,
+            max_queue: 100_000,
+            seed: id,
+        }
+    }
+}
+
+/// A message between replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Phase 1a.
+    Prepare(Prepare),
+    /// Phase 1b.
+    Promise(Promise),
+    /// Phase 2a.
+    Accept(Accept),
+    /// Phase 2b.
+    Accepted(Accepted),
+    /// Leader liveness.
+    Heartbeat(Heartbeat),
+    /// Answer to a heartbeat.
+    HeartbeatAck(HeartbeatAck),
+    /// Catch-up request.
+    Fetch(Fetch),
+    /// Catch-up answer.
+    FetchReply(FetchReply),
+}
+
+/// What must reach the disk before a `Ready`'s messages and replies go out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The highest ballot promised.
+    Promised(Ballot),
+    /// A value accepted (or learned chosen) for a slot.
+    Accepted {
+        /// The slot.
+        slot: Slot,
+        /// The ballot (of the acceptance; `Ballot::ZERO` for a learned value).
+        ballot: Ballot,
+        /// The value.
+        value: Value,
+    },
+    /// Every slot up to and including this one is chosen, and the stored
+    /// value of each is the chosen one.
+    Chosen(Slot),
+}
+
+/// What the driver must do after a round of input.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Persist these, in order, in one atomic, synced write.
+    pub persist: Vec<Record>,
+    /// Then send these requests.
+    pub messages: Vec<(ReplicaId, Msg)>,
+    /// Then apply these chosen entries, in order (contiguous).
+    pub apply: Vec<(Slot, Value)>,
+    /// Linearizable reads that may be served once `apply` is applied.
+    pub reads_ready: Vec<u64>,
+    /// Reads refused: this replica no longer leads (hint: who might).
+    pub reads_failed: Vec<(u64, Option<ReplicaId>)>,
+    /// Proposals dropped before they got a slot (this replica stopped leading).
+    pub dropped: Vec<(WriteRequest, Option<ReplicaId>)>,
+}
+
+impl Ready {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty()
+            && self.messages.is_empty()
+            && self.apply.is_empty()
+            && self.reads_ready.is_empty()
+            && self.reads_failed.is_empty()
+            && self.dropped.is_empty()
+    }
+}
+
+/// One log entry as this replica knows it.
+#[derive(Clone, Debug)]
+struct Entry {
+    ballot: Ballot,
+    value: Value,
+    chosen: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Follower,
+    Candidate,
+    Leader,
+}
+
+/// A slot a leader proposed and awaits a majority for.
+#[derive(Debug)]
+struct Pending {
+    acks: HashSet<ReplicaId>,
+    sent_tick: u64,
+}
+
+/// A linearizable read waiting for its heartbeat round and for apply.
+#[derive(Debug)]
+struct PendingRead {
+    token: u64,
+    index: Slot,
+    round: u64,
+}
+
+/// Durable state loaded at start-up.
+#[derive(Debug, Default)]
+pub struct Durable {
+    /// Highest ballot promised.
+    pub promised: Ballot,
+    /// Contiguous chosen prefix.
+    pub chosen: Slot,
+    /// Accepted entries (`slot, ballot, value`), any order.
+    pub entries: Vec<(Slot, Ballot, Value)>,
+}
+
+/// The Multi-Paxos state machine of one replica.
+pub struct Paxos {
+    cfg: Config,
+    quorum: usize,
+    rng: StdRng,
+    now: u64,
+
+    // Acceptor.
+    promised: Ballot,
+    log: BTreeMap<Slot, Entry>,
+    /// Every slot `<= chosen` is chosen.
+    chosen: Slot,
+    /// Highest slot handed out for apply.
+    applied: Slot,
+
+    // Role.
+    role: Role,
+    leader: Option<ReplicaId>,
+    last_heard: u64,
+    election_at: u64,
+
+    // Candidate.
+    promises: HashMap<ReplicaId, Promise>,
+
+    // Leader.
+    next_slot: Slot,
+    term_start: Slot,
+    pending: BTreeMap<Slot, Pending>,
+    queue: VecDeque<WriteRequest>,
+    hb_round: u64,
+    hb_acks: HashMap<ReplicaId, u64>,
+    last_ack_tick: HashMap<ReplicaId, u64>,
+    confirmed_round: u64,
+    round_started: Option<u64>,
+    last_heartbeat: u64,
+    reads: VecDeque<PendingRead>,
+
+    // Learner.
+    fetch_started: Option<u64>,
+
+    out: Ready,
+    chosen_dirty: bool,
+}
+
+impl Paxos {
+    /// A replica starting from its durable state.
+    pub fn new(cfg: Config, durable: Durable) -> Paxos {
+        let quorum = cfg.members.len() / 2 + 1;
+        let rng = StdRng::seed_from_u64(cfg.seed);
+        let mut log = BTreeMap::new();
+        for (slot, ballot, value) in durable.entries {
+            log.insert(
+                slot,
+                Entry {
+                    ballot,
+                    value,
+                    chosen: slot <= durable.chosen,
+                },
+            );
+        }
+        let mut p = Paxos {
+            quorum,
+            rng,
+            now: 0,
+            promised: durable.promised,
+            log,
+            chosen: durable.chosen,
+            applied: 0,
+            role: Role::Follower,
+            leader: None,
+            last_heard: 0,
+            election_at: 0,
+            promises: HashMap::new(),
+            next_slot: durable.chosen + 1,
+            term_start: 0,
+            pending: BTreeMap::new(),
+            queue: VecDeque::new(),
+            hb_round: 0,
+            hb_acks: HashMap::new(),
+            last_ack_tick: HashMap::new(),
+            confirmed_round: 0,
+            round_started: None,
+            last_heartbeat: 0,
+            reads: VecDeque::new(),
+            fetch_started: None,
+            out: Ready::default(),
+            chosen_dirty: false,
+            cfg,
+        };
+        p.reset_election_timer();
+        p.emit_apply();
+        p
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> ReplicaId {
+        self.cfg.id
+    }
+
+    /// Whether this replica leads (phase 1 done for its ballot).
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<ReplicaId> {
+        match self.role {
+            Role::Leader => Some(self.cfg.id),
+            _ => self.leader,
+        }
+    }
+
+    /// The highest ballot promised.
+    pub fn promised(&self) -> Ballot {
+        self.promised
+    }
+
+    /// The contiguous chosen prefix.
+    pub fn chosen(&self) -> Slot {
+        self.chosen
+    }
+
+    /// The highest slot handed out for apply.
+    pub fn applied(&self) -> Slot {
+        self.applied
+    }
+
+    /// The number of entries held in memory.
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    fn others(&self) -> Vec<ReplicaId> {
+        self.cfg
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| m != self.cfg.id)
+            .collect()
+    }
+
+    fn send(&mut self, to: ReplicaId, msg: Msg) {
+        self.out.messages.push((to, msg));
+    }
+
+    fn broadcast(&mut self, msg: Msg) {
+        for to in self.others() {
+            self.send(to, msg.clone());
+        }
+    }
+
+    fn reset_election_timer(&mut self) {
+        let (lo, hi) = self.cfg.election_ticks;
+        let span = self.rng.random_range(lo..=hi.max(lo));
+        self.last_heard = self.now;
+        self.election_at = self.now + u64::from(span);
+    }
+
+    fn promise(&mut self, ballot: Ballot) {
+        if ballot > self.promised {
+            self.promised = ballot;
+            self.out.persist.push(Record::Promised(ballot));
+        }
+    }
+
+    /// Another replica holds a ballot above ours: follow it.
+    fn step_down(&mut self, leader: Option<ReplicaId>) {
+        if self.role != Role::Follower {
+            tracing::info!(id = self.cfg.id, ballot = %self.promised, ?leader, "stepping down");
+        }
+        if self.role == Role::Leader {
+            for req in std::mem::take(&mut self.queue) {
+                self.out.dropped.push((req, leader));
+            }
+            for r in std::mem::take(&mut self.reads) {
+                self.out.reads_failed.push((r.token, leader));
+            }
+            self.pending.clear();
+            self.round_started = None;
+        }
+        self.role = Role::Follower;
+        self.promises.clear();
+        self.leader = leader;
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.now += 1;
+        match self.role {
+            Role::Leader => {
+                if self.now >= self.last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
+                    self.start_heartbeat_round();
+                }
+                self.retransmit();
+                self.check_quorum();
+            }
+            Role::Follower | Role::Candidate => {
+                if self.now >= self.election_at {
+                    self.start_election();
+                }
+            }
+        }
+        if let Some(t) = self.fetch_started {
+            if self.now > t + u64::from(self.cfg.retransmit_ticks) {
+                self.fetch_started = None;
+            }
+        }
+    }
+
+    /// A leader that has not heard from a majority for an election timeout
+    /// steps down, so clients stuck with a cut-off leader are told to go
+    /// elsewhere instead of waiting.
+    fn check_quorum(&mut self) {
+        let window = u64::from(self.cfg.election_ticks.1);
+        if self.now < window {
+            return;
+        }
+        let recent = self
+            .last_ack_tick
+            .values()
+            .filter(|&&t| t + window >= self.now)
+            .count();
+        if recent + 1 < self.quorum {
+            tracing::warn!(
+                id = self.cfg.id,
+                "lost contact with a majority; stepping down"
+            );
+            self.step_down(None);
+            self.reset_election_timer();
+        }
+    }
+
+    fn start_election(&mut self) {
+        let ballot = Ballot {
+            round: self.promised.round + 1,
+            id: self.cfg.id,
+        };
+        tracing::info!(id = self.cfg.id, %ballot, from_slot = self.chosen + 1, "starting election");
+        self.step_down(None);
+        self.role = Role::Candidate;
+        self.promise(ballot);
+        self.reset_election_timer();
+        self.promises.clear();
+        let own = Promise {
+            from: self.cfg.id,
+            ballot,
+            ok: true,
+            accepted: self.accepted_after(self.chosen + 1),
+            chosen: self.chosen,
+        };
+        self.promises.insert(self.cfg.id, own);
+        self.broadcast(Msg::Prepare(Prepare {
+            from: self.cfg.id,
+            ballot,
+            from_slot: self.chosen + 1,
+        }));
+        self.maybe_win();
+    }
+
+    fn accepted_after(&self, from: Slot) -> Vec<AcceptedEntry> {
+        self.log
+            .range(from..)
+            .map(|(&slot, e)| AcceptedEntry {
+                slot,
+                ballot: e.ballot,
+                value: e.value.clone(),
+                chosen: e.chosen,
+            })
+            .collect()
+    }
+
+    /// Handles a message. For a request (prepare, accept, heartbeat, fetch)
+    /// returns the reply, which must be held back until this round's
+    /// `ready().persist` is on disk.
+    pub fn step(&mut self, msg: Msg) -> Option<Msg> {
+        match msg {
+            Msg::Prepare(m) => Some(Msg::Promise(self.on_prepare(m))),
+            Msg::Accept(m) => Some(Msg::Accepted(self.on_accept(m))),
+            Msg::Heartbeat(m) => Some(Msg::HeartbeatAck(self.on_heartbeat(m))),
+            Msg::Fetch(m) => Some(Msg::FetchReply(self.on_fetch(m))),
+            Msg::Promise(m) => {
+                self.on_promise(m);
+                None
+            }
+            Msg::Accepted(m) => {
+                self.on_accepted(m);
+                None
+            }
+            Msg::HeartbeatAck(m) => {
+                self.on_heartbeat_ack(m);
+                None
+            }
+            Msg::FetchReply(m) => {
+                self.on_fetch_reply(m);
+                None
+            }
+        }
+    }
+
+    /// Notes a ballot seen in a rejection: if it is above ours, stop
+    /// leading or campaigning.
+    fn observe_higher(&mut self, ballot: Ballot) {
+        if ballot > self.promised && self.role != Role::Follower {
+            self.step_down(None);
+        }
+    }
+
+    fn heard_from_leader(&mut self, ballot: Ballot) {
+        if self.role != Role::Follower || self.leader != Some(ballot.id) {
+            self.step_down(Some(ballot.id));
+        }
+        self.reset_election_timer();
+    }
+
+    fn on_prepare(&mut self, m: Prepare) -> Promise {
+        // Leader stickiness: while a live leader is heard from, refuse to
+        // help depose it. Always safe (refusing never breaks Paxos) and it
+        // keeps a replica that restarted or was cut off from disrupting a
+        // working leader.
+        let leader_alive = match self.role {
+            Role::Leader => true,
+            _ => {
+                self.leader.is_some()
+                    && self.now < self.last_heard + u64::from(self.cfg.election_ticks.0)
+            }
+        };
+        if m.ballot < self.promised || (leader_alive && self.leader() != Some(m.from)) {
+            return Promise {
+                from: self.cfg.id,
+                ballot: self.promised,
+                ok: false,
+                accepted: vec![],
+                chosen: self.chosen,
+            };
+        }
+        if m.ballot > self.promised {
+            self.step_down(None);
+            self.promise(m.ballot);
+        }
+        self.reset_election_timer();
+        // Only entries not known chosen locally: a candidate behind our
+        // chosen prefix learns that from `chosen` and catches up first.
+        let from = m.from_slot.max(self.chosen + 1);
+        Promise {
+            from: self.cfg.id,
+            ballot: m.ballot,
+            ok: true,
+            accepted: self.accepted_after(from),
+            chosen: self.chosen,
+        }
+    }
+
+    fn on_promise(&mut self, m: Promise) {
+        if !m.ok {
+            self.observe_higher(m.ballot);
+            return;
+        }
+        if self.role != Role::Candidate || m.ballot != self.promised {
+            return;
+        }
+        self.promises.insert(m.from, m);
+        self.maybe_win();
+    }
+
+    fn maybe_win(&mut self) {
+        if self.role != Role::Candidate || self.promises.len() < self.quorum {
+            return;
+        }
+        let ballot = self.promised;
+        let max_chosen = self.promises.values().map(|p| p.chosen).max().unwrap_or(0);
+        if max_chosen > self.chosen {
+            // A promiser knows more slots chosen than we do: we lack their
+            // values, so we may not lead. Catch up and let the timer retry.
+            let from = self
+                .promises
+                .values()
+                .find(|p| p.chosen == max_chosen)
+                .map(|p| p.from);
+            tracing::info!(
+                id = self.cfg.id,
+                behind = max_chosen - self.chosen,
+                "won phase 1 but behind; catching up first"
+            );
+            self.step_down(None);
+            if let Some(peer) = from {
+                self.request_fetch(peer);
+            }
+            return;
+        }
+        // For every slot after our chosen prefix: a value known chosen, else
+        // the value of the highest ballot accepted, else a no-op.
+        let mut best: BTreeMap<Slot, (bool, Ballot, Value)> = BTreeMap::new();
+        for p in self.promises.values() {
+            for e in &p.accepted {
+                if e.slot <= self.chosen {
+                    continue;
+                }
+                let replace = match best.get(&e.slot) {
+                    None => true,
+                    Some((chosen, b, _)) => !*chosen && (e.chosen || e.ballot > *b),
+                };
+                if replace {
+                    best.insert(e.slot, (e.chosen, e.ballot, e.value.clone()));
+                }
+            }
+        }
+        let last = best.keys().next_back().copied().unwrap_or(self.chosen);
+        tracing::info!(id = self.cfg.id, %ballot, chosen = self.chosen, reproposed = last - self.chosen, "elected leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.cfg.id);
+        self.promises.clear();
+        self.pending.clear();
+        self.hb_acks.clear();
+        self.confirmed_round = self.hb_round;
+        self.round_started = None;
+        self.last_ack_tick = self.others().into_iter().map(|o| (o, self.now)).collect();
+        self.next_slot = self.chosen + 1;
+        let mut entries = Vec::new();
+        for slot in self.chosen + 1..=last {
+            let value = match best.remove(&slot) {
+                Some((_, _, v)) => v,
+                None => Value::Noop,
+            };
+            entries.push(self.propose_slot(slot, value));
+        }
+        self.next_slot = last + 1;
+        self.term_start = last;
+        self.send_accepts(entries);
+        self.start_heartbeat_round();
+        self.advance_chosen();
+    }
+
+    /// Leader: assigns `value` to `slot` under our ballot, accepting it
+    /// ourselves. Returns the entry to send.
+    fn propose_slot(&mut self, slot: Slot, value: Value) -> (Slot, Value) {
+        let ballot = self.promised;
+        self.log.insert(
+            slot,
+            Entry {
+                ballot,
+                value: value.clone(),
+                chosen: false,
+            },
+        );
+        self.out.persist.push(Record::Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        });
+        let mut acks = HashSet::new();
+        acks.insert(self.cfg.id);
+        self.pending.insert(
+            slot,
+            Pending {
+                acks,
+                sent_tick: self.now,
+            },
+        );
+        self.check_chosen(slot);
+        (slot, value)
+    }
+
+    fn send_accepts(&mut self, entries: Vec<(Slot, Value)>) {
+        for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
+            self.broadcast(Msg::Accept(Accept {
+                from: self.cfg.id,
+                ballot: self.promised,
+                entries: chunk.to_vec(),
+                chosen: self.chosen,
+            }));
+        }
+    }
+
+    fn retransmit(&mut self) {
+        let due = self
+            .now
+            .saturating_sub(u64::from(self.cfg.retransmit_ticks));
+        let mut per_peer: HashMap<ReplicaId, Vec<(Slot, Value)>> = HashMap::new();
+        let others = self.others();
+        for (&slot, p) in self.pending.iter_mut() {
+            if p.sent_tick > due {
+                continue;
+            }
+            p.sent_tick = self.now;
+            let Some(e) = self.log.get(&slot) else {
+                continue;
+            };
+            for &o in &others {
+                if !p.acks.contains(&o) {
+                    per_peer.entry(o).or_default().push((slot, e.value.clone()));
+                }
+            }
+        }
+        let ballot = self.promised;
+        for (to, entries) in per_peer {
+            for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
+                self.send(
+                    to,
+                    Msg::Accept(Accept {
+                        from: self.cfg.id,
+                        ballot,
+                        entries: chunk.to_vec(),
+                        chosen: self.chosen,
+                    }),
+                );
+            }
+        }
+    }
+
+    fn on_accept(&mut self, m: Accept) -> Accepted {
+        if m.ballot < self.promised {
+            return Accepted {
+                from: self.cfg.id,
+                ballot: self.promised,
+                ok: false,
+                slots: vec![],
+            };
+        }
+        self.promise(m.ballot);
+        self.heard_from_leader(m.ballot);
+        let mut slots = Vec::with_capacity(m.entries.len());
+        for (slot, value) in m.entries {
+            if let Some(e) = self.log.get(&slot) {
+                if e.chosen {
+                    // Known chosen: ack only the same value. A stale leader
+                    // proposing something else must not count us.
+                    if e.value == value {
+                        slots.push(slot);
+                    }
+                    continue;
+                }
+                if e.ballot == m.ballot && e.value == value {
+                    slots.push(slot); // a retransmission
+                    continue;
+                }
+            } else if slot <= self.chosen {
+                continue; // compacted away: cannot compare, do not ack
+            }
+            slots.push(slot);
+            self.out.persist.push(Record::Accepted {
+                slot,
+                ballot: m.ballot,
+                value: value.clone(),
+            });
+            self.log.insert(
+                slot,
+                Entry {
+                    ballot: m.ballot,
+                    value,
+                    chosen: false,
+                },
+            );
+        }
+        self.learn_chosen(m.ballot, m.chosen, m.from);
+        Accepted {
+            from: self.cfg.id,
+            ballot: m.ballot,
+            ok: true,
+            slots,
+        }
+    }
+
+    /// The leader of `ballot` says every slot up to `upto` is chosen. An
+    /// entry we accepted in that same ballot holds the chosen value (a leader
+    /// proposes one value per slot per ballot); for any other we must fetch.
+    fn learn_chosen(&mut self, ballot: Ballot, upto: Slot, leader: ReplicaId) {
+        let mut slot = self.chosen + 1;
+        while slot <= upto {
+            match self.log.get_mut(&slot) {
+                Some(e) if e.chosen || e.ballot == ballot => e.chosen = true,
+                _ => break,
+            }
+            slot += 1;
+        }
+        self.advance_chosen();
+        if self.chosen < upto {
+            self.request_fetch(leader);
+        }
+    }
+
+    fn request_fetch(&mut self, peer: ReplicaId) {
+        if self.fetch_started.is_some() || peer == self.cfg.id {
+            return;
+        }
+        self.fetch_started = Some(self.now);
+        self.send(
+            peer,
+            Msg::Fetch(Fetch {
+                from: self.cfg.id,
+                from_slot: self.chosen + 1,
+                max_entries: self.cfg.max_entries_per_message as u32,
+            }),
+        );
+    }
+
+    fn on_accepted(&mut self, m: Accepted) {
+        if !m.ok {
+            self.observe_higher(m.ballot);
+            return;
+        }
+        if self.role != Role::Leader || m.ballot != self.promised {
+            return;
+        }
+        self.last_ack_tick.insert(m.from, self.now);
+        for slot in m.slots {
+            if let Some(p) = self.pending.get_mut(&slot) {
+                p.acks.insert(m.from);
+                self.check_chosen(slot);
+            }
+        }
+        self.advance_chosen();
+    }
+
+    fn check_chosen(&mut self, slot: Slot) {
+        let Some(p) = self.pending.get(&slot) else {
+            return;
+        };
+        if p.acks.len() >= self.quorum {
+            self.pending.remove(&slot);
+            if let Some(e) = self.log.get_mut(&slot) {
+                e.chosen = true;
+            }
+        }
+    }
+
+    fn advance_chosen(&mut self) {
+        let before = self.chosen;
+        while let Some(e) = self.log.get(&(self.chosen + 1)) {
+            if !e.chosen {
+                break;
+            }
+            self.chosen += 1;
+        }
+        if self.chosen > before {
+            self.chosen_dirty = true;
+            self.emit_apply();
+        }
+    }
+
+    fn emit_apply(&mut self) {
+        while self.applied < self.chosen {
+            let slot = self.applied + 1;
+            let Some(e) = self.log.get(&slot) else { break };
+            self.out.apply.push((slot, e.value.clone()));
+            self.applied = slot;
+        }
+    }
+
+    fn on_heartbeat(&mut self, m: Heartbeat) -> HeartbeatAck {
+        if m.ballot < self.promised {
+            return HeartbeatAck {
+                from: self.cfg.id,
+                ballot: self.promised,
+                ok: false,
+                round: m.round,
+                chosen: self.chosen,
+            };
+        }
+        self.promise(m.ballot);
+        self.heard_from_leader(m.ballot);
+        self.learn_chosen(m.ballot, m.chosen, m.from);
+        HeartbeatAck {
+            from: self.cfg.id,
+            ballot: m.ballot,
+            ok: true,
+            round: m.round,
+            chosen: self.chosen,
+        }
+    }
+
+    fn on_heartbeat_ack(&mut self, m: HeartbeatAck) {
+        if !m.ok {
+            self.observe_higher(m.ballot);
+            return;
+        }
+        if self.role != Role::Leader || m.ballot != self.promised {
+            return;
+        }
+        self.last_ack_tick.insert(m.from, self.now);
+        let seen = self.hb_acks.entry(m.from).or_insert(0);
+        *seen = (*seen).max(m.round);
+        // A round is confirmed when a majority (us included) acked it or a
+        // later one.
+        let mut rounds: Vec<u64> = self.hb_acks.values().copied().collect();
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        if self.quorum >= 2 && rounds.len() + 1 >= self.quorum {
+            let confirmed = rounds[self.quorum - 2];
+            if confirmed > self.confirmed_round {
+                self.confirmed_round = confirmed;
+                if self.round_started.is_some() && confirmed >= self.hb_round {
+                    self.round_started = None;
+                }
+            }
+        }
+        self.serve_reads();
+    }
+
+    fn start_heartbeat_round(&mut self) {
+        self.hb_round += 1;
+        self.last_heartbeat = self.now;
+        self.round_started = Some(self.now);
+        self.broadcast(Msg::Heartbeat(Heartbeat {
+            from: self.cfg.id,
+            ballot: self.promised,
+            chosen: self.chosen,
+            round: self.hb_round,
+        }));
+        if self.quorum <= 1 {
+            self.confirmed_round = self.hb_round;
+        }
+    }
+
+    fn on_fetch(&mut self, m: Fetch) -> FetchReply {
+        let max = (m.max_entries as usize)
+            .min(self.cfg.max_entries_per_message)
+            .max(1);
+        let mut entries = Vec::new();
+        let mut slot = m.from_slot.max(1);
+        while slot <= self.chosen && entries.len() < max {
+            match self.log.get(&slot) {
+                Some(e) => entries.push((slot, e.value.clone())),
+                None => break,
+            }
+            slot += 1;
+        }
+        FetchReply {
+            from: self.cfg.id,
+            entries,
+            chosen: self.chosen,
+        }
+    }
+
+    fn on_fetch_reply(&mut self, m: FetchReply) {
+        self.fetch_started = None;
+        let mut expected = self.chosen + 1;
+        for (slot, value) in m.entries {
+            if slot != expected {
+                if slot < expected {
+                    continue;
+                }
+                break; // not contiguous: ignore the rest
+            }
+            let ballot = self
+                .log
+                .get(&slot)
+                .map(|e| e.ballot)
+                .unwrap_or(Ballot::ZERO);
+            self.out.persist.push(Record::Accepted {
+                slot,
+                ballot,
+                value: value.clone(),
+            });
+            self.log.insert(
+                slot,
+                Entry {
+                    ballot,
+                    value,
+                    chosen: true,
+                },
+            );
+            self.pending.remove(&slot);
+            expected += 1;
+        }
+        self.advance_chosen();
+        if m.chosen > self.chosen && expected > self.chosen {
+            self.request_fetch(m.from);
+        }
+    }
+
+    /// Offers a client write. `Err(hint)` if this replica does not lead
+    /// (`hint`: the leader it knows of) or its queue is full.
+    pub fn propose(&mut self, req: WriteRequest) -> Result<(), Option<ReplicaId>> {
+        if self.role != Role::Leader || self.queue.len() >= self.cfg.max_queue {
+            return Err(self.leader.filter(|&l| l != self.cfg.id));
+        }
+        self.queue.push_back(req);
+        Ok(())
+    }
+
+    /// Asks for a linearizable read; `token` comes back in
+    /// `Ready::reads_ready` once the leader has confirmed its ballot with a
+    /// majority after the read arrived and has applied every slot that
+    /// could hold a write acknowledged before it.
+    pub fn read(&mut self, token: u64) -> Result<(), Option<ReplicaId>> {
+        if self.role != Role::Leader {
+            return Err(self.leader);
+        }
+        let index = self.chosen.max(self.term_start);
+        self.reads.push_back(PendingRead {
+            token,
+            index,
+            round: self.hb_round + 1,
+        });
+        if self.round_started.is_none() {
+            self.start_heartbeat_round();
+        }
+        self.serve_reads();
+        Ok(())
+    }
+
+    fn serve_reads(&mut self) {
+        while let Some(r) = self.reads.front() {
+            if r.round > self.confirmed_round || r.index > self.applied {
+                break;
+            }
+            let r = self.reads.pop_front().expect("front exists");
+            self.out.reads_ready.push(r.token);
+        }
+        // Reads waiting for a round not yet started start it now.
+        if self.round_started.is_none() && self.reads.iter().any(|r| r.round > self.hb_round) {
+            self.start_heartbeat_round();
+        }
+    }
+
+    /// Takes what the driver must do now.
+    pub fn ready(&mut self) -> Ready {
+        if self.role == Role::Leader {
+            let mut entries = Vec::new();
+            while !self.queue.is_empty() && self.pending.len() < self.cfg.max_inflight {
+                let n = self.queue.len().min(self.cfg.max_batch);
+                let batch: Vec<WriteRequest> = self.queue.drain(..n).collect();
+                let slot = self.next_slot;
+                self.next_slot += 1;
+                entries.push(self.propose_slot(slot, Value::Batch(batch)));
+            }
+            if !entries.is_empty() {
+                self.send_accepts(entries);
+                self.advance_chosen();
+            }
+            self.serve_reads();
+        }
+        if self.chosen_dirty {
+            self.chosen_dirty = false;
+            self.out.persist.push(Record::Chosen(self.chosen));
+        }
+        std::mem::take(&mut self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_api::Op;
+
+    /// A tiny synchronous network: delivers every message, persists nothing.
+    fn cluster(n: u64) -> Vec<Paxos> {
+        let members: Vec<ReplicaId> = (1..=n).collect();
+        members
+            .iter()
+            .map(|&id| Paxos::new(Config::new(id, members.clone()), Durable::default()))
+            .collect()
+    }
+
+    /// Runs until quiet; returns everything applied per replica.
+    fn run(nodes: &mut [Paxos], applied: &mut [Vec<(Slot, Value)>], rounds: usize) {
+        for _ in 0..rounds {
+            let mut inflight: VecDeque<(ReplicaId, ReplicaId, Msg)> = VecDeque::new();
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.tick();
+                let r = n.ready();
+                applied[i].extend(r.apply);
+                for (to, m) in r.messages {
+                    inflight.push_back((n.id(), to, m));
+                }
+            }
+            while let Some((from, to, m)) = inflight.pop_front() {
+                let idx = (to - 1) as usize;
+                let reply = nodes[idx].step(m);
+                let r = nodes[idx].ready();
+                applied[idx].extend(r.apply);
+                for (t, m) in r.messages {
+                    inflight.push_back((to, t, m));
+                }
+                if let Some(reply) = reply {
+                    inflight.push_back((to, from, reply));
+                }
+            }
+        }
+    }
+
+    fn put(seq: u64) -> WriteRequest {
+        WriteRequest {
+            client_id: 1,
+            seq,
+            acked_below: 0,
+            op: Op::Put {
+                key: b"k".to_vec(),
+                value: seq.to_be_bytes().to_vec(),
+            },
+        }
+    }
+
+    #[test]
+    fn elects_a_leader_and_chooses_proposals_everywhere() {
+        let mut nodes = cluster(5);
+        let mut applied = vec![Vec::new(); 5];
+        run(&mut nodes, &mut applied, 100);
+        let leaders: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.is_leader())
+            .map(|n| n.id())
+            .collect();
+        assert_eq!(leaders.len(), 1, "exactly one leader");
+        let l = (leaders[0] - 1) as usize;
+        for seq in 1..=10 {
+            nodes[l].propose(put(seq)).unwrap();
+        }
+        run(&mut nodes, &mut applied, 20);
+        for a in &applied {
+            assert_eq!(a, &applied[l], "every replica applies the same log");
+        }
+        let batches: usize = applied[l]
+            .iter()
+            .map(|(_, v)| match v {
+                Value::Batch(b) => b.len(),
+                Value::Noop => 0,
+            })
+            .sum();
+        assert_eq!(batches, 10);
+    }
+
+    #[test]
+    fn follower_refuses_proposals_with_leader_hint() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        run(&mut nodes, &mut applied, 100);
+        let leader = nodes.iter().find(|n| n.is_leader()).unwrap().id();
+        let f = nodes.iter_mut().find(|n| !n.is_leader()).unwrap();
+        assert_eq!(f.propose(put(1)), Err(Some(leader)));
+    }
+
+    #[test]
+    fn reads_are_served_after_a_heartbeat_round() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        run(&mut nodes, &mut applied, 100);
+        let l = nodes.iter().position(|n| n.is_leader()).unwrap();
+        nodes[l].read(7).unwrap();
+        let r = nodes[l].ready();
+        assert!(r.reads_ready.is_empty(), "not before a quorum confirms");
+        let mut got = Vec::new();
+        let hb: Vec<_> = r.messages;
+        for (to, m) in hb {
+            let reply = nodes[(to - 1) as usize].step(m).unwrap();
+            nodes[l].step(reply);
+            got.extend(nodes[l].ready().reads_ready);
+        }
+        assert_eq!(got, vec![7]);
+    }
+}

@@ -1,0 +1,245 @@
+//! The two tarpc services a replica serves: `Kv` for clients on its client
+//! address and `Peer` for the other replicas on its peer address. Handlers
+//! are thin: they hand work to the driver task and await its answer, so a
+//! handler dropped at its deadline never interrupts a consensus step or a
+//! disk write.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::{future, StreamExt};
+use kv_api::{
+    GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
+    WriteRequest,
+};
+use kv_peer_api::{
+    Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Promise,
+};
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tarpc::tokio_serde::formats::Bincode;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::node::Input;
+use crate::paxos::Msg;
+use crate::peers::PeerPool;
+use crate::{Result, ServerError};
+
+/// Connections served at once per listener; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// What both handlers share.
+#[derive(Clone)]
+pub struct Handler {
+    id: ReplicaId,
+    inputs: mpsc::Sender<Input>,
+    pool: Arc<PeerPool>,
+    limits: Limits,
+}
+
+fn stopping() -> KvError {
+    KvError::Unavailable("this replica is shutting down; try another".into())
+}
+
+impl Handler {
+    /// A handler feeding the driver through `inputs`.
+    pub fn new(
+        id: ReplicaId,
+        inputs: mpsc::Sender<Input>,
+        pool: Arc<PeerPool>,
+        limits: Limits,
+    ) -> Handler {
+        Handler {
+            id,
+            inputs,
+            pool,
+            limits,
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn write_here(&self, req: WriteRequest) -> std::result::Result<WriteOutcome, KvError> {
+        self.limits.check_op(&req.op)?;
+        self.ask(|reply| Input::Write { req, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
+    }
+
+    async fn get_here(
+        &self,
+        key: Vec<u8>,
+        mode: ReadMode,
+    ) -> std::result::Result<GetResponse, KvError> {
+        self.limits.check_key(&key)?;
+        self.ask(|reply| Input::Get { key, mode, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
+    }
+
+    async fn peer_request(&self, msg: Msg) -> Option<Msg> {
+        self.ask(|tx| Input::Peer {
+            msg,
+            reply: Some(tx),
+        })
+        .await
+    }
+}
+
+impl Kv for Handler {
+    async fn write(
+        self,
+        ctx: Context,
+        req: WriteRequest,
+    ) -> std::result::Result<WriteOutcome, KvError> {
+        match self.write_here(req.clone()).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_write(hint.id, ctx.deadline, req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get(
+        self,
+        ctx: Context,
+        key: Vec<u8>,
+        mode: ReadMode,
+    ) -> std::result::Result<GetResponse, KvError> {
+        match self.get_here(key.clone(), mode).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_get(hint.id, ctx.deadline, key).await
+            }
+            other => other,
+        }
+    }
+
+    async fn status(self, _: Context) -> ReplicaStatus {
+        let id = self.id;
+        self.ask(|reply| Input::Status { reply })
+            .await
+            .unwrap_or(ReplicaStatus {
+                id,
+                leader: false,
+                leader_id: None,
+                ballot_round: 0,
+                applied: 0,
+                chosen: 0,
+                snapshot: 0,
+                keys: 0,
+            })
+    }
+}
+
+impl Peer for Handler {
+    async fn prepare(self, _: Context, req: Prepare) -> Promise {
+        match self.peer_request(Msg::Prepare(req)).await {
+            Some(Msg::Promise(p)) => p,
+            // A replica that is stopping refuses; `Ballot::ZERO` never
+            // makes the caller step down.
+            _ => Promise {
+                from: self.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                accepted: vec![],
+                chosen: 0,
+            },
+        }
+    }
+
+    async fn accept(self, _: Context, req: Accept) -> Accepted {
+        match self.peer_request(Msg::Accept(req)).await {
+            Some(Msg::Accepted(a)) => a,
+            _ => Accepted {
+                from: self.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                slots: vec![],
+            },
+        }
+    }
+
+    async fn heartbeat(self, _: Context, req: Heartbeat) -> HeartbeatAck {
+        let round = req.round;
+        match self.peer_request(Msg::Heartbeat(req)).await {
+            Some(Msg::HeartbeatAck(a)) => a,
+            _ => HeartbeatAck {
+                from: self.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                round,
+                chosen: 0,
+            },
+        }
+    }
+
+    async fn fetch(self, _: Context, req: Fetch) -> FetchReply {
+        match self.peer_request(Msg::Fetch(req)).await {
+            Some(Msg::FetchReply(r)) => r,
+            _ => FetchReply {
+                from: self.id,
+                entries: vec![],
+                chosen: 0,
+            },
+        }
+    }
+
+    async fn forward_write(
+        self,
+        _: Context,
+        req: WriteRequest,
+    ) -> std::result::Result<WriteOutcome, KvError> {
+        self.write_here(req).await
+    }
+
+    async fn forward_get(
+        self,
+        _: Context,
+        key: Vec<u8>,
+    ) -> std::result::Result<GetResponse, KvError> {
+        self.get_here(key, ReadMode::Linearizable).await
+    }
+}
+
+macro_rules! serve_on {
+    ($addr:expr, $serve:expr) => {{
+        let addr: String = $addr;
+        let mut listener = tarpc::serde_transport::tcp::listen(&addr, Bincode::default)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        listener.config_mut().max_frame_length(kv_api::MAX_FRAME);
+        let serve = $serve;
+        async move {
+            listener
+                // A failed accept or handshake affects that connection only.
+                .filter_map(|r| future::ready(r.ok()))
+                .map(BaseChannel::with_defaults)
+                .map(|channel| {
+                    channel.execute(serve.clone()).for_each(|response| async {
+                        tokio::spawn(response);
+                    })
+                })
+                .buffer_unordered(MAX_CONNECTIONS)
+                .for_each(|_| async {})
+                .await
+        }
+    }};
+}
+
+/// Binds the client and peer listeners; returns the futures that serve them.
+pub async fn listen(
+    client_addr: String,
+    peer_addr: String,
+    handler: Handler,
+) -> Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
+    let kv = serve_on!(client_addr, Kv::serve(handler.clone()));
+    let peer = serve_on!(peer_addr, Peer::serve(handler));
+    Ok((kv, peer))
+}
