@@ -396,9 +396,22 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn replicas_ignoring_sigterm_are_killed_after_the_grace_period() {
+    /// Runs `test` on a fresh runtime, one test at a time.
+    fn serial(test: impl Future<Output = ()>) {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test);
+    }
+
+    #[test]
+    fn replicas_ignoring_sigterm_are_killed_after_the_grace_period() {
+        serial(replicas_ignoring_sigterm_are_killed());
+    }
+
+    async fn replicas_ignoring_sigterm_are_killed() {
         let (dir, exe) = script_dir(
             "ignore-term",
             "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.1; done\n",
@@ -416,9 +429,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[tokio::test]
-    async fn supervisor_fails_once_every_replica_has_exited() {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    #[test]
+    fn supervisor_fails_once_every_replica_has_exited() {
+        serial(supervisor_fails_when_all_exit());
+    }
+
+    async fn supervisor_fails_when_all_exit() {
         let (dir, exe) = script_dir("all-exit", "#!/bin/sh\nexit 3\n");
         let supervisor = Supervisor::new(exe, two_replicas(), "replica".into(), dir.join("data"));
         let result = timeout(

@@ -17,6 +17,7 @@ mod cluster;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -119,6 +120,19 @@ struct ClusterArgs {
     /// The parent of the replicas' data directories (replica N uses DIR/N).
     #[arg(long, value_name = "DIR", default_value = "data")]
     data_dir: PathBuf,
+
+    /// How long the replicas get to stop after SIGTERM before they are
+    /// killed with SIGKILL.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    grace_period: Duration,
+}
+
+/// A non-negative number of seconds, fractions allowed (`0.5`).
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
 }
 
 /// A failure together with the exit code it deserves.
@@ -197,6 +211,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                 .context("cannot find the kv-server executable to start the replicas")
                 .map_err(Failure::runtime)?;
             cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
+                .with_grace(args.grace_period)
                 .run(shutdown.wait())
                 .await
                 .map_err(Failure::runtime)
