@@ -138,23 +138,31 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// A failure together with the exit code it deserves.
 struct Failure {
     code: u8,
-    error: anyhow::Error,
+    message: String,
 }
 
 impl Failure {
-    fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    fn usage(error: impl std::fmt::Display) -> Failure {
         Failure {
             code: EXIT_USAGE,
-            error: error.into(),
+            message: one_line(error),
         }
     }
 
-    fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+    fn runtime(error: impl std::fmt::Display) -> Failure {
         Failure {
             code: EXIT_FAILURE,
-            error: error.into(),
+            message: one_line(error),
         }
     }
+}
+
+/// The message of an error on one line. `{:#}` makes an `anyhow::Error` add
+/// its causes (`context: cause`); the library's error types already name
+/// their cause in their own message and ignore the flag, so nothing is
+/// repeated.
+fn one_line(error: impl std::fmt::Display) -> String {
+    format!("{error:#}")
 }
 
 impl From<ServerError> for Failure {
@@ -180,10 +188,10 @@ fn main() -> ExitCode {
 
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure { code, error }) => {
-            // `{:#}` puts the whole cause chain on one line. Not `eprintln!`,
-            // which panics if stderr is gone (a supervisor that died).
-            let _ = writeln!(std::io::stderr(), "kv-server: {error:#}");
+        Err(Failure { code, message }) => {
+            // Not `eprintln!`, which panics if stderr is gone (e.g. the pipe
+            // of a supervisor that died).
+            let _ = writeln!(std::io::stderr(), "kv-server: {message}");
             ExitCode::from(code)
         }
     }
@@ -218,9 +226,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
         }
         None => {
             // clap guarantees `--id` when there is no subcommand.
-            let id = cli
-                .id
-                .ok_or_else(|| Failure::usage(anyhow::anyhow!("--id is required")))?;
+            let id = cli.id.ok_or_else(|| Failure::usage("--id is required"))?;
             run_replica(id, cli.replicas, cli.data_dir, shutdown).await
         }
     }

@@ -83,6 +83,19 @@ fn replica_file_text(n: usize) -> String {
     text
 }
 
+/// Whether `addr` accepts a TCP connection before `deadline`.
+fn accepts_connections(addr: &str, deadline: Instant) -> bool {
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The output of a finished run.
 struct Outcome {
     status: ExitStatus,
@@ -479,11 +492,7 @@ fn help_explains_both_modes_with_examples() {
     }
 }
 
-/// Needs `kv_server::run` to create the data directory (and so to fail when
-/// it cannot): the library stub only waits for the shutdown signal. Remove
-/// the `ignore` once `run` opens its data directory.
 #[test]
-#[ignore = "needs kv_server::run to create the data directory"]
 fn uncreatable_data_dir_fails_with_a_message_naming_it() {
     let dir = TempDir::new("bad-data-dir");
     dir.write("replica", &replica_file_text(3));
@@ -493,17 +502,34 @@ fn uncreatable_data_dir_fails_with_a_message_naming_it() {
         &["--id", "1", "--data-dir", "not-a-dir/data"],
         REFUSAL_TIMEOUT,
     );
-    assert!(
-        !out.status.success(),
-        "kv-server accepted a data directory under a regular file; stderr:\n{}",
-        out.stderr
+    assert_refused(&out, 1, &["kv-server: ", "not-a-dir/data"]);
+    assert_said_once(&out.stderr, "Not a directory");
+}
+
+#[test]
+fn address_in_use_fails_with_a_message_naming_it() {
+    let dir = TempDir::new("addr-in-use");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let taken_addr = taken.local_addr().expect("local addr").to_string();
+    let peer_port = free_ports(1)[0];
+    dir.write(
+        "replica",
+        &format!("1 {taken_addr} 127.0.0.1:{peer_port}\n"),
     );
-    assert!(
-        out.stderr.contains("not-a-dir/data"),
-        "stderr does not name the directory:\n{}",
-        out.stderr
-    );
-    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    let out = run_to_end(dir.path(), &["--id", "1"], REFUSAL_TIMEOUT);
+    assert_refused(&out, 1, &["kv-server: ", &taken_addr]);
+    assert_said_once(&out.stderr, "Address already in use");
+    drop(taken);
+}
+
+/// Asserts that the `kv-server: ` error line says `what` once: a cause is not
+/// repeated by the library error and again by its source.
+fn assert_said_once(stderr: &str, what: &str) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("kv-server: "))
+        .unwrap_or_else(|| panic!("no `kv-server: ` error line:\n{stderr}"));
+    assert_eq!(line.matches(what).count(), 1, "{line}");
 }
 
 // ---------------------------------------------------- starting and stopping
@@ -544,6 +570,17 @@ fn cluster_starts_every_replica_and_sigterm_stops_them_all() {
             if line.starts_with(&format!("[replica {id}] ")) && line.contains("starting replica") {
                 started.insert(*id);
             }
+        }
+    }
+
+    // And listens where it said it would.
+    for r in &replicas {
+        for addr in [&r.client, &r.peer] {
+            assert!(
+                accepts_connections(addr, deadline),
+                "replica {} does not accept connections on {addr}",
+                r.id
+            );
         }
     }
 
