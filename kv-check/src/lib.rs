@@ -1,0 +1,1 @@
+//! Linearizability checking of key-value histories (placeholder).
