@@ -1,1 +1,827 @@
-//! placeholder
+//! The end-to-end test harness of kvpaxos: starts real `kv-server` processes
+//! on loopback ports and drives them with the real `kv-client` CLI and SDK.
+//!
+//! # Layout
+//!
+//! - [`Cluster`] — a cluster of replica processes in a temporary directory:
+//!   start, kill (SIGKILL), pause/resume (SIGSTOP/SIGCONT), restart, status,
+//!   leader, SDK clients and CLI runs. Dropping it kills every child, prints
+//!   the tail of each replica's log if the test is failing, and removes the
+//!   directory.
+//! - [`bin_path`] — where the `kv-server` and `kv-client` binaries are.
+//! - [`run_bin`] / [`kv_client_cli`] / [`kv_server_cmd`] — run a binary with a
+//!   time bound, for tests that need no cluster (bad input).
+//! - [`wait_for`] / [`wait_until`] — poll a condition until a deadline; the
+//!   only way tests synchronise with the cluster (never bare sleeps).
+//! - [`free_ports`] — loopback ports to listen on, allocated at run time.
+//!
+//! Environment:
+//! - `KV_BIN_DIR`: the directory holding `kv-server` and `kv-client`
+//!   (default: the profile directory of the running test executable).
+//! - `KV_TEST_KEEP=1`: keep a failed test's directory (logs, data) and print
+//!   its path instead of removing it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kv_api::replicas::Replicas;
+use kv_api::{ReplicaId, ReplicaStatus, Slot};
+
+/// How long [`Cluster::start`] waits for every replica to answer and a
+/// leader to exist. Generous: two cores may be shared by several builds.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The per-operation timeout of [`Cluster::client`].
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound on one CLI run started by [`Cluster::cli`].
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long one status poll waits for one replica (a paused or dead replica
+/// must not stall the harness).
+const STATUS_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Lines of each replica's log printed when a test fails.
+const LOG_TAIL_LINES: usize = 40;
+
+/// The directory holding the workspace binaries: `$KV_BIN_DIR`, or the
+/// profile directory of the running test (`target/<profile>/deps/<exe>` →
+/// `target/<profile>/`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KV_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("cannot find the path of the test executable");
+    let mut dir = exe
+        .parent()
+        .expect("the test executable has no parent directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The path of a workspace binary (`kv-server` or `kv-client`); panics with
+/// a message saying how to build it if it is missing.
+pub fn bin_path(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    if !path.is_file() {
+        panic!(
+            "the `{name}` binary is missing at {}; build it first \
+             (`cargo build --release -p kv-server -p kv-client`, or run \
+             `cargo test --workspace --release`, which builds it), or point \
+             KV_BIN_DIR at the directory that holds it",
+            path.display()
+        );
+    }
+    path
+}
+
+/// Ports handed out by this process, so that parallel tests in one test
+/// binary never get the same one.
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// `n` distinct loopback ports that were free a moment ago.
+///
+/// Each port is found by binding `127.0.0.1:0` and dropping the listener.
+/// The kernel picks those from the ephemeral range, which outgoing
+/// connections also use; to keep a client connection from taking a port
+/// before the replica listens on it, ports are drawn at random from just
+/// below the ephemeral range first, and only fall back to port 0.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use rand::Rng;
+    let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = guard.get_or_insert_with(HashSet::new);
+    let low = ephemeral_low().saturating_sub(1);
+    let mut rng = rand::rng();
+    // Hold every listener until all are found so that none repeats.
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    let mut attempts = 0;
+    while ports.len() < n {
+        attempts += 1;
+        let candidate: u16 = if low > 12_000 && attempts < 10_000 {
+            rng.random_range(10_000..low)
+        } else {
+            0
+        };
+        if candidate != 0 && handed.contains(&candidate) {
+            continue;
+        }
+        let Ok(listener) = TcpListener::bind(("127.0.0.1", candidate)) else {
+            continue;
+        };
+        let port = listener.local_addr().expect("local_addr").port();
+        if handed.insert(port) {
+            ports.push(port);
+            held.push(listener);
+        }
+    }
+    ports
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unknown).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
+}
+
+/// Polls `condition` every 50 ms until it returns `Some`, and returns that;
+/// panics naming `what` if `timeout` passes first.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Some(v)) = tokio::time::timeout(remaining, condition()).await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics naming `what` if
+/// `timeout` passes first.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let c = &mut condition;
+    wait_for(timeout, what, || {
+        let fut = c();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Runs `cmd` to completion, killing it if it takes longer than `timeout`.
+/// Returns its output and how long it ran; `Err` if it timed out or could
+/// not be started.
+pub async fn run_bin(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+) -> Result<(Output, Duration), String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let shown = format!("{:?}", cmd.as_std());
+    let shown: String = if shown.chars().count() > 300 {
+        format!("{}…", shown.chars().take(300).collect::<String>())
+    } else {
+        shown
+    };
+    let started = Instant::now();
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => Ok((out, started.elapsed())),
+        Ok(Err(e)) => Err(format!("waiting for {shown}: {e}")),
+        // Dropping the future drops the child, which kills it (kill_on_drop).
+        Err(_) => Err(format!("{shown} did not finish within {timeout:?}")),
+    }
+}
+
+/// A `kv-client` command with the given arguments (nothing prepended).
+pub fn kv_client_cli<I, S>(args: I) -> tokio::process::Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = tokio::process::Command::new(bin_path("kv-client"));
+    cmd.args(args);
+    cmd
+}
+
+/// A `kv-server` command with the given arguments.
+pub fn kv_server_cmd<I, S>(args: I) -> tokio::process::Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = tokio::process::Command::new(bin_path("kv-server"));
+    cmd.args(args);
+    cmd
+}
+
+/// Describes a finished process for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
+
+/// A fresh, empty temporary directory for one test (removed by its owner).
+pub fn temp_dir(label: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "kvpaxos-{label}-{}-{n}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// One replica process of a [`Cluster`].
+struct Node {
+    client_addr: String,
+    peer_addr: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// A cluster of real `kv-server` processes on loopback, in a temporary
+/// directory holding the replica file, one data directory and one log file
+/// per replica.
+pub struct Cluster {
+    dir: PathBuf,
+    replicas_file: PathBuf,
+    replicas: Replicas,
+    nodes: BTreeMap<ReplicaId, Node>,
+    server_bin: PathBuf,
+    client_bin: PathBuf,
+}
+
+impl Cluster {
+    /// Writes a replica file for `n` replicas (ids 1..=n) on fresh loopback
+    /// ports, starts all of them and waits until every one answers `status`
+    /// and a leader exists.
+    pub async fn start(n: usize) -> Cluster {
+        let cluster = Cluster::start_without_waiting(n);
+        cluster.wait_ready(START_TIMEOUT).await;
+        cluster
+    }
+
+    /// Like [`Cluster::start`] but returns as soon as the processes are
+    /// spawned.
+    pub fn start_without_waiting(n: usize) -> Cluster {
+        assert!(n > 0, "a cluster needs at least one replica");
+        let server_bin = bin_path("kv-server");
+        let client_bin = bin_path("kv-client");
+        let dir = temp_dir("cluster");
+        let ports = free_ports(2 * n);
+        let mut text =
+            String::from("# written by the kv-tests harness: ID CLIENT_ADDR PEER_ADDR\n");
+        for i in 0..n {
+            writeln!(
+                text,
+                "{} 127.0.0.1:{} 127.0.0.1:{}",
+                i + 1,
+                ports[2 * i],
+                ports[2 * i + 1]
+            )
+            .unwrap();
+        }
+        let replicas_file = dir.join("replica");
+        std::fs::write(&replicas_file, &text).expect("write the replica file");
+        let replicas = Replicas::parse(&text, &replicas_file).expect("the harness's replica file");
+        std::fs::create_dir_all(dir.join("logs")).expect("create the log directory");
+        let nodes = replicas
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.id,
+                    Node {
+                        client_addr: r.client_addr.clone(),
+                        peer_addr: r.peer_addr.clone(),
+                        data_dir: dir.join("data").join(r.id.to_string()),
+                        log: dir.join("logs").join(format!("replica-{}.log", r.id)),
+                        child: None,
+                        paused: false,
+                    },
+                )
+            })
+            .collect();
+        let mut cluster = Cluster {
+            dir,
+            replicas_file,
+            replicas,
+            nodes,
+            server_bin,
+            client_bin,
+        };
+        for id in cluster.ids() {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// The replica ids, ascending.
+    pub fn ids(&self) -> Vec<ReplicaId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// The cluster's temporary directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The replica file.
+    pub fn replicas_file(&self) -> &Path {
+        &self.replicas_file
+    }
+
+    /// The parsed replica file.
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
+    }
+
+    fn node(&self, id: ReplicaId) -> &Node {
+        self.nodes
+            .get(&id)
+            .unwrap_or_else(|| panic!("no replica {id} in this cluster"))
+    }
+
+    fn node_mut(&mut self, id: ReplicaId) -> &mut Node {
+        self.nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no replica {id} in this cluster"))
+    }
+
+    /// Replica `id`'s client address.
+    pub fn client_addr(&self, id: ReplicaId) -> &str {
+        &self.node(id).client_addr
+    }
+
+    /// Replica `id`'s peer address.
+    pub fn peer_addr(&self, id: ReplicaId) -> &str {
+        &self.node(id).peer_addr
+    }
+
+    /// Replica `id`'s data directory.
+    pub fn data_dir(&self, id: ReplicaId) -> &Path {
+        &self.node(id).data_dir
+    }
+
+    /// Replica `id`'s log file (stdout and stderr, across restarts).
+    pub fn log_path(&self, id: ReplicaId) -> &Path {
+        &self.node(id).log
+    }
+
+    /// Whether replica `id`'s process is running (started and not killed;
+    /// a paused one counts as running).
+    pub fn is_running(&mut self, id: ReplicaId) -> bool {
+        let node = self.node_mut(id);
+        match node.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The ids of the replicas whose process is running.
+    pub fn running(&mut self) -> Vec<ReplicaId> {
+        self.ids()
+            .into_iter()
+            .filter(|&id| self.is_running(id))
+            .collect()
+    }
+
+    /// Starts replica `id`'s process (it must not be running).
+    pub fn spawn(&mut self, id: ReplicaId) {
+        assert!(
+            !self.is_running(id),
+            "replica {id} is already running; kill it first"
+        );
+        let server_bin = self.server_bin.clone();
+        let replicas_file = self.replicas_file.clone();
+        let node = self.node_mut(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", node.log.display()));
+        let log2 = log.try_clone().expect("clone the log file handle");
+        let child = Command::new(&server_bin)
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--replicas")
+            .arg(&replicas_file)
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server_bin.display()));
+        node.child = Some(child);
+        node.paused = false;
+    }
+
+    /// Kills replica `id` with SIGKILL and reaps it (no-op if not running).
+    pub fn kill(&mut self, id: ReplicaId) {
+        let node = self.node_mut(id);
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.paused = false;
+    }
+
+    /// Kills several replicas with SIGKILL, signalling all of them before
+    /// reaping any, so that they die as close to together as possible.
+    pub fn kill_all(&mut self, ids: &[ReplicaId]) {
+        let mut children = Vec::new();
+        for &id in ids {
+            let node = self.node_mut(id);
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                children.push(child);
+            }
+            node.paused = false;
+        }
+        for mut child in children {
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops replica `id` with SIGSTOP: it keeps its sockets but answers
+    /// nothing until [`Cluster::resume`].
+    pub fn pause(&mut self, id: ReplicaId) {
+        self.signal(id, libc::SIGSTOP);
+        self.node_mut(id).paused = true;
+    }
+
+    /// Continues a paused replica with SIGCONT.
+    pub fn resume(&mut self, id: ReplicaId) {
+        self.signal(id, libc::SIGCONT);
+        self.node_mut(id).paused = false;
+    }
+
+    #[allow(unsafe_code)]
+    fn signal(&mut self, id: ReplicaId, sig: libc::c_int) {
+        let node = self.node_mut(id);
+        let child = node
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("replica {id} is not running"));
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "replica {id} has exited"
+        );
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours;
+        // the pid is our own unreaped child, so it cannot have been reused.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Kills replica `id` if it runs, starts it again on the same data
+    /// directory and addresses, and waits until it answers `status`.
+    pub async fn restart(&mut self, id: ReplicaId) {
+        self.kill(id);
+        self.spawn(id);
+        self.wait_answers(id, START_TIMEOUT).await;
+    }
+
+    /// Waits until replica `id` answers `status`; panics (with its log tail)
+    /// if its process exits or `timeout` passes.
+    pub async fn wait_answers(&mut self, id: ReplicaId, timeout: Duration) -> ReplicaStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_alive(id);
+            if let Some(s) = self.status(id).await {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("replica {id} did not answer status within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Panics with a clear message if replica `id` was started and has
+    /// exited on its own (a crash, or a refused start-up).
+    pub fn assert_alive(&mut self, id: ReplicaId) {
+        let node = self.node_mut(id);
+        if let Some(child) = node.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("replica {id} exited on its own with {status}");
+            }
+        }
+    }
+
+    /// Waits until every running replica answers `status` and one of them
+    /// says it leads.
+    pub async fn wait_ready(&self, timeout: Duration) -> ReplicaId {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            let mut all_answer = true;
+            let mut leader = None;
+            for (id, node) in &self.nodes {
+                if node.child.is_none() {
+                    continue;
+                }
+                match statuses.get(id).and_then(|s| s.as_ref()) {
+                    Some(s) if s.leader => leader = Some(*id),
+                    Some(_) => {}
+                    None => all_answer = false,
+                }
+            }
+            if all_answer {
+                if let Some(l) = leader {
+                    return l;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the cluster was not ready within {timeout:?} (every running replica \
+                     answering status and a leader elected); last statuses: {statuses:#?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An SDK client with a short timeout for status polls.
+    fn status_client(&self, addrs: Vec<String>) -> kv_client::Client {
+        kv_client::Client::builder()
+            .addrs(addrs)
+            .timeout(STATUS_TIMEOUT)
+            .build()
+            .expect("build a status client")
+    }
+
+    /// Every replica's status (`None`: not running, paused, or no answer in
+    /// time). Paused and dead replicas are not asked.
+    pub async fn statuses(&self) -> BTreeMap<ReplicaId, Option<ReplicaStatus>> {
+        let asked: Vec<(ReplicaId, String)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.child.is_some() && !n.paused)
+            .map(|(id, n)| (*id, n.client_addr.clone()))
+            .collect();
+        let mut out: BTreeMap<ReplicaId, Option<ReplicaStatus>> =
+            self.nodes.keys().map(|id| (*id, None)).collect();
+        if asked.is_empty() {
+            return out;
+        }
+        let client = self.status_client(asked.iter().map(|(_, a)| a.clone()).collect());
+        let answers = tokio::time::timeout(STATUS_TIMEOUT * 2, client.status())
+            .await
+            .unwrap_or_default();
+        for (addr, result) in answers {
+            if let (Some((id, _)), Ok(status)) = (asked.iter().find(|(_, a)| *a == addr), result) {
+                out.insert(*id, Some(status));
+            }
+        }
+        out
+    }
+
+    /// Replica `id`'s status, or `None` if it does not answer in time.
+    pub async fn status(&self, id: ReplicaId) -> Option<ReplicaStatus> {
+        let node = self.node(id);
+        if node.paused {
+            return None;
+        }
+        let client = self.status_client(vec![node.client_addr.clone()]);
+        let answers = tokio::time::timeout(STATUS_TIMEOUT * 2, client.status())
+            .await
+            .ok()?;
+        answers.into_iter().find_map(|(_, r)| r.ok())
+    }
+
+    /// The replica that says it leads, if any. If several say so (an old
+    /// leader that has not noticed yet), the one with the highest ballot.
+    pub async fn leader(&self) -> Option<ReplicaId> {
+        self.statuses()
+            .await
+            .into_values()
+            .flatten()
+            .filter(|s| s.leader)
+            .max_by_key(|s| (s.ballot_round, s.id))
+            .map(|s| s.id)
+    }
+
+    /// Waits until some replica says it leads, and returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> ReplicaId {
+        wait_for(timeout, "a leader", || self.leader()).await
+    }
+
+    /// Waits until every running, unpaused replica has applied the same
+    /// index, at least `at_least`, and returns that index.
+    pub async fn wait_applied_equal(&self, at_least: Slot, timeout: Duration) -> Slot {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            let applied: BTreeMap<ReplicaId, Option<Slot>> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.child.is_some() && !n.paused)
+                .map(|(id, _)| (*id, statuses[id].as_ref().map(|s| s.applied)))
+                .collect();
+            let values: HashSet<Option<Slot>> = applied.values().copied().collect();
+            if values.len() == 1 {
+                if let Some(Some(a)) = values.into_iter().next() {
+                    if a >= at_least {
+                        return a;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the replicas did not reach the same applied index (>= {at_least}) \
+                     within {timeout:?}; last seen: {applied:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The highest applied index any answering replica reports (0 if none).
+    pub async fn max_applied(&self) -> Slot {
+        self.statuses()
+            .await
+            .into_values()
+            .flatten()
+            .map(|s| s.applied)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until every running, unpaused replica has applied at least
+    /// `at_least`.
+    pub async fn wait_all_applied(&self, at_least: Slot, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            let applied: BTreeMap<ReplicaId, Option<Slot>> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.child.is_some() && !n.paused)
+                .map(|(id, _)| (*id, statuses[id].as_ref().map(|s| s.applied)))
+                .collect();
+            if applied.values().all(|a| a.is_some_and(|a| a >= at_least)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "not every replica applied index {at_least} within {timeout:?}; \
+                     last seen: {applied:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An SDK client over every replica, with [`CLIENT_TIMEOUT`].
+    pub fn client(&self) -> kv_client::Client {
+        self.client_with_timeout(CLIENT_TIMEOUT)
+    }
+
+    /// An SDK client over every replica with the given per-operation timeout.
+    pub fn client_with_timeout(&self, timeout: Duration) -> kv_client::Client {
+        kv_client::Client::builder()
+            .replicas(self.replicas.clone())
+            .timeout(timeout)
+            .build()
+            .expect("build an SDK client")
+    }
+
+    /// An SDK client that talks to replica `id` only (for local reads).
+    pub fn client_for(&self, id: ReplicaId) -> kv_client::Client {
+        kv_client::Client::builder()
+            .addrs(vec![self.client_addr(id).to_string()])
+            .timeout(CLIENT_TIMEOUT)
+            .build()
+            .expect("build an SDK client")
+    }
+
+    /// Runs `kv-client --replicas <file> ARGS...`, bounded by [`CLI_TIMEOUT`];
+    /// panics if it does not finish in time.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let mut full = vec![
+            "--replicas",
+            self.replicas_file.to_str().expect("utf-8 path"),
+        ];
+        full.extend_from_slice(args);
+        self.run_cli(&full).await
+    }
+
+    /// Runs `kv-client --server <replica id's client address> ARGS...`.
+    pub async fn cli_at(&self, id: ReplicaId, args: &[&str]) -> Output {
+        let addr = self.client_addr(id).to_string();
+        let mut full = vec!["--server", addr.as_str()];
+        full.extend_from_slice(args);
+        self.run_cli(&full).await
+    }
+
+    /// Runs `kv-client ARGS...` as given, bounded by [`CLI_TIMEOUT`].
+    pub async fn run_cli(&self, args: &[&str]) -> Output {
+        let mut cmd = tokio::process::Command::new(&self.client_bin);
+        cmd.args(args);
+        match run_bin(cmd, CLI_TIMEOUT).await {
+            Ok((out, _)) => out,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Runs the CLI like [`Cluster::cli`] and asserts it exited 0; returns
+    /// its stdout.
+    pub async fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args).await;
+        assert!(
+            out.status.success(),
+            "kv-client {args:?} failed: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The last `lines` lines of replica `id`'s log.
+    pub fn log_tail(&self, id: ReplicaId, lines: usize) -> String {
+        let Ok(file) = std::fs::File::open(self.log_path(id)) else {
+            return "(no log file)".into();
+        };
+        let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGKILL ends paused (SIGSTOP) replicas too. Signal all before
+        // reaping any so that the replicas die together.
+        for node in self.nodes.values_mut() {
+            if let Some(child) = node.child.as_mut() {
+                let _ = child.kill();
+            }
+        }
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.wait();
+            }
+        }
+        let failed = std::thread::panicking();
+        if failed {
+            let mut report = format!("\n===== cluster in {} =====\n", self.dir.display());
+            for id in self.ids() {
+                let _ = writeln!(
+                    report,
+                    "----- replica {id} ({}), last {LOG_TAIL_LINES} log lines -----\n{}",
+                    self.client_addr(id),
+                    self.log_tail(id, LOG_TAIL_LINES)
+                );
+            }
+            eprintln!("{report}");
+        }
+        if failed && std::env::var_os("KV_TEST_KEEP").is_some_and(|v| v != "0") {
+            eprintln!("KV_TEST_KEEP: kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Parses `kv-client status` output: one JSON object a line.
+pub fn parse_status_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("status line is not JSON ({e}): {l:?}"))
+        })
+        .collect()
+}
+
+/// Runs `fut` with a time bound; panics naming `what` if it takes longer.
+pub async fn bounded<T>(timeout: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {timeout:?}"),
+    }
+}
