@@ -8,7 +8,7 @@
 //! | 0 | success |
 //! | 1 | `get`: no such key; `cas`: not swapped |
 //! | 2 | bad usage or invalid input (arguments, sizes, replica file) |
-//! | 3 | no quorum answered before the timeout; a write's outcome is unknown |
+//! | 3 | no quorum answered before the timeout; a write's outcome is unknown (unless no replica could even be reached: then it was not sent) |
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -252,6 +252,11 @@ type Failure = (u8, String);
 fn failure(e: Error, write: bool) -> Failure {
     match e {
         Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
+        // Unavailable means no connection was ever made: nothing was sent.
+        Error::Unavailable(_) if write => (
+            EXIT_UNAVAILABLE,
+            format!("{e}\nno replica could be reached, so the write was not sent"),
+        ),
         _ if write => (
             EXIT_UNAVAILABLE,
             format!("{e}\nthe write's outcome is unknown: it may or may not have been applied"),

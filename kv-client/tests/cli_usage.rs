@@ -1,0 +1,321 @@
+//! The `kv-client` command line: usage errors, input checks and the
+//! behaviour without any server. No test needs a running cluster, none
+//! uses a fixed port, and every run of the binary is bounded in time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-client");
+
+/// The outcome of one run of the binary.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs the binary in `cwd`, killing it (and failing) after 20 s.
+fn run_in(cwd: &Path, args: &[&str]) -> Run {
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kv-client");
+    loop {
+        if child.try_wait().expect("wait for kv-client").is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kv-client {args:?} did not finish within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = started.elapsed();
+    let out = child.wait_with_output().expect("collect kv-client output");
+    Run {
+        code: out.status.code().expect("kv-client was killed by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took,
+    }
+}
+
+fn run(args: &[&str]) -> Run {
+    run_in(&std::env::temp_dir(), args)
+}
+
+/// A fresh, empty directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "kv-client-cli-{name}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Ports on 127.0.0.1 that nothing listens on (bound, then released).
+fn dead_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A replica file of five replicas whose addresses have nothing listening.
+fn dead_replica_file(dir: &Path) -> PathBuf {
+    let ports = dead_ports(10);
+    let mut text = String::from("# nothing listens here\n");
+    for i in 0..5 {
+        text.push_str(&format!(
+            "{} 127.0.0.1:{} 127.0.0.1:{}\n",
+            i + 1,
+            ports[i],
+            ports[i + 5]
+        ));
+    }
+    let path = dir.join("replica");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let cases: &[&[&str]] = &[
+        &[],
+        &["frobnicate"],
+        &["get"],
+        &["put", "k"],
+        &["put", "k", "v", "extra"],
+        &["cas", "k", "new"],
+        &["cas", "k", "new", "--expect", "old", "--expect-absent"],
+        &["--timeout", "abc", "get", "k"],
+        &["--timeout", "0", "get", "k"],
+        &["--timeout", "-1", "get", "k"],
+        &["--server", "127.0.0.1:1", "--replicas", "replica", "status"],
+        &["status", "--bogus"],
+    ];
+    for args in cases {
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: stderr {}", r.stderr);
+        assert!(!r.stderr.is_empty(), "{args:?}: no reason given");
+        assert!(r.stdout.is_empty(), "{args:?}: stdout {}", r.stdout);
+    }
+}
+
+#[test]
+fn help_explains_every_command_with_examples() {
+    let r = run(&["--help"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for word in [
+        "put",
+        "get",
+        "delete",
+        "cas",
+        "status",
+        "--replicas",
+        "--server",
+        "--timeout",
+    ] {
+        assert!(
+            r.stdout.contains(word),
+            "--help does not mention {word}:\n{}",
+            r.stdout
+        );
+    }
+    assert!(
+        r.stdout.contains("kv-client put color blue"),
+        "{}",
+        r.stdout
+    );
+    for cmd in ["put", "get", "delete", "cas", "status"] {
+        let r = run(&[cmd, "--help"]);
+        assert_eq!(r.code, 0, "{cmd} --help: {}", r.stderr);
+        assert!(
+            r.stdout.contains("Example"),
+            "{cmd} --help has no example:\n{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn over_long_key_exits_2_without_a_server() {
+    let dir = temp_dir("long-key");
+    let replicas = dead_replica_file(&dir);
+    let key = "k".repeat(1025);
+    // Both with a replica file and with --server: nothing is contacted.
+    let file = replicas.to_str().unwrap();
+    let server = format!("127.0.0.1:{}", dead_ports(1)[0]);
+    for base in [["--replicas", file], ["--server", server.as_str()]] {
+        for cmd in [
+            vec!["put", key.as_str(), "v"],
+            vec!["get", key.as_str()],
+            vec!["delete", key.as_str()],
+            vec!["cas", key.as_str(), "v", "--expect-absent"],
+            vec!["put", "", "v"],
+        ] {
+            let args: Vec<&str> = base.iter().copied().chain(cmd).collect();
+            let r = run(&args);
+            assert_eq!(r.code, 2, "{:?}: {}", &args[..3], r.stderr);
+            assert!(r.stderr.contains("key"), "{}", r.stderr);
+            assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn missing_replica_file_exits_2_naming_the_file() {
+    let dir = temp_dir("missing");
+    let path = dir.join("no-such-replica-file");
+    let r = run(&["--replicas", path.to_str().unwrap(), "get", "k"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no-such-replica-file"), "{}", r.stderr);
+
+    // The default is `replica` in the current directory.
+    let r = run_in(&dir, &["get", "k"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("replica"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn malformed_replica_file_exits_2_naming_file_and_line() {
+    let dir = temp_dir("malformed");
+    let path = dir.join("replica");
+    std::fs::write(&path, "1 127.0.0.1:7001 127.0.0.1:7101\n2 nonsense\n").unwrap();
+    // Also the default file, found relative to the working directory.
+    for args in [
+        vec!["--replicas", path.to_str().unwrap(), "status"],
+        vec!["status"],
+    ] {
+        let r = run_in(&dir, &args);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("replica:2"), "{}", r.stderr);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn put_with_no_replica_listening_exits_3_within_the_timeout() {
+    let dir = temp_dir("dead-put");
+    let replicas = dead_replica_file(&dir);
+    let r = run(&[
+        "--replicas",
+        replicas.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "put",
+        "k",
+        "v",
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    // Nothing ever accepted a connection, so the write was never sent.
+    assert!(r.stderr.contains("not sent"), "{}", r.stderr);
+    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn reads_and_fractional_timeouts_with_no_replica_exit_3_promptly() {
+    let dir = temp_dir("dead-get");
+    let replicas = dead_replica_file(&dir);
+    let file = replicas.to_str().unwrap();
+    let server = format!("127.0.0.1:{}", dead_ports(1)[0]);
+    for args in [
+        vec!["--replicas", file, "--timeout", "0.5", "get", "k"],
+        vec![
+            "--replicas",
+            file,
+            "--timeout",
+            "0.5",
+            "get",
+            "--local",
+            "k",
+        ],
+        vec![
+            "--server",
+            server.as_str(),
+            "--timeout",
+            "0.5",
+            "delete",
+            "k",
+        ],
+        vec![
+            "--timeout",
+            "0.5",
+            "--server",
+            server.as_str(),
+            "cas",
+            "k",
+            "n",
+            "--expect",
+            "o",
+        ],
+    ] {
+        let r = run(&args);
+        assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+        assert!(
+            r.took < Duration::from_millis(1500),
+            "{args:?} took {:?}",
+            r.took
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn status_with_no_replica_up_prints_every_replica_down_and_exits_3() {
+    let dir = temp_dir("dead-status");
+    let replicas = dead_replica_file(&dir);
+    let r = run(&[
+        "--replicas",
+        replicas.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "status",
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    let lines: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(lines.len(), 5, "{}", r.stdout);
+    for (i, v) in lines.iter().enumerate() {
+        assert_eq!(v["id"], (i + 1) as u64, "replica-file order: {v}");
+        assert_eq!(v["up"], false);
+        assert_eq!(v["leader"], false);
+        assert!(v["applied"].is_null());
+        assert!(v["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(!v["error"].as_str().unwrap().is_empty());
+    }
+
+    // With --server there is no file, so no id.
+    let server = format!("127.0.0.1:{}", dead_ports(1)[0]);
+    let r = run(&["--server", &server, "--timeout", "0.5", "status"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(v["id"].is_null());
+    assert_eq!(v["addr"], server.as_str());
+    let _ = std::fs::remove_dir_all(dir);
+}

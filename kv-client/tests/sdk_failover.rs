@@ -1,0 +1,599 @@
+//! The SDK against fake replicas: in-process tarpc servers that implement
+//! `kv_api::Kv` with scripted behaviour (leader, follower with a hint,
+//! frozen, failing), on ports picked by the OS. They check what the SDK
+//! sends: which replica it tries, the sequence numbers of retries, the
+//! `acked_below` watermark, and that it stays within its time budget.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kv_api::{
+    GetResponse, Kv, KvError, LeaderHint, Op, OpResult, ReadMode, ReplicaStatus, WriteOutcome,
+    WriteRequest,
+};
+use kv_client::{Client, Error};
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tarpc::tokio_serde::formats::Bincode;
+
+/// How a fake replica answers writes and linearizable reads.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// Applies writes (deduplicated by client id and sequence number).
+    Leader,
+    /// Refuses with `NotLeader`, with this hint.
+    Follower(Option<LeaderHint>),
+    /// Never answers.
+    Hang,
+    /// Answers `Timeout` this many more times (after applying the write, as
+    /// a leader whose reply was lost would), then behaves as a leader.
+    LoseReplies(usize),
+    /// Refuses every write as invalid.
+    Invalid,
+}
+
+#[derive(Default)]
+struct Shared {
+    mode: Option<Mode>,
+    /// Every write request received, in order.
+    writes: Vec<WriteRequest>,
+    map: HashMap<Vec<u8>, Vec<u8>>,
+    /// Results of applied writes, by (client id, seq).
+    applied: HashMap<(u64, u64), WriteOutcome>,
+    slot: u64,
+    /// A sequence number to hold back until the notify fires.
+    hold: Option<(u64, Arc<tokio::sync::Notify>)>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    id: u64,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Fake {
+    fn mode(&self) -> Mode {
+        self.shared
+            .lock()
+            .unwrap()
+            .mode
+            .clone()
+            .unwrap_or(Mode::Leader)
+    }
+
+    fn writes(&self) -> Vec<WriteRequest> {
+        self.shared.lock().unwrap().writes.clone()
+    }
+
+    fn apply(&self, req: &WriteRequest) -> WriteOutcome {
+        let mut s = self.shared.lock().unwrap();
+        if let Some(o) = s.applied.get(&(req.client_id, req.seq)) {
+            return o.clone();
+        }
+        s.slot += 1;
+        let result = match &req.op {
+            Op::Put { key, value } => {
+                s.map.insert(key.clone(), value.clone());
+                OpResult::Put
+            }
+            Op::Delete { key } => OpResult::Deleted {
+                existed: s.map.remove(key).is_some(),
+            },
+            Op::Cas { key, expected, new } => {
+                let swapped = s.map.get(key) == expected.as_ref();
+                if swapped {
+                    s.map.insert(key.clone(), new.clone());
+                }
+                OpResult::Cas {
+                    swapped,
+                    current: s.map.get(key).cloned(),
+                }
+            }
+        };
+        let outcome = WriteOutcome {
+            slot: s.slot,
+            result,
+        };
+        s.applied.insert((req.client_id, req.seq), outcome.clone());
+        outcome
+    }
+}
+
+impl Kv for Fake {
+    async fn write(self, _: Context, req: WriteRequest) -> Result<WriteOutcome, KvError> {
+        let hold = {
+            let mut s = self.shared.lock().unwrap();
+            s.writes.push(req.clone());
+            s.hold.clone().filter(|(seq, _)| *seq == req.seq)
+        };
+        if let Some((_, notify)) = hold {
+            notify.notified().await;
+        }
+        match self.mode() {
+            Mode::Leader => Ok(self.apply(&req)),
+            Mode::Follower(hint) => Err(KvError::NotLeader(hint)),
+            Mode::Hang => std::future::pending().await,
+            Mode::LoseReplies(n) => {
+                self.apply(&req);
+                if n == 0 {
+                    return Ok(self.apply(&req));
+                }
+                self.shared.lock().unwrap().mode = Some(Mode::LoseReplies(n - 1));
+                Err(KvError::Timeout("the reply was lost".into()))
+            }
+            Mode::Invalid => Err(KvError::InvalidArgument("refused by the fake".into())),
+        }
+    }
+
+    async fn get(self, _: Context, key: Vec<u8>, mode: ReadMode) -> Result<GetResponse, KvError> {
+        let serve = match (self.mode(), mode) {
+            (Mode::Hang, _) => std::future::pending().await,
+            (_, ReadMode::Local) => true,
+            (Mode::Follower(hint), ReadMode::Linearizable) => return Err(KvError::NotLeader(hint)),
+            _ => true,
+        };
+        assert!(serve);
+        let s = self.shared.lock().unwrap();
+        Ok(GetResponse {
+            value: s.map.get(&key).cloned(),
+            applied: s.slot,
+        })
+    }
+
+    async fn status(self, _: Context) -> ReplicaStatus {
+        let mode = self.mode();
+        if let Mode::Hang = mode {
+            std::future::pending::<()>().await;
+        }
+        let s = self.shared.lock().unwrap();
+        ReplicaStatus {
+            id: self.id,
+            leader: matches!(mode, Mode::Leader),
+            leader_id: None,
+            ballot_round: 1,
+            applied: s.slot,
+            chosen: s.slot,
+            snapshot: 0,
+            keys: s.map.len() as u64,
+        }
+    }
+}
+
+/// A running fake replica.
+struct Replica {
+    fake: Fake,
+    addr: String,
+    server: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Replica {
+    async fn start(id: u64, mode: Mode) -> Replica {
+        Replica::start_at(id, mode, "127.0.0.1:0").await
+    }
+
+    async fn start_at(id: u64, mode: Mode, bind: &str) -> Replica {
+        let fake = Fake {
+            id,
+            shared: Arc::new(Mutex::new(Shared {
+                mode: Some(mode),
+                ..Shared::default()
+            })),
+        };
+        let mut incoming = tarpc::serde_transport::tcp::listen(bind, Bincode::default)
+            .await
+            .expect("listen");
+        incoming.config_mut().max_frame_length(kv_api::MAX_FRAME);
+        let addr = incoming.local_addr().to_string();
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (f, conns) = (fake.clone(), connections.clone());
+        let server = tokio::spawn(async move {
+            while let Some(Ok(transport)) = incoming.next().await {
+                let serve = BaseChannel::with_defaults(transport)
+                    .execute(f.clone().serve())
+                    .for_each(|request| async {
+                        tokio::spawn(request);
+                    });
+                let task = tokio::spawn(serve);
+                conns.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Replica {
+            fake,
+            addr,
+            server,
+            connections,
+        }
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.fake.shared.lock().unwrap().mode = Some(mode);
+    }
+
+    fn hint(&self) -> LeaderHint {
+        LeaderHint {
+            id: self.fake.id,
+            addr: self.addr.clone(),
+        }
+    }
+
+    /// Stops listening and closes every connection (a crash).
+    fn stop(&self) {
+        self.server.abort();
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+fn client(addrs: &[&str], timeout: Duration) -> Client {
+    Client::builder()
+        .addrs(addrs.iter().map(|a| a.to_string()).collect())
+        .timeout(timeout)
+        .client_id(77)
+        .build()
+        .unwrap()
+}
+
+fn dead_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Bounds a test body: no test may hang.
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("the test took over 20 s")
+}
+
+#[tokio::test]
+async fn operations_round_trip_through_the_leader() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        assert_eq!(c.client_id(), 77);
+        assert_eq!(c.get("k").await.unwrap(), None);
+        c.put("k", "v1").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(c.get_local("k").await.unwrap(), Some(b"v1".to_vec()));
+        let o = c.cas("k", Some(b"nope".to_vec()), "v2").await.unwrap();
+        assert!(!o.swapped);
+        assert_eq!(o.current, Some(b"v1".to_vec()));
+        let o = c.cas("k", Some(b"v1".to_vec()), "v2").await.unwrap();
+        assert!(o.swapped);
+        assert!(c.delete("k").await.unwrap());
+        assert!(!c.delete("k").await.unwrap());
+        let o = c.cas("k", None, "v3").await.unwrap();
+        assert!(o.swapped);
+        // Sequence numbers 1, 2, ... one per write, acked_below following.
+        let seqs: Vec<(u64, u64, u64)> = leader
+            .fake
+            .writes()
+            .iter()
+            .map(|w| (w.client_id, w.seq, w.acked_below))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                (77, 1, 1),
+                (77, 2, 2),
+                (77, 3, 3),
+                (77, 4, 4),
+                (77, 5, 5),
+                (77, 6, 6)
+            ]
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn follows_the_leader_hint_then_starts_at_the_leader() {
+    bounded(async {
+        let leader = Replica::start(2, Mode::Leader).await;
+        let follower = Replica::start(1, Mode::Follower(Some(leader.hint()))).await;
+        let other = Replica::start(3, Mode::Follower(Some(leader.hint()))).await;
+        let c = client(
+            &[&follower.addr, &other.addr, &leader.addr],
+            Duration::from_secs(5),
+        );
+        c.put("k", "v").await.unwrap();
+        assert_eq!(follower.fake.writes().len(), 1);
+        // The hint sent it straight to the leader, skipping `other`.
+        assert_eq!(other.fake.writes().len(), 0);
+        assert_eq!(leader.fake.writes().len(), 1);
+        c.put("k", "w").await.unwrap();
+        assert_eq!(
+            follower.fake.writes().len(),
+            1,
+            "the leader should be tried first now"
+        );
+        assert_eq!(leader.fake.writes().len(), 2);
+        // The leadership moves to `other`: the old leader's hint is followed.
+        other.set_mode(Mode::Leader);
+        leader.set_mode(Mode::Follower(Some(other.hint())));
+        c.put("k", "x").await.unwrap();
+        assert_eq!(leader.fake.writes().len(), 3);
+        assert_eq!(other.fake.writes().len(), 1);
+        assert_eq!(other.fake.writes()[0].seq, 3);
+        assert_eq!(c.get("k").await.unwrap(), Some(b"x".to_vec()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_hint_to_an_unlisted_address_is_followed() {
+    bounded(async {
+        let leader = Replica::start(9, Mode::Leader).await;
+        let follower = Replica::start(1, Mode::Follower(Some(leader.hint()))).await;
+        let c = client(&[&follower.addr], Duration::from_secs(5));
+        c.put("k", "v").await.unwrap();
+        assert_eq!(leader.fake.writes().len(), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn retry_after_a_frozen_replica_reuses_the_seq_on_another_replica() {
+    bounded(async {
+        let frozen = Replica::start(1, Mode::Hang).await;
+        let leader = Replica::start(2, Mode::Leader).await;
+        let c = client(&[&frozen.addr, &leader.addr], Duration::from_secs(5));
+        let started = Instant::now();
+        c.put("k", "v").await.unwrap();
+        let took = started.elapsed();
+        // One capped attempt (about 1 s) at the frozen replica, not the
+        // whole budget.
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        let (a, b) = (frozen.fake.writes(), leader.fake.writes());
+        assert_eq!(a.len(), 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(a[0], b[0], "the retry must be the very same request");
+        assert_eq!((b[0].client_id, b[0].seq), (77, 1));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_lost_reply_is_retried_with_the_same_seq_and_applied_once() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::LoseReplies(2)).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        c.put("k", "v").await.unwrap();
+        let w = leader.fake.writes();
+        assert_eq!(w.len(), 3);
+        assert!(w.iter().all(|r| r.seq == 1 && r.client_id == 77));
+        assert_eq!(leader.fake.shared.lock().unwrap().slot, 1, "applied once");
+        // The next write gets the next number.
+        c.put("k", "w").await.unwrap();
+        assert_eq!(leader.fake.writes().last().unwrap().seq, 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn acked_below_stays_at_the_oldest_outstanding_write() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let release = Arc::new(tokio::sync::Notify::new());
+        leader.fake.shared.lock().unwrap().hold = Some((1, release.clone()));
+        let c = client(&[&leader.addr], Duration::from_secs(10));
+        let slow = tokio::spawn({
+            let c = c.clone();
+            async move { c.put("a", "1").await }
+        });
+        while leader.fake.writes().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Seq 1 is still outstanding while seq 2 and 3 complete.
+        c.put("b", "2").await.unwrap();
+        c.put("c", "3").await.unwrap();
+        release.notify_one();
+        slow.await.unwrap().unwrap();
+        c.put("d", "4").await.unwrap();
+        let seen: Vec<(u64, u64)> = leader
+            .fake
+            .writes()
+            .iter()
+            .map(|w| (w.seq, w.acked_below))
+            .collect();
+        assert_eq!(seen, [(1, 1), (2, 1), (3, 1), (4, 4)]);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn invalid_input_is_refused_before_anything_is_sent() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        let long_key = vec![b'k'; 1025];
+        let big = vec![0u8; (1 << 20) + 1];
+        let errors = [
+            c.put(long_key.clone(), "v").await.unwrap_err(),
+            c.put("", "v").await.unwrap_err(),
+            c.put("k", big.clone()).await.unwrap_err(),
+            c.get(long_key.clone()).await.unwrap_err(),
+            c.get_local("").await.unwrap_err(),
+            c.delete(long_key.clone()).await.unwrap_err(),
+            c.cas("k", Some(big.clone()), "v").await.unwrap_err(),
+            c.write(WriteRequest {
+                client_id: 1,
+                seq: 1,
+                acked_below: 0,
+                op: Op::Put {
+                    key: long_key,
+                    value: vec![],
+                },
+            })
+            .await
+            .unwrap_err(),
+        ];
+        for e in errors {
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        }
+        assert!(leader.fake.writes().is_empty());
+        // A 1 MiB value is within the limit and goes through.
+        c.put("k", vec![7u8; 1 << 20]).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn invalid_argument_from_a_replica_is_final() {
+    bounded(async {
+        let r = Replica::start(1, Mode::Invalid).await;
+        let other = Replica::start(2, Mode::Leader).await;
+        let c = client(&[&r.addr, &other.addr], Duration::from_secs(5));
+        let e = c.put("k", "v").await.unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument(ref m) if m.contains("fake")),
+            "{e}"
+        );
+        assert!(other.fake.writes().is_empty());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn raw_write_sends_the_callers_numbers() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        let req = WriteRequest {
+            client_id: 5,
+            seq: 40,
+            acked_below: 39,
+            op: Op::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+        };
+        let first = c.write(req.clone()).await.unwrap();
+        let again = c.write(req.clone()).await.unwrap();
+        assert_eq!(first, again, "deduplicated by the fake");
+        assert_eq!(leader.fake.writes(), [req.clone(), req]);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn nobody_listening_is_unavailable_within_the_budget() {
+    bounded(async {
+        let c = client(&[&dead_addr(), &dead_addr()], Duration::from_millis(400));
+        let started = Instant::now();
+        let e = c.put("k", "v").await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn frozen_replicas_time_out_within_the_budget() {
+    bounded(async {
+        // A listener that never accepts: TCP connects, nothing answers,
+        // like a SIGSTOPped server.
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = frozen.local_addr().unwrap().to_string();
+        let hung = Replica::start(2, Mode::Hang).await;
+        let c = client(&[&addr, &hung.addr], Duration::from_millis(1500));
+        let started = Instant::now();
+        let e = c.get("k").await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        assert!(took < Duration::from_millis(2000), "{took:?}");
+        let started = Instant::now();
+        let status = c.status().await;
+        assert!(started.elapsed() < Duration::from_millis(2000));
+        assert_eq!(status.len(), 2);
+        assert!(status.iter().all(|(_, r)| r.is_err()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn reconnects_after_the_replica_restarts() {
+    bounded(async {
+        let r = Replica::start(1, Mode::Leader).await;
+        let addr = r.addr.clone();
+        let c = client(&[&addr], Duration::from_secs(5));
+        c.put("k", "v").await.unwrap();
+        r.stop();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let restarted = Replica::start_at(1, Mode::Leader, &addr).await;
+        c.put("k", "w").await.unwrap();
+        assert_eq!(restarted.fake.writes().len(), 1);
+        assert_eq!(restarted.fake.writes()[0].seq, 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn get_local_answers_from_the_first_replica_that_answers() {
+    bounded(async {
+        let leader = Replica::start(2, Mode::Leader).await;
+        let follower = Replica::start(1, Mode::Follower(Some(leader.hint()))).await;
+        follower
+            .fake
+            .shared
+            .lock()
+            .unwrap()
+            .map
+            .insert(b"k".to_vec(), b"stale".to_vec());
+        let c = client(
+            &[&dead_addr(), &follower.addr, &leader.addr],
+            Duration::from_secs(5),
+        );
+        assert_eq!(c.get_local("k").await.unwrap(), Some(b"stale".to_vec()));
+        // A linearizable read goes to the leader.
+        assert_eq!(c.get("k").await.unwrap(), None);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn status_asks_every_replica_in_order() {
+    bounded(async {
+        let a = Replica::start(1, Mode::Follower(None)).await;
+        let b = Replica::start(2, Mode::Leader).await;
+        let dead = dead_addr();
+        let c = client(&[&a.addr, &dead, &b.addr], Duration::from_secs(2));
+        let s = c.status().await;
+        let addrs: Vec<&str> = s.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(addrs, [a.addr.as_str(), dead.as_str(), b.addr.as_str()]);
+        assert_eq!(s[0].1.as_ref().unwrap().id, 1);
+        assert!(s[1].1.is_err());
+        assert!(s[2].1.as_ref().unwrap().leader);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_client_is_shared_between_tasks() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = client(&[&leader.addr], Duration::from_secs(10));
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.put(format!("k{i}"), "v").await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut seqs: Vec<u64> = leader.fake.writes().iter().map(|w| w.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<Client>();
+    })
+    .await
+}
