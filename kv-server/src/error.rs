@@ -9,21 +9,24 @@ pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The data directory cannot be created or written.
-    #[error("data directory {path}: {source} (check that it exists and is writable)")]
+    #[error("data directory {path}: {error} (check that it exists and is writable)")]
     DataDir {
         /// The directory.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
     /// A listening address cannot be bound.
-    #[error("cannot listen on {addr}: {source} (is another process using it?)")]
+    #[error("cannot listen on {addr}: {error} (is another process using it?)")]
     Bind {
         /// The address.
         addr: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not also a `source()`).
+        error: std::io::Error,
     },
+    /// An internal task failed; the replica stops rather than risk its state.
+    #[error("internal failure: {0}")]
+    Internal(String),
     /// The storage files are unreadable or damaged.
     #[error("storage {path}: {message}")]
     Storage {

@@ -45,7 +45,10 @@ pub async fn run(
     let dir = config.data_dir.clone();
     let (storage, durable) = tokio::task::spawn_blocking(move || storage::Storage::open(&dir))
         .await
-        .expect("opening storage does not panic")?;
+        .map_err(|e| ServerError::Storage {
+            path: config.data_dir.clone(),
+            message: format!("opening the storage failed: {e}"),
+        })??;
     let members: Vec<u64> = config.replicas.replicas.iter().map(|r| r.id).collect();
     let mut core_cfg = paxos::Config::new(config.id, members);
     core_cfg.seed = rand::random();

@@ -24,7 +24,7 @@ use crate::paxos::{Msg, Paxos};
 use crate::peers::PeerPool;
 use crate::state::StateMachine;
 use crate::storage::Storage;
-use crate::Result;
+use crate::{Result, ServerError};
 
 /// Inputs handled per round at most, so ticks are never starved.
 const MAX_DRAIN: usize = 4096;
@@ -148,7 +148,7 @@ impl Node {
     fn tick(&mut self) {
         self.core.tick();
         self.ticks += 1;
-        if self.ticks % SWEEP_TICKS == 0 {
+        if self.ticks.is_multiple_of(SWEEP_TICKS) {
             self.waiters.retain(|_, v| {
                 v.retain(|tx| !tx.is_closed());
                 !v.is_empty()
@@ -232,15 +232,24 @@ impl Node {
     async fn flush(&mut self) -> Result<()> {
         let ready = self.core.ready();
         if !ready.persist.is_empty() {
-            let mut storage = self.storage.take().expect("storage is always returned");
+            let Some(mut storage) = self.storage.take() else {
+                return Err(ServerError::Config(
+                    "storage lost after an earlier failure".into(),
+                ));
+            };
             let records = ready.persist;
-            let (storage, result) = tokio::task::spawn_blocking(move || {
+            let result = tokio::task::spawn_blocking(move || {
                 let r = storage.write(&records);
                 (storage, r)
             })
-            .await
-            .expect("the storage task does not panic");
-            self.storage = Some(storage);
+            .await;
+            let result = match result {
+                Ok((storage, r)) => {
+                    self.storage = Some(storage);
+                    r
+                }
+                Err(e) => Err(ServerError::Internal(format!("the storage task failed: {e}"))),
+            };
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
                 return Err(e);

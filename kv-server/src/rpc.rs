@@ -210,9 +210,9 @@ macro_rules! serve_on {
         let addr: String = $addr;
         let mut listener = tarpc::serde_transport::tcp::listen(&addr, Bincode::default)
             .await
-            .map_err(|source| ServerError::Bind {
+            .map_err(|error| ServerError::Bind {
                 addr: addr.clone(),
-                source,
+                error,
             })?;
         listener.config_mut().max_frame_length(kv_api::MAX_FRAME);
         let serve = $serve;

@@ -27,9 +27,9 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database in `dir` and loads what it holds.
     pub fn open(dir: &Path) -> Result<(Storage, Durable)> {
-        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
+        std::fs::create_dir_all(dir).map_err(|error| ServerError::DataDir {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let path = dir.join("kv.redb");
         let db = Database::create(&path).map_err(|e| storage_err(&path, e))?;
