@@ -269,7 +269,9 @@ async fn execute(cli: Cli, out: &mut impl Write) -> Result<u8, Failure> {
     let mut builder = Client::builder().timeout(cli.timeout);
     let ids: Vec<Option<u64>> = match &cli.server {
         Some(addr) => {
-            builder = builder.addrs(vec![addr.clone()]);
+            // Only this replica, as the contract says: it forwards to the
+            // leader; its hints are shown in errors, not followed.
+            builder = builder.addrs(vec![addr.clone()]).follow_hints(false);
             vec![None]
         }
         None => {

@@ -37,6 +37,7 @@ struct Inner {
     timeout: Duration,
     client_id: u64,
     limits: Limits,
+    follow_hints: bool,
     seqs: Arc<SeqTracker>,
     pool: Pool,
     /// The address that last completed a write or a linearizable read: the
@@ -52,6 +53,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     client_id: Option<u64>,
     limits: Limits,
+    follow_hints: bool,
 }
 
 impl Default for ClientBuilder {
@@ -61,6 +63,7 @@ impl Default for ClientBuilder {
             timeout: DEFAULT_TIMEOUT,
             client_id: None,
             limits: Limits::default(),
+            follow_hints: true,
         }
     }
 }
@@ -111,6 +114,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether to follow a replica's leader hint to an address not given
+    /// to the builder (default: yes). Without it the client talks only to
+    /// the given addresses, as `kv-client --server` does, and a hint only
+    /// appears in the error if the budget runs out.
+    pub fn follow_hints(mut self, follow: bool) -> Self {
+        self.follow_hints = follow;
+        self
+    }
+
     /// Builds the client. Does not connect: connections are made on first
     /// use. Fails with [`Error::InvalidArgument`] if no address was given or
     /// the timeout is zero.
@@ -147,6 +159,7 @@ impl ClientBuilder {
                 timeout: self.timeout,
                 client_id,
                 limits: self.limits,
+                follow_hints: self.follow_hints,
                 seqs: SeqTracker::new(),
                 pool: Pool::default(),
                 preferred: Mutex::new(None),
@@ -334,6 +347,7 @@ impl Client {
             &self.inner.addrs,
             start.as_deref(),
             self.inner.timeout,
+            self.inner.follow_hints,
             move |addr, deadline| async move { attempt(pool, &addr, deadline, f).await },
         )
         .await

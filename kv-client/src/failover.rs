@@ -109,11 +109,13 @@ impl Rotation {
 
 /// Runs `attempt(addr, attempt_deadline)` at replica after replica until one
 /// completes, an error is final, or `budget` is spent. Returns the result and
-/// the address that produced it.
+/// the address that produced it. Without `follow_hints`, only `addrs` are
+/// ever tried (leader hints are reported in the error, not followed).
 pub(crate) async fn failover<T, F, Fut>(
     addrs: &[String],
     start: Option<&str>,
     budget: Duration,
+    follow_hints: bool,
     mut attempt: F,
 ) -> Result<(T, String)>
 where
@@ -153,7 +155,7 @@ where
                 tracing::debug!(%addr, error = %e, "replica refused");
                 connected = true;
                 if let KvError::NotLeader(Some(h)) = &e {
-                    if h.addr != addr {
+                    if follow_hints && h.addr != addr {
                         rotation.hint(&h.addr);
                     }
                 }
@@ -224,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn failover_moves_on_after_errors_and_follows_hints() {
         let tried = Mutex::new(Vec::new());
-        let (v, at) = failover(&addrs(5), None, Duration::from_secs(5), |a, _| {
+        let (v, at) = failover(&addrs(5), None, Duration::from_secs(5), true, |a, _| {
             tried.lock().unwrap().push(a.clone());
             async move {
                 match a.as_str() {
@@ -245,9 +247,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_follow_hints_only_the_given_addresses_are_tried() {
+        let tried = Mutex::new(Vec::new());
+        let e = failover(
+            &addrs(1),
+            None,
+            Duration::from_millis(150),
+            false,
+            |a, _| {
+                tried.lock().unwrap().push(a);
+                async {
+                    Attempt::<()>::Refused(KvError::NotLeader(Some(LeaderHint {
+                        id: 4,
+                        addr: "r4".into(),
+                    })))
+                }
+            },
+        )
+        .await
+        .unwrap_err();
+        // The hint is in the message, for a person to act on.
+        assert!(
+            matches!(e, Error::Timeout(ref m) if m.contains("r4")),
+            "{e}"
+        );
+        let tried = tried.lock().unwrap();
+        assert!(tried.len() >= 2, "retried with backoff: {tried:?}");
+        assert!(tried.iter().all(|a| a == "r1"), "{tried:?}");
+    }
+
+    #[tokio::test]
     async fn invalid_argument_is_final() {
         let mut n = 0;
-        let e = failover(&addrs(3), None, Duration::from_secs(5), |_, _| {
+        let e = failover(&addrs(3), None, Duration::from_secs(5), true, |_, _| {
             n += 1;
             async { Attempt::<()>::Refused(KvError::InvalidArgument("too big".into())) }
         })
@@ -260,9 +292,13 @@ mod tests {
     #[tokio::test]
     async fn all_refused_connections_until_the_budget_is_unavailable() {
         let started = Instant::now();
-        let e = failover(&addrs(3), None, Duration::from_millis(300), |_, _| async {
-            Attempt::<()>::NoConnection("connection refused".into())
-        })
+        let e = failover(
+            &addrs(3),
+            None,
+            Duration::from_millis(300),
+            true,
+            |_, _| async { Attempt::<()>::NoConnection("connection refused".into()) },
+        )
         .await
         .unwrap_err();
         let took = started.elapsed();
@@ -280,6 +316,7 @@ mod tests {
             &addrs(3),
             None,
             Duration::from_millis(200),
+            true,
             |a, _| async move {
                 if a == "r2" {
                     Attempt::<()>::Refused(KvError::NotLeader(None))
@@ -298,7 +335,7 @@ mod tests {
         let budget = Duration::from_millis(2500);
         let start = Instant::now();
         let deadlines = Mutex::new(Vec::new());
-        let _ = failover(&addrs(1), None, budget, |_, d| {
+        let _ = failover(&addrs(1), None, budget, true, |_, d| {
             deadlines.lock().unwrap().push(d);
             async move {
                 // A frozen replica: answers nothing until the deadline.

@@ -597,3 +597,28 @@ async fn the_client_is_shared_between_tasks() {
     })
     .await
 }
+
+#[tokio::test]
+async fn without_follow_hints_only_the_given_address_is_used() {
+    bounded(async {
+        let leader = Replica::start(2, Mode::Leader).await;
+        let follower = Replica::start(1, Mode::Follower(Some(leader.hint()))).await;
+        let c = Client::builder()
+            .addrs(vec![follower.addr.clone()])
+            .timeout(Duration::from_millis(300))
+            .follow_hints(false)
+            .build()
+            .unwrap();
+        let e = c.put("k", "v").await.unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout(ref m) if m.contains(&leader.addr)),
+            "{e}"
+        );
+        assert!(leader.fake.writes().is_empty());
+        assert!(
+            follower.fake.writes().len() >= 2,
+            "retried at the same replica"
+        );
+    })
+    .await
+}
