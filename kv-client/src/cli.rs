@@ -139,7 +139,14 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     if secs.is_nan() || secs <= 0.0 {
         return Err(format!("the timeout must be above zero, got {s}"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    let d = Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))?;
+    if d > crate::MAX_TIMEOUT {
+        return Err(format!(
+            "the timeout must be at most {} seconds, got {s}",
+            crate::MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 fn bytes(s: OsString) -> Vec<u8> {
@@ -379,7 +386,7 @@ mod tests {
     fn timeout_accepts_fractions_and_refuses_nonsense() {
         assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_timeout("5"), Ok(Duration::from_secs(5)));
-        for bad in ["0", "-1", "abc", "NaN", "inf", ""] {
+        for bad in ["0", "-1", "abc", "NaN", "inf", "", "1e30", "86401"] {
             assert!(parse_timeout(bad).is_err(), "{bad}");
         }
     }

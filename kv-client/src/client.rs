@@ -19,6 +19,10 @@ use crate::seq::SeqTracker;
 /// The default overall time budget of one operation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest time budget a client accepts; longer ones are cut to it (so
+/// that deadline arithmetic cannot overflow).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A handle on a kvpaxos cluster. Cheap to clone (an `Arc` inside); clones
 /// share connections, the client id and the sequence numbers, so one
 /// `Client` may serve many tasks at once.
@@ -94,7 +98,7 @@ impl ClientBuilder {
     }
 
     /// The overall time budget of each operation, retries included
-    /// (default 5 s).
+    /// (default 5 s, at most [`MAX_TIMEOUT`]).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
@@ -156,7 +160,7 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 addrs,
-                timeout: self.timeout,
+                timeout: self.timeout.min(MAX_TIMEOUT),
                 client_id,
                 limits: self.limits,
                 follow_hints: self.follow_hints,
@@ -407,5 +411,54 @@ fn mismatch(addr: String, what: &str, got: &OpResult) -> Error {
     Error::Protocol {
         addr,
         detail: format!("a {what} was answered with {got:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_refuses_missing_addresses_and_zero_timeout() {
+        let e = Client::builder().build().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = Client::builder()
+            .addrs(vec![" ".into()])
+            .build()
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = Client::builder()
+            .addrs(vec!["h:1".into()])
+            .timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[test]
+    fn build_dedups_addresses_clamps_the_timeout_and_picks_an_id() {
+        let c = Client::builder()
+            .addrs(vec!["a:1".into(), "b:2".into(), "a:1".into()])
+            .timeout(Duration::MAX)
+            .build()
+            .unwrap();
+        assert_eq!(c.inner.addrs, ["a:1", "b:2"]);
+        assert_eq!(c.inner.timeout, MAX_TIMEOUT);
+        assert_ne!(c.client_id(), 0);
+        let d = Client::builder().addrs(vec!["a:1".into()]).build().unwrap();
+        assert_ne!(c.client_id(), d.client_id(), "random ids");
+        let e = Client::builder()
+            .addrs(vec!["a:1".into()])
+            .client_id(9)
+            .build()
+            .unwrap();
+        assert_eq!(e.client_id(), 9);
+    }
+
+    #[test]
+    fn replicas_gives_every_client_address_in_file_order() {
+        let r = Replicas::parse("2 h:12 h:22\n1 h:11 h:21\n", "replica").unwrap();
+        let c = Client::builder().replicas(r).build().unwrap();
+        assert_eq!(c.inner.addrs, ["h:12", "h:11"]);
     }
 }

@@ -41,6 +41,6 @@ mod failover;
 mod pool;
 mod seq;
 
-pub use client::{CasOutcome, Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use client::{CasOutcome, Client, ClientBuilder, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use error::{Error, Result};
 pub use escape::escape_bytes;

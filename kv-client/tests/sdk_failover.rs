@@ -622,3 +622,19 @@ async fn without_follow_hints_only_the_given_address_is_used() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_huge_timeout_is_accepted_without_overflow() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = Client::builder()
+            .addrs(vec![leader.addr.clone()])
+            .timeout(Duration::MAX)
+            .build()
+            .unwrap();
+        c.put("k", "v").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(b"v".to_vec()));
+        assert_eq!(c.status().await.len(), 1);
+    })
+    .await
+}
