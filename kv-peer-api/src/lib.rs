@@ -8,7 +8,8 @@
 //! - [`Ballot`] — totally ordered `(round, replica id)`.
 //! - [`Value`] — what one log slot chooses: a batch of client writes or a no-op.
 //! - Phase 1: [`Prepare`] → [`Promise`]; phase 2: [`Accept`] → [`Accepted`];
-//!   [`Heartbeat`] → [`HeartbeatAck`]; catch-up: [`Fetch`] → [`FetchReply`].
+//!   [`Heartbeat`] → [`HeartbeatAck`]; catch-up: [`Fetch`] → [`FetchReply`],
+//!   and [`SnapshotRequest`] → [`SnapshotChunk`] when the log was compacted.
 //! - [`Peer`] — the tarpc service every replica serves on its peer address.
 #![deny(missing_docs)]
 
@@ -163,6 +164,36 @@ pub struct FetchReply {
     pub entries: Vec<(Slot, Value)>,
     /// The sender's chosen prefix.
     pub chosen: Slot,
+    /// The sender no longer keeps entries at or below this slot (they are
+    /// in its snapshot): a caller that needs them must fetch the snapshot.
+    pub compacted: Slot,
+}
+
+/// Asks for a piece of a snapshot file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The snapshot wanted (`None`: the newest; then keep asking for the
+    /// index the first answer names).
+    pub index: Option<Slot>,
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// At most this many bytes.
+    pub max_len: u32,
+}
+
+/// A piece of a snapshot file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotChunk {
+    /// The snapshot's log index.
+    pub index: Slot,
+    /// The whole file's length.
+    pub total_len: u64,
+    /// Where these bytes start.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
 }
 
 /// The service every replica serves on its peer address.
@@ -176,6 +207,9 @@ pub trait Peer {
     async fn heartbeat(req: Heartbeat) -> HeartbeatAck;
     /// Returns chosen entries the caller lacks.
     async fn fetch(req: Fetch) -> FetchReply;
+    /// Returns a piece of a snapshot file, for a replica too far behind to
+    /// catch up from the log. Errors say why (e.g. no such snapshot).
+    async fn snapshot_chunk(req: SnapshotRequest) -> Result<SnapshotChunk, String>;
     /// A client write forwarded by a follower; answered as the leader would.
     async fn forward_write(req: WriteRequest) -> Result<WriteOutcome, KvError>;
     /// A linearizable read forwarded by a follower.

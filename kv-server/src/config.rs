@@ -23,6 +23,10 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// Deadline of one call to a peer.
     pub peer_timeout: Duration,
+    /// Take a snapshot every this many applied log entries; the log behind
+    /// it is then dropped (one interval of it is kept, so peers slightly
+    /// behind can still catch up from the log).
+    pub snapshot_every: u64,
 }
 
 impl ServerConfig {
@@ -35,6 +39,7 @@ impl ServerConfig {
             limits: Limits::default(),
             tick: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(500),
+            snapshot_every: 10_000,
         }
     }
 
@@ -53,6 +58,11 @@ impl ServerConfig {
                 self.replicas.source.display(),
                 ids.join(", ")
             )));
+        }
+        if self.snapshot_every == 0 {
+            return Err(ServerError::Config(
+                "--snapshot-every must be at least 1".into(),
+            ));
         }
         if self.tick.is_zero() || self.peer_timeout.is_zero() {
             return Err(ServerError::Config(

@@ -21,6 +21,7 @@ mod node;
 pub mod paxos;
 mod peers;
 mod rpc;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 
@@ -43,12 +44,19 @@ pub async fn run(
         .expect("validate() checked the id")
         .clone();
     let dir = config.data_dir.clone();
-    let (storage, durable) = tokio::task::spawn_blocking(move || storage::Storage::open(&dir))
-        .await
-        .map_err(|e| ServerError::Storage {
-            path: config.data_dir.clone(),
-            message: format!("opening the storage failed: {e}"),
-        })??;
+    let opened = tokio::task::spawn_blocking(move || {
+        let (storage, durable) = storage::Storage::open(&dir)?;
+        let snapshots = snapshot::SnapshotDir::open(&dir)?;
+        let (index, sm) = snapshots.load_latest()?;
+        Ok::<_, ServerError>((storage, durable, snapshots, index, sm))
+    })
+    .await
+    .map_err(|e| ServerError::Storage {
+        path: config.data_dir.clone(),
+        message: format!("opening the storage failed: {e}"),
+    })?;
+    let (storage, mut durable, snapshot_dir, snapshot_index, sm) = opened?;
+    durable.snapshot = snapshot_index;
     let members: Vec<u64> = config.replicas.replicas.iter().map(|r| r.id).collect();
     let mut core_cfg = paxos::Config::new(config.id, members);
     core_cfg.seed = rand::random();
@@ -57,6 +65,7 @@ pub async fn run(
         promised = %durable.promised,
         chosen = durable.chosen,
         entries = durable.entries.len(),
+        snapshot = snapshot_index,
         "loaded state from {}",
         storage.path().display()
     );
@@ -72,7 +81,13 @@ pub async fn run(
         config.peer_timeout,
     ));
     let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
-    let handler = rpc::Handler::new(config.id, tx.clone(), pool.clone(), config.limits);
+    let handler = rpc::Handler::new(
+        config.id,
+        tx.clone(),
+        pool.clone(),
+        config.limits,
+        snapshot_dir.clone(),
+    );
     let (serve_kv, serve_peer) =
         rpc::listen(me.client_addr.clone(), me.peer_addr.clone(), handler).await?;
     let kv_task = tokio::spawn(serve_kv);
@@ -84,7 +99,22 @@ pub async fn run(
         data_dir = %config.data_dir.display(),
         "replica serving"
     );
-    let node = node::Node::new(core, storage, config.replicas.clone(), pool, tx);
+    let snapshots = node::Snapshots {
+        dir: snapshot_dir,
+        every: config.snapshot_every,
+        latest: snapshot_index,
+        taking: false,
+        receiving: false,
+    };
+    let node = node::Node::new(
+        core,
+        sm,
+        storage,
+        snapshots,
+        config.replicas.clone(),
+        pool,
+        tx,
+    );
     let result = node.run(rx, config.tick, shutdown).await;
     kv_task.abort();
     peer_task.abort();

@@ -86,6 +86,11 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
+    /// Snapshot the map every N applied log entries and drop the log behind
+    /// it (one interval of log is kept for peers slightly behind).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every: u64,
+
     /// Stop when standard input reaches end-of-file. `cluster` passes this
     /// to its children (with a pipe as stdin) so that they stop even if the
     /// supervisor itself is killed with SIGKILL.
@@ -227,7 +232,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
         None => {
             // clap guarantees `--id` when there is no subcommand.
             let id = cli.id.ok_or_else(|| Failure::usage("--id is required"))?;
-            run_replica(id, cli.replicas, cli.data_dir, shutdown).await
+            run_replica(id, cli.replicas, cli.data_dir, cli.snapshot_every, shutdown).await
         }
     }
 }
@@ -236,11 +241,13 @@ async fn run_replica(
     id: u64,
     replica_file: PathBuf,
     data_dir: Option<PathBuf>,
+    snapshot_every: u64,
     shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let replicas = Replicas::load(&replica_file).map_err(Failure::usage)?;
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("data").join(id.to_string()));
-    let config = ServerConfig::new(id, replicas, data_dir);
+    let mut config = ServerConfig::new(id, replicas, data_dir);
+    config.snapshot_every = snapshot_every;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         tracing::info!(

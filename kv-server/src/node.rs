@@ -17,11 +17,13 @@ use kv_api::{
     GetResponse, KvError, LeaderHint, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
     WriteRequest,
 };
-use kv_peer_api::Value;
+use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::paxos::{Msg, Paxos};
 use crate::peers::PeerPool;
+use crate::rpc::MAX_SNAPSHOT_CHUNK;
+use crate::snapshot::SnapshotDir;
 use crate::state::StateMachine;
 use crate::storage::Storage;
 use crate::{Result, ServerError};
@@ -70,6 +72,32 @@ pub enum Input {
         /// Where the status goes.
         reply: oneshot::Sender<ReplicaStatus>,
     },
+    /// A snapshot this replica took is durable (or failed).
+    SnapshotTaken {
+        /// Its index.
+        index: Slot,
+        /// Whether it was written.
+        result: std::result::Result<(), String>,
+    },
+    /// A snapshot received from a peer is durable and decoded (or failed).
+    SnapshotReceived {
+        /// Its index and the state machine it holds.
+        result: std::result::Result<(Slot, Box<StateMachine>), String>,
+    },
+}
+
+/// Snapshot bookkeeping of the driver.
+pub struct Snapshots {
+    /// The data directory's snapshot files.
+    pub dir: SnapshotDir,
+    /// Take one every this many applied entries.
+    pub every: u64,
+    /// The newest durable snapshot.
+    pub latest: Slot,
+    /// A snapshot is being written.
+    pub taking: bool,
+    /// A snapshot is being received.
+    pub receiving: bool,
 }
 
 /// The driver's state.
@@ -85,20 +113,24 @@ pub struct Node {
     reads: HashMap<u64, (Vec<u8>, GetReply)>,
     next_token: u64,
     ticks: u64,
+    snapshots: Snapshots,
 }
 
 impl Node {
     /// A driver for `core`, which was built from `storage`'s contents.
     pub fn new(
         core: Paxos,
+        sm: StateMachine,
         storage: Storage,
+        snapshots: Snapshots,
         replicas: Replicas,
         pool: Arc<PeerPool>,
         inputs: mpsc::Sender<Input>,
     ) -> Node {
         Node {
             core,
-            sm: StateMachine::default(),
+            sm,
+            snapshots,
             storage: Some(storage),
             replicas,
             pool,
@@ -214,11 +246,90 @@ impl Node {
                     ballot_round: self.core.promised().round,
                     applied: self.sm.applied(),
                     chosen: self.core.chosen(),
-                    snapshot: 0,
+                    snapshot: self.snapshots.latest,
                     keys: self.sm.len() as u64,
                 });
             }
+            Input::SnapshotTaken { index, result } => {
+                self.snapshots.taking = false;
+                match result {
+                    Ok(()) => {
+                        self.snapshots.latest = self.snapshots.latest.max(index);
+                        // Keep one interval of log behind the snapshot, so a
+                        // peer slightly behind catches up from the log.
+                        self.core
+                            .compact(index.saturating_sub(self.snapshots.every));
+                        tracing::debug!(index, compacted = self.core.compacted(), "snapshot taken");
+                    }
+                    Err(e) => {
+                        tracing::warn!(index, error = %e, "cannot write a snapshot; the log keeps growing until one succeeds");
+                    }
+                }
+            }
+            Input::SnapshotReceived { result } => {
+                self.snapshots.receiving = false;
+                match result {
+                    Ok((index, sm)) if index > self.sm.applied() => {
+                        self.sm = *sm;
+                        self.snapshots.latest = self.snapshots.latest.max(index);
+                        self.core.install_snapshot(index);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "snapshot transfer failed; will retry");
+                    }
+                }
+            }
         }
+    }
+
+    /// Starts writing a snapshot if one is due. The driver pauses only for
+    /// the copy of the map; serializing and syncing happen off it.
+    fn maybe_snapshot(&mut self) {
+        let applied = self.sm.applied();
+        if self.snapshots.taking || applied < self.snapshots.latest + self.snapshots.every {
+            return;
+        }
+        self.snapshots.taking = true;
+        let copy = self.sm.clone();
+        let dir = self.snapshots.dir.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let written = tokio::task::spawn_blocking(move || dir.write(applied, &copy)).await;
+            let result = match written {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = inputs
+                .send(Input::SnapshotTaken {
+                    index: applied,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// Fetches the newest snapshot of `peer` in bounded chunks into a
+    /// partial file, verifies it, renames it into place (the commit point:
+    /// a crash before leaves the old state), then decodes it for install.
+    fn receive_snapshot(&mut self, peer: ReplicaId) {
+        if self.snapshots.receiving {
+            return;
+        }
+        self.snapshots.receiving = true;
+        tracing::info!(
+            peer,
+            applied = self.sm.applied(),
+            "behind the peers' logs; fetching a snapshot"
+        );
+        let pool = self.pool.clone();
+        let dir = self.snapshots.dir.clone();
+        let inputs = self.inputs.clone();
+        let me = self.core.id();
+        tokio::spawn(async move {
+            let result = download(pool, peer, me, dir).await;
+            let _ = inputs.send(Input::SnapshotReceived { result }).await;
+        });
     }
 
     fn read_local(&self, key: &[u8]) -> GetResponse {
@@ -248,7 +359,9 @@ impl Node {
                     self.storage = Some(storage);
                     r
                 }
-                Err(e) => Err(ServerError::Internal(format!("the storage task failed: {e}"))),
+                Err(e) => Err(ServerError::Internal(format!(
+                    "the storage task failed: {e}"
+                ))),
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
@@ -274,6 +387,10 @@ impl Node {
                 let _ = tx.send(Err(self.hint(leader)));
             }
         }
+        if let Some(peer) = ready.snapshot_from {
+            self.receive_snapshot(peer);
+        }
+        self.maybe_snapshot();
         for (req, leader) in ready.dropped {
             if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
                 for tx in txs {
@@ -285,6 +402,9 @@ impl Node {
     }
 
     fn apply(&mut self, slot: u64, value: Value) {
+        if slot <= self.sm.applied() {
+            return; // already in an installed snapshot
+        }
         if let Value::Batch(reqs) = value {
             for req in &reqs {
                 let outcome = self.sm.apply(slot, req);
@@ -297,4 +417,65 @@ impl Node {
         }
         self.sm.set_applied(slot);
     }
+}
+
+async fn download(
+    pool: Arc<PeerPool>,
+    peer: ReplicaId,
+    me: ReplicaId,
+    dir: SnapshotDir,
+) -> std::result::Result<(Slot, Box<StateMachine>), String> {
+    use tokio::io::AsyncWriteExt;
+    let partial = dir.partial_path();
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    let mut index = None;
+    let mut offset = 0u64;
+    loop {
+        let chunk = pool
+            .snapshot_chunk(
+                peer,
+                SnapshotRequest {
+                    from: me,
+                    index,
+                    offset,
+                    max_len: MAX_SNAPSHOT_CHUNK,
+                },
+            )
+            .await?;
+        if index.is_some_and(|i| i != chunk.index) || chunk.offset != offset {
+            return Err("the peer answered for another snapshot or offset".into());
+        }
+        index = Some(chunk.index);
+        if chunk.data.is_empty() && offset < chunk.total_len {
+            return Err("the peer sent an empty chunk before the end".into());
+        }
+        file.write_all(&chunk.data)
+            .await
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        offset += chunk.data.len() as u64;
+        if offset >= chunk.total_len {
+            break;
+        }
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    drop(file);
+    let index = index.unwrap_or(0);
+    let installed = tokio::task::spawn_blocking(move || {
+        // Decoding verifies the checksum: a damaged transfer is never committed.
+        let (found, sm) = SnapshotDir::read_file(&partial)?;
+        if found != index {
+            return Err(crate::ServerError::Internal(format!(
+                "the snapshot file says index {found}, the transfer said {index}"
+            )));
+        }
+        dir.commit(&partial, index)?;
+        Ok((index, Box::new(sm)))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    installed.map_err(|e| e.to_string())
 }

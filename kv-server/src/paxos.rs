@@ -104,6 +104,9 @@ pub enum Record {
     /// Every slot up to and including this one is chosen, and the stored
     /// value of each is the chosen one.
     Chosen(Slot),
+    /// Entries at or below this slot are covered by a durable snapshot and
+    /// may be deleted.
+    Compacted(Slot),
 }
 
 /// What the driver must do after a round of input.
@@ -121,6 +124,9 @@ pub struct Ready {
     pub reads_failed: Vec<(u64, Option<ReplicaId>)>,
     /// Proposals dropped before they got a slot (this replica stopped leading).
     pub dropped: Vec<(WriteRequest, Option<ReplicaId>)>,
+    /// This replica is behind what its peers keep in their logs: fetch the
+    /// snapshot from this peer and [`Paxos::install_snapshot`] it.
+    pub snapshot_from: Option<ReplicaId>,
 }
 
 impl Ready {
@@ -132,6 +138,7 @@ impl Ready {
             && self.reads_ready.is_empty()
             && self.reads_failed.is_empty()
             && self.dropped.is_empty()
+            && self.snapshot_from.is_none()
     }
 }
 
@@ -174,6 +181,10 @@ pub struct Durable {
     pub chosen: Slot,
     /// Accepted entries (`slot, ballot, value`), any order.
     pub entries: Vec<(Slot, Ballot, Value)>,
+    /// The index of the snapshot the state machine starts from (0: none).
+    pub snapshot: Slot,
+    /// Entries at or below this slot were deleted (they are in a snapshot).
+    pub compacted: Slot,
 }
 
 /// The Multi-Paxos state machine of one replica.
@@ -188,6 +199,8 @@ pub struct Paxos {
     log: BTreeMap<Slot, Entry>,
     /// Every slot `<= chosen` is chosen.
     chosen: Slot,
+    /// Entries `<= compacted` are gone from the log (in a snapshot).
+    compacted: Slot,
     /// Highest slot handed out for apply.
     applied: Slot,
 
@@ -225,14 +238,20 @@ impl Paxos {
     pub fn new(cfg: Config, durable: Durable) -> Paxos {
         let quorum = cfg.members.len() / 2 + 1;
         let rng = StdRng::seed_from_u64(cfg.seed);
+        // A snapshot received from a peer may be ahead of the log's record.
+        let chosen = durable.chosen.max(durable.snapshot);
+        let compacted = durable.compacted;
         let mut log = BTreeMap::new();
         for (slot, ballot, value) in durable.entries {
+            if slot <= compacted {
+                continue;
+            }
             log.insert(
                 slot,
                 Entry {
                     ballot,
                     value,
-                    chosen: slot <= durable.chosen,
+                    chosen: slot <= chosen,
                 },
             );
         }
@@ -242,14 +261,15 @@ impl Paxos {
             now: 0,
             promised: durable.promised,
             log,
-            chosen: durable.chosen,
-            applied: 0,
+            chosen,
+            compacted,
+            applied: durable.snapshot,
             role: Role::Follower,
             leader: None,
             last_heard: 0,
             election_at: 0,
             promises: HashMap::new(),
-            next_slot: durable.chosen + 1,
+            next_slot: chosen + 1,
             term_start: 0,
             pending: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -306,6 +326,51 @@ impl Paxos {
     /// The number of entries held in memory.
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// Entries at or below this slot have been dropped.
+    pub fn compacted(&self) -> Slot {
+        self.compacted
+    }
+
+    /// Drops log entries up to `upto` (capped at what was applied): a
+    /// snapshot covering them is durable.
+    pub fn compact(&mut self, upto: Slot) {
+        let upto = upto.min(self.applied);
+        if upto <= self.compacted {
+            return;
+        }
+        self.log = self.log.split_off(&(upto + 1));
+        self.compacted = upto;
+        self.out.persist.push(Record::Compacted(upto));
+    }
+
+    /// The state machine was replaced by a snapshot at `index` (durable):
+    /// everything up to it counts as chosen and applied.
+    pub fn install_snapshot(&mut self, index: Slot) {
+        if index <= self.applied {
+            return;
+        }
+        tracing::info!(
+            id = self.cfg.id,
+            index,
+            behind_by = index - self.applied,
+            "installed snapshot"
+        );
+        self.out.apply.retain(|(slot, _)| *slot > index);
+        self.applied = index;
+        if index > self.chosen {
+            self.chosen = index;
+            self.chosen_dirty = true;
+        }
+        self.pending = self.pending.split_off(&(index + 1));
+        self.next_slot = self.next_slot.max(self.chosen + 1);
+        self.log = self.log.split_off(&(index + 1));
+        self.compacted = self.compacted.max(index);
+        self.out.persist.push(Record::Compacted(self.compacted));
+        self.fetch_started = None;
+        self.advance_chosen();
+        self.emit_apply();
     }
 
     fn others(&self) -> Vec<ReplicaId> {
@@ -894,6 +959,9 @@ impl Paxos {
             .max(1);
         let mut entries = Vec::new();
         let mut slot = m.from_slot.max(1);
+        if slot <= self.compacted {
+            slot = self.chosen + 1; // nothing to send: the caller needs the snapshot
+        }
         while slot <= self.chosen && entries.len() < max {
             match self.log.get(&slot) {
                 Some(e) => entries.push((slot, e.value.clone())),
@@ -905,11 +973,16 @@ impl Paxos {
             from: self.cfg.id,
             entries,
             chosen: self.chosen,
+            compacted: self.compacted,
         }
     }
 
     fn on_fetch_reply(&mut self, m: FetchReply) {
         self.fetch_started = None;
+        if m.entries.is_empty() && m.compacted > self.chosen {
+            self.out.snapshot_from = Some(m.from);
+            return;
+        }
         let mut expected = self.chosen + 1;
         for (slot, value) in m.entries {
             if slot != expected {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kv_api::{GetResponse, KvError, ReplicaId, WriteOutcome, WriteRequest};
-use kv_peer_api::PeerClient;
+use kv_peer_api::{PeerClient, SnapshotChunk, SnapshotRequest};
 use tarpc::client::RpcError;
 use tarpc::context;
 use tarpc::tokio_serde::formats::Bincode;
@@ -175,6 +175,30 @@ impl PeerPool {
         c.forward_get(self.ctx(deadline), key)
             .await
             .unwrap_or_else(|e| Err(rpc_failure(&broken, to, e)))
+    }
+}
+
+impl PeerPool {
+    /// Asks `to` for a piece of a snapshot.
+    pub async fn snapshot_chunk(
+        &self,
+        to: ReplicaId,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotChunk, String> {
+        let (c, broken) = self
+            .client(to)
+            .await
+            .ok_or_else(|| format!("replica {to} is unreachable"))?;
+        // A chunk is at most a few MiB: allow more than a consensus message.
+        let ctx = self.ctx(Instant::now() + self.timeout * 10);
+        match c.snapshot_chunk(ctx, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("snapshot chunk from replica {to}: {e}");
+                note_failure(&broken, to, e);
+                Err(msg)
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use kv_api::{
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Promise,
+    SnapshotChunk, SnapshotRequest,
 };
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
@@ -23,10 +24,15 @@ use tokio::sync::{mpsc, oneshot};
 use crate::node::Input;
 use crate::paxos::Msg;
 use crate::peers::PeerPool;
+use crate::snapshot::SnapshotDir;
 use crate::{Result, ServerError};
 
 /// Connections served at once per listener; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 4096;
+
+/// Largest snapshot chunk served, whatever is asked: bounds the memory a
+/// transfer takes on both sides and stays well under the frame limit.
+pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 
 /// What both handlers share.
 #[derive(Clone)]
@@ -35,6 +41,7 @@ pub struct Handler {
     inputs: mpsc::Sender<Input>,
     pool: Arc<PeerPool>,
     limits: Limits,
+    snapshots: SnapshotDir,
 }
 
 fn stopping() -> KvError {
@@ -48,12 +55,14 @@ impl Handler {
         inputs: mpsc::Sender<Input>,
         pool: Arc<PeerPool>,
         limits: Limits,
+        snapshots: SnapshotDir,
     ) -> Handler {
         Handler {
             id,
             inputs,
             pool,
             limits,
+            snapshots,
         }
     }
 
@@ -184,7 +193,30 @@ impl Peer for Handler {
                 from: self.id,
                 entries: vec![],
                 chosen: 0,
+                compacted: 0,
             },
+        }
+    }
+
+    async fn snapshot_chunk(
+        self,
+        _: Context,
+        req: SnapshotRequest,
+    ) -> std::result::Result<SnapshotChunk, String> {
+        // Served from the file, off the driver: a transfer never stalls
+        // consensus, and memory stays at one chunk.
+        let dir = self.snapshots.clone();
+        let max = req.max_len.clamp(1, MAX_SNAPSHOT_CHUNK) as usize;
+        let read = tokio::task::spawn_blocking(move || dir.read_chunk(req.index, req.offset, max));
+        match read.await {
+            Ok(Ok((index, total_len, data))) => Ok(SnapshotChunk {
+                index,
+                total_len,
+                offset: req.offset,
+                data,
+            }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("reading the snapshot failed: {e}")),
         }
     }
 

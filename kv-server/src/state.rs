@@ -5,12 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kv_api::{Op, OpResult, Slot, WriteOutcome, WriteRequest};
+use serde::{Deserialize, Serialize};
 
 /// Results kept per client, at most; older ones are forgotten (a client with
 /// that many writes in flight is misbehaving).
 const MAX_RESULTS_PER_CLIENT: usize = 4096;
 
-#[derive(Default, Debug, Clone)]
+#[derive(Default, Debug, Clone, Serialize, Deserialize)]
 struct Session {
     /// Every seq below this has been acknowledged to the client.
     acked_below: u64,
@@ -18,8 +19,9 @@ struct Session {
     results: BTreeMap<u64, WriteOutcome>,
 }
 
-/// The key-value map and the client sessions.
-#[derive(Default, Debug, Clone)]
+/// The key-value map and the client sessions. Serializable: a snapshot is
+/// this structure as of `applied`.
+#[derive(Default, Debug, Clone, Serialize, Deserialize)]
 pub struct StateMachine {
     map: HashMap<Vec<u8>, Vec<u8>>,
     sessions: HashMap<u64, Session>,

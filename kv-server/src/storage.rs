@@ -17,11 +17,33 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const PROMISED_ROUND: &str = "promised_round";
 const PROMISED_ID: &str = "promised_id";
 const CHOSEN: &str = "chosen";
+const COMPACTED: &str = "compacted";
 
 /// The replica's database file.
 pub struct Storage {
     db: Database,
     path: PathBuf,
+    compacted: u64,
+}
+
+/// A log entry on disk: CRC-32 of the rest, then bincode of (ballot, value).
+fn encode_entry(ballot: &Ballot, value: &Value) -> std::result::Result<Vec<u8>, bincode::Error> {
+    let body = bincode::serialize(&(ballot, value))?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn decode_entry(bytes: &[u8]) -> std::result::Result<(Ballot, Value), String> {
+    if bytes.len() < 4 {
+        return Err("truncated".into());
+    }
+    let (crc, body) = bytes.split_at(4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    bincode::deserialize(body).map_err(|e| e.to_string())
 }
 
 impl Storage {
@@ -33,8 +55,13 @@ impl Storage {
         })?;
         let path = dir.join("kv.redb");
         let db = Database::create(&path).map_err(|e| storage_err(&path, e))?;
-        let storage = Storage { db, path };
+        let mut storage = Storage {
+            db,
+            path,
+            compacted: 0,
+        };
         let durable = storage.load()?;
+        storage.compacted = durable.compacted;
         Ok((storage, durable))
     }
 
@@ -63,26 +90,37 @@ impl Storage {
             id: get(PROMISED_ID)?,
         };
         let chosen = get(CHOSEN)?;
+        let compacted = get(COMPACTED)?;
         let log = tx.open_table(LOG).map_err(|e| self.err(e))?;
         let mut entries = Vec::new();
         for row in log.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
             let slot = k.value();
-            let (ballot, value): (Ballot, Value) = bincode::deserialize(v.value())
-                .map_err(|e| self.err(format!("log entry {slot} is damaged: {e}")))?;
+            let (ballot, value) = decode_entry(v.value()).map_err(|e| {
+                self.err(format!(
+                    "log entry {slot} is damaged ({e}); move this replica's data directory \
+                     aside and restart it to catch up from its peers"
+                ))
+            })?;
             entries.push((slot, ballot, value));
         }
-        // redb iterates in key order: slots 1..=chosen must all be there.
-        let n = chosen as usize;
-        if n > 0 && (entries.len() < n || entries[n - 1].0 != chosen) {
-            return Err(self.err(format!(
-                "the log records slots up to {chosen} as chosen but some of them are missing"
-            )));
+        // redb iterates in key order: slots compacted+1..=chosen must all be there.
+        if chosen > compacted {
+            let n = (chosen - compacted) as usize;
+            let first = entries.first().map(|e| e.0);
+            if entries.len() < n || first != Some(compacted + 1) || entries[n - 1].0 != chosen {
+                return Err(self.err(format!(
+                    "the log records slots {}..={chosen} as chosen but some of them are missing",
+                    compacted + 1
+                )));
+            }
         }
         Ok(Durable {
             promised,
             chosen,
             entries,
+            snapshot: 0,
+            compacted,
         })
     }
 
@@ -108,13 +146,21 @@ impl Storage {
                         ballot,
                         value,
                     } => {
-                        let bytes =
-                            bincode::serialize(&(ballot, value)).map_err(|e| self.err(e))?;
+                        let bytes = encode_entry(ballot, value).map_err(|e| self.err(e))?;
                         log.insert(*slot, bytes.as_slice())
                             .map_err(|e| self.err(e))?;
                     }
                     Record::Chosen(slot) => {
                         meta.insert(CHOSEN, *slot).map_err(|e| self.err(e))?;
+                    }
+                    Record::Compacted(upto) => {
+                        if *upto > self.compacted {
+                            for slot in self.compacted + 1..=*upto {
+                                log.remove(slot).map_err(|e| self.err(e))?;
+                            }
+                            self.compacted = *upto;
+                            meta.insert(COMPACTED, *upto).map_err(|e| self.err(e))?;
+                        }
                     }
                 }
             }

@@ -1,0 +1,397 @@
+//! Snapshot files: the state machine as of a log index, checksummed.
+//!
+//! A snapshot lives in the data directory as `snapshot-<INDEX>.snap`:
+//!
+//! ```text
+//! magic "KVSNAP01" | index u64 LE | body length u64 LE | body CRC-32 u32 LE | body
+//! ```
+//!
+//! where the body is the bincode of the [`StateMachine`]. A file is written
+//! under a temporary name, synced, then renamed into place and the directory
+//! synced: the rename is the commit point, so a crash leaves either the old
+//! snapshot or the new one, never half of one. Files are streamed, so a
+//! transfer between replicas needs memory for one chunk, not the whole file.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use kv_api::Slot;
+
+use crate::state::StateMachine;
+use crate::{Result, ServerError};
+
+const MAGIC: &[u8; 8] = b"KVSNAP01";
+const HEADER_LEN: u64 = 8 + 8 + 8 + 4;
+/// Snapshots kept on disk: the newest, and the one before it so a transfer
+/// in progress when a new one is taken can finish.
+const KEEP: usize = 2;
+
+/// The snapshot files of one data directory.
+#[derive(Clone, Debug)]
+pub struct SnapshotDir {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> ServerError {
+    ServerError::Storage {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Counts bytes and their CRC as they pass.
+struct Crc<T> {
+    inner: T,
+    hasher: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<T> Crc<T> {
+    fn new(inner: T) -> Crc<T> {
+        Crc {
+            inner,
+            hasher: crc32fast::Hasher::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for Crc<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Crc<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+/// A snapshot's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The last log index the snapshot covers.
+    pub index: Slot,
+    /// Body length in bytes.
+    pub body_len: u64,
+    /// CRC-32 of the body.
+    pub crc: u32,
+}
+
+impl Header {
+    fn read(r: &mut impl Read) -> io::Result<Header> {
+        let mut buf = [0u8; HEADER_LEN as usize];
+        r.read_exact(&mut buf)?;
+        if &buf[..8] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a kvpaxos snapshot (bad magic)",
+            ));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Header {
+            index: u64_at(8),
+            body_len: u64_at(16),
+            crc: u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes")),
+        })
+    }
+
+    fn write(&self, w: &mut impl Write) -> io::Result<()> {
+        w.write_all(MAGIC)?;
+        w.write_all(&self.index.to_le_bytes())?;
+        w.write_all(&self.body_len.to_le_bytes())?;
+        w.write_all(&self.crc.to_le_bytes())
+    }
+
+    /// The whole file's length.
+    pub fn file_len(&self) -> u64 {
+        HEADER_LEN + self.body_len
+    }
+}
+
+impl SnapshotDir {
+    /// The snapshots of `dir`; removes leftovers of interrupted writes.
+    pub fn open(dir: &Path) -> Result<SnapshotDir> {
+        let sd = SnapshotDir {
+            dir: dir.to_path_buf(),
+        };
+        for leftover in [sd.tmp_path(), sd.partial_path()] {
+            if leftover.exists() {
+                fs::remove_file(&leftover).map_err(|e| io_err(&leftover, e))?;
+            }
+        }
+        Ok(sd)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join("snapshot.tmp")
+    }
+
+    /// Where a snapshot being received is written before it is verified.
+    pub fn partial_path(&self) -> PathBuf {
+        self.dir.join("snapshot.partial")
+    }
+
+    /// The file of the snapshot at `index`.
+    pub fn path(&self, index: Slot) -> PathBuf {
+        self.dir.join(format!("snapshot-{index:020}.snap"))
+    }
+
+    /// Indexes of the snapshots present, ascending.
+    pub fn list(&self) -> Result<Vec<Slot>> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(num) = name
+                .strip_prefix("snapshot-")
+                .and_then(|n| n.strip_suffix(".snap"))
+            {
+                if let Ok(index) = num.parse() {
+                    out.push(index);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The newest snapshot's index, if any.
+    pub fn latest(&self) -> Result<Option<Slot>> {
+        Ok(self.list()?.last().copied())
+    }
+
+    /// Writes `sm` as the snapshot at `index` (synced, atomically renamed
+    /// into place) and deletes all but the newest snapshots.
+    pub fn write(&self, index: Slot, sm: &StateMachine) -> Result<()> {
+        let tmp = self.tmp_path();
+        let err = |e: &dyn std::fmt::Display| io_err(&tmp, e);
+        let file = File::create(&tmp).map_err(|e| err(&e))?;
+        let mut w = BufWriter::new(file);
+        w.seek(SeekFrom::Start(HEADER_LEN)).map_err(|e| err(&e))?;
+        let mut body = Crc::new(w);
+        bincode::serialize_into(&mut body, sm).map_err(|e| err(&e))?;
+        let header = Header {
+            index,
+            body_len: body.len,
+            crc: body.hasher.finalize(),
+        };
+        let mut w = body.inner;
+        w.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
+        header.write(&mut w).map_err(|e| err(&e))?;
+        let file = w.into_inner().map_err(|e| err(&e))?;
+        file.sync_all().map_err(|e| err(&e))?;
+        self.commit(&tmp, index)
+    }
+
+    /// Renames a complete, synced file into place as the snapshot at
+    /// `index`, syncs the directory, and prunes old snapshots.
+    pub fn commit(&self, from: &Path, index: Slot) -> Result<()> {
+        let to = self.path(index);
+        fs::rename(from, &to).map_err(|e| io_err(&to, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.dir, e))?;
+        let all = self.list()?;
+        if all.len() > KEEP {
+            for old in &all[..all.len() - KEEP] {
+                let p = self.path(*old);
+                if let Err(e) = fs::remove_file(&p) {
+                    tracing::warn!(file = %p.display(), error = %e, "cannot remove an old snapshot");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies the snapshot file at `path`.
+    pub fn read_file(path: &Path) -> Result<(Slot, StateMachine)> {
+        let damaged = |what: String| ServerError::Storage {
+            path: path.to_path_buf(),
+            message: format!(
+                "the snapshot is damaged ({what}); move this replica's data directory aside \
+                 and restart it to fetch a fresh copy from its peers"
+            ),
+        };
+        let file = File::open(path).map_err(|e| io_err(path, e))?;
+        let actual_len = file.metadata().map_err(|e| io_err(path, e))?.len();
+        let mut r = BufReader::new(file);
+        let header = Header::read(&mut r).map_err(|e| damaged(e.to_string()))?;
+        if header.file_len() != actual_len {
+            return Err(damaged(format!(
+                "{actual_len} bytes, the header says {}",
+                header.file_len()
+            )));
+        }
+        let mut body = Crc::new(r.take(header.body_len));
+        let sm: StateMachine =
+            bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?;
+        if body.len != header.body_len || body.hasher.finalize() != header.crc {
+            return Err(damaged("checksum mismatch".into()));
+        }
+        Ok((header.index, sm))
+    }
+
+    /// Verifies a file's header and checksum without decoding it.
+    pub fn verify_file(path: &Path) -> Result<Header> {
+        let damaged = |what: String| io_err(path, format!("received snapshot is damaged: {what}"));
+        let file = File::open(path).map_err(|e| io_err(path, e))?;
+        let actual_len = file.metadata().map_err(|e| io_err(path, e))?.len();
+        let mut r = BufReader::new(file);
+        let header = Header::read(&mut r).map_err(|e| damaged(e.to_string()))?;
+        if header.file_len() != actual_len {
+            return Err(damaged(format!(
+                "{actual_len} bytes, expected {}",
+                header.file_len()
+            )));
+        }
+        let mut body = Crc::new(r);
+        io::copy(&mut body, &mut io::sink()).map_err(|e| damaged(e.to_string()))?;
+        if body.hasher.finalize() != header.crc {
+            return Err(damaged("checksum mismatch".into()));
+        }
+        Ok(header)
+    }
+
+    /// Loads the newest snapshot; none gives an empty state machine at 0.
+    pub fn load_latest(&self) -> Result<(Slot, StateMachine)> {
+        match self.latest()? {
+            None => Ok((0, StateMachine::default())),
+            Some(index) => {
+                let (found, sm) = Self::read_file(&self.path(index))?;
+                if found != index {
+                    return Err(io_err(
+                        &self.path(index),
+                        format!("the file name says index {index} but it holds {found}"),
+                    ));
+                }
+                Ok((index, sm))
+            }
+        }
+    }
+
+    /// Reads up to `max` bytes at `offset` of the snapshot at `index` (or the
+    /// newest, if `None`): `(index, file length, bytes)`.
+    pub fn read_chunk(
+        &self,
+        index: Option<Slot>,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Slot, u64, Vec<u8>)> {
+        let index = match index {
+            Some(i) => i,
+            None => self
+                .latest()?
+                .ok_or_else(|| io_err(&self.dir, "no snapshot here"))?,
+        };
+        let path = self.path(index);
+        let mut file = File::open(&path).map_err(|e| io_err(&path, e))?;
+        let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        file.seek(SeekFrom::Start(offset.min(len)))
+            .map_err(|e| io_err(&path, e))?;
+        let mut buf = Vec::with_capacity(max.min((len - offset.min(len)) as usize));
+        file.take(max as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_err(&path, e))?;
+        Ok((index, len, buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_api::{Op, WriteRequest};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kv-snap-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn machine(n: u64) -> StateMachine {
+        let mut sm = StateMachine::default();
+        for i in 0..n {
+            sm.apply(
+                i + 1,
+                &WriteRequest {
+                    client_id: 1,
+                    seq: i + 1,
+                    acked_below: 0,
+                    op: Op::Put {
+                        key: format!("k{i}").into_bytes(),
+                        value: vec![7; 100],
+                    },
+                },
+            );
+            sm.set_applied(i + 1);
+        }
+        sm
+    }
+
+    #[test]
+    fn written_snapshot_reads_back_and_old_ones_are_pruned() {
+        let d = temp_dir("rw");
+        let sd = SnapshotDir::open(&d).unwrap();
+        for index in [10, 20, 30] {
+            sd.write(index, &machine(index)).unwrap();
+        }
+        assert_eq!(sd.list().unwrap(), vec![20, 30]);
+        let (index, sm) = sd.load_latest().unwrap();
+        assert_eq!(index, 30);
+        assert_eq!(sm.len(), 30);
+        assert_eq!(sm.get(b"k29").unwrap(), &vec![7; 100]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn truncated_or_flipped_snapshot_is_refused_with_its_name() {
+        let d = temp_dir("bad");
+        let sd = SnapshotDir::open(&d).unwrap();
+        sd.write(5, &machine(5)).unwrap();
+        let p = sd.path(5);
+        let bytes = fs::read(&p).unwrap();
+        fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let e = sd.load_latest().unwrap_err().to_string();
+        assert!(e.contains("snapshot-00000000000000000005.snap"), "{e}");
+        assert!(e.contains("damaged"), "{e}");
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xff;
+        fs::write(&p, &flipped).unwrap();
+        assert!(sd.load_latest().is_err());
+        assert!(SnapshotDir::verify_file(&p).is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn chunks_reassemble_the_file() {
+        let d = temp_dir("chunks");
+        let sd = SnapshotDir::open(&d).unwrap();
+        sd.write(3, &machine(50)).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let (index, len, chunk) = sd.read_chunk(None, got.len() as u64, 100).unwrap();
+            assert_eq!(index, 3);
+            got.extend(chunk);
+            if got.len() as u64 >= len {
+                break;
+            }
+        }
+        assert_eq!(got, fs::read(sd.path(3)).unwrap());
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
