@@ -247,6 +247,43 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
+/// Writes `dir/replica` listing `n` replicas (ids 1..=n) on fresh loopback
+/// ports; returns its path and contents.
+pub fn write_replica_file(dir: &Path, n: usize) -> (PathBuf, Replicas) {
+    let ports = free_ports(2 * n);
+    let mut text = String::from("# written by the kv-tests harness: ID CLIENT_ADDR PEER_ADDR\n");
+    for i in 0..n {
+        writeln!(
+            text,
+            "{} 127.0.0.1:{} 127.0.0.1:{}",
+            i + 1,
+            ports[2 * i],
+            ports[2 * i + 1]
+        )
+        .unwrap();
+    }
+    let file = dir.join("replica");
+    std::fs::write(&file, &text).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+    let replicas = Replicas::parse(&text, &file).expect("the harness's replica file is valid");
+    (file, replicas)
+}
+
+/// Sends signal `sig` to process `pid`.
+///
+/// The caller must know that `pid` is a process of this test (its own
+/// unreaped child, or one whose command line it has just checked).
+#[allow(unsafe_code)]
+pub fn signal_pid(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One replica process of a [`Cluster`].
 struct Node {
     client_addr: String,
@@ -274,7 +311,7 @@ impl Cluster {
     /// ports, starts all of them and waits until every one answers `status`
     /// and a leader exists.
     pub async fn start(n: usize) -> Cluster {
-        let cluster = Cluster::start_without_waiting(n);
+        let mut cluster = Cluster::start_without_waiting(n);
         cluster.wait_ready(START_TIMEOUT).await;
         cluster
     }
@@ -286,22 +323,7 @@ impl Cluster {
         let server_bin = bin_path("kv-server");
         let client_bin = bin_path("kv-client");
         let dir = temp_dir("cluster");
-        let ports = free_ports(2 * n);
-        let mut text =
-            String::from("# written by the kv-tests harness: ID CLIENT_ADDR PEER_ADDR\n");
-        for i in 0..n {
-            writeln!(
-                text,
-                "{} 127.0.0.1:{} 127.0.0.1:{}",
-                i + 1,
-                ports[2 * i],
-                ports[2 * i + 1]
-            )
-            .unwrap();
-        }
-        let replicas_file = dir.join("replica");
-        std::fs::write(&replicas_file, &text).expect("write the replica file");
-        let replicas = Replicas::parse(&text, &replicas_file).expect("the harness's replica file");
+        let (replicas_file, replicas) = write_replica_file(&dir, n);
         std::fs::create_dir_all(dir.join("logs")).expect("create the log directory");
         let nodes = replicas
             .replicas
@@ -475,7 +497,6 @@ impl Cluster {
         self.node_mut(id).paused = false;
     }
 
-    #[allow(unsafe_code)]
     fn signal(&mut self, id: ReplicaId, sig: libc::c_int) {
         let node = self.node_mut(id);
         let child = node
@@ -486,16 +507,9 @@ impl Cluster {
             matches!(child.try_wait(), Ok(None)),
             "replica {id} has exited"
         );
-        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours;
-        // the pid is our own unreaped child, so it cannot have been reused.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({pid}, {sig}) failed: {}",
-            std::io::Error::last_os_error()
-        );
+        // Our own unreaped child: its pid cannot have been reused.
+        let pid = child.id();
+        signal_pid(pid, sig).unwrap_or_else(|e| panic!("kill({pid}, {sig}) failed: {e}"));
     }
 
     /// Kills replica `id` if it runs, starts it again on the same data
@@ -528,16 +542,22 @@ impl Cluster {
         let node = self.node_mut(id);
         if let Some(child) = node.child.as_mut() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("replica {id} exited on its own with {status}");
+                panic!(
+                    "replica {id} exited on its own with {status} (a crash, a refused \
+                     start-up, or a signal from outside this test)"
+                );
             }
         }
     }
 
     /// Waits until every running replica answers `status` and one of them
-    /// says it leads.
-    pub async fn wait_ready(&self, timeout: Duration) -> ReplicaId {
+    /// says it leads. Panics at once if a replica exits meanwhile.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> ReplicaId {
         let deadline = Instant::now() + timeout;
         loop {
+            for id in self.ids() {
+                self.assert_alive(id);
+            }
             let statuses = self.statuses().await;
             let mut all_answer = true;
             let mut leader = None;

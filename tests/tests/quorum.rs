@@ -134,3 +134,81 @@ async fn any_two_down_still_serves_three_down_fails_fast_with_exit_3() {
     };
     bounded(Duration::from_secs(150), "the test", test).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_majority_makes_the_cli_time_out_with_exit_3_and_local_reads_still_work() {
+    let mut cluster = Cluster::start(5).await;
+    let test = async {
+        cluster
+            .cli_ok(&["--timeout", "10", "put", "before", "1"])
+            .await;
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(20))
+            .await;
+
+        // SIGSTOP keeps the sockets open: connections are accepted by the
+        // kernel and then nothing answers. The CLI must still give up in time.
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let followers: Vec<u64> = cluster.ids().into_iter().filter(|&i| i != leader).collect();
+        let paused = [leader, followers[0], followers[1]];
+        let awake = followers[2];
+        for id in paused {
+            cluster.pause(id);
+        }
+        let file = cluster.replicas_file().to_str().unwrap().to_string();
+        for args in [
+            vec![
+                "--replicas",
+                &file,
+                "--timeout",
+                "2",
+                "put",
+                "no-quorum",
+                "x",
+            ],
+            vec!["--replicas", &file, "--timeout", "2", "get", "before"],
+        ] {
+            let (out, took) = run_bin(kv_tests::kv_client_cli(&args), Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("kv-client {args:?} hung with a paused majority: {e}"));
+            eprintln!(
+                "kv-client {args:?} with a paused majority: exit {:?} after {took:?}",
+                out.status.code()
+            );
+            assert_eq!(out.status.code(), Some(3), "{args:?}: {}", describe(&out));
+            assert!(
+                took < Duration::from_secs(3),
+                "{args:?} took {took:?} with --timeout 2"
+            );
+        }
+
+        // A local read needs no quorum: the awake replica answers from its state.
+        let out = cluster
+            .cli_at(awake, &["--timeout", "2", "get", "--local", "before"])
+            .await;
+        assert!(
+            out.status.success(),
+            "local get on the awake replica {awake}: {}",
+            describe(&out)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+
+        for id in paused {
+            cluster.resume(id);
+        }
+        put_eventually(
+            &cluster,
+            "after-resume",
+            "z",
+            "a put after resuming the majority",
+        )
+        .await;
+        puts_and_gets_succeed(&cluster, "after-resume").await;
+        assert_eq!(
+            cluster.cli_ok(&["--timeout", "10", "get", "before"]).await,
+            "1\n"
+        );
+    };
+    bounded(Duration::from_secs(120), "the test", test).await;
+}

@@ -1,0 +1,71 @@
+//! A replica that was down while the others took many writes catches up by
+//! itself once restarted, and then serves the same map.
+
+use std::time::Duration;
+
+use kv_tests::{bounded, Cluster};
+
+const WRITERS: usize = 8;
+const PUTS_PER_WRITER: usize = 300;
+const KEYS: usize = 200;
+
+fn key(i: usize) -> String {
+    format!("key-{i:03}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_replica_catches_up_on_the_writes_it_missed() {
+    let mut cluster = Cluster::start(5).await;
+    let test = async {
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let behind = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+        cluster.kill(behind);
+
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..WRITERS {
+            let client = cluster.client_with_timeout(Duration::from_secs(10));
+            writers.spawn(async move {
+                for i in 0..PUTS_PER_WRITER {
+                    let k = key((w * PUTS_PER_WRITER + i) % KEYS);
+                    client
+                        .put(k.as_str(), format!("w{w}-{i}").as_str())
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w} put {i}: {e}"));
+                }
+            });
+        }
+        while let Some(r) = writers.join_next().await {
+            r.expect("a writer panicked");
+        }
+        let target = cluster.max_applied().await;
+        eprintln!(
+            "replica {behind} missed {} writes (applied index {target})",
+            WRITERS * PUTS_PER_WRITER
+        );
+
+        cluster.restart(behind).await;
+        let started = std::time::Instant::now();
+        cluster
+            .wait_all_applied(target, Duration::from_secs(60))
+            .await;
+        eprintln!("replica {behind} caught up in {:?}", started.elapsed());
+
+        let reference = cluster.client();
+        let restarted = cluster.client_for(behind);
+        for i in 0..KEYS {
+            let k = key(i);
+            let want = reference.get(k.as_str()).await.expect("linearizable get");
+            let got = restarted
+                .get_local(k.as_str())
+                .await
+                .unwrap_or_else(|e| panic!("local get of {k} on replica {behind}: {e}"));
+            assert_eq!(got, want, "replica {behind} after catching up, key {k}");
+        }
+        let status = cluster
+            .status(behind)
+            .await
+            .expect("status of the restarted replica");
+        assert_eq!(status.keys, KEYS as u64, "key count on replica {behind}");
+    };
+    bounded(Duration::from_secs(150), "the test", test).await;
+}
