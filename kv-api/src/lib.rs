@@ -12,6 +12,7 @@
 //! - [`KvError`] — every error a client can see, serializable.
 //! - [`replicas`] — the `replica` file format.
 //! - [`Limits`] — key and value size limits, checked by client and server.
+//! - [`FaultSpec`], [`FaultReport`] — failure injection, changeable at run time.
 #![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,67 @@ impl Limits {
     }
 }
 
+/// Failure injection at a replica's peer RPC layer, for showing that the
+/// store keeps working. Every field is optional in a change: `None` leaves
+/// the current setting as it is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct FaultSpec {
+    /// Probability (0..=1) that an outgoing peer message is dropped.
+    pub drop_rate: Option<f64>,
+    /// Each outgoing peer message is delayed by a random number of
+    /// milliseconds in this inclusive range.
+    pub delay_ms: Option<(u64, u64)>,
+    /// Probability (0..=1) that an outgoing peer call is held until its
+    /// deadline and then fails (a forced timeout).
+    pub timeout_rate: Option<f64>,
+    /// Cut the links with these replicas, both ways (a partition). Replaces
+    /// the current set; an empty list heals all links.
+    pub isolate: Option<Vec<ReplicaId>>,
+    /// Reset everything to no faults before applying the rest.
+    pub heal: bool,
+}
+
+impl FaultSpec {
+    /// Checks ranges: rates within 0..=1, delay min <= max.
+    pub fn validate(&self) -> Result<(), KvError> {
+        for (name, rate) in [
+            ("drop rate", self.drop_rate),
+            ("timeout rate", self.timeout_rate),
+        ] {
+            if let Some(r) = rate {
+                if !(0.0..=1.0).contains(&r) {
+                    return Err(KvError::InvalidArgument(format!(
+                        "the {name} {r} is not between 0 and 1"
+                    )));
+                }
+            }
+        }
+        if let Some((lo, hi)) = self.delay_ms {
+            if lo > hi {
+                return Err(KvError::InvalidArgument(format!(
+                    "the delay range {lo}..{hi} ms is empty (min above max)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The failure injection in force at a replica and what it has done.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct FaultReport {
+    /// The settings now in force (every field `Some`).
+    pub settings: FaultSpec,
+    /// Outgoing messages dropped (by rate or by a cut link).
+    pub dropped: u64,
+    /// Outgoing messages delayed.
+    pub delayed: u64,
+    /// Outgoing calls held until their deadline.
+    pub timed_out: u64,
+    /// Incoming requests refused from cut links.
+    pub refused: u64,
+}
+
 /// Largest frame either side accepts: a maximal value plus headroom. Both
 /// ends raise tarpc's default (8 MiB) to this.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -253,6 +315,11 @@ pub trait Kv {
     async fn get(key: Vec<u8>, mode: ReadMode) -> Result<GetResponse, KvError>;
     /// Reports this replica's role and progress.
     async fn status() -> ReplicaStatus;
+    /// Changes the failure injection of this replica's peer RPC layer and
+    /// returns the settings now in force and counts of what was injected so
+    /// far (an empty change just reports). For tests and demonstrations: it
+    /// makes the replica drop, delay or cut messages.
+    async fn set_faults(change: FaultSpec) -> Result<FaultReport, KvError>;
 }
 
 #[cfg(test)]

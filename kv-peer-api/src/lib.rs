@@ -210,8 +210,8 @@ pub trait Peer {
     /// Returns a piece of a snapshot file, for a replica too far behind to
     /// catch up from the log. Errors say why (e.g. no such snapshot).
     async fn snapshot_chunk(req: SnapshotRequest) -> Result<SnapshotChunk, String>;
-    /// A client write forwarded by a follower; answered as the leader would.
-    async fn forward_write(req: WriteRequest) -> Result<WriteOutcome, KvError>;
-    /// A linearizable read forwarded by a follower.
-    async fn forward_get(key: Vec<u8>) -> Result<GetResponse, KvError>;
+    /// A client write forwarded by follower `from`; answered as the leader would.
+    async fn forward_write(from: ReplicaId, req: WriteRequest) -> Result<WriteOutcome, KvError>;
+    /// A linearizable read forwarded by follower `from`.
+    async fn forward_get(from: ReplicaId, key: Vec<u8>) -> Result<GetResponse, KvError>;
 }

@@ -27,6 +27,10 @@ pub struct ServerConfig {
     /// it is then dropped (one interval of it is kept, so peers slightly
     /// behind can still catch up from the log).
     pub snapshot_every: u64,
+    /// Failure injection at start (changeable at run time).
+    pub faults: kv_api::FaultSpec,
+    /// Seed of the failure injector's random choices (`None`: random, logged).
+    pub fault_seed: Option<u64>,
 }
 
 impl ServerConfig {
@@ -40,6 +44,8 @@ impl ServerConfig {
             tick: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(500),
             snapshot_every: 10_000,
+            faults: kv_api::FaultSpec::default(),
+            fault_seed: None,
         }
     }
 
@@ -64,6 +70,9 @@ impl ServerConfig {
                 "--snapshot-every must be at least 1".into(),
             ));
         }
+        self.faults
+            .validate()
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         if self.tick.is_zero() || self.peer_timeout.is_zero() {
             return Err(ServerError::Config(
                 "tick and peer timeout must be positive".into(),

@@ -17,6 +17,7 @@
 
 pub mod config;
 mod error;
+pub mod faults;
 mod node;
 pub mod paxos;
 mod peers;
@@ -71,7 +72,13 @@ pub async fn run(
     );
     let core = paxos::Paxos::new(core_cfg, durable);
 
+    let fault_seed = config.fault_seed.unwrap_or_else(rand::random);
+    let faults = Arc::new(faults::Faults::new(&config.faults, fault_seed));
+    if config.faults != kv_api::FaultSpec::default() {
+        tracing::warn!(id = config.id, fault_seed, faults = ?config.faults, "starting with failure injection");
+    }
     let pool = Arc::new(peers::PeerPool::new(
+        config.id,
         config
             .replicas
             .replicas
@@ -79,6 +86,7 @@ pub async fn run(
             .filter(|r| r.id != config.id)
             .map(|r| (r.id, r.peer_addr.clone())),
         config.peer_timeout,
+        faults.clone(),
     ));
     let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
     let handler = rpc::Handler::new(
@@ -87,6 +95,7 @@ pub async fn run(
         pool.clone(),
         config.limits,
         snapshot_dir.clone(),
+        faults,
     );
     let (serve_kv, serve_peer) =
         rpc::listen(me.client_addr.clone(), me.peer_addr.clone(), handler).await?;

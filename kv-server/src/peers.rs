@@ -16,6 +16,7 @@ use tarpc::context;
 use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::{mpsc, Mutex};
 
+use crate::faults::{Fate, Faults};
 use crate::node::Input;
 use crate::paxos::Msg;
 
@@ -40,17 +41,24 @@ struct SlotState {
 
 /// Connections to every other replica.
 pub struct PeerPool {
+    me: ReplicaId,
     peers: HashMap<ReplicaId, PeerSlot>,
     timeout: Duration,
+    faults: Arc<Faults>,
 }
 
 impl PeerPool {
-    /// A pool for `(id, peer_addr)` pairs; `timeout` bounds each call.
+    /// A pool for replica `me` to reach `(id, peer_addr)` pairs; `timeout`
+    /// bounds each call; `faults` decides which calls are dropped or delayed.
     pub fn new(
+        me: ReplicaId,
         peers: impl IntoIterator<Item = (ReplicaId, String)>,
         timeout: Duration,
+        faults: Arc<Faults>,
     ) -> PeerPool {
         PeerPool {
+            me,
+            faults,
             peers: peers
                 .into_iter()
                 .map(|(id, addr)| {
@@ -117,6 +125,24 @@ impl PeerPool {
         }
     }
 
+    /// Applies failure injection to one call due by `deadline`: `false`
+    /// means the call must not be made (dropped, or held to its deadline).
+    async fn inject(&self, to: ReplicaId, deadline: Instant) -> bool {
+        match self.faults.fate(to) {
+            Fate::Send(d) => {
+                if !d.is_zero() {
+                    tokio::time::sleep(d).await;
+                }
+                true
+            }
+            Fate::Drop => false,
+            Fate::Timeout => {
+                tokio::time::sleep_until(deadline.into()).await;
+                false
+            }
+        }
+    }
+
     fn ctx(&self, deadline: Instant) -> context::Context {
         let mut ctx = context::current();
         ctx.deadline = deadline;
@@ -128,10 +154,14 @@ impl PeerPool {
     pub fn send(self: &Arc<Self>, to: ReplicaId, msg: Msg, inputs: mpsc::Sender<Input>) {
         let pool = self.clone();
         tokio::spawn(async move {
+            let deadline = Instant::now() + pool.timeout;
+            if !pool.inject(to, deadline).await {
+                return;
+            }
             let Some((c, broken)) = pool.client(to).await else {
                 return;
             };
-            let ctx = pool.ctx(Instant::now() + pool.timeout);
+            let ctx = pool.ctx(deadline);
             let reply = match msg {
                 Msg::Prepare(m) => c.prepare(ctx, m).await.map(Msg::Promise),
                 Msg::Accept(m) => c.accept(ctx, m).await.map(Msg::Accepted),
@@ -158,8 +188,11 @@ impl PeerPool {
         deadline: Instant,
         req: WriteRequest,
     ) -> Result<WriteOutcome, KvError> {
+        if !self.inject(to, deadline).await {
+            return Err(injected_timeout(to));
+        }
         let (c, broken) = self.client(to).await.ok_or_else(|| unreachable(to))?;
-        c.forward_write(self.ctx(deadline), req)
+        c.forward_write(self.ctx(deadline), self.me, req)
             .await
             .unwrap_or_else(|e| Err(rpc_failure(&broken, to, e)))
     }
@@ -171,8 +204,11 @@ impl PeerPool {
         deadline: Instant,
         key: Vec<u8>,
     ) -> Result<GetResponse, KvError> {
+        if !self.inject(to, deadline).await {
+            return Err(injected_timeout(to));
+        }
         let (c, broken) = self.client(to).await.ok_or_else(|| unreachable(to))?;
-        c.forward_get(self.ctx(deadline), key)
+        c.forward_get(self.ctx(deadline), self.me, key)
             .await
             .unwrap_or_else(|e| Err(rpc_failure(&broken, to, e)))
     }
@@ -185,12 +221,18 @@ impl PeerPool {
         to: ReplicaId,
         req: SnapshotRequest,
     ) -> Result<SnapshotChunk, String> {
+        // A chunk is at most a few MiB: allow more than a consensus message.
+        let deadline = Instant::now() + self.timeout * 10;
+        if !self.inject(to, deadline).await {
+            return Err(format!(
+                "snapshot chunk from replica {to}: no answer (injected fault)"
+            ));
+        }
         let (c, broken) = self
             .client(to)
             .await
             .ok_or_else(|| format!("replica {to} is unreachable"))?;
-        // A chunk is at most a few MiB: allow more than a consensus message.
-        let ctx = self.ctx(Instant::now() + self.timeout * 10);
+        let ctx = self.ctx(deadline);
         match c.snapshot_chunk(ctx, req).await {
             Ok(r) => r,
             Err(e) => {
@@ -200,6 +242,12 @@ impl PeerPool {
             }
         }
     }
+}
+
+fn injected_timeout(to: ReplicaId) -> KvError {
+    KvError::Timeout(format!(
+        "no answer from the leader (replica {to}) in time; a write's outcome is unknown"
+    ))
 }
 
 fn unreachable(to: ReplicaId) -> KvError {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use futures::{future, StreamExt};
 use kv_api::{
-    GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
-    WriteRequest,
+    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
+    WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Promise,
@@ -21,6 +21,7 @@ use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::faults::Faults;
 use crate::node::Input;
 use crate::paxos::Msg;
 use crate::peers::PeerPool;
@@ -42,6 +43,7 @@ pub struct Handler {
     pool: Arc<PeerPool>,
     limits: Limits,
     snapshots: SnapshotDir,
+    faults: Arc<Faults>,
 }
 
 fn stopping() -> KvError {
@@ -56,6 +58,7 @@ impl Handler {
         pool: Arc<PeerPool>,
         limits: Limits,
         snapshots: SnapshotDir,
+        faults: Arc<Faults>,
     ) -> Handler {
         Handler {
             id,
@@ -63,7 +66,28 @@ impl Handler {
             pool,
             limits,
             snapshots,
+            faults,
         }
+    }
+
+    /// A request from a peer whose link is cut gets no answer at all: the
+    /// caller sees what a partition looks like, a deadline passing.
+    async fn gate(&self, from: ReplicaId) {
+        if self.faults.refuse_from(from) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn set_faults_now(&self, change: FaultSpec) -> std::result::Result<FaultReport, KvError> {
+        change.validate()?;
+        if change != FaultSpec::default() {
+            tracing::warn!(
+                id = self.id,
+                ?change,
+                "failure injection changed at run time"
+            );
+        }
+        Ok(self.faults.change(&change))
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Option<T> {
@@ -127,6 +151,14 @@ impl Kv for Handler {
         }
     }
 
+    async fn set_faults(
+        self,
+        _: Context,
+        change: FaultSpec,
+    ) -> std::result::Result<FaultReport, KvError> {
+        self.set_faults_now(change)
+    }
+
     async fn status(self, _: Context) -> ReplicaStatus {
         let id = self.id;
         self.ask(|reply| Input::Status { reply })
@@ -146,6 +178,7 @@ impl Kv for Handler {
 
 impl Peer for Handler {
     async fn prepare(self, _: Context, req: Prepare) -> Promise {
+        self.gate(req.from).await;
         match self.peer_request(Msg::Prepare(req)).await {
             Some(Msg::Promise(p)) => p,
             // A replica that is stopping refuses; `Ballot::ZERO` never
@@ -161,6 +194,7 @@ impl Peer for Handler {
     }
 
     async fn accept(self, _: Context, req: Accept) -> Accepted {
+        self.gate(req.from).await;
         match self.peer_request(Msg::Accept(req)).await {
             Some(Msg::Accepted(a)) => a,
             _ => Accepted {
@@ -173,6 +207,7 @@ impl Peer for Handler {
     }
 
     async fn heartbeat(self, _: Context, req: Heartbeat) -> HeartbeatAck {
+        self.gate(req.from).await;
         let round = req.round;
         match self.peer_request(Msg::Heartbeat(req)).await {
             Some(Msg::HeartbeatAck(a)) => a,
@@ -187,6 +222,7 @@ impl Peer for Handler {
     }
 
     async fn fetch(self, _: Context, req: Fetch) -> FetchReply {
+        self.gate(req.from).await;
         match self.peer_request(Msg::Fetch(req)).await {
             Some(Msg::FetchReply(r)) => r,
             _ => FetchReply {
@@ -203,6 +239,7 @@ impl Peer for Handler {
         _: Context,
         req: SnapshotRequest,
     ) -> std::result::Result<SnapshotChunk, String> {
+        self.gate(req.from).await;
         // Served from the file, off the driver: a transfer never stalls
         // consensus, and memory stays at one chunk.
         let dir = self.snapshots.clone();
@@ -223,16 +260,20 @@ impl Peer for Handler {
     async fn forward_write(
         self,
         _: Context,
+        from: ReplicaId,
         req: WriteRequest,
     ) -> std::result::Result<WriteOutcome, KvError> {
+        self.gate(from).await;
         self.write_here(req).await
     }
 
     async fn forward_get(
         self,
         _: Context,
+        from: ReplicaId,
         key: Vec<u8>,
     ) -> std::result::Result<GetResponse, KvError> {
+        self.gate(from).await;
         self.get_here(key, ReadMode::Linearizable).await
     }
 }
