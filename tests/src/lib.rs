@@ -304,6 +304,8 @@ pub struct Cluster {
     nodes: BTreeMap<ReplicaId, Node>,
     server_bin: PathBuf,
     client_bin: PathBuf,
+    /// Passed to every `kv-server` start, restarts included.
+    server_args: Vec<String>,
 }
 
 impl Cluster {
@@ -311,14 +313,20 @@ impl Cluster {
     /// ports, starts all of them and waits until every one answers `status`
     /// and a leader exists.
     pub async fn start(n: usize) -> Cluster {
-        let mut cluster = Cluster::start_without_waiting(n);
+        Cluster::start_with_args(n, &[]).await
+    }
+
+    /// Like [`Cluster::start`], passing `server_args` (e.g.
+    /// `["--snapshot-every", "50"]`) to every `kv-server` start and restart.
+    pub async fn start_with_args(n: usize, server_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::start_without_waiting(n, server_args);
         cluster.wait_ready(START_TIMEOUT).await;
         cluster
     }
 
-    /// Like [`Cluster::start`] but returns as soon as the processes are
-    /// spawned.
-    pub fn start_without_waiting(n: usize) -> Cluster {
+    /// Like [`Cluster::start_with_args`] but returns as soon as the
+    /// processes are spawned.
+    pub fn start_without_waiting(n: usize, server_args: &[&str]) -> Cluster {
         assert!(n > 0, "a cluster needs at least one replica");
         let server_bin = bin_path("kv-server");
         let client_bin = bin_path("kv-client");
@@ -349,6 +357,7 @@ impl Cluster {
             nodes,
             server_bin,
             client_bin,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -434,6 +443,7 @@ impl Cluster {
         );
         let server_bin = self.server_bin.clone();
         let replicas_file = self.replicas_file.clone();
+        let server_args = self.server_args.clone();
         let node = self.node_mut(id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -448,6 +458,7 @@ impl Cluster {
             .arg(&replicas_file)
             .arg("--data-dir")
             .arg(&node.data_dir)
+            .args(&server_args)
             .stdin(Stdio::null())
             .stdout(log2)
             .stderr(log)

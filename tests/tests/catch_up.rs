@@ -69,3 +69,74 @@ async fn restarted_replica_catches_up_on_the_writes_it_missed() {
     };
     bounded(Duration::from_secs(150), "the test", test).await;
 }
+
+/// Entries between snapshots in the snapshot test: small, so that the log a
+/// lagging replica needs is compacted away and it must take a snapshot.
+const SNAPSHOT_EVERY: &str = "50";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_replica_catches_up_from_a_snapshot_once_the_log_is_compacted() {
+    let mut cluster = Cluster::start_with_args(5, &["--snapshot-every", SNAPSHOT_EVERY]).await;
+    let test = async {
+        let client = cluster.client_with_timeout(Duration::from_secs(10));
+        client.put("early", "e").await.expect("put");
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let behind = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+        cluster.kill(behind);
+
+        // Sequential puts: one log entry each, far past two snapshot intervals.
+        for i in 0..400 {
+            client
+                .put(key(i % KEYS).as_str(), format!("v{i}").as_str())
+                .await
+                .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        }
+        let target = cluster.max_applied().await;
+        let leader_status = cluster.status(leader).await.expect("leader status");
+        eprintln!(
+            "applied index {target}; the leader's snapshot covers {}",
+            leader_status.snapshot
+        );
+        assert!(
+            leader_status.snapshot > 0,
+            "the leader took no snapshot with --snapshot-every {SNAPSHOT_EVERY} after {target} entries"
+        );
+
+        cluster.restart(behind).await;
+        cluster
+            .wait_all_applied(target, Duration::from_secs(60))
+            .await;
+        let status = cluster
+            .status(behind)
+            .await
+            .expect("status of the restarted replica");
+        eprintln!("restarted replica {behind}: {status:?}");
+        assert!(
+            status.snapshot > 0,
+            "replica {behind} caught up past a compacted log without a snapshot: {status:?}"
+        );
+        let restarted = cluster.client_for(behind);
+        for i in 0..KEYS {
+            let k = key(i);
+            let want = client.get(k.as_str()).await.expect("linearizable get");
+            let got = restarted.get_local(k.as_str()).await.expect("local get");
+            assert_eq!(got, want, "replica {behind} after the snapshot, key {k}");
+        }
+        assert_eq!(
+            restarted.get_local("early").await.expect("local get"),
+            Some(b"e".to_vec())
+        );
+
+        // And it keeps up with new writes after installing the snapshot.
+        client.put("late", "l").await.expect("put after catch-up");
+        let target = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(target, Duration::from_secs(20))
+            .await;
+        assert_eq!(
+            restarted.get_local("late").await.expect("local get"),
+            Some(b"l".to_vec())
+        );
+    };
+    bounded(Duration::from_secs(150), "the test", test).await;
+}
