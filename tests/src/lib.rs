@@ -15,6 +15,14 @@
 //!   only way tests synchronise with the cluster (never bare sleeps).
 //! - [`free_ports`] — loopback ports to listen on, allocated at run time.
 //!
+//! # Running
+//!
+//! `cargo test --workspace --release` builds `kv-server` and `kv-client` and
+//! runs everything. `cargo test -p kv-tests --release` runs only these tests
+//! but does not build the binaries: run `cargo build --release -p kv-server
+//! -p kv-client` first, or the tests use whatever binaries are there.
+//! A failing test prints the last lines of every replica's log.
+//!
 //! Environment:
 //! - `KV_BIN_DIR`: the directory holding `kv-server` and `kv-client`
 //!   (default: the profile directory of the running test executable).

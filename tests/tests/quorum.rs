@@ -75,6 +75,31 @@ async fn any_two_down_still_serves_three_down_fails_fast_with_exit_3() {
             "1\n"
         );
 
+        // `--server` naming a dead replica: no retry elsewhere, exit 3 in time.
+        let dead = cluster.client_addr(leader).to_string();
+        let args = [
+            "--server",
+            &dead,
+            "--timeout",
+            "2",
+            "put",
+            "to-the-dead",
+            "x",
+        ];
+        let (out, took) = run_bin(kv_tests::kv_client_cli(args), Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("kv-client {args:?} hung: {e}"));
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "put via a dead replica: {}",
+            describe(&out)
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "put via a dead replica took {took:?}"
+        );
+
         // Three down: no quorum. The CLI must give up within its timeout.
         cluster.kill(followers[1]);
         let file = cluster.replicas_file().to_str().unwrap().to_string();

@@ -143,6 +143,26 @@ async fn cli_status_reports_every_replica_as_json_lines() {
             "applied of a down replica: {line}"
         );
         assert_eq!(lines.len(), 5, "{}", describe(&out));
+
+        // None answering: exit 3, still one line per replica, all down.
+        let ids = cluster.ids();
+        cluster.kill_all(&ids);
+        let out = cluster.cli(&["--timeout", "2", "status"]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "status with every replica down: {}",
+            describe(&out)
+        );
+        let lines = parse_status_lines(&out.stdout);
+        assert_eq!(lines.len(), 5, "{}", describe(&out));
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["up"] == serde_json::Value::Bool(false)),
+            "{}",
+            describe(&out)
+        );
     })
     .await;
 }
