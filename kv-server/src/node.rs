@@ -339,9 +339,17 @@ impl Node {
         }
     }
 
-    /// Carries out the core's `Ready`: persist, release, apply.
+    /// Carries out the core's `Ready`: send requests, persist, release
+    /// replies, apply.
     async fn flush(&mut self) -> Result<()> {
         let ready = self.core.ready();
+        // Requests go out before our own sync, so the leader's disk write
+        // overlaps the followers' (one sync on the critical path, not two).
+        // Safe: answers to them are handled only after this flush returns,
+        // i.e. after our own records are durable.
+        for (to, msg) in ready.messages {
+            self.pool.send(to, msg, self.inputs.clone());
+        }
         if !ready.persist.is_empty() {
             let Some(mut storage) = self.storage.take() else {
                 return Err(ServerError::Config(
@@ -370,9 +378,6 @@ impl Node {
         }
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
-        }
-        for (to, msg) in ready.messages {
-            self.pool.send(to, msg, self.inputs.clone());
         }
         for (slot, value) in ready.apply {
             self.apply(slot, value);

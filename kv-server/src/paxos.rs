@@ -4,10 +4,12 @@
 //! [`Paxos::propose`], [`Paxos::read`]); [`Paxos::ready`] hands out what the
 //! driver must do: records to persist, messages to send, chosen entries to
 //! apply, reads that may now be served. The driver must persist a `Ready`'s
-//! records (and sync) *before* it sends any of its messages or replies, and
-//! must hold back the replies returned by `step` until then too. That one
-//! rule gives the acceptor its durability: a promise or an accept is on disk
-//! before anyone hears of it.
+//! records (and sync) before it delivers the replies returned by `step` in
+//! that round, and before it steps in any answer to the round's messages.
+//! That rule gives the acceptor its durability: a promise or an accept is on
+//! disk before anyone hears of it. The round's *requests* (`messages`) may
+//! leave before the sync completes: nothing counts our own vote until the
+//! answers come back, and they are handled after the sync.
 //!
 //! Roles: every replica is an acceptor and a learner. One of them leads: it
 //! won phase 1 for its ballot at a majority, and then runs only phase 2 (one
@@ -114,7 +116,8 @@ pub enum Record {
 pub struct Ready {
     /// Persist these, in order, in one atomic, synced write.
     pub persist: Vec<Record>,
-    /// Then send these requests.
+    /// Send these requests (may overlap the sync; their answers must be
+    /// stepped in only after it).
     pub messages: Vec<(ReplicaId, Msg)>,
     /// Then apply these chosen entries, in order (contiguous).
     pub apply: Vec<(Slot, Value)>,
