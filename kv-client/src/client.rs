@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use kv_api::replicas::Replicas;
 use kv_api::{
-    KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus,
+    WriteOutcome, WriteRequest,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -272,6 +273,53 @@ impl Client {
         answers
     }
 
+    /// The addresses this client talks to, in the order given (duplicates
+    /// removed).
+    pub fn addrs(&self) -> &[String] {
+        &self.inner.addrs
+    }
+
+    /// Changes the failure injection of the one replica at `addr` (a
+    /// `host:port` client address, which need not be one of this client's)
+    /// and returns the settings now in force with counts of what it has
+    /// injected so far. An empty change (`FaultSpec::default()`) only
+    /// reports. The change is checked with [`FaultSpec::validate`] before
+    /// anything is sent ([`Error::InvalidArgument`]).
+    ///
+    /// Only that replica is asked, never another one: faults are a
+    /// per-replica setting. Bounded by the client's timeout; a replica that
+    /// cannot be reached gives [`Error::Unavailable`], one that does not
+    /// answer in time [`Error::Timeout`].
+    pub async fn set_faults(&self, addr: &str, change: FaultSpec) -> Result<FaultReport> {
+        change.validate().map_err(invalid)?;
+        let deadline = Instant::now() + self.inner.timeout;
+        // Two tries, as for status: a cached connection may have died.
+        let mut last = String::new();
+        for _ in 0..2 {
+            let change = change.clone();
+            match attempt(&self.inner.pool, addr, deadline, |c, ctx| async move {
+                c.set_faults(ctx, change).await
+            })
+            .await
+            {
+                Attempt::Done(r) => return Ok(r),
+                Attempt::NoConnection(e) => {
+                    return Err(Error::Unavailable(format!("{addr}: cannot connect: {e}")))
+                }
+                Attempt::CallFailed(e) => last = e,
+                Attempt::Refused(KvError::InvalidArgument(m)) => {
+                    return Err(Error::InvalidArgument(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Timeout(m)) => last = m,
+                Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(Error::Timeout(format!("{addr}: {last}")))
+    }
+
     async fn status_of(&self, addr: &str, deadline: Instant) -> Result<ReplicaStatus> {
         // Two tries: the first may hit a cached connection that has died
         // since (the replica restarted); the second dials afresh.
@@ -313,7 +361,7 @@ impl Client {
     /// Checks limits, takes a sequence number and sends the write; the
     /// number stays outstanding (holding `acked_below` down) until this
     /// returns.
-    async fn write_op(&self, op: Op) -> Result<(WriteOutcome, String)> {
+    pub(crate) async fn write_op(&self, op: Op) -> Result<(WriteOutcome, String)> {
         self.inner.limits.check_op(&op).map_err(invalid)?;
         let guard = self.inner.seqs.begin();
         let req = WriteRequest {

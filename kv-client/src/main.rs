@@ -4,10 +4,20 @@
 use std::io::Write;
 
 use clap::Parser;
+use kv_client::cli::{Cli, Command};
 
 fn main() {
-    // Usage errors exit 2 here, with clap's message.
-    let cli = kv_client::cli::Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors exit 2 with clap's message on stderr; with
+            // `--output json` the error is on stdout as JSON too.
+            if e.use_stderr() && kv_client::cli::wants_json(std::env::args_os()) {
+                println!("{}", kv_client::cli::usage_error_json(&e));
+            }
+            e.exit()
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -15,10 +25,18 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kv_client=warn")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread is plenty for one command at a time; `bench` drives many
+    // concurrent clients and uses every core it is given.
+    let runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kv-client: cannot start the async runtime: {e}");

@@ -142,12 +142,14 @@ impl Kv for Fake {
         })
     }
 
-        async fn set_faults(
+    async fn set_faults(
         self,
         _: Context,
         _: kv_api::FaultSpec,
     ) -> Result<kv_api::FaultReport, KvError> {
-        Err(KvError::InvalidArgument("the fake replica injects no faults".into()))
+        Err(KvError::InvalidArgument(
+            "the fake replica injects no faults".into(),
+        ))
     }
 
     async fn status(self, _: Context) -> ReplicaStatus {

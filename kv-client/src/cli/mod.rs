@@ -1,0 +1,626 @@
+//! The `kv-client` command line: argument parsing and the commands, kept in
+//! the library so the binary stays a thin `main`.
+//!
+//! Exit statuses (scripts rely on them):
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | `get`: no such key; `cas`: not swapped |
+//! | 2 | bad usage or invalid input (arguments, sizes, replica file) |
+//! | 3 | no quorum answered before the timeout; a write's outcome is unknown (unless no replica could even be reached: then it was not sent) |
+//!
+//! # Layout
+//!
+//! - this module — [`Cli`], [`Command`], [`run`] and the one-shot commands.
+//! - `output` — how results and errors are shown (`--output text|json`).
+//! - `fault` — `kv-client fault`: failure injection at run time.
+//! - `shell` — `kv-client shell`: the interactive prompt.
+//! - `bench` — `kv-client bench`: the closed-loop load generator.
+
+mod bench;
+mod fault;
+mod output;
+mod shell;
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use kv_api::replicas::Replicas;
+use kv_api::{Op, OpResult, ReplicaStatus};
+use serde::Serialize;
+
+use crate::{Client, ClientBuilder, Error};
+
+pub use bench::BenchArgs;
+pub use fault::FaultArgs;
+use output::Reply;
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: `get` found no such key, or `cas` did not swap.
+pub const EXIT_NO: u8 = 1;
+/// Exit status: bad usage or invalid input.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: no quorum answered before the timeout.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+const EXAMPLES: &str = "\
+Examples:
+  kv-client put color blue
+  printf 'two\\nlines' | kv-client put note -
+  kv-client get color
+  kv-client get --local color
+  kv-client --output json get color
+  kv-client delete color
+  kv-client cas color green --expect blue
+  kv-client cas lock me --expect-absent
+  kv-client --server 127.0.0.1:7002 --timeout 0.5 get color
+  kv-client status
+  kv-client shell
+  kv-client fault --server 127.0.0.1:7003 --drop-rate 0.2 --delay-ms 5..50
+  kv-client fault --all --heal
+  kv-client bench --clients 16 --secs 10 --op mixed
+
+Exit status: 0 success; 1 get found no such key, or cas did not swap;
+2 bad usage or invalid input; 3 no quorum answered before the timeout
+(for a write: the outcome is unknown).";
+
+/// Command-line client for a kvpaxos cluster.
+#[derive(Parser, Debug)]
+#[command(name = "kv-client", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// The replica file, one `ID CLIENT_ADDR PEER_ADDR` a line [default:
+    /// `replica` in the current directory].
+    #[arg(long, value_name = "FILE", global = true, conflicts_with = "server")]
+    pub replicas: Option<PathBuf>,
+
+    /// Talk only to this replica (HOST:PORT); it forwards to the leader.
+    /// For `fault`: the replica whose failure injection to change.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub server: Option<String>,
+
+    /// Overall time budget in seconds, retries included (fractions allowed,
+    /// e.g. 0.5). In `shell` and `bench`: the budget of each operation.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout, global = true)]
+    pub timeout: Duration,
+
+    /// How results and errors are shown: `text` for people, `json` for
+    /// programs (one JSON object a line on stdout, errors included).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = Format::Text, global = true)]
+    pub output: Format,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The output formats of `--output`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    /// For people: values as text, messages on stderr.
+    #[default]
+    Text,
+    /// For programs: one JSON object a line on stdout, errors included.
+    Json,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Set KEY to VALUE (`-`: read the value from stdin). Prints nothing on
+    /// success (JSON: `{"ok":true,"slot":N}`).
+    #[command(after_help = "\
+Examples:
+  kv-client put color blue
+  kv-client put config.json - < config.json
+
+With VALUE `-` the value is every byte of stdin, exactly: nothing is
+stripped, not even a trailing newline (use `printf`, not `echo`, for a value
+without one). To store the one-character value `-`, pipe it in:
+`printf - | kv-client put k -`.")]
+    Put {
+        /// The key (at most 1 KiB).
+        #[arg(allow_hyphen_values = true)]
+        key: OsString,
+        /// The value (at most 1 MiB); `-` reads it from stdin.
+        #[arg(allow_hyphen_values = true)]
+        value: OsString,
+    },
+    /// Print the value of KEY and a newline (UTF-8 as is, other bytes as
+    /// \xNN). Exit status 1 if there is no such key.
+    #[command(after_help = "\
+Examples:
+  kv-client get color
+  kv-client get --local color
+  kv-client --output json get color
+
+JSON: {\"key\":\"color\",\"value\":\"blue\",\"found\":true}; for an absent key
+{\"key\":\"color\",\"value\":null,\"found\":false} (exit status 1). A value
+that is not UTF-8 is shown escaped in \"value\" and exactly in
+\"value_base64\" (standard base64, with padding).")]
+    Get {
+        /// Read the first answering replica's own state: fast, possibly
+        /// stale (default: linearizable, through the leader).
+        #[arg(long)]
+        local: bool,
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: OsString,
+    },
+    /// Remove KEY. Prints nothing; succeeds whether or not it existed
+    /// (JSON: `{"existed":BOOL,"slot":N}`).
+    #[command(after_help = "Example: kv-client delete color")]
+    Delete {
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: OsString,
+    },
+    /// Compare and swap: set KEY to NEW only if it now holds OLD
+    /// (--expect OLD) or is absent (--expect-absent). Exit status 0 if
+    /// swapped, 1 if not (the current value is shown on stderr; JSON:
+    /// `{"swapped":BOOL,"current":VALUE|null,"slot":N}`).
+    #[command(
+        group(ArgGroup::new("expectation").required(true).args(["expect", "expect_absent"])),
+        after_help = "Examples:\n  kv-client cas color green --expect blue\n  kv-client cas lock me --expect-absent"
+    )]
+    Cas {
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: OsString,
+        /// The value to store.
+        #[arg(allow_hyphen_values = true)]
+        new: OsString,
+        /// Swap only if the key holds this value.
+        #[arg(long, value_name = "OLD", allow_hyphen_values = true)]
+        expect: Option<OsString>,
+        /// Swap only if the key is absent.
+        #[arg(long)]
+        expect_absent: bool,
+    },
+    /// Ask every replica for its role and progress; print one JSON object a
+    /// line, in replica-file order. Exit status 3 if none answered.
+    #[command(
+        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"ballot_round\":2}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
+    )]
+    Status,
+    /// Change (or just show) the failure injection of one replica
+    /// (--server ADDR) or of every replica of the replica file (--all).
+    /// Prints the resulting report of each replica as one JSON line.
+    #[command(after_help = fault::EXAMPLES)]
+    Fault(FaultArgs),
+    /// An interactive prompt running the same commands (put, get, delete,
+    /// cas, status, fault, help, quit) over one connection.
+    #[command(after_help = shell::EXAMPLES)]
+    Shell,
+    /// Measure throughput and latency: a closed loop of concurrent clients
+    /// for a fixed time; prints one JSON line at the end.
+    #[command(after_help = bench::EXAMPLES)]
+    Bench(BenchArgs),
+}
+
+/// Parses `--timeout`: positive seconds, fractions allowed.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("the timeout must be above zero, got {s}"));
+    }
+    let d = Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))?;
+    if d > crate::MAX_TIMEOUT {
+        return Err(format!(
+            "the timeout must be at most {} seconds, got {s}",
+            crate::MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+fn bytes(s: OsString) -> Vec<u8> {
+    #[cfg(unix)]
+    {
+        std::os::unix::ffi::OsStringExt::into_vec(s)
+    }
+    #[cfg(not(unix))]
+    {
+        s.to_string_lossy().into_owned().into_bytes()
+    }
+}
+
+/// One line of `status` output.
+#[derive(Serialize, Debug, PartialEq)]
+pub struct StatusLine {
+    /// The replica id (from the replica file, else from its answer).
+    pub id: Option<u64>,
+    /// The address asked.
+    pub addr: String,
+    /// Whether it answered.
+    pub up: bool,
+    /// Whether it believes itself the leader.
+    pub leader: bool,
+    /// The leader it knows of.
+    pub leader_id: Option<u64>,
+    /// Highest applied log index.
+    pub applied: Option<u64>,
+    /// Highest index of the chosen prefix it knows.
+    pub chosen: Option<u64>,
+    /// Index covered by its latest snapshot.
+    pub snapshot: Option<u64>,
+    /// Number of keys.
+    pub keys: Option<u64>,
+    /// Round of the highest ballot it promised.
+    pub ballot_round: Option<u64>,
+    /// Why it did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl StatusLine {
+    /// The line for the replica at `addr`, known as `file_id` in the replica
+    /// file (`None` with `--server`).
+    pub fn new(file_id: Option<u64>, addr: &str, answer: &Result<ReplicaStatus, Error>) -> Self {
+        match answer {
+            Ok(s) => StatusLine {
+                id: file_id.or(Some(s.id)),
+                addr: addr.to_string(),
+                up: true,
+                leader: s.leader,
+                leader_id: s.leader_id,
+                applied: Some(s.applied),
+                chosen: Some(s.chosen),
+                snapshot: Some(s.snapshot),
+                keys: Some(s.keys),
+                ballot_round: Some(s.ballot_round),
+                error: None,
+            },
+            Err(e) => StatusLine {
+                id: file_id,
+                addr: addr.to_string(),
+                up: false,
+                leader: false,
+                leader_id: None,
+                applied: None,
+                chosen: None,
+                snapshot: None,
+                keys: None,
+                ballot_round: None,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Why a command failed: its exit status, a machine-readable kind (the
+/// `"kind"` of a JSON error) and a message for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) kind: &'static str,
+    pub(crate) msg: String,
+}
+
+impl Failure {
+    /// Bad usage or invalid input (exit status 2).
+    pub(crate) fn usage(msg: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            kind: "invalid_argument",
+            msg: msg.into(),
+        }
+    }
+
+    /// An SDK error; `write` says whether the operation was a write, whose
+    /// outcome the message must then qualify.
+    pub(crate) fn from_error(e: Error, write: bool) -> Failure {
+        let kind = error_kind(&e);
+        let (code, msg) = match e {
+            Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
+            // Unavailable means no connection was ever made: nothing was sent.
+            Error::Unavailable(_) if write => (
+                EXIT_UNAVAILABLE,
+                format!("{e}\nno replica could be reached, so the write was not sent"),
+            ),
+            _ if write => (
+                EXIT_UNAVAILABLE,
+                format!("{e}\nthe write's outcome is unknown: it may or may not have been applied"),
+            ),
+            _ => (EXIT_UNAVAILABLE, e.to_string()),
+        };
+        Failure { code, kind, msg }
+    }
+}
+
+/// The `"kind"` of an SDK error in JSON output.
+pub(crate) fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidArgument(_) => "invalid_argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::Timeout(_) => "timeout",
+        Error::Protocol { .. } => "protocol",
+    }
+}
+
+/// The settings every command shares, taken from the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) replicas: Option<PathBuf>,
+    pub(crate) server: Option<String>,
+    pub(crate) timeout: Duration,
+    pub(crate) format: Format,
+}
+
+impl Settings {
+    fn of(cli: &Cli) -> Settings {
+        Settings {
+            replicas: cli.replicas.clone(),
+            server: cli.server.clone(),
+            timeout: cli.timeout,
+            format: cli.output,
+        }
+    }
+
+    /// The replica file, loaded (`--replicas`, default `replica`).
+    pub(crate) fn load_replicas(&self) -> Result<Replicas, Failure> {
+        let path = self
+            .replicas
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("replica"));
+        Replicas::load(&path).map_err(|e| Failure::usage(e.to_string()))
+    }
+
+    /// A client builder for `--server` or the replica file, and the replica
+    /// ids in address order (`None` with `--server`).
+    pub(crate) fn builder(&self) -> Result<(ClientBuilder, Vec<Option<u64>>), Failure> {
+        let builder = Client::builder().timeout(self.timeout);
+        Ok(match &self.server {
+            // Only this replica, as the contract says: it forwards to the
+            // leader; its hints are shown in errors, not followed.
+            Some(addr) => (
+                builder.addrs(vec![addr.clone()]).follow_hints(false),
+                vec![None],
+            ),
+            None => {
+                let r = self.load_replicas()?;
+                let ids = r.replicas.iter().map(|r| Some(r.id)).collect();
+                (builder.replicas(r), ids)
+            }
+        })
+    }
+}
+
+/// Runs a parsed command line and returns the exit status. Writes results
+/// to stdout and messages to stderr. One-shot commands never take much
+/// longer than the `--timeout` budget; `bench` runs for its `--secs` (plus
+/// at most one operation's budget) and `shell` until end of input.
+pub async fn run(cli: Cli) -> u8 {
+    let settings = Settings::of(&cli);
+    match cli.command {
+        Command::Shell => shell::run(settings).await,
+        Command::Bench(args) => bench::run(settings, args).await,
+        command => {
+            let reply = one_shot(&settings, command).await;
+            reply.emit(settings.format)
+        }
+    }
+}
+
+/// Runs one command of the command line (not `shell` or `bench`).
+async fn one_shot(settings: &Settings, command: Command) -> Reply {
+    // `put KEY -` reads its value before the clock starts.
+    let command = match command {
+        Command::Put { key, value } if value == "-" => match read_stdin_value() {
+            Ok(v) => Command::Put {
+                key,
+                value: os_from_bytes(v),
+            },
+            Err(f) => return Reply::failed(f),
+        },
+        other => other,
+    };
+    if let Command::Fault(args) = command {
+        return fault::run(settings, args).await;
+    }
+    let (builder, ids) = match settings.builder() {
+        Ok(b) => b,
+        Err(f) => return Reply::failed(f),
+    };
+    let client = match builder.build() {
+        Ok(c) => c,
+        Err(e) => return Reply::failed(Failure::from_error(e, false)),
+    };
+    run_bounded(settings, &client, &ids, command).await
+}
+
+/// Runs one command with the shared client, bounded by the budget plus half
+/// a second: every SDK call is bounded already; this is the promise that the
+/// command as a whole never hangs.
+pub(crate) async fn run_bounded(
+    settings: &Settings,
+    client: &Client,
+    ids: &[Option<u64>],
+    command: Command,
+) -> Reply {
+    let budget = settings.timeout;
+    let work = execute(settings, client, ids, command);
+    match tokio::time::timeout(budget + Duration::from_millis(500), work).await {
+        Ok(reply) => reply,
+        Err(_) => Reply::failed(Failure {
+            code: EXIT_UNAVAILABLE,
+            kind: "timeout",
+            msg: format!(
+                "timed out after {} s; if this was a write, its outcome is unknown",
+                budget.as_secs_f64()
+            ),
+        }),
+    }
+}
+
+/// Reads a value from stdin: every byte, nothing stripped. Reads at most one
+/// byte over the value limit, so that a huge input is refused, not stored
+/// in memory.
+fn read_stdin_value() -> Result<Vec<u8>, Failure> {
+    let limit = kv_api::Limits::default().max_value as u64 + 1;
+    let mut v = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit)
+        .read_to_end(&mut v)
+        .map_err(|e| Failure::usage(format!("cannot read the value from stdin: {e}")))?;
+    Ok(v)
+}
+
+fn os_from_bytes(v: Vec<u8>) -> OsString {
+    #[cfg(unix)]
+    {
+        std::os::unix::ffi::OsStringExt::from_vec(v)
+    }
+    #[cfg(not(unix))]
+    {
+        OsString::from(String::from_utf8_lossy(&v).into_owned())
+    }
+}
+
+/// Sends a write and returns its result and slot.
+async fn write(client: &Client, op: Op) -> Result<(OpResult, u64), Failure> {
+    let (o, addr) = client
+        .write_op(op)
+        .await
+        .map_err(|e| Failure::from_error(e, true))?;
+    if o.result == OpResult::Stale {
+        return Err(Failure::from_error(
+            Error::Protocol {
+                addr,
+                detail: "the write was answered as stale".into(),
+            },
+            true,
+        ));
+    }
+    Ok((o.result, o.slot))
+}
+
+fn mismatch(what: &str, got: &OpResult) -> Failure {
+    Failure::from_error(
+        Error::Protocol {
+            addr: "the cluster".into(),
+            detail: format!("a {what} was answered with {got:?}"),
+        },
+        true,
+    )
+}
+
+/// Runs one command (not `shell` or `bench`) with `client`.
+pub(crate) async fn execute(
+    settings: &Settings,
+    client: &Client,
+    ids: &[Option<u64>],
+    command: Command,
+) -> Reply {
+    match execute_inner(settings, client, ids, command).await {
+        Ok(r) => r,
+        Err(f) => Reply::failed(f),
+    }
+}
+
+async fn execute_inner(
+    settings: &Settings,
+    client: &Client,
+    ids: &[Option<u64>],
+    command: Command,
+) -> Result<Reply, Failure> {
+    match command {
+        Command::Put { key, value } => {
+            let op = Op::Put {
+                key: bytes(key),
+                value: bytes(value),
+            };
+            match write(client, op).await? {
+                (OpResult::Put, slot) => Ok(Reply::put(slot)),
+                (other, _) => Err(mismatch("put", &other)),
+            }
+        }
+        Command::Get { local, key } => {
+            let key = bytes(key);
+            let v = if local {
+                client.get_local(key.clone()).await
+            } else {
+                client.get(key.clone()).await
+            }
+            .map_err(|e| Failure::from_error(e, false))?;
+            Ok(Reply::get(&key, v.as_deref()))
+        }
+        Command::Delete { key } => match write(client, Op::Delete { key: bytes(key) }).await? {
+            (OpResult::Deleted { existed }, slot) => Ok(Reply::deleted(existed, slot)),
+            (other, _) => Err(mismatch("delete", &other)),
+        },
+        Command::Cas {
+            key,
+            new,
+            expect,
+            expect_absent: _,
+        } => {
+            let op = Op::Cas {
+                key: bytes(key),
+                expected: expect.map(bytes),
+                new: bytes(new),
+            };
+            match write(client, op).await? {
+                (OpResult::Cas { swapped, current }, slot) => {
+                    Ok(Reply::cas(swapped, current.as_deref(), slot))
+                }
+                (other, _) => Err(mismatch("compare-and-swap", &other)),
+            }
+        }
+        Command::Status => {
+            let answers = client.status().await;
+            let mut reply = Reply::default();
+            let mut any_up = false;
+            for (i, (addr, answer)) in answers.iter().enumerate() {
+                any_up |= answer.is_ok();
+                let line = StatusLine::new(ids.get(i).copied().flatten(), addr, answer);
+                reply.json_line(&line);
+            }
+            if !any_up {
+                reply.fail(Failure {
+                    code: EXIT_UNAVAILABLE,
+                    kind: "unavailable",
+                    msg: "no replica answered".into(),
+                });
+            }
+            Ok(reply)
+        }
+        Command::Fault(args) => Ok(fault::run(settings, args).await),
+        Command::Shell | Command::Bench(_) => Err(Failure::usage(
+            "`shell` and `bench` cannot be run from the shell",
+        )),
+    }
+}
+
+/// Whether a raw command line asks for JSON output, for reporting a usage
+/// error (found by clap before the command line is understood) as JSON.
+pub fn wants_json<I: IntoIterator<Item = OsString>>(args: I) -> bool {
+    let args: Vec<OsString> = args.into_iter().collect();
+    args.iter().enumerate().any(|(i, a)| {
+        a == "--output=json" || (a == "--output" && args.get(i + 1).is_some_and(|n| n == "json"))
+    })
+}
+
+/// The JSON line for a usage error found by clap (`kind`
+/// `"invalid_argument"`), for `--output json`.
+pub fn usage_error_json(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let msg = text
+        .lines()
+        .next()
+        .unwrap_or("bad usage")
+        .trim_start_matches("error: ")
+        .to_string();
+    output::error_json(&Failure::usage(msg))
+}
+
+#[cfg(test)]
+mod tests;
