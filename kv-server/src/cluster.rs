@@ -6,7 +6,7 @@
 //! it waits for the exit and is the only one to signal the process, so a
 //! signal can never reach a pid that was already reaped and reused. The
 //! supervisor talks to the watchers through channels and learns of every
-//! exit on one queue, which is where a later chaos mode restarts replicas.
+//! exit on one queue.
 //!
 //! The children are started in their own process group, so Ctrl-C at a
 //! terminal reaches only the supervisor, which then stops them in order
@@ -15,20 +15,51 @@
 //! supervisor die without cleaning up (SIGKILL), the pipe closes and the
 //! replicas stop by themselves instead of holding their ports forever.
 
+//!
+//! # Chaos mode
+//!
+//! With [`ChaosSettings`] (`kv-server cluster --chaos`) the supervisor also
+//! watches the replicas' health and injects faults, in three separate parts:
+//!
+//! - [`ChaosPlan`] decides, and only decides: given its seeded RNG and who is
+//!   up and down now, which fault comes next (SIGKILL or SIGSTOP a replica
+//!   for how long) and when. It is pure, so a seed reproduces a schedule and
+//!   the unit tests check that it never takes more than `max_down` replicas
+//!   down at once.
+//! - The [`Supervisor`] carries the decisions out on the processes (through
+//!   the watchers), restarts killed replicas and resumes paused ones when
+//!   their time is up, and restarts replicas that exit by themselves. It
+//!   prints one `chaos: ...` line per action and a summary at shutdown, when
+//!   it also resumes any paused replica before stopping them all.
+//! - One health poller per replica calls the client API's `status` RPC every
+//!   [`POLL_EVERY`] with a short deadline; a pure [`HealthTracker`] turns the
+//!   answers into `health: ...` lines: a replica stopped answering, answers
+//!   again, the leader changed.
+//!
+//! Should the supervisor itself be killed (SIGKILL) while a replica is
+//! paused, that replica's process group is orphaned with a stopped member,
+//! so the kernel sends it SIGHUP and SIGCONT, which ends it.
+
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use kv_api::replicas::{ReplicaAddr, Replicas};
-use kv_api::ReplicaId;
+use kv_api::{KvClient, ReplicaId, ReplicaStatus};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tarpc::tokio_serde::formats::Bincode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
 /// How long the replicas get to stop after SIGTERM before they are killed.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -40,9 +71,27 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// output lines to be copied (a grandchild could hold the pipes open).
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-/// Capacity of each watcher's control queue: it only ever holds a SIGTERM
-/// and a SIGKILL request.
-const CONTROL_QUEUE: usize = 4;
+/// Capacity of each watcher's control queue: at most a pause or kill, a
+/// resume, a SIGTERM and a SIGKILL request are ever pending.
+const CONTROL_QUEUE: usize = 8;
+
+/// How often the health pollers ask each replica for its status.
+pub const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// How long a replica has to answer a status call (connecting included).
+const STATUS_DEADLINE: Duration = Duration::from_millis(400);
+
+/// Consecutive unanswered status calls after which a replica that answered
+/// before counts as failed: one slow answer on a loaded machine is not a
+/// failure.
+const MISSES_FOR_FAILURE: u32 = 2;
+
+/// Chaos mode restarts a replica that exited by itself after this delay,
+/// doubled for every further exit within [`QUICK_EXIT`] of its start, up to
+/// [`MAX_RESTART_DELAY`]: one that cannot start is not restarted in a loop.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+const QUICK_EXIT: Duration = Duration::from_secs(10);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
 /// Runs the replicas of one replica file as child processes and stops them.
 pub struct Supervisor {
@@ -51,6 +100,7 @@ pub struct Supervisor {
     replica_file: PathBuf,
     data_dir: PathBuf,
     grace: Duration,
+    chaos: Option<ChaosSettings>,
     running: BTreeMap<ReplicaId, Running>,
     exits_tx: mpsc::Sender<Exited>,
     exits: mpsc::Receiver<Exited>,
@@ -59,6 +109,7 @@ pub struct Supervisor {
 /// A replica process the supervisor started and has not yet seen exit.
 struct Running {
     pid: u32,
+    started: Instant,
     control: mpsc::Sender<Control>,
     /// Held open for the child's `--exit-on-stdin-eof`; dropping it (or the
     /// supervisor dying) tells the child to stop.
@@ -72,6 +123,10 @@ enum Control {
     Terminate,
     /// Send SIGKILL.
     Kill,
+    /// Send SIGSTOP.
+    Pause,
+    /// Send SIGCONT.
+    Resume,
 }
 
 /// A child's exit, as reported by its watcher.
@@ -100,6 +155,7 @@ impl Supervisor {
             replica_file,
             data_dir,
             grace: DEFAULT_GRACE,
+            chaos: None,
             running: BTreeMap::new(),
             exits_tx,
             exits,
@@ -112,10 +168,17 @@ impl Supervisor {
         self
     }
 
+    /// Turns on chaos mode: health checks and fault injection.
+    pub fn with_chaos(mut self, settings: ChaosSettings) -> Supervisor {
+        self.chaos = Some(settings);
+        self
+    }
+
     /// Starts every replica, prints where each listens, reports unexpected
-    /// exits, and stops them all when `shutdown` resolves. Fails if a replica
-    /// cannot be started (the others are stopped first) or once every
-    /// replica has exited by itself.
+    /// exits (in chaos mode: restarts them, checks health and injects
+    /// faults), and stops them all when `shutdown` resolves. Fails if a
+    /// replica cannot be started (the others are stopped first) or, outside
+    /// chaos mode, once every replica has exited by itself.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(
             replicas = self.replicas.replicas.len(),
@@ -129,30 +192,45 @@ impl Supervisor {
                 return Err(e);
             }
         }
+        let mut chaos = self
+            .chaos
+            .take()
+            .map(|settings| Chaos::start(settings, &self.replicas));
 
         tokio::pin!(shutdown);
         let result = loop {
+            let wake = chaos.as_ref().map(Chaos::next_wake);
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 Some(exit) = self.exits.recv() => {
-                    self.running.remove(&exit.id);
-                    report(format_args!(
-                        "replica {} exited unexpectedly: {} (pid {})",
-                        exit.id,
-                        describe(&exit.status),
-                        exit.pid
-                    ));
-                    // Restarting it belongs here (chaos mode). Until then a
-                    // cluster with no replica left has nothing to supervise.
-                    if self.running.is_empty() {
-                        break Err(anyhow::anyhow!("every replica has exited"));
+                    if let Err(e) = self.on_exit(exit, chaos.as_mut()) {
+                        break Err(e);
+                    }
+                }
+                Some(observation) = recv_health(chaos.as_mut()) => {
+                    if let Some(chaos) = chaos.as_mut() {
+                        for event in chaos.health.observe(observation) {
+                            report(format_args!("{event}"));
+                        }
+                    }
+                }
+                _ = sleep_until_some(wake) => {
+                    if let Some(chaos) = chaos.as_mut() {
+                        self.on_chaos_timer(chaos);
                     }
                 }
             }
         };
+        if let Some(chaos) = chaos.as_mut() {
+            chaos.stop_health_checks();
+            self.resume_paused(chaos);
+        }
         self.stop_all().await;
         if result.is_ok() {
             report(format_args!("all replicas stopped"));
+        }
+        if let Some(chaos) = &chaos {
+            report(format_args!("{}", chaos.summary()));
         }
         result
     }
@@ -207,11 +285,204 @@ impl Supervisor {
             id,
             Running {
                 pid,
+                started: Instant::now(),
                 control,
                 _stdin: stdin,
             },
         );
         Ok(())
+    }
+
+    /// Handles a child's exit: expected after a chaos kill; otherwise
+    /// reported, and in chaos mode the replica is restarted later.
+    fn on_exit(&mut self, exit: Exited, chaos: Option<&mut Chaos>) -> anyhow::Result<()> {
+        // Only the current process of a replica can be reported: a replica
+        // is restarted only after its previous process was reaped.
+        let Some(running) = self.running.remove(&exit.id) else {
+            return Ok(());
+        };
+        let Some(chaos) = chaos else {
+            report(format_args!(
+                "replica {} exited unexpectedly: {} (pid {})",
+                exit.id,
+                describe(&exit.status),
+                exit.pid
+            ));
+            // A cluster with no replica left has nothing to supervise.
+            if self.running.is_empty() {
+                return Err(anyhow::anyhow!("every replica has exited"));
+            }
+            return Ok(());
+        };
+        if let Some(down) = chaos.down.get_mut(&exit.id) {
+            if down.cause == Cause::Killed {
+                down.reaped = true;
+                return Ok(());
+            }
+        }
+        // Exited by itself (or killed by someone else), perhaps while paused.
+        let quick = running.started.elapsed() < QUICK_EXIT;
+        let exits = chaos.quick_exits.entry(exit.id).or_default();
+        *exits = if quick { *exits + 1 } else { 0 };
+        let delay = RESTART_DELAY
+            .saturating_mul(1 << (*exits).min(5))
+            .min(MAX_RESTART_DELAY);
+        chaos.counts.unexpected_exits += 1;
+        report(format_args!(
+            "replica {} exited unexpectedly: {} (pid {}); restarting it in {}",
+            exit.id,
+            describe(&exit.status),
+            exit.pid,
+            seconds(delay)
+        ));
+        chaos.down.insert(
+            exit.id,
+            Down {
+                cause: Cause::Exited,
+                since: Instant::now(),
+                until: Instant::now() + delay,
+                reaped: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Brings back the replicas whose down time is over, then injects the
+    /// next fault if it is due.
+    fn on_chaos_timer(&mut self, chaos: &mut Chaos) {
+        let now = Instant::now();
+        let due: Vec<ReplicaId> = chaos
+            .down
+            .iter()
+            .filter(|(_, down)| down.ready() && down.until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.bring_back(id, chaos);
+        }
+        if chaos.next_fault <= now {
+            self.inject(chaos);
+            chaos.next_fault = now + chaos.plan.next_interval();
+        }
+    }
+
+    /// Ends one replica's down time: resumes or restarts it.
+    fn bring_back(&mut self, id: ReplicaId, chaos: &mut Chaos) {
+        let Some(down) = chaos.down.get(&id).copied() else {
+            return;
+        };
+        let was_down = seconds(down.since.elapsed());
+        match down.cause {
+            Cause::Paused => {
+                chaos.down.remove(&id);
+                if let Some(r) = self.running.get(&id) {
+                    let _ = r.control.try_send(Control::Resume);
+                    chaos.counts.resumes += 1;
+                    report(format_args!(
+                        "chaos: resume replica {id} (pid {}) after {was_down}",
+                        r.pid
+                    ));
+                }
+            }
+            Cause::Killed | Cause::Exited => {
+                let Some(replica) = self.replicas.get(id).cloned() else {
+                    chaos.down.remove(&id);
+                    return;
+                };
+                report(format_args!("chaos: restart replica {id} after {was_down}"));
+                match self.start(&replica) {
+                    Ok(()) => {
+                        chaos.down.remove(&id);
+                        chaos.counts.restarts += 1;
+                    }
+                    Err(e) => {
+                        report(format_args!(
+                            "chaos: cannot restart replica {id}: {e:#}; retrying in {}",
+                            seconds(RESTART_DELAY)
+                        ));
+                        if let Some(down) = chaos.down.get_mut(&id) {
+                            down.until = Instant::now() + RESTART_DELAY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the plan for a fault and causes it.
+    fn inject(&mut self, chaos: &mut Chaos) {
+        let up: Vec<ReplicaId> = self
+            .running
+            .keys()
+            .filter(|id| !chaos.down.contains_key(id))
+            .copied()
+            .collect();
+        let Some(fault) = chaos.plan.next_fault(&up, chaos.down.len()) else {
+            return;
+        };
+        let Some(r) = self.running.get(&fault.id) else {
+            return;
+        };
+        let (control, cause) = match fault.kind {
+            FaultKind::Kill => (Control::Kill, Cause::Killed),
+            FaultKind::Pause => (Control::Pause, Cause::Paused),
+        };
+        if let Err(e) = r.control.try_send(control) {
+            // The watcher is reporting the exit right now: the replica is
+            // down already, and the exit will be handled as unexpected.
+            tracing::warn!(id = fault.id, "cannot {control:?} the replica: {e}");
+            return;
+        }
+        let now = Instant::now();
+        chaos.down.insert(
+            fault.id,
+            Down {
+                cause,
+                since: now,
+                until: now + fault.down_for,
+                reaped: false,
+            },
+        );
+        let (verb, back) = match fault.kind {
+            FaultKind::Kill => {
+                chaos.counts.kills += 1;
+                ("kill", "restart in")
+            }
+            FaultKind::Pause => {
+                chaos.counts.pauses += 1;
+                ("pause", "resume in")
+            }
+        };
+        report(format_args!(
+            "chaos: {verb} replica {} (pid {}), {back} {}; {} of {} down",
+            fault.id,
+            r.pid,
+            seconds(fault.down_for),
+            chaos.down.len(),
+            self.replicas.replicas.len()
+        ));
+    }
+
+    /// Sends SIGCONT to every paused replica, so that none is left stopped
+    /// and each can act on the SIGTERM that follows.
+    fn resume_paused(&mut self, chaos: &mut Chaos) {
+        let paused: Vec<ReplicaId> = chaos
+            .down
+            .iter()
+            .filter(|(_, d)| d.cause == Cause::Paused)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in paused {
+            chaos.down.remove(&id);
+            if let Some(r) = self.running.get(&id) {
+                let _ = r.control.try_send(Control::Resume);
+                chaos.counts.resumes += 1;
+                report(format_args!(
+                    "chaos: resume replica {id} (pid {}) before stopping it",
+                    r.pid
+                ));
+            }
+        }
     }
 
     /// Stops every running replica: SIGTERM, then SIGKILL for those still
@@ -283,19 +554,23 @@ async fn watch(
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            Some(request) = control.recv() => match request {
-                Control::Terminate => {
-                    // `id()` is `None` once the child has been reaped, so
-                    // the pid cannot belong to another process by now.
-                    if let Some(pid) = child.id() {
-                        if let Err(e) = terminate(pid) {
-                            tracing::warn!(id, pid, "cannot send SIGTERM: {e}");
-                        }
-                    }
-                }
-                Control::Kill => {
+            Some(request) = control.recv() => {
+                if let Control::Kill = request {
                     if let Err(e) = child.start_kill() {
                         tracing::warn!(id, pid, "cannot send SIGKILL: {e}");
+                    }
+                    continue;
+                }
+                let signal = match request {
+                    Control::Terminate => libc::SIGTERM,
+                    Control::Pause => libc::SIGSTOP,
+                    Control::Resume | Control::Kill => libc::SIGCONT,
+                };
+                // `id()` is `None` once the child has been reaped, so the
+                // pid cannot belong to another process by now.
+                if let Some(pid) = child.id() {
+                    if let Err(e) = send_signal(pid, signal) {
+                        tracing::warn!(id, pid, "cannot send {request:?} signal: {e}");
                     }
                 }
             }
@@ -348,21 +623,555 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// Sends SIGTERM to a child process (tokio's `Child` can only send SIGKILL).
+/// "2.4 s".
+fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Sends `signal` to a child process (tokio's `Child` can only send SIGKILL).
 // The one unsafe call of the binary: `kill(2)` through libc, as neither std
 // nor tokio offers another signal than SIGKILL.
 #[allow(unsafe_code)]
-fn terminate(pid: u32) -> std::io::Result<()> {
+fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
         .map_err(|_| std::io::Error::other(format!("pid {pid} out of range")))?;
     // SAFETY: kill(2) takes two integers and touches no memory of ours. The
     // caller guarantees `pid` is an unreaped child of ours, so it names that
     // child and no other process.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(pid, signal) };
     if rc == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+// ------------------------------------------------------------ chaos mode
+
+/// What `--chaos` was given.
+#[derive(Clone, Debug)]
+pub struct ChaosSettings {
+    /// Seeds the fault schedule; the same seed repeats the same decisions.
+    pub seed: u64,
+    /// Never more than this many replicas down (killed, paused or exited)
+    /// at once.
+    pub max_down: usize,
+    /// Time from one fault to the next.
+    pub interval: MsRange,
+    /// How long a killed replica stays down before it is restarted, or a
+    /// paused one before it is resumed.
+    pub down_for: MsRange,
+}
+
+/// A range of milliseconds, `MIN..MAX` (both included) or a single `N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsRange {
+    /// The shortest time, in milliseconds.
+    pub min: u64,
+    /// The longest time, in milliseconds.
+    pub max: u64,
+}
+
+impl MsRange {
+    fn pick(&self, rng: &mut StdRng) -> Duration {
+        Duration::from_millis(rng.random_range(self.min..=self.max))
+    }
+}
+
+impl FromStr for MsRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<MsRange, String> {
+        let number = |part: &str| {
+            part.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{text:?} is not MIN..MAX in milliseconds, e.g. 300..800"))
+        };
+        let (min, max) = match text.split_once("..") {
+            Some((min, max)) => (number(min)?, number(max.trim_start_matches('='))?),
+            None => {
+                let n = number(text)?;
+                (n, n)
+            }
+        };
+        if min > max {
+            return Err(format!("{text:?}: the minimum is above the maximum"));
+        }
+        if max == 0 {
+            return Err(format!("{text:?}: the maximum must be above 0 ms"));
+        }
+        Ok(MsRange { min, max })
+    }
+}
+
+impl fmt::Display for MsRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{} ms", self.min, self.max)
+    }
+}
+
+/// A fault the plan decided on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The replica to take down.
+    pub id: ReplicaId,
+    /// How.
+    pub kind: FaultKind,
+    /// For how long.
+    pub down_for: Duration,
+}
+
+/// How a replica is taken down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// SIGKILL, restarted later with the same arguments and data directory.
+    Kill,
+    /// SIGSTOP, continued later with SIGCONT.
+    Pause,
+}
+
+/// The fault schedule: decides what to break and when, never does it.
+/// Deterministic for a seed and the same sequence of states.
+pub struct ChaosPlan {
+    rng: StdRng,
+    max_down: usize,
+    interval: MsRange,
+    down_for: MsRange,
+}
+
+impl ChaosPlan {
+    /// The plan of `settings`, its RNG seeded with `settings.seed`.
+    pub fn new(settings: &ChaosSettings) -> ChaosPlan {
+        ChaosPlan {
+            rng: StdRng::seed_from_u64(settings.seed),
+            max_down: settings.max_down,
+            interval: settings.interval,
+            down_for: settings.down_for,
+        }
+    }
+
+    /// How long to wait before the next fault.
+    pub fn next_interval(&mut self) -> Duration {
+        self.interval.pick(&mut self.rng)
+    }
+
+    /// The fault to cause now, given the replicas that are `up` (in any
+    /// order) and how many are `down`: `None` if `max_down` replicas are
+    /// down already or none is up (the turn is skipped).
+    pub fn next_fault(&mut self, up: &[ReplicaId], down: usize) -> Option<Fault> {
+        if down >= self.max_down || up.is_empty() {
+            return None;
+        }
+        let mut candidates = up.to_vec();
+        candidates.sort_unstable();
+        let id = candidates[self.rng.random_range(0..candidates.len())];
+        let kind = if self.rng.random_bool(0.5) {
+            FaultKind::Kill
+        } else {
+            FaultKind::Pause
+        };
+        let down_for = self.down_for.pick(&mut self.rng);
+        Some(Fault { id, kind, down_for })
+    }
+}
+
+/// Why a replica is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// We sent SIGKILL; restart when its time is up.
+    Killed,
+    /// We sent SIGSTOP; resume when its time is up.
+    Paused,
+    /// It exited by itself; restart after a delay.
+    Exited,
+}
+
+/// A replica chaos mode has taken down (or seen exit) and will bring back.
+#[derive(Clone, Copy, Debug)]
+struct Down {
+    cause: Cause,
+    since: Instant,
+    until: Instant,
+    /// For `Killed`: whether its exit has been seen; it is restarted only
+    /// then, so that the old process no longer holds its ports or files.
+    reaped: bool,
+}
+
+impl Down {
+    /// Whether it can be brought back once `until` has passed.
+    fn ready(&self) -> bool {
+        self.cause != Cause::Killed || self.reaped
+    }
+}
+
+/// What chaos mode did, for the summary.
+#[derive(Debug, Default)]
+struct ChaosCounts {
+    kills: u64,
+    restarts: u64,
+    pauses: u64,
+    resumes: u64,
+    unexpected_exits: u64,
+}
+
+/// The state of chaos mode inside [`Supervisor::run`].
+struct Chaos {
+    seed: u64,
+    plan: ChaosPlan,
+    next_fault: Instant,
+    down: BTreeMap<ReplicaId, Down>,
+    /// Consecutive exits soon after start, per replica (restart back-off).
+    quick_exits: BTreeMap<ReplicaId, u32>,
+    counts: ChaosCounts,
+    health: HealthTracker,
+    observations: mpsc::Receiver<Observation>,
+    pollers: Vec<JoinHandle<()>>,
+}
+
+impl Chaos {
+    /// Prints the settings (the seed first, to repeat the run), starts the
+    /// health pollers and schedules the first fault.
+    fn start(settings: ChaosSettings, replicas: &Replicas) -> Chaos {
+        let n = replicas.replicas.len();
+        report(format_args!(
+            "chaos: seed {} (repeat with --chaos-seed {}); a fault every {}, \
+             each for {}; at most {} of {n} replicas down at once",
+            settings.seed, settings.seed, settings.interval, settings.down_for, settings.max_down
+        ));
+        if settings.max_down >= replicas.quorum() {
+            report(format_args!(
+                "chaos: with {} down only {} of {n} would be left, fewer than a \
+                 majority ({}): writes will stall until enough are back",
+                settings.max_down,
+                n.saturating_sub(settings.max_down),
+                replicas.quorum()
+            ));
+        }
+        let (tx, observations) = mpsc::channel(4 * n.max(1));
+        let pollers = replicas
+            .replicas
+            .iter()
+            .map(|r| tokio::spawn(poll_health(r.id, r.client_addr.clone(), tx.clone())))
+            .collect();
+        let mut plan = ChaosPlan::new(&settings);
+        let next_fault = Instant::now() + plan.next_interval();
+        Chaos {
+            seed: settings.seed,
+            plan,
+            next_fault,
+            down: BTreeMap::new(),
+            quick_exits: BTreeMap::new(),
+            counts: ChaosCounts::default(),
+            health: HealthTracker::new(replicas.replicas.iter().map(|r| r.id)),
+            observations,
+            pollers,
+        }
+    }
+
+    /// When the supervisor must act next: the next fault, or a replica to
+    /// bring back.
+    fn next_wake(&self) -> Instant {
+        self.down
+            .values()
+            .filter(|d| d.ready())
+            .map(|d| d.until)
+            .fold(self.next_fault, Instant::min)
+    }
+
+    fn stop_health_checks(&mut self) {
+        for poller in &self.pollers {
+            poller.abort();
+        }
+        self.observations.close();
+    }
+
+    fn summary(&self) -> String {
+        let c = &self.counts;
+        let h = &self.health.counts;
+        format!(
+            "chaos summary: seed {}; {} faults injected: {} kills, {} pauses; \
+             {} restarts, {} resumes; {} unexpected exits; detected {} failures, \
+             {} recoveries, {} leader changes",
+            self.seed,
+            c.kills + c.pauses,
+            c.kills,
+            c.pauses,
+            c.restarts,
+            c.resumes,
+            c.unexpected_exits,
+            h.failures,
+            h.recoveries,
+            h.leader_changes
+        )
+    }
+}
+
+async fn recv_health(chaos: Option<&mut Chaos>) -> Option<Observation> {
+    match chaos {
+        Some(chaos) => chaos.observations.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(wake: Option<Instant>) {
+    match wake {
+        Some(wake) => sleep_until(wake).await,
+        None => std::future::pending().await,
+    }
+}
+
+// -------------------------------------------------------- health checks
+
+/// One status poll of one replica.
+#[derive(Debug)]
+pub struct Observation {
+    id: ReplicaId,
+    at: Instant,
+    /// The status, or why there is none.
+    status: Result<ReplicaStatus, String>,
+}
+
+/// Polls one replica's `status` every [`POLL_EVERY`] until the receiver
+/// goes away, redialling after every failed call (a tarpc client never
+/// reconnects).
+async fn poll_health(id: ReplicaId, addr: String, observations: mpsc::Sender<Observation>) {
+    let mut client = None;
+    let mut ticks = tokio::time::interval(POLL_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let status = status_of(&addr, &mut client).await;
+        if status.is_err() {
+            client = None;
+        }
+        let observation = Observation {
+            id,
+            at: Instant::now(),
+            status,
+        };
+        if observations.send(observation).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks the replica at `addr` for its status within [`STATUS_DEADLINE`],
+/// dialling first if `client` is `None`.
+async fn status_of(addr: &str, client: &mut Option<KvClient>) -> Result<ReplicaStatus, String> {
+    let deadline = Instant::now() + STATUS_DEADLINE;
+    let no_answer = || format!("no answer within {} ms", STATUS_DEADLINE.as_millis());
+    let kv = match client {
+        Some(kv) => kv,
+        None => {
+            let mut connect = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
+            connect.config_mut().max_frame_length(kv_api::MAX_FRAME);
+            let transport = match timeout_at(deadline, connect).await {
+                Ok(Ok(transport)) => transport,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(no_answer()),
+            };
+            let _ = transport.get_ref().set_nodelay(true);
+            client.insert(KvClient::new(tarpc::client::Config::default(), transport).spawn())
+        }
+    };
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = deadline.into_std();
+    match timeout_at(deadline, kv.status(ctx)).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(tarpc::client::RpcError::DeadlineExceeded)) | Err(_) => Err(no_answer()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// Turns status polls into what a person watching wants to know: a replica
+/// answers for the first time, stops answering, answers again; the leader
+/// changes. Pure: time comes in with the observations.
+pub struct HealthTracker {
+    replicas: BTreeMap<ReplicaId, Seen>,
+    /// The leader as last reported, `None` for no leader.
+    leader: Option<ReplicaId>,
+    /// The last leader there was: a change is counted when another takes
+    /// over, not when the same one is seen again after a gap.
+    last_leader: Option<ReplicaId>,
+    counts: HealthCounts,
+}
+
+/// What the tracker knows of one replica.
+#[derive(Debug, Default)]
+struct Seen {
+    answering: Answering,
+    /// Consecutive unanswered polls.
+    misses: u32,
+    /// When the current state began.
+    since: Option<Instant>,
+    last: Option<ReplicaStatus>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Answering {
+    /// Not yet answered since the supervisor started.
+    #[default]
+    Never,
+    Yes,
+    No,
+}
+
+#[derive(Debug, Default)]
+struct HealthCounts {
+    failures: u64,
+    recoveries: u64,
+    leader_changes: u64,
+}
+
+/// Something the health checks noticed, printed as one `health: ...` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// The replica answered for the first time.
+    Answers {
+        /// The replica.
+        id: ReplicaId,
+        /// Its applied index.
+        applied: u64,
+    },
+    /// A replica that answered before stopped answering.
+    Failed {
+        /// The replica.
+        id: ReplicaId,
+        /// Why the last poll failed.
+        error: String,
+    },
+    /// A failed replica answers again.
+    Recovered {
+        /// The replica.
+        id: ReplicaId,
+        /// How long it did not answer.
+        after: Duration,
+        /// Its applied index.
+        applied: u64,
+    },
+    /// Another replica (or none) now claims leadership.
+    Leader {
+        /// The new leader, if any.
+        id: Option<ReplicaId>,
+        /// The previous one, if any.
+        was: Option<ReplicaId>,
+        /// The new leader's ballot round.
+        round: u64,
+    },
+}
+
+impl fmt::Display for HealthEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthEvent::Answers { id, applied } => {
+                write!(f, "health: replica {id} answers (applied {applied})")
+            }
+            HealthEvent::Failed { id, error } => {
+                write!(f, "health: replica {id} stopped answering ({error})")
+            }
+            HealthEvent::Recovered { id, after, applied } => write!(
+                f,
+                "health: replica {id} answers again after {} (applied {applied})",
+                seconds(*after)
+            ),
+            HealthEvent::Leader {
+                id: Some(id),
+                was,
+                round,
+            } => {
+                write!(f, "health: leader is replica {id} (round {round}")?;
+                match was {
+                    Some(was) => write!(f, ", was replica {was})"),
+                    None => write!(f, ")"),
+                }
+            }
+            HealthEvent::Leader { id: None, was, .. } => {
+                write!(f, "health: no answering replica leads")?;
+                match was {
+                    Some(was) => write!(f, " (was replica {was})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl HealthTracker {
+    /// A tracker of the replicas `ids`, none of which has answered yet.
+    pub fn new(ids: impl IntoIterator<Item = ReplicaId>) -> HealthTracker {
+        HealthTracker {
+            replicas: ids.into_iter().map(|id| (id, Seen::default())).collect(),
+            leader: None,
+            last_leader: None,
+            counts: HealthCounts::default(),
+        }
+    }
+
+    /// Takes in one poll and returns what changed.
+    pub fn observe(&mut self, observation: Observation) -> Vec<HealthEvent> {
+        let Observation { id, at, status } = observation;
+        let mut events = Vec::new();
+        let Some(seen) = self.replicas.get_mut(&id) else {
+            return events;
+        };
+        match status {
+            Ok(status) => {
+                let applied = status.applied;
+                match seen.answering {
+                    Answering::Never => events.push(HealthEvent::Answers { id, applied }),
+                    Answering::No => {
+                        self.counts.recoveries += 1;
+                        let after = seen.since.map(|s| at - s).unwrap_or_default();
+                        events.push(HealthEvent::Recovered { id, after, applied });
+                    }
+                    Answering::Yes => {}
+                }
+                if seen.answering != Answering::Yes {
+                    seen.answering = Answering::Yes;
+                    seen.since = Some(at);
+                }
+                seen.misses = 0;
+                seen.last = Some(status);
+            }
+            Err(error) => {
+                seen.misses += 1;
+                if seen.answering == Answering::Yes && seen.misses >= MISSES_FOR_FAILURE {
+                    self.counts.failures += 1;
+                    seen.answering = Answering::No;
+                    // Down since the first missed poll, about.
+                    let missed = POLL_EVERY.saturating_mul(MISSES_FOR_FAILURE - 1);
+                    seen.since = Some(at.checked_sub(missed).unwrap_or(at));
+                    events.push(HealthEvent::Failed { id, error });
+                }
+            }
+        }
+        // The leader: of the answering replicas that claim it, the one with
+        // the highest ballot (an old leader may not know it was replaced).
+        let leader = self
+            .replicas
+            .iter()
+            .filter(|(_, s)| s.answering == Answering::Yes)
+            .filter_map(|(id, s)| s.last.as_ref().map(|st| (id, st)))
+            .filter(|(_, st)| st.leader)
+            .max_by_key(|(id, st)| (st.ballot_round, **id))
+            .map(|(id, st)| (*id, st.ballot_round));
+        let leader_id = leader.map(|(id, _)| id);
+        if leader_id != self.leader {
+            let was = self.last_leader.filter(|&last| Some(last) != leader_id);
+            if leader_id.is_some() {
+                if was.is_some() {
+                    self.counts.leader_changes += 1;
+                }
+                self.last_leader = leader_id;
+            }
+            events.push(HealthEvent::Leader {
+                id: leader_id,
+                was,
+                round: leader.map(|(_, round)| round).unwrap_or_default(),
+            });
+            self.leader = leader_id;
+        }
+        events
     }
 }
 
@@ -447,6 +1256,284 @@ mod tests {
         assert!(
             error.to_string().contains("every replica has exited"),
             "{error}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    // ------------------------------------------------------- chaos plan
+
+    fn settings(seed: u64, max_down: usize) -> ChaosSettings {
+        ChaosSettings {
+            seed,
+            max_down,
+            interval: MsRange { min: 100, max: 900 },
+            down_for: MsRange {
+                min: 500,
+                max: 5000,
+            },
+        }
+    }
+
+    /// What happened in a simulated run: (time in ms, replica, event).
+    type Trace = Vec<(u64, ReplicaId, &'static str)>;
+
+    /// Runs a plan for `faults` fault turns against `n` simulated replicas
+    /// in virtual time, bringing replicas back when their time is up the
+    /// way the supervisor does, and checks the `max_down` bound after every
+    /// step.
+    fn simulate(seed: u64, n: u64, max_down: usize, turns: usize) -> Trace {
+        let mut plan = ChaosPlan::new(&settings(seed, max_down));
+        let ids: Vec<ReplicaId> = (1..=n).collect();
+        let mut down: BTreeMap<ReplicaId, (u64, FaultKind)> = BTreeMap::new();
+        let mut trace = Vec::new();
+        let mut now = 0u64;
+        let mut next_fault = plan.next_interval().as_millis() as u64;
+        for _ in 0..turns {
+            // Bring back everything due before the next fault.
+            let mut due: Vec<(u64, ReplicaId, FaultKind)> = down
+                .iter()
+                .filter(|(_, (until, _))| *until <= next_fault)
+                .map(|(id, (until, kind))| (*until, *id, *kind))
+                .collect();
+            due.sort_unstable_by_key(|(until, id, _)| (*until, *id));
+            for (until, id, kind) in due {
+                down.remove(&id);
+                let what = match kind {
+                    FaultKind::Kill => "restart",
+                    FaultKind::Pause => "resume",
+                };
+                trace.push((until, id, what));
+            }
+            now = now.max(next_fault);
+            let up: Vec<ReplicaId> = ids
+                .iter()
+                .copied()
+                .filter(|id| !down.contains_key(id))
+                .collect();
+            if let Some(fault) = plan.next_fault(&up, down.len()) {
+                assert!(up.contains(&fault.id), "{fault:?} is not up");
+                let ms = fault.down_for.as_millis() as u64;
+                assert!((500..=5000).contains(&ms), "{fault:?}");
+                down.insert(fault.id, (now + ms, fault.kind));
+                let what = match fault.kind {
+                    FaultKind::Kill => "kill",
+                    FaultKind::Pause => "pause",
+                };
+                trace.push((now, fault.id, what));
+            }
+            assert!(
+                down.len() <= max_down,
+                "seed {seed}: {} down, max {max_down}",
+                down.len()
+            );
+            let wait = plan.next_interval().as_millis() as u64;
+            assert!((100..=900).contains(&wait));
+            next_fault = now + wait;
+        }
+        trace
+    }
+
+    #[test]
+    fn chaos_plan_never_takes_more_than_max_down_replicas_down() {
+        for max_down in 0..=5 {
+            for seed in 0..20 {
+                let trace = simulate(seed, 5, max_down, 500);
+                // Replay the trace: the count of down replicas never
+                // exceeds the bound, and the bound is reached when it can be.
+                let mut down = 0usize;
+                let mut peak = 0usize;
+                for (_, _, what) in &trace {
+                    match *what {
+                        "kill" | "pause" => down += 1,
+                        _ => down -= 1,
+                    }
+                    assert!(down <= max_down, "seed {seed} max {max_down}: {trace:?}");
+                    peak = peak.max(down);
+                }
+                assert_eq!(peak, max_down, "seed {seed}: the bound is never reached");
+            }
+        }
+    }
+
+    #[test]
+    fn chaos_plan_is_reproducible_from_its_seed() {
+        let a = simulate(1, 5, 2, 300);
+        assert_eq!(a, simulate(1, 5, 2, 300));
+        assert_ne!(a, simulate(2, 5, 2, 300));
+        // Both kinds of fault and both ways back occur.
+        for what in ["kill", "pause", "restart", "resume"] {
+            assert!(a.iter().any(|(_, _, w)| *w == what), "no {what}: {a:?}");
+        }
+    }
+
+    #[test]
+    fn chaos_plan_skips_its_turn_when_nothing_may_go_down() {
+        let mut plan = ChaosPlan::new(&settings(7, 2));
+        assert_eq!(plan.next_fault(&[1, 2, 3], 2), None);
+        assert_eq!(plan.next_fault(&[], 0), None);
+        let fault = plan.next_fault(&[4], 1).expect("one more may go down");
+        assert_eq!(fault.id, 4);
+        // The order of `up` does not matter.
+        let mut a = ChaosPlan::new(&settings(9, 2));
+        let mut b = ChaosPlan::new(&settings(9, 2));
+        assert_eq!(a.next_fault(&[1, 2, 3], 0), b.next_fault(&[3, 1, 2], 0));
+    }
+
+    #[test]
+    fn ms_ranges_parse() {
+        assert_eq!("300..800".parse(), Ok(MsRange { min: 300, max: 800 }));
+        assert_eq!("300..=800".parse(), Ok(MsRange { min: 300, max: 800 }));
+        assert_eq!("500".parse(), Ok(MsRange { min: 500, max: 500 }));
+        for bad in ["", "800..300", "a..b", "0", "0..0", "1..", "-1..5"] {
+            assert!(bad.parse::<MsRange>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    // ---------------------------------------------------- health tracker
+
+    fn status(id: ReplicaId, leader: bool, round: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            id,
+            leader,
+            leader_id: leader.then_some(id),
+            ballot_round: round,
+            applied: 7,
+            chosen: 7,
+            snapshot: 0,
+            keys: 1,
+        }
+    }
+
+    fn seen(id: ReplicaId, at: Instant, status: Result<ReplicaStatus, String>) -> Observation {
+        Observation { id, at, status }
+    }
+
+    #[test]
+    fn health_tracker_reports_failures_recoveries_and_leader_changes() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut h = HealthTracker::new([1, 2, 3]);
+        // Misses before the first answer are start-up, not failures.
+        assert_eq!(h.observe(seen(1, ms(0), Err("refused".into()))), vec![]);
+        assert_eq!(h.observe(seen(1, ms(200), Err("refused".into()))), vec![]);
+        assert_eq!(
+            h.observe(seen(1, ms(400), Ok(status(1, true, 1)))),
+            vec![
+                HealthEvent::Answers { id: 1, applied: 7 },
+                HealthEvent::Leader {
+                    id: Some(1),
+                    was: None,
+                    round: 1
+                }
+            ]
+        );
+        h.observe(seen(2, ms(400), Ok(status(2, false, 1))));
+        // One miss is not a failure; two are.
+        assert_eq!(h.observe(seen(1, ms(600), Err("timeout".into()))), vec![]);
+        let events = h.observe(seen(1, ms(800), Err("timeout".into())));
+        assert_eq!(
+            events,
+            vec![
+                HealthEvent::Failed {
+                    id: 1,
+                    error: "timeout".into()
+                },
+                HealthEvent::Leader {
+                    id: None,
+                    was: Some(1),
+                    round: 0
+                }
+            ]
+        );
+        assert_eq!(
+            events[0].to_string(),
+            "health: replica 1 stopped answering (timeout)"
+        );
+        let events = h.observe(seen(2, ms(1000), Ok(status(2, true, 2))));
+        assert_eq!(
+            events[0].to_string(),
+            "health: leader is replica 2 (round 2, was replica 1)"
+        );
+        // The old leader comes back still believing it leads: the higher
+        // ballot wins, so the leader does not change.
+        let events = h.observe(seen(1, ms(1400), Ok(status(1, true, 1))));
+        assert_eq!(
+            events,
+            vec![HealthEvent::Recovered {
+                id: 1,
+                after: Duration::from_millis(800),
+                applied: 7
+            }]
+        );
+        assert_eq!(h.counts.failures, 1);
+        assert_eq!(h.counts.recoveries, 1);
+        assert_eq!(h.counts.leader_changes, 1);
+    }
+
+    // ------------------------------------------------ chaos on processes
+
+    #[test]
+    fn paused_replicas_are_resumed_before_they_are_stopped() {
+        serial(paused_replicas_are_resumed());
+    }
+
+    async fn paused_replicas_are_resumed() {
+        // Replicas that exit at once on SIGTERM, once they run. A seed whose
+        // first two faults are pauses, with long pauses: both replicas are
+        // stopped (SIGSTOP) when the shutdown comes.
+        let (dir, exe) = script_dir(
+            "pause",
+            "#!/bin/sh\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n",
+        );
+        let pause_first = |seed: u64| {
+            let mut plan = ChaosPlan::new(&ChaosSettings {
+                seed,
+                max_down: 2,
+                interval: MsRange { min: 10, max: 20 },
+                down_for: MsRange {
+                    min: 60_000,
+                    max: 60_000,
+                },
+            });
+            plan.next_interval();
+            let first = plan.next_fault(&[1, 2], 0);
+            plan.next_interval();
+            let up: Vec<ReplicaId> = [1, 2]
+                .into_iter()
+                .filter(|id| first.map(|f| f.id) != Some(*id))
+                .collect();
+            let second = plan.next_fault(&up, 1);
+            [first, second]
+                .iter()
+                .all(|f| f.is_some_and(|f| f.kind == FaultKind::Pause))
+        };
+        let seed = (0..1000)
+            .find(|s| pause_first(*s))
+            .expect("a seed that pauses twice");
+        let grace = Duration::from_secs(20);
+        let supervisor = Supervisor::new(exe, two_replicas(), "replica".into(), dir.join("data"))
+            .with_grace(grace)
+            .with_chaos(ChaosSettings {
+                seed,
+                max_down: 2,
+                interval: MsRange { min: 10, max: 20 },
+                down_for: MsRange {
+                    min: 60_000,
+                    max: 60_000,
+                },
+            });
+        let shutdown = tokio::time::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let result = timeout(Duration::from_secs(60), supervisor.run(shutdown))
+            .await
+            .expect("the supervisor did not stop");
+        assert!(result.is_ok(), "{result:?}");
+        // Stopped replicas act on SIGTERM only once continued: without the
+        // SIGCONT they would be killed after the grace period.
+        assert!(
+            started.elapsed() < grace,
+            "paused replicas were not resumed before SIGTERM ({:?})",
+            started.elapsed()
         );
         let _ = std::fs::remove_dir_all(dir);
     }

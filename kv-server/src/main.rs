@@ -43,7 +43,8 @@ replicas of the file is up.
 
 `kv-server cluster` runs every replica of the file on this machine as child
 processes, prints where each one listens, and stops them all on Ctrl-C or
-SIGTERM.
+SIGTERM. With --chaos it also checks their health and kills, pauses,
+restarts and resumes them at random, to watch the store survive.
 
 Logs go to stderr; set the level with RUST_LOG (default: info).";
 
@@ -57,6 +58,9 @@ Examples:
 
   # Run all five replicas of ./replica on this machine (data in data/1 .. data/5)
   kv-server cluster
+
+  # The same, killing and pausing replicas at random, at most two at a time
+  kv-server cluster --chaos
 
 Exit status: 0 after a clean shutdown, 2 for bad usage or an invalid replica
 file or id, 1 for other failures (data directory, address in use, storage).";
@@ -110,8 +114,20 @@ Example:
   # Start the five replicas of ./replica, data in data/1 .. data/5
   kv-server cluster
 
+  # Inject faults: at most 2 replicas down at once, a fault every 1 to 5 s
+  kv-server cluster --chaos
+
+  # Repeat a run's fault schedule, faster, and let a majority go down
+  kv-server cluster --chaos --chaos-seed 42 --chaos-interval-ms 300..800 --max-down 3
+
 Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`.
-The replicas' log lines are copied to stderr prefixed with `[replica ID]`.")]
+The replicas' log lines are copied to stderr prefixed with `[replica ID]`.
+
+With --chaos, it polls every replica's status every 200 ms and prints
+`health: ...` lines when one stops answering or answers again and when the
+leader changes; it prints the seed first, one `chaos: ...` line per fault it
+causes (kill, restart, pause, resume), and a summary when stopped. Paused
+replicas are resumed before they are stopped, so none is left stopped.")]
     Cluster(ClusterArgs),
 }
 
@@ -130,6 +146,42 @@ struct ClusterArgs {
     /// killed with SIGKILL.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
     grace_period: Duration,
+
+    /// Chaos mode: check the replicas' health and, at random moments, kill
+    /// one (SIGKILL, restarted later with the same data) or pause it
+    /// (SIGSTOP, resumed later with SIGCONT).
+    #[arg(long)]
+    chaos: bool,
+
+    /// Seed of the fault schedule, to repeat a run [default: random,
+    /// printed at start]
+    #[arg(long, value_name = "SEED", requires = "chaos")]
+    chaos_seed: Option<u64>,
+
+    /// Never more than this many replicas down (killed or paused) at once.
+    /// Below a majority's worth the store keeps serving writes; at or above,
+    /// it refuses them until enough replicas are back.
+    #[arg(long, value_name = "K", default_value = "2", requires = "chaos")]
+    max_down: usize,
+
+    /// Time between two faults, a random number of milliseconds in MIN..MAX.
+    #[arg(
+        long,
+        value_name = "MIN..MAX",
+        default_value = "1000..5000",
+        requires = "chaos"
+    )]
+    chaos_interval_ms: cluster::MsRange,
+
+    /// How long a killed or paused replica stays down, a random number of
+    /// milliseconds in MIN..MAX.
+    #[arg(
+        long,
+        value_name = "MIN..MAX",
+        default_value = "1000..5000",
+        requires = "chaos"
+    )]
+    chaos_down_ms: cluster::MsRange,
 }
 
 /// A non-negative number of seconds, fractions allowed (`0.5`).
@@ -223,8 +275,18 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             let exe = std::env::current_exe()
                 .context("cannot find the kv-server executable to start the replicas")
                 .map_err(Failure::runtime)?;
-            cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
-                .with_grace(args.grace_period)
+            let mut supervisor =
+                cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
+                    .with_grace(args.grace_period);
+            if args.chaos {
+                supervisor = supervisor.with_chaos(cluster::ChaosSettings {
+                    seed: args.chaos_seed.unwrap_or_else(rand::random),
+                    max_down: args.max_down,
+                    interval: args.chaos_interval_ms,
+                    down_for: args.chaos_down_ms,
+                });
+            }
+            supervisor
                 .run(shutdown.wait())
                 .await
                 .map_err(Failure::runtime)
