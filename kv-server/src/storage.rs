@@ -211,3 +211,40 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// Not a pass/fail test: prints what one synced commit costs here.
+    /// `cargo test -p kv-server --release --lib storage_commit_latency -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn storage_commit_latency() {
+        let dir = std::env::temp_dir().join(format!("kv-storage-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut s, _) = Storage::open(&dir).unwrap();
+        let b = Ballot { round: 1, id: 1 };
+        let mut times = Vec::new();
+        for slot in 1..=2000u64 {
+            let t = std::time::Instant::now();
+            s.write(&[
+                Record::Accepted {
+                    slot,
+                    ballot: b,
+                    value: Value::Batch(vec![]),
+                },
+                Record::Chosen(slot - 1),
+            ])
+            .unwrap();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "redb synced commit: p50 {:?} p99 {:?}",
+            times[times.len() / 2],
+            times[times.len() * 99 / 100]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
