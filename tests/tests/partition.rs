@@ -1,0 +1,237 @@
+//! Network faults injected at the peer layer (`set_faults`): a leader cut
+//! off from the majority is replaced and can no longer serve linearizable
+//! operations; lost and delayed peer messages slow the cluster down but
+//! never make it diverge.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kv_api::{FaultSpec, ReplicaId};
+use kv_tests::{bounded, describe, wait_until, Cluster};
+
+/// Applies `spec` at replica `id` through the SDK.
+async fn set_faults(cluster: &Cluster, id: ReplicaId, spec: FaultSpec) {
+    cluster
+        .client_for(id)
+        .set_faults(cluster.client_addr(id), spec)
+        .await
+        .unwrap_or_else(|e| panic!("set_faults at replica {id}: {e}"));
+}
+
+/// Cuts `alone` off from every other replica, on both sides of each link.
+async fn isolate(cluster: &Cluster, alone: ReplicaId) {
+    let others: Vec<ReplicaId> = cluster.ids().into_iter().filter(|&i| i != alone).collect();
+    set_faults(
+        cluster,
+        alone,
+        FaultSpec {
+            isolate: Some(others.clone()),
+            ..FaultSpec::default()
+        },
+    )
+    .await;
+    for id in others {
+        set_faults(
+            cluster,
+            id,
+            FaultSpec {
+                isolate: Some(vec![alone]),
+                ..FaultSpec::default()
+            },
+        )
+        .await;
+    }
+}
+
+/// Removes every fault at every replica.
+async fn heal_all(cluster: &Cluster) {
+    for id in cluster.ids() {
+        set_faults(
+            cluster,
+            id,
+            FaultSpec {
+                heal: true,
+                ..FaultSpec::default()
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_is_replaced_and_serves_no_stale_linearizable_read() {
+    let cluster = Cluster::start(5).await;
+    let test = async {
+        cluster
+            .cli_ok(&["--timeout", "10", "put", "k", "old"])
+            .await;
+        let old_leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(20))
+            .await;
+
+        let cut_at = Instant::now();
+        isolate(&cluster, old_leader).await;
+
+        // The majority elects another leader and takes the write.
+        let majority: Vec<ReplicaId> = cluster
+            .ids()
+            .into_iter()
+            .filter(|&i| i != old_leader)
+            .collect();
+        let via = majority[0];
+        wait_until(
+            Duration::from_secs(20),
+            "a write through the majority side",
+            || async {
+                cluster
+                    .cli_at(via, &["--timeout", "3", "put", "k", "new"])
+                    .await
+                    .status
+                    .success()
+            },
+        )
+        .await;
+        eprintln!(
+            "write acknowledged {:?} after isolating leader {old_leader}",
+            cut_at.elapsed()
+        );
+        let statuses = cluster.statuses().await;
+        let new_leaders: Vec<ReplicaId> = statuses
+            .values()
+            .flatten()
+            .filter(|s| s.leader && s.id != old_leader)
+            .map(|s| s.id)
+            .collect();
+        assert!(
+            !new_leaders.is_empty(),
+            "no leader on the majority side: {statuses:#?}"
+        );
+
+        // The isolated replica must not serve a linearizable read of the old
+        // value (it may refuse, or time out: exit 3).
+        let out = cluster
+            .cli_at(old_leader, &["--timeout", "3", "get", "k"])
+            .await;
+        assert!(
+            !(out.status.success() && out.stdout == b"old\n"),
+            "the isolated old leader {old_leader} served a stale linearizable read: {}",
+            describe(&out)
+        );
+        if out.status.success() {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "new\n",
+                "{}",
+                describe(&out)
+            );
+        }
+        // Nor can it take a write on its own.
+        let out = cluster
+            .cli_at(old_leader, &["--timeout", "3", "put", "k", "lost"])
+            .await;
+        eprintln!(
+            "put through the isolated replica: exit {:?}",
+            out.status.code()
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "a put through the isolated replica {old_leader}: {}",
+            describe(&out)
+        );
+
+        // Heal: the old leader rejoins and catches up.
+        heal_all(&cluster).await;
+        let after = cluster.cli_ok(&["--timeout", "10", "get", "k"]).await;
+        assert!(
+            after == "new\n" || after == "lost\n",
+            "after healing, k is {after:?}"
+        );
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(30))
+            .await;
+        let local = cluster.cli_at(old_leader, &["get", "--local", "k"]).await;
+        assert_eq!(
+            String::from_utf8_lossy(&local.stdout),
+            after,
+            "the healed replica {old_leader} disagrees: {}",
+            describe(&local)
+        );
+    };
+    bounded(Duration::from_secs(120), "the test", test).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_slow_peer_links_slow_writes_down_but_replicas_converge() {
+    let cluster = Cluster::start(5).await;
+    let test = async {
+        const WRITERS: usize = 4;
+        const PUTS: usize = 40;
+        const KEYS: usize = 10;
+        for id in cluster.ids() {
+            set_faults(
+                &cluster,
+                id,
+                FaultSpec {
+                    drop_rate: Some(0.1),
+                    delay_ms: Some((1, 20)),
+                    ..FaultSpec::default()
+                },
+            )
+            .await;
+        }
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..WRITERS {
+            let client = cluster.client_with_timeout(Duration::from_secs(15));
+            tasks.spawn(async move {
+                for i in 0..PUTS {
+                    let key = format!("key-{}", (w + i) % KEYS);
+                    client
+                        .put(key.as_str(), format!("w{w}-{i}").as_str())
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w} put {i} with lossy links: {e}"));
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("a writer panicked");
+        }
+        eprintln!(
+            "{} puts with 10% of peer messages dropped and 1-20 ms delays took {:?}",
+            WRITERS * PUTS,
+            started.elapsed()
+        );
+
+        heal_all(&cluster).await;
+        let applied = cluster.max_applied().await;
+        let same = cluster
+            .wait_applied_equal(applied, Duration::from_secs(30))
+            .await;
+        let mut maps: BTreeMap<ReplicaId, Vec<Option<Vec<u8>>>> = BTreeMap::new();
+        for id in cluster.ids() {
+            let local = cluster.client_for(id);
+            let mut values = Vec::new();
+            for k in 0..KEYS {
+                values.push(
+                    local
+                        .get_local(format!("key-{k}"))
+                        .await
+                        .expect("local get"),
+                );
+            }
+            maps.insert(id, values);
+        }
+        let first = maps.values().next().unwrap().clone();
+        for (id, values) in &maps {
+            assert_eq!(
+                values, &first,
+                "replica {id} diverged at applied index {same}"
+            );
+        }
+    };
+    bounded(Duration::from_secs(150), "the test", test).await;
+}
