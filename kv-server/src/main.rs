@@ -95,6 +95,31 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
 
+    /// Failure injection: drop each outgoing peer message with probability P
+    /// (0..=1). Changeable at run time with `kv-client fault`.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    drop_rate: f64,
+
+    /// Failure injection: delay each outgoing peer message by a random
+    /// number of milliseconds in MIN..MAX.
+    #[arg(long, value_name = "MIN..MAX", value_parser = parse_range)]
+    delay_ms: Option<(u64, u64)>,
+
+    /// Failure injection: hold each outgoing peer call until its deadline
+    /// with probability P (a forced timeout).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    timeout_rate: f64,
+
+    /// Failure injection: cut the links with these replicas, both ways
+    /// (comma-separated ids), as a network partition would.
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    isolate: Vec<u64>,
+
+    /// Seed of the failure injector's random choices (default: random,
+    /// logged), so that a run can be repeated.
+    #[arg(long, value_name = "S")]
+    fault_seed: Option<u64>,
+
     /// Stop when standard input reaches end-of-file. `cluster` passes this
     /// to its children (with a pipe as stdin) so that they stop even if the
     /// supervisor itself is killed with SIGKILL.
@@ -294,22 +319,62 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
         None => {
             // clap guarantees `--id` when there is no subcommand.
             let id = cli.id.ok_or_else(|| Failure::usage("--id is required"))?;
-            run_replica(id, cli.replicas, cli.data_dir, cli.snapshot_every, shutdown).await
+            let faults = kv_api::FaultSpec {
+                drop_rate: Some(cli.drop_rate),
+                delay_ms: cli.delay_ms,
+                timeout_rate: Some(cli.timeout_rate),
+                isolate: Some(cli.isolate.clone()),
+                heal: false,
+            };
+            let tuning = Tuning {
+                snapshot_every: cli.snapshot_every,
+                faults,
+                fault_seed: cli.fault_seed,
+            };
+            run_replica(id, cli.replicas, cli.data_dir, tuning, shutdown).await
         }
     }
+}
+
+/// Replica settings beyond where it is and what it stores.
+struct Tuning {
+    snapshot_every: u64,
+    faults: kv_api::FaultSpec,
+    fault_seed: Option<u64>,
+}
+
+/// `MIN..MAX` (inclusive), e.g. `5..50`.
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, e.g. 5..50, not {s:?}"))?;
+    let lo: u64 = lo
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad minimum in {s:?}"))?;
+    let hi: u64 = hi
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad maximum in {s:?}"))?;
+    if lo > hi {
+        return Err(format!("the range {s:?} is empty (minimum above maximum)"));
+    }
+    Ok((lo, hi))
 }
 
 async fn run_replica(
     id: u64,
     replica_file: PathBuf,
     data_dir: Option<PathBuf>,
-    snapshot_every: u64,
+    tuning: Tuning,
     shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let replicas = Replicas::load(&replica_file).map_err(Failure::usage)?;
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("data").join(id.to_string()));
     let mut config = ServerConfig::new(id, replicas, data_dir);
-    config.snapshot_every = snapshot_every;
+    config.snapshot_every = tuning.snapshot_every;
+    config.faults = tuning.faults;
+    config.fault_seed = tuning.fault_seed;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         tracing::info!(
