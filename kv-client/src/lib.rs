@@ -4,13 +4,35 @@
 //! front end over it (see [`cli`]).
 //!
 //! ```no_run
+//! use std::time::Duration;
+//!
 //! # async fn demo() -> Result<(), kv_client::Error> {
 //! let replicas = kv_api::replicas::Replicas::load("replica").expect("replica file");
-//! let client = kv_client::Client::builder().replicas(replicas).build()?;
+//! let client = kv_client::Client::builder()
+//!     .replicas(replicas)
+//!     .timeout(Duration::from_secs(5)) // the budget of each operation
+//!     .build()?; // lazy: connects on first use
+//!
 //! client.put("greeting", "hello").await?;
 //! assert_eq!(client.get("greeting").await?, Some(b"hello".to_vec()));
+//!
+//! // Compare-and-swap: only one of several racing writers wins.
+//! let o = client.cas("lock", None, "me").await?;
+//! if !o.swapped {
+//!     println!("held by {:?}", o.current);
+//! }
+//! let existed = client.delete("greeting").await?;
+//! assert!(existed);
+//!
+//! // Failure injection at one replica (for tests and demonstrations).
+//! let change = kv_api::FaultSpec { drop_rate: Some(0.1), ..Default::default() };
+//! let report = client.set_faults(&client.addrs()[0], change).await?;
+//! println!("dropped so far: {}", report.dropped);
 //! # Ok(()) }
 //! ```
+//!
+//! `examples/counter.rs` is a small application: many tasks incrementing
+//! one counter through compare-and-swap.
 //!
 //! # Guarantees
 //!
@@ -30,7 +52,8 @@
 //! - `pool` — one cached tarpc connection per address, redialled on failure.
 //! - `seq` — sequence numbers and the `acked_below` watermark.
 //! - [`escape`](escape_bytes) — showing byte strings as text.
-//! - [`cli`] — the `kv-client` command line.
+//! - [`cli`] — the `kv-client` command line: one-shot commands, `--output
+//!   json`, the `shell`, `fault` and the `bench` load generator.
 #![deny(missing_docs)]
 
 pub mod cli;

@@ -128,6 +128,10 @@ fn help_explains_every_command_with_examples() {
         "delete",
         "cas",
         "status",
+        "shell",
+        "fault",
+        "bench",
+        "--output",
         "--replicas",
         "--server",
         "--timeout",
@@ -143,7 +147,9 @@ fn help_explains_every_command_with_examples() {
         "{}",
         r.stdout
     );
-    for cmd in ["put", "get", "delete", "cas", "status"] {
+    for cmd in [
+        "put", "get", "delete", "cas", "status", "fault", "shell", "bench",
+    ] {
         let r = run(&[cmd, "--help"]);
         assert_eq!(r.code, 0, "{cmd} --help: {}", r.stderr);
         assert!(
@@ -317,5 +323,102 @@ fn status_with_no_replica_up_prints_every_replica_down_and_exits_3() {
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     assert!(v["id"].is_null());
     assert_eq!(v["addr"], server.as_str());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn fault_and_bench_arguments_are_checked_before_anything_is_sent() {
+    let server = format!("127.0.0.1:{}", dead_ports(1)[0]);
+    let s = server.as_str();
+    let cases: &[&[&str]] = &[
+        &["fault", "--server", s, "--drop-rate", "1.5"],
+        &["fault", "--server", s, "--drop-rate", "-0.1"],
+        &["fault", "--server", s, "--drop-rate", "x"],
+        &["fault", "--server", s, "--timeout-rate", "2"],
+        &["fault", "--server", s, "--delay-ms", "9..1"],
+        &["fault", "--server", s, "--delay-ms", "a..b"],
+        &["fault", "--server", s, "--isolate", "0"],
+        &["fault", "--server", s, "--isolate", "1,x"],
+        &["fault", "--server", s, "--all"],
+        &["fault"],
+        &["fault", "--drop-rate", "0.5"],
+        &["bench", "--clients", "0"],
+        &["bench", "--secs", "0"],
+        &["bench", "--op", "frobnicate"],
+        &["bench", "--keys", "0"],
+        &["bench", "--value-size", "2000000"],
+        &["--output", "yaml", "status"],
+    ];
+    for args in cases {
+        let started = Instant::now();
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: stderr {}", r.stderr);
+        assert!(!r.stderr.is_empty(), "{args:?}: no reason given");
+        assert!(r.stdout.is_empty(), "{args:?}: stdout {}", r.stdout);
+        assert!(started.elapsed() < Duration::from_secs(2), "{args:?}");
+    }
+    // With --output json the usage error is on stdout as JSON too.
+    let r = run(&[
+        "--output",
+        "json",
+        "fault",
+        "--server",
+        s,
+        "--drop-rate",
+        "7",
+    ]);
+    assert_eq!(r.code, 2);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["kind"], "invalid_argument");
+    assert!(v["error"].as_str().unwrap().contains("drop-rate"), "{v}");
+}
+
+#[test]
+fn fault_with_no_replica_listening_exits_3_with_a_json_line() {
+    let server = format!("127.0.0.1:{}", dead_ports(1)[0]);
+    let r = run(&["--timeout", "0.5", "fault", "--server", &server, "--heal"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["addr"], server.as_str());
+    assert_eq!(v["kind"], "unavailable");
+    assert!(r.took < Duration::from_millis(1500), "took {:?}", r.took);
+}
+
+#[test]
+fn shell_without_a_cluster_reports_errors_and_exits_0_at_end_of_input() {
+    let dir = temp_dir("shell-dead");
+    let replicas = dead_replica_file(&dir);
+    let mut child = Command::new(BIN)
+        .args([
+            "--replicas",
+            replicas.to_str().unwrap(),
+            "--timeout",
+            "0.3",
+            "shell",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"get k\nput 'unclosed\nhelp put\n")
+            .unwrap();
+    }
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "shell hangs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(stderr.contains("quote"), "{stderr}");
+    assert!(stdout.contains("Example"), "help put: {stdout}");
     let _ = std::fs::remove_dir_all(dir);
 }

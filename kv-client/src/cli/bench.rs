@@ -341,7 +341,7 @@ async fn report_progress(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let (mut last_done, mut last_at) = (0u64, Instant::now());
-    let mut at_warm_end: Option<u64> = None;
+    let mut at_warm_end: Option<(u64, Instant)> = None;
     let mut wrote = false;
     loop {
         tick.tick().await;
@@ -356,12 +356,18 @@ async fn report_progress(
         let phase = if now < warm_end {
             "warm-up".to_string()
         } else if now < end {
-            let base = *at_warm_end.get_or_insert(done);
-            let measured = (now - warm_end).as_secs_f64().max(1e-3);
-            format!(
-                "measuring, {:.0} ops/s so far",
-                (done - base) as f64 / measured
-            )
+            // The first tick after the warm-up sets the base; the rate so
+            // far is shown from the next one on.
+            let (base_done, base_at) = *at_warm_end.get_or_insert((done, now));
+            let measured = (now - base_at).as_secs_f64();
+            if measured < 0.5 {
+                "measuring".to_string()
+            } else {
+                format!(
+                    "measuring, {:.0} ops/s so far",
+                    (done - base_done) as f64 / measured
+                )
+            }
         } else {
             "finishing".to_string()
         };

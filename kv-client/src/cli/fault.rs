@@ -197,7 +197,7 @@ pub(crate) async fn run(settings: &Settings, args: FaultArgs) -> Reply {
                     kind: error_kind(e),
                     msg: format!("fault: {e}"),
                 };
-                if worst.as_ref().map_or(true, |w| f.code > w.code) {
+                if !matches!(&worst, Some(w) if w.code >= f.code) {
                     worst = Some(f);
                 }
                 FaultLine {

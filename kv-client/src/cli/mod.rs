@@ -35,8 +35,8 @@ use serde::Serialize;
 
 use crate::{Client, ClientBuilder, Error};
 
-pub use bench::BenchArgs;
-pub use fault::FaultArgs;
+pub use bench::{BenchArgs, BenchOp};
+pub use fault::{FaultArgs, Ids};
 use output::Reply;
 
 /// Exit status: success.
@@ -612,14 +612,25 @@ pub fn wants_json<I: IntoIterator<Item = OsString>>(args: I) -> bool {
 /// The JSON line for a usage error found by clap (`kind`
 /// `"invalid_argument"`), for `--output json`.
 pub fn usage_error_json(e: &clap::Error) -> String {
+    output::error_json(&Failure::usage(clap_message(e)))
+}
+
+/// The message of a clap error without the usage and the tip: the lines up
+/// to the first blank one, joined.
+pub(crate) fn clap_message(e: &clap::Error) -> String {
     let text = e.to_string();
-    let msg = text
+    let lines: Vec<&str> = text
         .lines()
-        .next()
-        .unwrap_or("bad usage")
-        .trim_start_matches("error: ")
-        .to_string();
-    output::error_json(&Failure::usage(msg))
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = lines.join(" ");
+    let msg = msg.trim_start_matches("error: ");
+    if msg.is_empty() {
+        "bad usage".to_string()
+    } else {
+        msg.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,10 @@ The exit status is 0 at the end of the input or after `quit`.";
 #[derive(Parser, Debug)]
 #[command(
     name = "kv-client shell",
+    about = "Commands of the kv-client shell, one a line; `help COMMAND` for details.",
     no_binary_name = true,
+    mut_subcommand("shell", |c| c.hide(true)),
+    mut_subcommand("bench", |c| c.hide(true)),
     disable_version_flag = true,
     override_usage = "COMMAND [ARGS]   (put, get, delete, cas, status, fault, help, quit)"
 )]
@@ -225,13 +228,8 @@ fn show_clap_error(e: &clap::Error, settings: &Settings) {
             let _ = out.flush();
         }
         _ => {
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("bad usage")
-                .trim_start_matches("error: ");
-            Reply::failed(Failure::usage(format!("{first} (try `help`)"))).emit(settings.format);
+            let msg = super::clap_message(e);
+            Reply::failed(Failure::usage(format!("{msg} (try `help`)"))).emit(settings.format);
         }
     }
 }
