@@ -597,9 +597,17 @@ impl<'a> KeyHistory<'a> {
         let mut best: Vec<usize> = Vec::new();
         let mut state: State = 0;
         let mut steps: u64 = 0;
+        let unknown = |i: usize| self.ops[i].ret == u128::MAX;
+        let known_total = (0..n).filter(|&i| !unknown(i)).count();
+        let mut known_left = known_total;
+        let mut best_known = 0;
         let mut entry = next[HEAD];
 
-        while next[HEAD] != NIL {
+        // Done when every completed operation is linearized: the unknown ones
+        // left over are the ones that never took effect (equivalently, took
+        // effect after everything else, which always succeeds as nothing
+        // observes them).
+        while known_left > 0 {
             steps += 1;
             if steps > limits.max_steps {
                 let why = format!("step budget of {} exhausted", limits.max_steps);
@@ -608,6 +616,8 @@ impl<'a> KeyHistory<'a> {
             if steps & 1023 == 0 && limits.deadline.is_some_and(|d| Instant::now() >= d) {
                 return (Search::OutOfBudget("time budget exhausted".into()), steps);
             }
+            // A completed operation is left, so its return entry comes before
+            // the end of the list (unknown ones return at +∞, after it).
             debug_assert!(entry != NIL, "a return entry always precedes the end");
             let i = op_of[entry];
             if is_call[entry] {
@@ -629,7 +639,12 @@ impl<'a> KeyHistory<'a> {
                         stack.push((entry, state));
                         state = after;
                         lift(&mut next, &mut prev, entry);
-                        if stack.len() > best.len() {
+                        if !unknown(i) {
+                            known_left -= 1;
+                        }
+                        let known_done = known_total - known_left;
+                        if known_done > best_known {
+                            best_known = known_done;
                             best = stack.iter().map(|&(e, _)| op_of[e]).collect();
                         }
                         entry = next[HEAD];
@@ -645,6 +660,9 @@ impl<'a> KeyHistory<'a> {
                 };
                 let j = op_of[call];
                 linearized[j / 64] &= !(1 << (j % 64));
+                if !unknown(j) {
+                    known_left += 1;
+                }
                 state = before;
                 unlift(&mut next, &mut prev, call);
                 entry = next[call];
@@ -696,6 +714,10 @@ impl<'a> KeyHistory<'a> {
                 );
             }
             let _ = writeln!(out, "After it the key is {}.", self.show_state(state));
+            let _ = writeln!(
+                out,
+                "(The search tried every order consistent with real time; this is as far as any got.)"
+            );
         }
 
         let mut placed = vec![false; self.ops.len()];

@@ -860,3 +860,36 @@ fn agrees_with_brute_force_on_small_histories() {
     }
     assert!(yes > 500 && no > 500, "{yes} linearizable, {no} not");
 }
+
+#[test]
+#[ignore = "timing exploration; run with --release -- --ignored --nocapture"]
+fn stress_timing() {
+    for (clients, per, unknown, values) in [
+        (10u64, 500u64, 0u64, 1000u64),
+        (10, 500, 2, 1000),
+        (10, 500, 5, 1000),
+        (10, 500, 10, 1000),
+        (20, 200, 5, 4),
+        (50, 60, 5, 1000),
+    ] {
+        let mut rng = Rng(clients * 1000 + unknown);
+        let sim = Sim {
+            clients,
+            ops_per_client: per,
+            keys: 1,
+            values,
+            max_delay: 1_000,
+            unknown_percent: unknown,
+            failed_percent: 2,
+        };
+        let h = simulate(&mut rng, &sim);
+        let start = std::time::Instant::now();
+        let report = check(&h, Budget::default());
+        println!(
+            "clients {clients} x {per}, {unknown}% unknown, {values} values: {} in {:?}",
+            report.is_linearizable(),
+            start.elapsed()
+        );
+        println!("   {} ops, {} steps", report.ops_checked, report.steps);
+    }
+}
