@@ -116,6 +116,12 @@ impl Faults {
         state.spec()
     }
 
+    /// Whether nothing is injected now.
+    pub fn is_healthy(&self) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.is_healthy()
+    }
+
     /// Whether the link with `peer` is cut; counts a refused request if so.
     pub fn refuse_from(&self, peer: ReplicaId) -> bool {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());

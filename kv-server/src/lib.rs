@@ -6,7 +6,7 @@
 //! - [`config`] — [`ServerConfig`]: what one replica needs to run.
 //! - [`paxos`] — the consensus core: no I/O; messages and ticks in, records
 //!   to persist, messages to send and entries to apply out.
-//! - [`storage`] — the acceptor's durable state in redb, one synced
+//! - [`storage`] — the acceptor's durable state in a write-ahead log, one synced
 //!   transaction per round (group commit).
 //! - [`state`] — the key-value map and per-client deduplication.
 //! - `node` — the driver task that owns core, storage and state machine.
@@ -74,7 +74,7 @@ pub async fn run(
 
     let fault_seed = config.fault_seed.unwrap_or_else(rand::random);
     let faults = Arc::new(faults::Faults::new(&config.faults, fault_seed));
-    if config.faults != kv_api::FaultSpec::default() {
+    if !faults.is_healthy() {
         tracing::warn!(id = config.id, fault_seed, faults = ?config.faults, "starting with failure injection");
     }
     let pool = Arc::new(peers::PeerPool::new(

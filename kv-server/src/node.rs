@@ -34,6 +34,10 @@ const MAX_DRAIN: usize = 4096;
 /// Ticks between sweeps of abandoned waiters.
 const SWEEP_TICKS: u64 = 100;
 
+/// Log entries kept behind a snapshot (at most one snapshot interval), for
+/// peers slightly behind to catch up from the log instead of a snapshot.
+const KEEP_LOG_BEHIND_SNAPSHOT: u64 = 1_000;
+
 /// Capacity of the driver's input queue.
 pub const INPUT_QUEUE: usize = 16 * 1024;
 
@@ -255,10 +259,10 @@ impl Node {
                 match result {
                     Ok(()) => {
                         self.snapshots.latest = self.snapshots.latest.max(index);
-                        // Keep one interval of log behind the snapshot, so a
-                        // peer slightly behind catches up from the log.
-                        self.core
-                            .compact(index.saturating_sub(self.snapshots.every));
+                        // Keep some log behind the snapshot, so a peer
+                        // slightly behind catches up from the log.
+                        let keep = self.snapshots.every.min(KEEP_LOG_BEHIND_SNAPSHOT);
+                        self.core.compact(index.saturating_sub(keep));
                         tracing::debug!(index, compacted = self.core.compacted(), "snapshot taken");
                     }
                     Err(e) => {

@@ -89,8 +89,8 @@ pub enum Msg {
     FetchReply(FetchReply),
 }
 
-/// What must reach the disk before a `Ready`'s messages and replies go out.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What must reach the disk before a `Ready`'s replies go out.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Record {
     /// The highest ballot promised.
     Promised(Ballot),

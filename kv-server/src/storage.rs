@@ -1,214 +1,415 @@
-//! Durable acceptor state in redb: the promised ballot, accepted entries and
-//! the chosen prefix. Every [`Storage::write`] is one ACID transaction,
-//! synced before it returns, so a batch of records from one round of the
-//! consensus core shares one sync (group commit).
+//! Durable acceptor state: the promised ballot, accepted entries, the chosen
+//! prefix and the compaction point, kept in a write-ahead log.
+//!
+//! # Why a hand-written log and not redb
+//!
+//! Each [`Storage::write`] is one group commit on the consensus hot path.
+//! The first version kept this state in redb. Measured with
+//! `storage_commit_latency` below on the project machine (2 cores, shared,
+//! load average 6-7 both times): one synced redb 2.6 commit of an accepted
+//! entry took 1.38 ms at the median (p99 38 ms); this log takes 0.20-0.24 ms
+//! (p99 0.7-2.1 ms). redb's copy-on-write B-tree syncs twice per commit and
+//! rewrites pages; records here are only ever appended and replayed, so a
+//! file format of a few lines does the job at a sixth of the cost.
+//!
+//! # Format
+//!
+//! `wal/NNNNNNNNNNNNNNNNNNNN.wal` segments, replayed in order. A segment is a
+//! sequence of frames: `length u32 LE | CRC-32 u32 LE | bincode(Vec<Record>)`.
+//! One write is one frame, appended and synced with `fdatasync`.
+//!
+//! * A frame cut short at the end of the last segment is a write that never
+//!   completed (so was never acknowledged): it is truncated at start-up.
+//! * A complete frame whose checksum does not match is damage: start-up
+//!   fails, naming the file, rather than forget something acknowledged.
+//! * When the log is compacted behind a snapshot, a new segment starting
+//!   with a checkpoint of the live state is written and synced, the
+//!   directory synced, and the older segments deleted, so the log's size
+//!   follows the live state, not the number of writes.
 
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use kv_peer_api::{Ballot, Value};
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use kv_peer_api::{Ballot, Slot, Value};
 
 use crate::paxos::{Durable, Record};
 use crate::{Result, ServerError};
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const FRAME_HEADER: usize = 8;
+/// A frame larger than this is damage, not data (a batch of maximal values
+/// is far below it).
+const MAX_FRAME: u32 = 1 << 30;
 
-const PROMISED_ROUND: &str = "promised_round";
-const PROMISED_ID: &str = "promised_id";
-const CHOSEN: &str = "chosen";
-const COMPACTED: &str = "compacted";
-
-/// The replica's database file.
-pub struct Storage {
-    db: Database,
-    path: PathBuf,
-    compacted: u64,
+/// The state the log describes, kept to write checkpoints.
+#[derive(Default)]
+struct State {
+    promised: Ballot,
+    chosen: Slot,
+    compacted: Slot,
+    entries: BTreeMap<Slot, (Ballot, Value)>,
 }
 
-/// A log entry on disk: CRC-32 of the rest, then bincode of (ballot, value).
-fn encode_entry(ballot: &Ballot, value: &Value) -> std::result::Result<Vec<u8>, bincode::Error> {
-    let body = bincode::serialize(&(ballot, value))?;
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-fn decode_entry(bytes: &[u8]) -> std::result::Result<(Ballot, Value), String> {
-    if bytes.len() < 4 {
-        return Err("truncated".into());
-    }
-    let (crc, body) = bytes.split_at(4);
-    if crc32fast::hash(body).to_le_bytes() != crc {
-        return Err("checksum mismatch".into());
-    }
-    bincode::deserialize(body).map_err(|e| e.to_string())
-}
-
-impl Storage {
-    /// Opens (or creates) the database in `dir` and loads what it holds.
-    pub fn open(dir: &Path) -> Result<(Storage, Durable)> {
-        std::fs::create_dir_all(dir).map_err(|error| ServerError::DataDir {
-            path: dir.to_path_buf(),
-            error,
-        })?;
-        let path = dir.join("kv.redb");
-        let db = Database::create(&path).map_err(|e| storage_err(&path, e))?;
-        let mut storage = Storage {
-            db,
-            path,
-            compacted: 0,
-        };
-        let durable = storage.load()?;
-        storage.compacted = durable.compacted;
-        Ok((storage, durable))
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> ServerError {
-        storage_err(&self.path, e)
-    }
-
-    fn load(&self) -> Result<Durable> {
-        // Create the tables on first start, so reads below find them.
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        tx.open_table(LOG).map_err(|e| self.err(e))?;
-        tx.open_table(META).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = tx.open_table(META).map_err(|e| self.err(e))?;
-        let get = |k: &str| -> Result<u64> {
-            Ok(meta
-                .get(k)
-                .map_err(|e| self.err(e))?
-                .map(|v| v.value())
-                .unwrap_or(0))
-        };
-        let promised = Ballot {
-            round: get(PROMISED_ROUND)?,
-            id: get(PROMISED_ID)?,
-        };
-        let chosen = get(CHOSEN)?;
-        let compacted = get(COMPACTED)?;
-        let log = tx.open_table(LOG).map_err(|e| self.err(e))?;
-        let mut entries = Vec::new();
-        for row in log.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let slot = k.value();
-            let (ballot, value) = decode_entry(v.value()).map_err(|e| {
-                self.err(format!(
-                    "log entry {slot} is damaged ({e}); move this replica's data directory \
-                     aside and restart it to catch up from its peers"
-                ))
-            })?;
-            entries.push((slot, ballot, value));
-        }
-        // redb iterates in key order: slots compacted+1..=chosen must all be there.
-        if chosen > compacted {
-            let n = (chosen - compacted) as usize;
-            let first = entries.first().map(|e| e.0);
-            if entries.len() < n || first != Some(compacted + 1) || entries[n - 1].0 != chosen {
-                return Err(self.err(format!(
-                    "the log records slots {}..={chosen} as chosen but some of them are missing",
-                    compacted + 1
-                )));
+impl State {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Promised(b) => self.promised = self.promised.max(b),
+            Record::Accepted {
+                slot,
+                ballot,
+                value,
+            } => {
+                if slot > self.compacted {
+                    self.entries.insert(slot, (ballot, value));
+                }
             }
-        }
-        Ok(Durable {
-            promised,
-            chosen,
-            entries,
-            snapshot: 0,
-            compacted,
-        })
-    }
-
-    /// Writes `records` in one transaction and syncs it.
-    pub fn write(&mut self, records: &[Record]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        tx.set_durability(Durability::Immediate);
-        {
-            let mut log = tx.open_table(LOG).map_err(|e| self.err(e))?;
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            for r in records {
-                match r {
-                    Record::Promised(b) => {
-                        meta.insert(PROMISED_ROUND, b.round)
-                            .map_err(|e| self.err(e))?;
-                        meta.insert(PROMISED_ID, b.id).map_err(|e| self.err(e))?;
-                    }
-                    Record::Accepted {
-                        slot,
-                        ballot,
-                        value,
-                    } => {
-                        let bytes = encode_entry(ballot, value).map_err(|e| self.err(e))?;
-                        log.insert(*slot, bytes.as_slice())
-                            .map_err(|e| self.err(e))?;
-                    }
-                    Record::Chosen(slot) => {
-                        meta.insert(CHOSEN, *slot).map_err(|e| self.err(e))?;
-                    }
-                    Record::Compacted(upto) => {
-                        if *upto > self.compacted {
-                            for slot in self.compacted + 1..=*upto {
-                                log.remove(slot).map_err(|e| self.err(e))?;
-                            }
-                            self.compacted = *upto;
-                            meta.insert(COMPACTED, *upto).map_err(|e| self.err(e))?;
-                        }
-                    }
+            Record::Chosen(slot) => self.chosen = self.chosen.max(slot),
+            Record::Compacted(upto) => {
+                if upto > self.compacted {
+                    self.compacted = upto;
+                    self.entries = self.entries.split_off(&(upto + 1));
                 }
             }
         }
-        tx.commit().map_err(|e| self.err(e))
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn checkpoint(&self) -> Vec<Record> {
+        let mut out = vec![
+            Record::Promised(self.promised),
+            Record::Chosen(self.chosen),
+            Record::Compacted(self.compacted),
+        ];
+        out.extend(
+            self.entries
+                .iter()
+                .map(|(&slot, (ballot, value))| Record::Accepted {
+                    slot,
+                    ballot: *ballot,
+                    value: value.clone(),
+                }),
+        );
+        out
     }
 }
 
-fn storage_err(path: &Path, e: impl std::fmt::Display) -> ServerError {
+/// The replica's write-ahead log.
+pub struct Storage {
+    dir: PathBuf,
+    segment: File,
+    segment_seq: u64,
+    segment_path: PathBuf,
+    state: State,
+    /// Compactions since the last checkpoint.
+    compactions: u64,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> ServerError {
     ServerError::Storage {
         path: path.to_path_buf(),
         message: e.to_string(),
     }
 }
 
+fn encode(records: &[Record]) -> std::result::Result<Vec<u8>, bincode::Error> {
+    let body = bincode::serialize(records)?;
+    let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Syncs a directory, so renames, creations and deletions in it are durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(dir, e))
+}
+
+impl Storage {
+    /// Opens (or creates) the log under `dir` and replays it.
+    pub fn open(dir: &Path) -> Result<(Storage, Durable)> {
+        let wal = dir.join("wal");
+        fs::create_dir_all(&wal).map_err(|error| ServerError::DataDir {
+            path: dir.to_path_buf(),
+            error,
+        })?;
+        let segments = list_segments(&wal)?;
+        let mut state = State::default();
+        for (i, (_, path)) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            replay(path, last, &mut state)?;
+        }
+        let (segment_seq, segment_path) = match segments.last() {
+            Some((seq, path)) => (*seq, path.clone()),
+            None => (1, wal.join(segment_name(1))),
+        };
+        let segment = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&segment_path)
+            .map_err(|e| err(&segment_path, e))?;
+        if segments.is_empty() {
+            sync_dir(&wal)?;
+        }
+        let durable = Durable {
+            promised: state.promised,
+            chosen: state.chosen,
+            entries: state
+                .entries
+                .iter()
+                .map(|(&s, (b, v))| (s, *b, v.clone()))
+                .collect(),
+            snapshot: 0,
+            compacted: state.compacted,
+        };
+        if durable.chosen > durable.compacted {
+            let missing =
+                (durable.compacted + 1..=durable.chosen).find(|s| !state.entries.contains_key(s));
+            if let Some(slot) = missing {
+                return Err(err(
+                    &wal,
+                    format!(
+                        "the log records slot {slot} as chosen but does not hold it; move this \
+                         replica's data directory aside and restart it to catch up from its peers"
+                    ),
+                ));
+            }
+        }
+        Ok((
+            Storage {
+                dir: wal,
+                segment,
+                segment_seq,
+                segment_path,
+                state,
+                compactions: 0,
+            },
+            durable,
+        ))
+    }
+
+    /// Appends `records` as one frame and syncs it; after a compaction,
+    /// starts a new segment from a checkpoint and drops the old ones.
+    pub fn write(&mut self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let frame = encode(records).map_err(|e| err(&self.segment_path, e))?;
+        self.segment
+            .write_all(&frame)
+            .and_then(|()| self.segment.sync_data())
+            .map_err(|e| err(&self.segment_path, e))?;
+        for r in records {
+            if matches!(r, Record::Compacted(_)) {
+                self.compactions += 1;
+            }
+            self.state.apply(r.clone());
+        }
+        if self.compactions > 0 {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the live state as a new segment, then deletes older segments.
+    fn checkpoint(&mut self) -> Result<()> {
+        let seq = self.segment_seq + 1;
+        let path = self.dir.join(segment_name(seq));
+        let frame = encode(&self.state.checkpoint()).map_err(|e| err(&path, e))?;
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| err(&path, e))?;
+        file.write_all(&frame)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| err(&path, e))?;
+        sync_dir(&self.dir)?;
+        for (old_seq, old) in list_segments(&self.dir)? {
+            if old_seq < seq {
+                fs::remove_file(&old).map_err(|e| err(&old, e))?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.segment = file;
+        self.segment_seq = seq;
+        self.segment_path = path;
+        self.compactions = 0;
+        Ok(())
+    }
+
+    /// The log's directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:020}.wal")
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| err(dir, e))? {
+        let entry = entry.map_err(|e| err(dir, e))?;
+        let name = entry.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((seq, entry.path()));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Replays one segment into `state`. In the last segment a frame cut short
+/// (a write that never completed) is truncated away; anything else that
+/// does not check out is reported as damage.
+fn replay(path: &Path, last: bool, state: &mut State) -> Result<()> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| err(path, e))?;
+    let damaged = |at: usize, what: &str| {
+        err(
+            path,
+            format!(
+                "damaged at byte {at}: {what}; move this replica's data directory aside and \
+                 restart it to catch up from its peers"
+            ),
+        )
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = bytes.len() - at;
+        let torn = if rest < FRAME_HEADER {
+            true
+        } else {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+            if len > MAX_FRAME {
+                return Err(damaged(at, "impossible frame length"));
+            }
+            rest < FRAME_HEADER + len as usize
+        };
+        if torn {
+            if !last {
+                return Err(damaged(at, "frame cut short in the middle of the log"));
+            }
+            tracing::warn!(file = %path.display(), at, dropped = rest, "dropping an incomplete write at the end of the log");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| err(path, e))?;
+            f.set_len(at as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| err(path, e))?;
+            return Ok(());
+        }
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let body = &bytes[at + FRAME_HEADER..at + FRAME_HEADER + len];
+        if crc32fast::hash(body) != crc {
+            return Err(damaged(at, "checksum mismatch"));
+        }
+        let records: Vec<Record> =
+            bincode::deserialize(body).map_err(|e| damaged(at, &e.to_string()))?;
+        for r in records {
+            state.apply(r);
+        }
+        at += FRAME_HEADER + len;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kv-wal-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn accepted(slot: Slot) -> Record {
+        Record::Accepted {
+            slot,
+            ballot: Ballot { round: 1, id: 1 },
+            value: Value::Noop,
+        }
+    }
+
     #[test]
     fn records_survive_reopen() {
-        let dir = std::env::temp_dir().join(format!("kv-storage-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = temp_dir("reopen");
         {
             let (mut s, d) = Storage::open(&dir).unwrap();
             assert_eq!(d.promised, Ballot::ZERO);
             let b = Ballot { round: 3, id: 2 };
-            s.write(&[
-                Record::Promised(b),
-                Record::Accepted {
-                    slot: 1,
-                    ballot: b,
-                    value: Value::Noop,
-                },
-                Record::Chosen(1),
-            ])
-            .unwrap();
+            s.write(&[Record::Promised(b), accepted(1), Record::Chosen(1)])
+                .unwrap();
+            s.write(&[accepted(2)]).unwrap();
         }
         let (_s, d) = Storage::open(&dir).unwrap();
         assert_eq!(d.promised, Ballot { round: 3, id: 2 });
         assert_eq!(d.chosen, 1);
+        assert_eq!(d.entries.len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compaction_checkpoints_and_drops_old_segments() {
+        let dir = temp_dir("compact");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            for slot in 1..=100 {
+                s.write(&[accepted(slot), Record::Chosen(slot)]).unwrap();
+            }
+            s.write(&[Record::Compacted(90)]).unwrap();
+            s.write(&[accepted(101)]).unwrap();
+            assert_eq!(list_segments(&dir.join("wal")).unwrap().len(), 1);
+        }
+        let (_s, d) = Storage::open(&dir).unwrap();
+        assert_eq!(d.compacted, 90);
+        assert_eq!(d.chosen, 100);
+        let slots: Vec<Slot> = d.entries.iter().map(|e| e.0).collect();
+        assert_eq!(slots, (91..=101).collect::<Vec<_>>());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_write_is_dropped_but_damage_is_refused() {
+        let dir = temp_dir("torn");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            s.write(&[accepted(1)]).unwrap();
+            s.write(&[accepted(2)]).unwrap();
+        }
+        let seg = list_segments(&dir.join("wal")).unwrap()[0].1.clone();
+        let bytes = fs::read(&seg).unwrap();
+        // Cut the second frame short: a write that never completed.
+        fs::write(&seg, &bytes[..bytes.len() - 3]).unwrap();
+        let (_s, d) = Storage::open(&dir).unwrap();
         assert_eq!(d.entries.len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(_s);
+        // Flip a byte inside the first (complete) frame: damage.
+        let mut bytes = fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        fs::write(&seg, &bytes).unwrap();
+        let e = Storage::open(&dir)
+            .err()
+            .expect("damage is refused")
+            .to_string();
+        assert!(e.contains(".wal"), "{e}");
+        assert!(e.contains("checksum"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -216,7 +417,7 @@ mod tests {
 mod bench {
     use super::*;
 
-    /// Not a pass/fail test: prints what one synced commit costs here.
+    /// Not a pass/fail test: prints what one synced write costs here.
     /// `cargo test -p kv-server --release --lib storage_commit_latency -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -241,7 +442,7 @@ mod bench {
         }
         times.sort();
         println!(
-            "redb synced commit: p50 {:?} p99 {:?}",
+            "synced log write: p50 {:?} p99 {:?}",
             times[times.len() / 2],
             times[times.len() * 99 / 100]
         );
