@@ -182,15 +182,29 @@ where
 
 /// Runs `cmd` to completion, killing it if it takes longer than `timeout`.
 /// Returns its output and how long it ran; `Err` if it timed out or could
-/// not be started.
+/// not be started. Its stdin is empty.
 pub async fn run_bin(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     timeout: Duration,
 ) -> Result<(Output, Duration), String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    run_bin_with_input(cmd, None, timeout).await
+}
+
+/// Like [`run_bin`], writing `input` (if any) to the command's stdin.
+pub async fn run_bin_with_input(
+    mut cmd: tokio::process::Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(Output, Duration), String> {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     let shown = format!("{:?}", cmd.as_std());
     let shown: String = if shown.chars().count() > 300 {
         format!("{}…", shown.chars().take(300).collect::<String>())
@@ -198,9 +212,16 @@ pub async fn run_bin(
         shown
     };
     let started = Instant::now();
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A child that exits without reading all of it is not our concern
+        // here (EPIPE); dropping stdin at the end closes it.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+        });
+    }
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => Ok((out, started.elapsed())),
         Ok(Err(e)) => Err(format!("waiting for {shown}: {e}")),

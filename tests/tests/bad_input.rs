@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kv_tests::{
-    bounded, describe, free_ports, kv_client_cli, kv_server_cmd, run_bin, temp_dir, Cluster,
+    bounded, describe, free_ports, kv_client_cli, kv_server_cmd, run_bin, run_bin_with_input,
+    temp_dir, Cluster,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -192,12 +193,9 @@ async fn cli_refuses_oversized_key_and_value_with_exit_2() {
         describe(&out)
     );
 
-    // A value over 1 MiB. Linux limits one command-line argument to 128 KiB
-    // (MAX_ARG_STRLEN), so the kernel may refuse to start the CLI with it
-    // (E2BIG); the CLI's own check is then unreachable from the command line
-    // and the SDK check below (the one the CLI calls) is what refuses it.
-    let big_value = "v".repeat((1 << 20) + 1);
-    match run_bin(
+    // A value over 1 MiB, through stdin (`put KEY -`): one command-line
+    // argument is limited to 128 KiB on Linux.
+    let (out, _) = run_bin_with_input(
         kv_client_cli([
             "--replicas",
             file.to_str().unwrap(),
@@ -205,26 +203,19 @@ async fn cli_refuses_oversized_key_and_value_with_exit_2() {
             "2",
             "put",
             "big",
-            &big_value,
+            "-",
         ]),
+        Some(vec![b'v'; (1 << 20) + 1]),
         Duration::from_secs(15),
     )
     .await
-    {
-        Ok((out, _)) => {
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "a value of 1 MiB + 1: {}",
-                describe(&out)
-            );
-        }
-        Err(e) if e.contains("Argument list too long") => eprintln!(
-            "note: the OS refuses a 1 MiB + 1 command-line argument (E2BIG); \
-             the value limit is checked through the SDK only"
-        ),
-        Err(e) => panic!("{e}"),
-    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a value of 1 MiB + 1 on stdin: {}",
+        describe(&out)
+    );
 
     // The SDK refuses them too, without a cluster.
     let client = kv_client::Client::builder()

@@ -193,6 +193,31 @@ async fn largest_allowed_key_and_value_are_accepted() {
             "v\n"
         );
 
+        // Exactly 1 MiB through the CLI's stdin, read back by the CLI.
+        let text = "0123456789abcdef".repeat((1 << 20) / 16);
+        let mut put = vec!["--replicas", cluster.replicas_file().to_str().unwrap()];
+        put.extend(["--timeout", "20", "put", "big-text", "-"]);
+        let (out, _) = kv_tests::run_bin_with_input(
+            kv_tests::kv_client_cli(&put),
+            Some(text.clone().into_bytes()),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "put of 1 MiB from stdin: {}",
+            describe(&out)
+        );
+        let got = cluster
+            .cli_ok(&["--timeout", "20", "get", "big-text"])
+            .await;
+        assert!(
+            got == format!("{text}\n"),
+            "get of the 1 MiB value: {} bytes back",
+            got.len()
+        );
+
         let client = cluster.client_with_timeout(Duration::from_secs(20));
         let value: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
         client
