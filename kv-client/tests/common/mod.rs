@@ -164,8 +164,23 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `n` replicas and waits until one of them is the leader and a
-    /// write goes through.
+    /// write goes through. A port taken between finding it free and the
+    /// replica binding it makes that replica exit; then the whole cluster
+    /// is started again on new ports (at most three times).
     pub fn start(name: &str, n: usize) -> Cluster {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut c = Cluster::spawn(name, n);
+            match c.wait_for_leader() {
+                Ok(()) => return c,
+                Err(e) if tries < 3 => eprintln!("cluster start failed, retrying: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn spawn(name: &str, n: usize) -> Cluster {
         let server = server_bin();
         let dir = temp_dir(name);
         let ports = free_ports(2 * n);
@@ -203,24 +218,31 @@ impl Cluster {
             let stdin = child.stdin.take().expect("stdin pipe");
             cluster.children.push((child, stdin));
         }
-        cluster.wait_for_leader();
         cluster
     }
 
-    /// Polls `status` until a replica says it leads and a write succeeds.
-    fn wait_for_leader(&mut self) {
+    /// Polls `status` until a replica says it leads and a write succeeds;
+    /// `Err` if a replica exits first. Panics after [`START_TIMEOUT`].
+    fn wait_for_leader(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            let mut exited = None;
             for (i, (child, _)) in self.children.iter_mut().enumerate() {
                 if let Ok(Some(s)) = child.try_wait() {
-                    panic!("replica {} exited at start ({s}):\n{}", i + 1, self.logs());
+                    exited = Some((i + 1, s));
                 }
+            }
+            if let Some((id, s)) = exited {
+                return Err(format!(
+                    "replica {id} exited at start ({s}):\n{}",
+                    self.logs()
+                ));
             }
             let r = self.cli(&["--timeout", "1", "status"]);
             if r.code == 0 && r.stdout.contains("\"leader\":true") {
                 let w = self.cli(&["--timeout", "2", "put", "harness-ready", "yes"]);
                 if w.code == 0 {
-                    return;
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
