@@ -326,6 +326,20 @@ impl Kind {
         }
     }
 
+    /// Whether the observed result implies the operation left the state as it
+    /// was, wherever it is placed.
+    fn never_changes_state(self) -> bool {
+        match self {
+            Kind::Get(_) | Kind::Delete(Some(false)) => true,
+            Kind::Cas {
+                expected,
+                new,
+                observed: Some((swapped, _)),
+            } => !swapped || expected == new,
+            Kind::Put(_) | Kind::Delete(_) | Kind::Cas { .. } => false,
+        }
+    }
+
     /// The state after applying the operation to `state`, if the result it
     /// would return agrees with the observed one.
     pub(crate) fn step(self, state: State) -> Option<State> {
@@ -591,9 +605,10 @@ impl<'a> KeyHistory<'a> {
         let words = n.div_ceil(64);
         let entry_bytes = words * 8 + 48;
         let mut linearized = vec![0u64; words];
+        let is_set = |bits: &[u64], i: usize| bits[i / 64] & (1 << (i % 64)) != 0;
         let mut cache: HashMap<State, HashSet<Box<[u64]>>> = HashMap::new();
         let mut cache_bytes = 0usize;
-        let mut stack: Vec<(usize, State)> = Vec::new();
+        let mut stack: Vec<Frame> = Vec::new();
         let mut best: Vec<usize> = Vec::new();
         let mut state: State = 0;
         let mut steps: u64 = 0;
@@ -602,6 +617,8 @@ impl<'a> KeyHistory<'a> {
         let mut known_left = known_total;
         let mut best_known = 0;
         let mut entry = next[HEAD];
+        // Whether the search just reached a new configuration.
+        let mut arrived = true;
 
         // Done when every completed operation is linearized: the unknown ones
         // left over are the ones that never took effect (equivalently, took
@@ -611,7 +628,7 @@ impl<'a> KeyHistory<'a> {
             steps += 1;
             if steps > limits.max_steps {
                 let why = format!("step budget of {} exhausted", limits.max_steps);
-                return (Search::OutOfBudget(why), steps - 1);
+                return (Search::OutOfBudget(why), limits.max_steps);
             }
             if steps & 1023 == 0 && limits.deadline.is_some_and(|d| Instant::now() >= d) {
                 return (Search::OutOfBudget("time budget exhausted".into()), steps);
@@ -619,53 +636,112 @@ impl<'a> KeyHistory<'a> {
             // A completed operation is left, so its return entry comes before
             // the end of the list (unknown ones return at +∞, after it).
             debug_assert!(entry != NIL, "a return entry always precedes the end");
-            let i = op_of[entry];
-            if is_call[entry] {
-                let twin = twin_before[i];
-                let allowed = twin == NIL || linearized[twin / 64] & (1 << (twin % 64)) != 0;
-                if let Some(after) = self.ops[i].kind.step(state).filter(|_| allowed) {
-                    linearized[i / 64] |= 1 << (i % 64);
-                    let seen = cache.entry(after).or_default();
-                    if !seen.contains(&linearized[..]) {
-                        seen.insert(linearized.clone().into_boxed_slice());
-                        cache_bytes = cache_bytes.saturating_add(entry_bytes);
-                        if cache_bytes > limits.max_cache_bytes {
-                            let why = format!(
-                                "cache memory budget of {} bytes exhausted",
-                                limits.max_cache_bytes
-                            );
-                            return (Search::OutOfBudget(why), steps);
-                        }
-                        stack.push((entry, state));
-                        state = after;
-                        lift(&mut next, &mut prev, entry);
-                        if !unknown(i) {
-                            known_left -= 1;
-                        }
-                        let known_done = known_total - known_left;
-                        if known_done > best_known {
-                            best_known = known_done;
-                            best = stack.iter().map(|&(e, _)| op_of[e]).collect();
-                        }
-                        entry = next[HEAD];
-                        continue;
+
+            // The move to try: (call entry, state after it, forced).
+            let mut chosen = None;
+            if arrived {
+                // Forced moves: a candidate whose observed result says it
+                // changed nothing (a read, a CAS that did not swap, a delete
+                // of an absent key) and that matches the current state can
+                // always go first — moving it to the front of any successful
+                // continuation keeps that valid, as it observed the same state
+                // there, changed nothing, and every remaining operation
+                // returned after it was invoked. So it is the only move worth
+                // trying here. (Not so for puts or unknown operations: their
+                // effect depends on where they go.)
+                arrived = false;
+                let mut e = next[HEAD];
+                while is_call[e] {
+                    steps += 1;
+                    let i = op_of[e];
+                    let twin = twin_before[i];
+                    let allowed = twin == NIL || is_set(&linearized, twin);
+                    let kind = self.ops[i].kind;
+                    if allowed && kind.never_changes_state() && kind.step(state).is_some() {
+                        chosen = Some((e, state, true));
+                        break;
                     }
-                    linearized[i / 64] &= !(1 << (i % 64));
+                    e = next[e];
                 }
-                entry = next[entry];
-            } else {
-                // The operation returned before being linearized: backtrack.
-                let Some((call, before)) = stack.pop() else {
+                if chosen.is_none() {
+                    entry = next[HEAD];
+                    continue;
+                }
+            } else if is_call[entry] {
+                let i = op_of[entry];
+                let twin = twin_before[i];
+                if twin == NIL || is_set(&linearized, twin) {
+                    chosen = self.ops[i]
+                        .kind
+                        .step(state)
+                        .map(|after| (entry, after, false));
+                }
+                if chosen.is_none() {
+                    entry = next[entry];
+                    continue;
+                }
+            }
+            // else: a return entry — that operation returned before being
+            // linearized, so this configuration has no more moves.
+
+            if let Some((call, after, forced)) = chosen {
+                let i = op_of[call];
+                linearized[i / 64] |= 1 << (i % 64);
+                let seen = cache.entry(after).or_default();
+                if !seen.contains(&linearized[..]) {
+                    seen.insert(linearized.clone().into_boxed_slice());
+                    cache_bytes = cache_bytes.saturating_add(entry_bytes);
+                    if cache_bytes > limits.max_cache_bytes {
+                        let why = format!(
+                            "cache memory budget of {} bytes exhausted",
+                            limits.max_cache_bytes
+                        );
+                        return (Search::OutOfBudget(why), steps);
+                    }
+                    stack.push(Frame {
+                        call,
+                        before: state,
+                        forced,
+                    });
+                    state = after;
+                    lift(&mut next, &mut prev, call);
+                    if !unknown(i) {
+                        known_left -= 1;
+                    }
+                    let known_done = known_total - known_left;
+                    if known_done > best_known {
+                        best_known = known_done;
+                        best = stack.iter().map(|f| op_of[f.call]).collect();
+                    }
+                    arrived = true;
+                    continue;
+                }
+                // Already explored from there, and it failed.
+                linearized[i / 64] &= !(1 << (i % 64));
+                if !forced {
+                    entry = next[call];
+                    continue;
+                }
+                // A forced move that fails means this configuration fails.
+            }
+
+            // Backtrack: undo moves up to one made from a configuration that
+            // still has untried candidates (not a forced one).
+            loop {
+                let Some(frame) = stack.pop() else {
                     return (Search::Violation { prefix: best }, steps);
                 };
-                let j = op_of[call];
+                let j = op_of[frame.call];
                 linearized[j / 64] &= !(1 << (j % 64));
                 if !unknown(j) {
                     known_left += 1;
                 }
-                state = before;
-                unlift(&mut next, &mut prev, call);
-                entry = next[call];
+                state = frame.before;
+                unlift(&mut next, &mut prev, frame.call);
+                if !frame.forced {
+                    entry = next[frame.call];
+                    break;
+                }
             }
         }
         (Search::Linearizable, steps)
@@ -795,6 +871,14 @@ impl<'a> KeyHistory<'a> {
             self.show_state(state)
         )
     }
+}
+
+/// A move of the search: the call entry linearized, the state before it, and
+/// whether it was forced (the only move tried from its configuration).
+struct Frame {
+    call: usize,
+    before: State,
+    forced: bool,
 }
 
 /// Limits for one key's search.
