@@ -119,6 +119,29 @@ impl Report {
     pub fn is_linearizable(&self) -> bool {
         self.verdict.is_linearizable()
     }
+
+    /// Panics with the whole report unless the verdict is
+    /// [`Verdict::Linearizable`] (so also when the budget ran out).
+    #[track_caller]
+    pub fn assert_linearizable(&self) {
+        if !self.is_linearizable() {
+            panic!("history check failed: {self}");
+        }
+    }
+
+    /// Panics with the whole report if the history is not linearizable or is
+    /// malformed; an undecided ([`Verdict::Unknown`]) check only prints a
+    /// warning to stderr.
+    #[track_caller]
+    pub fn assert_no_violation(&self) {
+        match &self.verdict {
+            Verdict::Linearizable => {}
+            Verdict::Unknown { .. } => eprintln!("warning: history check undecided: {self}"),
+            Verdict::NotLinearizable { .. } | Verdict::InvalidHistory { .. } => {
+                panic!("history check failed: {self}")
+            }
+        }
+    }
 }
 
 impl Verdict {

@@ -393,6 +393,17 @@ impl History {
     }
 }
 
+/// One event per line, prefixed with its index (`#3 client 1: get("k") ...`),
+/// the way explanations refer to events.
+impl fmt::Display for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.events.iter().enumerate() {
+            writeln!(f, "#{i} {e}")?;
+        }
+        Ok(())
+    }
+}
+
 impl From<Vec<Event>> for History {
     fn from(events: Vec<Event>) -> History {
         History { events }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::check::{KeyHistory, Limits, Search};
-use crate::{check, Budget, Event, History, Op, Outcome, Recorder, Ret, Verdict};
+use crate::{check, Budget, Event, History, Op, Outcome, Recorder, Report, Ret, Verdict};
 
 fn assert_lin(h: &History) {
     let report = h.check(Budget::default());
@@ -392,6 +392,38 @@ fn binary_keys_and_values() {
     let text = report.to_string();
     assert!(text.contains(r#"b"\x00\xff""#), "{text}");
     assert!(report.verdict.is_violation());
+}
+
+#[test]
+fn report_assertions_and_history_display() {
+    let good =
+        History::new()
+            .ok(1, put("x", "1"), Ret::Put, 0, 10)
+            .ok(2, get("x"), found("1"), 20, 30);
+    good.check(Budget::default()).assert_linearizable();
+    good.check(Budget::default()).assert_no_violation();
+    assert_eq!(
+        good.to_string(),
+        "#0 client 1: put(\"x\", \"1\") -> ok   [0, 10]\n\
+         #1 client 2: get(\"x\") -> found \"1\"   [20, 30]\n"
+    );
+    let bad = good.ok(3, get("x"), ABSENT, 40, 50);
+    let report = bad.check(Budget::default());
+    let panic = std::panic::catch_unwind(|| report.assert_no_violation()).unwrap_err();
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(message.contains("NOT linearizable"), "{message}");
+    // Undecided: a warning only.
+    let undecided = Report {
+        verdict: Verdict::Unknown {
+            keys: vec![b"x".to_vec()],
+            reason: "test".into(),
+        },
+        keys_checked: 0,
+        ops_checked: 0,
+        steps: 0,
+    };
+    undecided.assert_no_violation();
+    assert!(std::panic::catch_unwind(|| undecided.assert_linearizable()).is_err());
 }
 
 #[test]
