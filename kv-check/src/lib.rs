@@ -129,7 +129,9 @@
 //! 10–20 concurrent clients take well under a second (release build);
 //! with ~50 clients all hammering one key the default budget may run out and
 //! the verdict is [`Verdict::Unknown`]. Spreading operations over more keys
-//! helps, since keys are checked separately.
+//! helps, since keys are checked separately. Unoptimized (debug) builds are
+//! about ten times slower; a workspace can build just this crate optimized
+//! in tests with `[profile.dev.package.kv-check] opt-level = 3`.
 //!
 //! ## Recording a history
 //!

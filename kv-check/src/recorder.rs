@@ -42,7 +42,11 @@ struct Inner {
 /// leaves the operation's outcome [`Outcome::Unknown`].
 #[derive(Debug)]
 #[must_use = "complete the operation with Recorder::complete (or it stays Unknown)"]
-pub struct Token(usize);
+pub struct Token {
+    index: usize,
+    /// Identifies the recorder that issued it.
+    recorder: usize,
+}
 
 impl Default for Recorder {
     fn default() -> Recorder {
@@ -79,15 +83,32 @@ impl Recorder {
             outcome: Outcome::Unknown,
         });
         inner.done.push(false);
-        Token(inner.events.len() - 1)
+        Token {
+            index: inner.events.len() - 1,
+            recorder: self.id(),
+        }
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     /// Records how the operation named by `token` ended. With
     /// [`Outcome::Unknown`] the completion time stays +∞ (`u64::MAX`).
+    ///
+    /// # Panics
+    ///
+    /// If `token` was issued by another recorder (one that is not a clone of
+    /// this one).
     pub fn complete(&self, token: Token, outcome: Outcome) {
+        assert_eq!(
+            token.recorder,
+            self.id(),
+            "Recorder::complete: token from another recorder"
+        );
         let mut inner = self.lock();
         let now = nanos(inner.start);
-        let i = token.0;
+        let i = token.index;
         inner.done[i] = true;
         let e = &mut inner.events[i];
         e.complete = match outcome {

@@ -547,6 +547,33 @@ fn recorder_records_concurrent_clients() {
     assert_eq!(report.keys_checked, 3);
 }
 
+#[test]
+#[should_panic(expected = "token from another recorder")]
+fn recorder_rejects_foreign_tokens() {
+    let a = Recorder::new();
+    let b = Recorder::new();
+    let t = a.invoke(1, get("x"));
+    b.complete(t, Outcome::Failed);
+}
+
+#[test]
+fn recorder_outcomes() {
+    let rec = Recorder::new();
+    let t1 = rec.invoke(1, put("x", "1"));
+    let t2 = rec.invoke(2, put("x", "2"));
+    let t3 = rec.clone().invoke(3, get("x"));
+    rec.complete(t1, Outcome::Failed);
+    rec.complete(t2, Outcome::Unknown);
+    rec.complete(t3, Outcome::Ok(Ret::found("2")));
+    let h = rec.history();
+    assert_eq!(h.len(), 3);
+    assert_eq!(h[1].complete, u64::MAX);
+    assert!(h[0].invoke <= h[1].invoke && h[1].invoke <= h[2].invoke);
+    assert!(h[2].complete >= h[2].invoke && h[2].complete != u64::MAX);
+    assert_eq!(rec.pending(), 0);
+    check(&h, Budget::default()).assert_linearizable();
+}
+
 // ---------------------------------------------------------------- randomized
 
 /// A small deterministic PRNG (SplitMix64), to stay dependency-free.
