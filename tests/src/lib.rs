@@ -576,6 +576,36 @@ impl Cluster {
         }
     }
 
+    /// Waits until replica `id`'s process exits by itself and returns its
+    /// exit status; panics if it is still running after `timeout`.
+    pub async fn wait_exit(
+        &mut self,
+        id: ReplicaId,
+        timeout: Duration,
+    ) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.node_mut(id);
+            let child = node
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("replica {id} was not started"));
+            if let Ok(Some(status)) = child.try_wait() {
+                node.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("replica {id} was expected to exit but still runs after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The whole log of replica `id` (stdout and stderr, across restarts).
+    pub fn log_text(&self, id: ReplicaId) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
     /// Panics with a clear message if replica `id` was started and has
     /// exited on its own (a crash, or a refused start-up).
     pub fn assert_alive(&mut self, id: ReplicaId) {
