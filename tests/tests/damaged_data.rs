@@ -19,7 +19,7 @@ fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    segs.sort_by(|a, b| b.0.cmp(&a.0));
+    segs.sort_by_key(|s| std::cmp::Reverse(s.0));
     segs.into_iter().map(|(_, p)| p).collect()
 }
 
