@@ -635,6 +635,7 @@ impl<'a> KeyHistory<'a> {
         let mut best: Vec<usize> = Vec::new();
         let mut state: State = 0;
         let mut steps: u64 = 0;
+        let mut next_clock_check: u64 = 1024;
         let unknown = |i: usize| self.ops[i].ret == u128::MAX;
         let known_total = (0..n).filter(|&i| !unknown(i)).count();
         let mut known_left = known_total;
@@ -650,11 +651,20 @@ impl<'a> KeyHistory<'a> {
         while known_left > 0 {
             steps += 1;
             if steps > limits.max_steps {
-                let why = format!("step budget of {} exhausted", limits.max_steps);
-                return (Search::OutOfBudget(why), limits.max_steps);
+                let why = format!(
+                    "step budget of {} exhausted (at most {best_known} of the {known_total} completed operations linearized)",
+                    limits.max_steps
+                );
+                return (Search::OutOfBudget(why), steps);
             }
-            if steps & 1023 == 0 && limits.deadline.is_some_and(|d| Instant::now() >= d) {
-                return (Search::OutOfBudget("time budget exhausted".into()), steps);
+            if steps >= next_clock_check {
+                next_clock_check = steps + 1024;
+                if limits.deadline.is_some_and(|d| Instant::now() >= d) {
+                    let why = format!(
+                        "time budget exhausted (at most {best_known} of the {known_total} completed operations linearized)"
+                    );
+                    return (Search::OutOfBudget(why), steps);
+                }
             }
             // A completed operation is left, so its return entry comes before
             // the end of the list (unknown ones return at +∞, after it).
@@ -716,7 +726,7 @@ impl<'a> KeyHistory<'a> {
                     cache_bytes = cache_bytes.saturating_add(entry_bytes);
                     if cache_bytes > limits.max_cache_bytes {
                         let why = format!(
-                            "cache memory budget of {} bytes exhausted",
+                            "cache memory budget of {} bytes exhausted (at most {best_known} of the {known_total} completed operations linearized)",
                             limits.max_cache_bytes
                         );
                         return (Search::OutOfBudget(why), steps);

@@ -470,6 +470,12 @@ fn budget_exhaustion_gives_unknown() {
         other => panic!("{other}"),
     }
     assert_eq!(report.keys_checked, 0);
+    // The same with a time budget instead.
+    let report = h.check(Budget::unlimited().with_time(std::time::Duration::from_millis(1)));
+    match &report.verdict {
+        Verdict::Unknown { reason, .. } => assert!(reason.contains("time budget"), "{reason}"),
+        other => panic!("{other}"),
+    }
     // A violation on another key still wins over an undecided key.
     let h = h
         .ok(1, put("y", "1"), Ret::Put, 0, 10)
