@@ -36,8 +36,14 @@
 //!   completions with a monotonic clock; [`Recorder::history`] turns what it
 //!   saw into events.
 //! * [`check`] with a [`Budget`] returns a [`Report`] whose [`Verdict`] is
-//!   linearizable, not linearizable (with a human-readable explanation), or
-//!   unknown (the budget ran out).
+//!   linearizable, not linearizable (with a human-readable explanation),
+//!   unknown (the budget ran out), or an invalid history (a result of the
+//!   wrong kind for its operation, a completion before its invocation).
+//!
+//! Sources: `lib.rs` (the types), `check.rs` (partitioning, pre-check, the
+//! search, explanations), `recorder.rs`, `format.rs` (rendering of values and
+//! events), `tests.rs` (known histories, randomized histories from a
+//! simulated linearizable store, agreement with a brute-force checker).
 //!
 //! ## The model
 //!
