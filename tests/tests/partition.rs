@@ -235,3 +235,92 @@ async fn lossy_slow_peer_links_slow_writes_down_but_replicas_converge() {
     };
     bounded(Duration::from_secs(150), "the test", test).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_three_split_serves_on_the_majority_side_only_and_converges_after_healing() {
+    let cluster = Cluster::start(5).await;
+    let test = async {
+        cluster
+            .cli_ok(&["--timeout", "10", "put", "k", "before"])
+            .await;
+        // Put the current leader on the minority side, the harder case.
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let others: Vec<ReplicaId> = cluster.ids().into_iter().filter(|&i| i != leader).collect();
+        let minority = vec![leader, others[0]];
+        let majority: Vec<ReplicaId> = others[1..].to_vec();
+        for &id in &minority {
+            set_faults(
+                &cluster,
+                id,
+                FaultSpec {
+                    isolate: Some(majority.clone()),
+                    ..FaultSpec::default()
+                },
+            )
+            .await;
+        }
+        for &id in &majority {
+            set_faults(
+                &cluster,
+                id,
+                FaultSpec {
+                    isolate: Some(minority.clone()),
+                    ..FaultSpec::default()
+                },
+            )
+            .await;
+        }
+
+        let via = majority[0];
+        wait_until(
+            Duration::from_secs(20),
+            "a write on the majority side",
+            || async {
+                cluster
+                    .cli_at(via, &["--timeout", "3", "put", "k", "majority"])
+                    .await
+                    .status
+                    .success()
+            },
+        )
+        .await;
+        for &id in &minority {
+            let out = cluster
+                .cli_at(id, &["--timeout", "2", "put", "k", "minority"])
+                .await;
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "a put on the minority side (replica {id}): {}",
+                describe(&out)
+            );
+            let out = cluster.cli_at(id, &["--timeout", "2", "get", "k"]).await;
+            assert!(
+                !(out.status.success() && out.stdout == b"before\n"),
+                "replica {id} on the minority side served a stale linearizable read: {}",
+                describe(&out)
+            );
+        }
+
+        heal_all(&cluster).await;
+        let value = cluster.cli_ok(&["--timeout", "10", "get", "k"]).await;
+        assert!(
+            value == "majority\n" || value == "minority\n",
+            "after healing k is {value:?}"
+        );
+        let applied = cluster.max_applied().await;
+        let same = cluster
+            .wait_applied_equal(applied, Duration::from_secs(30))
+            .await;
+        for id in cluster.ids() {
+            let local = cluster.cli_at(id, &["get", "--local", "k"]).await;
+            assert_eq!(
+                String::from_utf8_lossy(&local.stdout),
+                value,
+                "replica {id} at applied index {same}: {}",
+                describe(&local)
+            );
+        }
+    };
+    bounded(Duration::from_secs(120), "the test", test).await;
+}
