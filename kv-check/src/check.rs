@@ -848,18 +848,46 @@ impl<'a> KeyHistory<'a> {
             self.show_op(blocker),
             self.judge(blocker, state)
         );
+        // Where the value it saw came from, if it saw one.
+        let seen = match self.ops[blocker].kind {
+            Kind::Get(seen) => seen,
+            Kind::Cas {
+                observed: Some((false, now)),
+                ..
+            } => now,
+            _ => 0,
+        };
+        if seen != 0 {
+            let writers: Vec<usize> = (0..self.ops.len())
+                .filter(|&i| match self.ops[i].kind {
+                    Kind::Put(v) => v == seen,
+                    Kind::Cas { new, .. } => new == seen,
+                    _ => false,
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  It saw {}, written by {} operation(s){}",
+                self.show_state(seen),
+                writers.len(),
+                if writers.is_empty() { "." } else { ":" }
+            );
+            for &i in writers.iter().take(SHOWN_OTHERS) {
+                let _ = writeln!(out, "    {}", self.show_op(i));
+            }
+        }
         let others: Vec<usize> = (0..self.ops.len())
             .filter(|&i| !placed[i] && i != blocker && self.ops[i].call <= deadline)
             .collect();
         if others.is_empty() {
             let _ = writeln!(
                 out,
-                "and no other remaining operation was invoked before it completed."
+                "No other remaining operation was invoked before it completed, so none could go first."
             );
         } else {
             let _ = writeln!(
                 out,
-                "nor can any of the {} other remaining operation(s) invoked before it completed be placed first with success:",
+                "None of the {} other remaining operation(s) invoked before it completed can go first with success either:",
                 others.len()
             );
             for &i in others.iter().take(SHOWN_OTHERS) {

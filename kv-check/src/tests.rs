@@ -499,6 +499,7 @@ fn explanation_names_the_ops_and_times() {
         "#0 client 1: put(\"x\", \"a\") -> ok   [0, 10]",
         "#3 client 3: get(\"x\") -> found \"a\"   [60, 70]",
         "it would have returned: found \"b\"",
+        "It saw \"a\", written by 1 operation(s):",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
