@@ -97,7 +97,11 @@ impl PeerPool {
         let dial = async {
             let mut transport = tarpc::serde_transport::tcp::connect(&slot.addr, Bincode::default);
             transport.config_mut().max_frame_length(kv_api::MAX_FRAME);
-            transport.await
+            let transport = transport.await?;
+            // Small request/response messages: Nagle's algorithm against
+            // delayed ACKs would hold them ~40 ms.
+            transport.get_ref().set_nodelay(true)?;
+            Ok::<_, std::io::Error>(transport)
         };
         match tokio::time::timeout(self.timeout, dial).await {
             Ok(Ok(transport)) => {

@@ -293,6 +293,12 @@ macro_rules! serve_on {
             listener
                 // A failed accept or handshake affects that connection only.
                 .filter_map(|r| future::ready(r.ok()))
+                .map(|transport| {
+                    // Small request/response messages: Nagle's algorithm
+                    // against delayed ACKs would hold them ~40 ms.
+                    let _ = transport.get_ref().set_nodelay(true);
+                    transport
+                })
                 .map(BaseChannel::with_defaults)
                 .map(|channel| {
                     channel.execute(serve.clone()).for_each(|response| async {

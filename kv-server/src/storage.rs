@@ -197,9 +197,19 @@ impl Storage {
             return Ok(());
         }
         let frame = encode(records).map_err(|e| err(&self.segment_path, e))?;
+        // A frame that only moves the chosen mark needs no sync: losing it
+        // in a crash is harmless (the prefix is learned again from peers),
+        // and a follower answers heartbeats without waiting for the disk.
+        let sync = records.iter().any(|r| !matches!(r, Record::Chosen(_)));
         self.segment
             .write_all(&frame)
-            .and_then(|()| self.segment.sync_data())
+            .and_then(|()| {
+                if sync {
+                    self.segment.sync_data()
+                } else {
+                    Ok(())
+                }
+            })
             .map_err(|e| err(&self.segment_path, e))?;
         for r in records {
             if matches!(r, Record::Compacted(_)) {
