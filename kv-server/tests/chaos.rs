@@ -59,10 +59,25 @@ impl Drop for TempDir {
     }
 }
 
-/// `n` distinct free ports: all bound at once (so no duplicates), then released.
-fn free_ports(n: usize) -> Vec<u16> {
+/// A random loopback address of 127.0.0.0/8 other than 127.0.0.1, for one
+/// test cluster. Ports found free on it cannot be taken meanwhile by the
+/// ephemeral source ports of other tests' connections (those use
+/// 127.0.0.1), so parallel tests do not collide.
+fn cluster_ip() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    format!(
+        "127.{}.{}.{}",
+        rng.random_range(1..=254u8),
+        rng.random_range(0..=255u8),
+        rng.random_range(1..=254u8)
+    )
+}
+
+/// `n` distinct ports free on `ip`: all bound at once, then released.
+fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .map(|_| TcpListener::bind((ip, 0)).expect("bind a loopback port"))
         .collect();
     listeners
         .iter()
@@ -73,16 +88,13 @@ fn free_ports(n: usize) -> Vec<u16> {
 /// Writes a replica file of `n` replicas on free local ports; returns the
 /// client addresses.
 fn write_replica_file(path: &Path, n: usize) -> Vec<String> {
-    let ports = free_ports(2 * n);
+    let ip = cluster_ip();
+    let ports = free_ports_on(&ip, 2 * n);
     let mut text = String::new();
     let mut clients = Vec::new();
     for i in 0..n {
-        let client = format!("127.0.0.1:{}", ports[2 * i]);
-        text.push_str(&format!(
-            "{} {client} 127.0.0.1:{}\n",
-            i + 1,
-            ports[2 * i + 1]
-        ));
+        let client = format!("{ip}:{}", ports[2 * i]);
+        text.push_str(&format!("{} {client} {ip}:{}\n", i + 1, ports[2 * i + 1]));
         clients.push(client);
     }
     std::fs::write(path, text).expect("write replica file");

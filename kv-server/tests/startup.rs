@@ -68,13 +68,40 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// A random loopback address of 127.0.0.0/8 other than 127.0.0.1, for one
+/// test cluster. Ports found free on it cannot be taken meanwhile by the
+/// ephemeral source ports of other tests' connections (those use
+/// 127.0.0.1), so parallel tests do not collide.
+fn cluster_ip() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    format!(
+        "127.{}.{}.{}",
+        rng.random_range(1..=254u8),
+        rng.random_range(0..=255u8),
+        rng.random_range(1..=254u8)
+    )
+}
+
+/// `n` distinct ports free on `ip`: all bound at once, then released.
+fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind((ip, 0)).expect("bind a loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
 /// A valid replica file text with `n` replicas on free local ports.
 fn replica_file_text(n: usize) -> String {
-    let ports = free_ports(2 * n);
+    let ip = cluster_ip();
+    let ports = free_ports_on(&ip, 2 * n);
     let mut text = String::from("# test cluster\n");
     for i in 0..n {
         text.push_str(&format!(
-            "{} 127.0.0.1:{} 127.0.0.1:{}\n",
+            "{} {ip}:{} {ip}:{}\n",
             i + 1,
             ports[2 * i],
             ports[2 * i + 1]

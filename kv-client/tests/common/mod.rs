@@ -140,6 +140,32 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A random loopback address of 127.0.0.0/8 other than 127.0.0.1, for one
+/// test cluster. Ports found free on it cannot be taken meanwhile by the
+/// ephemeral source ports of other tests' connections (those use
+/// 127.0.0.1), so parallel tests do not collide.
+pub fn cluster_ip() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    format!(
+        "127.{}.{}.{}",
+        rng.random_range(1..=254u8),
+        rng.random_range(0..=255u8),
+        rng.random_range(1..=254u8)
+    )
+}
+
+/// `n` distinct ports free on `ip`: all bound at once, then released.
+pub fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind((ip, 0)).expect("bind a loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
 /// `n` distinct loopback ports that were free a moment ago (all bound at
 /// once, so none repeats, then released for the replicas to take).
 pub fn free_ports(n: usize) -> Vec<u16> {
@@ -183,12 +209,13 @@ impl Cluster {
     fn spawn(name: &str, n: usize) -> Cluster {
         let server = server_bin();
         let dir = temp_dir(name);
-        let ports = free_ports(2 * n);
+        let ip = cluster_ip();
+        let ports = free_ports_on(&ip, 2 * n);
         let mut text = String::new();
         let mut addrs = Vec::new();
         for i in 0..n {
-            let addr = format!("127.0.0.1:{}", ports[i]);
-            text.push_str(&format!("{} {addr} 127.0.0.1:{}\n", i + 1, ports[n + i]));
+            let addr = format!("{ip}:{}", ports[i]);
+            text.push_str(&format!("{} {addr} {ip}:{}\n", i + 1, ports[n + i]));
             addrs.push(addr);
         }
         let file = dir.join("replica");
