@@ -346,6 +346,7 @@ impl Profile {
             snapshot: 10,
             transfer: 30,
             bounce_after_promise: 0.05,
+            crash_in_sync: 0.002,
         }
     }
 
@@ -366,6 +367,7 @@ impl Profile {
             snapshot: 10,
             transfer: 30,
             bounce_after_promise: 0.5,
+            crash_in_sync: 0.01,
         }
     }
 }
@@ -392,6 +394,9 @@ struct Profile {
     /// crash-restarts of acceptors in the middle of elections, where a
     /// forgotten promise does harm.
     bounce_after_promise: f64,
+    /// Chance that a replica crashes in a round's sync: after its requests
+    /// left, before its replies did.
+    crash_in_sync: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -722,6 +727,46 @@ impl Sim {
         let id = node.id;
         let core = node.core.as_mut().expect("a round runs on a live node");
         let mut ready = core.ready();
+        // The round's requests may leave before its records are durable
+        // (the driver overlaps its sync with the followers'): a crash can
+        // fall in between. The write is atomic: it made it or it did not.
+        // Replies and applies wait for the sync, so they are lost.
+        if self.faults
+            && !ready.persist.is_empty()
+            && self.rng.random_bool(self.profile.crash_in_sync)
+        {
+            ready.messages.sort_by_key(|(to, _)| *to);
+            let written = self.rng.random_bool(0.5);
+            if written {
+                node.disk.write(&ready.persist, variant);
+            }
+            if self.check_promises {
+                // Requests shown before the sync do not raise the floor:
+                // a candidate's own promise is not durable yet.
+                self.check_promises_shown(i, ready.messages.iter().map(|(_, m)| m), false)?;
+            }
+            if self.trace.is_some() {
+                let mut line = what.unwrap_or_default();
+                for (to, m) in &ready.messages {
+                    line.push_str(&format!(
+                        "\n          send r{id}->r{to} {}",
+                        describe_msg(m)
+                    ));
+                }
+                let p: Vec<String> = ready.persist.iter().map(describe_record).collect();
+                line.push_str(&format!(
+                    "\n          CRASH r{id} in its sync: [{}] {}; reply and applies lost",
+                    p.join("; "),
+                    if written { "written" } else { "NOT written" }
+                ));
+                self.note(|| line);
+            }
+            for (to, msg) in ready.messages {
+                self.net.push(Envelope { from: id, to, msg });
+            }
+            self.crash(i, true);
+            return Ok(());
+        }
         node.disk.write(&ready.persist, variant);
         let promised = ready
             .persist
@@ -791,25 +836,8 @@ impl Sim {
         }
 
         if self.check_promises {
-            let floor = self.nodes[i].promise_floor;
             let sent = ready.messages.iter().map(|(_, m)| m);
-            let shown = sent.chain(reply.iter().map(|(_, m)| m));
-            let mut top = floor;
-            for m in shown {
-                let Some(b) = promise_shown(m) else { continue };
-                if b < floor {
-                    return Err(self.violation(
-                        Kind::Safety,
-                        format!(
-                            "r{id} broke a promise: it showed ballot {floor} before, \
-                             now sends {}",
-                            describe_msg(m)
-                        ),
-                    ));
-                }
-                top = top.max(b);
-            }
-            self.nodes[i].promise_floor = top;
+            self.check_promises_shown(i, sent.chain(reply.iter().map(|(_, m)| m)), true)?;
         }
         for (to, msg) in ready.messages {
             self.net.push(Envelope { from: id, to, msg });
@@ -832,6 +860,37 @@ impl Sim {
         if let Some(peer) = ready.snapshot_from {
             // As the driver: one transfer at a time.
             self.nodes[i].receiving.get_or_insert(peer);
+        }
+        Ok(())
+    }
+
+    /// Promises kept: no message of node `i` shows a ballot below one it
+    /// showed before, in any incarnation. Once the round's records are
+    /// durable (`durable`), what it shows now becomes the new floor.
+    fn check_promises_shown<'a>(
+        &mut self,
+        i: usize,
+        shown: impl Iterator<Item = &'a Msg>,
+        durable: bool,
+    ) -> Result<(), Violation> {
+        let id = self.nodes[i].id;
+        let floor = self.nodes[i].promise_floor;
+        let mut top = floor;
+        for m in shown {
+            let Some(b) = promise_shown(m) else { continue };
+            if b < floor {
+                return Err(self.violation(
+                    Kind::Safety,
+                    format!(
+                        "r{id} broke a promise: it showed ballot {floor} before, now sends {}",
+                        describe_msg(m)
+                    ),
+                ));
+            }
+            top = top.max(b);
+        }
+        if durable {
+            self.nodes[i].promise_floor = top;
         }
         Ok(())
     }
