@@ -1,0 +1,469 @@
+//! Jepsen-style test: concurrent clients do random operations on a few keys
+//! through the SDK while a nemesis kills, restarts and pauses replicas,
+//! isolates the leader, splits the cluster, and drops, delays and times out
+//! messages. Afterwards the cluster is healed, every key is read, and the
+//! whole recorded history goes through the `kv-check` linearizability
+//! checker — which also proves no acknowledged write was lost: a lost write
+//! makes the final reads (part of the history) unexplainable.
+//!
+//! CI runs a fixed set of seeds (the nemesis schedule and the operation mix
+//! come from the seed). Longer runs:
+//!
+//! ```text
+//! KV_SOAK_SECS=600 KV_JEPSEN_SEEDS=7 cargo test -p kv-tests --release --test jepsen -- --nocapture
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kv_api::{FaultReport, FaultSpec, ReplicaId};
+use kv_check::{check, Budget, Op, Outcome, Recorder, Ret, Verdict};
+use kv_tests::{bounded, Cluster};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const CLIENTS: u64 = 8;
+const KEYS: usize = 5;
+/// The seeds CI runs, one after another.
+const CI_SEEDS: [u64; 3] = [1, 2, 3];
+/// How long the clients run under faults per seed, unless `KV_SOAK_SECS`.
+const CI_RUN_SECS: u64 = 12;
+
+/// The kinds of fault the nemesis injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// SIGKILL a replica, restart it later on the same data.
+    Kill,
+    /// SIGSTOP a replica, SIGCONT it later.
+    Pause,
+    /// Cut every link of the leader.
+    IsolateLeader,
+    /// Split the replicas two against three.
+    Partition,
+    /// Drop a fraction of peer messages everywhere.
+    Drop,
+    /// Delay peer messages everywhere.
+    Delay,
+    /// Hold a fraction of peer calls until their deadline.
+    Timeout,
+}
+
+const ALL_FAULTS: [Fault; 7] = [
+    Fault::Kill,
+    Fault::Pause,
+    Fault::IsolateLeader,
+    Fault::Partition,
+    Fault::Drop,
+    Fault::Delay,
+    Fault::Timeout,
+];
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("KV_JEPSEN_SEEDS") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => CI_SEEDS.to_vec(),
+    }
+}
+
+/// An SDK result as the checker sees it: an invalid argument was certainly
+/// not applied; any other error leaves the outcome unknown.
+fn outcome(r: Result<Ret, kv_client::Error>) -> Outcome {
+    match r {
+        Ok(ret) => Outcome::Ok(ret),
+        Err(e) if !e.outcome_unknown() => Outcome::Failed,
+        Err(_) => Outcome::Unknown,
+    }
+}
+
+/// One client: random operations on a few keys until `stop`, each recorded
+/// just before it is sent and just after its answer arrives.
+async fn client_loop(
+    client: kv_client::Client,
+    id: u64,
+    seed: u64,
+    rec: Recorder,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(id));
+    let mut last_seen: Vec<Option<Vec<u8>>> = vec![None; KEYS];
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let k = rng.random_range(0..KEYS);
+        let key = format!("key-{k}");
+        let value = format!("c{id}-{n}");
+        match rng.random_range(0..100u32) {
+            0..=29 => {
+                let t = rec.invoke(id, Op::put(&key, &value));
+                let r = client.put(key.as_str(), value.as_str()).await;
+                rec.complete(t, outcome(r.map(|()| Ret::Put)));
+            }
+            30..=59 => {
+                let t = rec.invoke(id, Op::get(&key));
+                let r = client.get(key.as_str()).await;
+                if let Ok(v) = &r {
+                    last_seen[k] = v.clone();
+                }
+                rec.complete(t, outcome(r.map(Ret::Get)));
+            }
+            60..=69 => {
+                let t = rec.invoke(id, Op::delete(&key));
+                let r = client.delete(key.as_str()).await;
+                rec.complete(t, outcome(r.map(Ret::Delete)));
+            }
+            _ => {
+                let expected = last_seen[k].clone();
+                let t = rec.invoke(id, Op::cas(&key, expected.as_ref(), &value));
+                let r = client.cas(key.as_str(), expected, value.as_str()).await;
+                if let Ok(o) = &r {
+                    last_seen[k] = o.current.clone();
+                }
+                rec.complete(
+                    t,
+                    outcome(r.map(|o| Ret::Cas {
+                        swapped: o.swapped,
+                        current: o.current,
+                    })),
+                );
+            }
+        }
+    }
+    n
+}
+
+/// The nemesis: one fault at a time, each healed before the next, in a
+/// seeded order that goes through every kind before repeating one.
+struct Nemesis {
+    rng: StdRng,
+    queue: Vec<Fault>,
+    injected: BTreeMap<Fault, u64>,
+    /// What the replicas themselves counted (drops, delays, timeouts,
+    /// refused requests), read back before each heal.
+    reported: FaultReport,
+    /// Each replica's counters when last read (they restart from zero
+    /// when the replica does).
+    last: BTreeMap<ReplicaId, FaultReport>,
+}
+
+impl Nemesis {
+    fn new(seed: u64) -> Nemesis {
+        Nemesis {
+            rng: StdRng::seed_from_u64(seed),
+            queue: Vec::new(),
+            injected: BTreeMap::new(),
+            reported: FaultReport::default(),
+            last: BTreeMap::new(),
+        }
+    }
+
+    fn next_fault(&mut self) -> Fault {
+        if self.queue.is_empty() {
+            self.queue = ALL_FAULTS.to_vec();
+            self.queue.shuffle(&mut self.rng);
+        }
+        self.queue.pop().expect("refilled above")
+    }
+
+    fn hold(&mut self) -> Duration {
+        Duration::from_millis(self.rng.random_range(500..1500))
+    }
+
+    async fn set(&mut self, cluster: &Cluster, id: ReplicaId, spec: FaultSpec) {
+        // Best effort: a replica that does not answer just keeps its faults
+        // until the final heal.
+        let client = cluster.client_with_timeout(Duration::from_millis(500));
+        let _ = client.set_faults(cluster.client_addr(id), spec).await;
+    }
+
+    async fn set_all(&mut self, cluster: &Cluster, spec: FaultSpec) {
+        for id in cluster.ids() {
+            self.set(cluster, id, spec.clone()).await;
+        }
+    }
+
+    /// Reads every replica's counters, then heals every link.
+    async fn heal_links(&mut self, cluster: &Cluster) {
+        let client = cluster.client_with_timeout(Duration::from_millis(500));
+        for id in cluster.ids() {
+            let heal = FaultSpec {
+                heal: true,
+                ..FaultSpec::default()
+            };
+            if let Ok(r) = client.set_faults(cluster.client_addr(id), heal).await {
+                let last = self.last.insert(id, r.clone()).unwrap_or_default();
+                // A restarted replica counts from zero again.
+                let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+                self.reported.dropped += delta(r.dropped, last.dropped);
+                self.reported.delayed += delta(r.delayed, last.delayed);
+                self.reported.timed_out += delta(r.timed_out, last.timed_out);
+                self.reported.refused += delta(r.refused, last.refused);
+            }
+        }
+    }
+
+    fn injected_every_kind(&self) -> bool {
+        ALL_FAULTS.iter().all(|k| self.injected.contains_key(k))
+    }
+
+    async fn round(&mut self, cluster: &mut Cluster) {
+        let fault = self.next_fault();
+        let ids = cluster.ids();
+        let leader = cluster.leader().await;
+        let hold = self.hold();
+        match fault {
+            Fault::Kill => {
+                let victim = leader.unwrap_or_else(|| ids[self.rng.random_range(0..ids.len())]);
+                eprintln!("nemesis: kill replica {victim} for {hold:?}");
+                cluster.kill(victim);
+                tokio::time::sleep(hold).await;
+                cluster.restart(victim).await;
+            }
+            Fault::Pause => {
+                let victim = ids[self.rng.random_range(0..ids.len())];
+                eprintln!("nemesis: pause replica {victim} for {hold:?}");
+                cluster.pause(victim);
+                tokio::time::sleep(hold).await;
+                cluster.resume(victim);
+            }
+            Fault::IsolateLeader => {
+                let Some(leader) = leader else {
+                    return; // nobody to isolate this round; not counted
+                };
+                let others: Vec<ReplicaId> = ids.iter().copied().filter(|&i| i != leader).collect();
+                eprintln!("nemesis: isolate leader {leader} for {hold:?}");
+                self.set(
+                    cluster,
+                    leader,
+                    FaultSpec {
+                        isolate: Some(others),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
+                tokio::time::sleep(hold).await;
+                self.heal_links(cluster).await;
+            }
+            Fault::Partition => {
+                let mut shuffled = ids.clone();
+                shuffled.shuffle(&mut self.rng);
+                let (small, large) = shuffled.split_at(2);
+                eprintln!("nemesis: partition {small:?} | {large:?} for {hold:?}");
+                for &id in small {
+                    self.set(
+                        cluster,
+                        id,
+                        FaultSpec {
+                            isolate: Some(large.to_vec()),
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await;
+                }
+                for &id in large {
+                    self.set(
+                        cluster,
+                        id,
+                        FaultSpec {
+                            isolate: Some(small.to_vec()),
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await;
+                }
+                tokio::time::sleep(hold).await;
+                self.heal_links(cluster).await;
+            }
+            Fault::Drop => {
+                eprintln!("nemesis: drop 20% of peer messages for {hold:?}");
+                self.set_all(
+                    cluster,
+                    FaultSpec {
+                        drop_rate: Some(0.2),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
+                tokio::time::sleep(hold).await;
+                self.heal_links(cluster).await;
+            }
+            Fault::Delay => {
+                eprintln!("nemesis: delay peer messages 1-30 ms for {hold:?}");
+                self.set_all(
+                    cluster,
+                    FaultSpec {
+                        delay_ms: Some((1, 30)),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
+                tokio::time::sleep(hold).await;
+                self.heal_links(cluster).await;
+            }
+            Fault::Timeout => {
+                eprintln!("nemesis: time out 20% of peer calls for {hold:?}");
+                self.set_all(
+                    cluster,
+                    FaultSpec {
+                        timeout_rate: Some(0.2),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
+                tokio::time::sleep(hold).await;
+                self.heal_links(cluster).await;
+            }
+        }
+        *self.injected.entry(fault).or_insert(0) += 1;
+    }
+}
+
+struct RunSummary {
+    ops: usize,
+    ok: usize,
+    unknown: usize,
+    injected: BTreeMap<Fault, u64>,
+    reported: FaultReport,
+}
+
+async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
+    let mut cluster = Cluster::start(5).await;
+    let rec = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for id in 1..=CLIENTS {
+        let client = cluster.client_with_timeout(Duration::from_secs(1));
+        clients.spawn(client_loop(client, id, seed, rec.clone(), stop.clone()));
+    }
+
+    let mut nemesis = Nemesis::new(seed);
+    let started = Instant::now();
+    // Runs at least `run_for`, and on until every kind of fault happened.
+    while started.elapsed() < run_for || !nemesis.injected_every_kind() {
+        nemesis.round(&mut cluster).await;
+        // A quiet moment between faults, so progress is possible.
+        let quiet = Duration::from_millis(nemesis.rng.random_range(200..600));
+        tokio::time::sleep(quiet).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    while let Some(r) = clients.join_next().await {
+        r.expect("a client task panicked");
+    }
+
+    // Heal: every replica runs and answers, every link is whole.
+    nemesis.heal_links(&cluster).await;
+    cluster.wait_for_leader(Duration::from_secs(20)).await;
+    let applied = cluster.max_applied().await;
+    cluster
+        .wait_applied_equal(applied, Duration::from_secs(30))
+        .await;
+
+    // Final reads of every key, linearizable, recorded like any other
+    // operation: a lost acknowledged write cannot be explained by them.
+    let reader = cluster.client_with_timeout(Duration::from_secs(5));
+    for k in 0..KEYS {
+        let key = format!("key-{k}");
+        let t = rec.invoke(CLIENTS + 1, Op::get(&key));
+        let r = reader.get(key.as_str()).await;
+        assert!(r.is_ok(), "final read of {key} failed after healing: {r:?}");
+        rec.complete(t, outcome(r.map(Ret::Get)));
+    }
+
+    let history = rec.history();
+    let ok = history
+        .iter()
+        .filter(|e| matches!(e.outcome, Outcome::Ok(_)))
+        .count();
+    let unknown = history
+        .iter()
+        .filter(|e| matches!(e.outcome, Outcome::Unknown))
+        .count();
+    let ops = history.len();
+    let report = tokio::task::spawn_blocking(move || {
+        let report = check(
+            &history,
+            Budget::default().with_time(Duration::from_secs(60)),
+        );
+        if report.verdict.is_violation() {
+            let path = std::env::temp_dir().join(format!("kv-jepsen-history-seed-{seed}.txt"));
+            let _ = std::fs::write(&path, format!("{}", kv_check::History { events: history }));
+            eprintln!("history written to {}", path.display());
+        }
+        report
+    })
+    .await
+    .expect("the checker panicked");
+    eprintln!("seed {seed}: kv-check: {report}");
+    assert!(
+        !report.verdict.is_violation(),
+        "seed {seed}: the history is not linearizable: {report}"
+    );
+    assert!(
+        !matches!(report.verdict, Verdict::InvalidHistory { .. }),
+        "seed {seed}: the recorded history is malformed: {report}"
+    );
+    assert!(
+        matches!(report.verdict, Verdict::Linearizable),
+        "seed {seed}: the checker could not decide within its budget: {report}"
+    );
+    RunSummary {
+        ops,
+        ok,
+        unknown,
+        injected: nemesis.injected,
+        reported: nemesis.reported,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_under_every_kind_of_fault_is_linearizable() {
+    let secs = env_u64("KV_SOAK_SECS").unwrap_or(CI_RUN_SECS);
+    let run_for = Duration::from_secs(secs);
+    let seeds = seeds();
+    assert!(!seeds.is_empty(), "KV_JEPSEN_SEEDS names no seed");
+    for seed in seeds {
+        // Bounded: the run, healing (up to ~50 s) and checking (up to 60 s).
+        let limit = run_for + Duration::from_secs(150);
+        let s = bounded(limit, "a Jepsen run", run_seed(seed, run_for)).await;
+        eprintln!(
+            "seed {seed}: {} operations checked ({} completed, {} unknown outcome); faults injected: {:?}; \
+             replicas counted {} dropped, {} delayed, {} timed-out messages and {} refused requests",
+            s.ops, s.ok, s.unknown, s.injected, s.reported.dropped, s.reported.delayed,
+            s.reported.timed_out, s.reported.refused
+        );
+        for kind in ALL_FAULTS {
+            assert!(
+                s.injected.get(&kind).copied().unwrap_or(0) > 0,
+                "seed {seed}: no {kind:?} fault was injected ({:?})",
+                s.injected
+            );
+        }
+        assert!(
+            s.reported.dropped > 0,
+            "seed {seed}: no message was dropped"
+        );
+        assert!(
+            s.reported.delayed > 0,
+            "seed {seed}: no message was delayed"
+        );
+        assert!(
+            s.reported.timed_out > 0,
+            "seed {seed}: no call was timed out"
+        );
+        assert!(
+            s.reported.refused > 0,
+            "seed {seed}: no request was refused on a cut link"
+        );
+        assert!(
+            s.ok > 100,
+            "seed {seed}: too few operations completed under faults ({}) to say much",
+            s.ok
+        );
+    }
+}
