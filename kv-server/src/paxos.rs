@@ -15,7 +15,7 @@
 //! won phase 1 for its ballot at a majority, and then runs only phase 2 (one
 //! round trip to a majority per batch of commands), several slots in flight.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use kv_peer_api::{
     Accept, Accepted, AcceptedEntry, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Prepare,
@@ -214,7 +214,7 @@ pub struct Paxos {
     election_at: u64,
 
     // Candidate.
-    promises: HashMap<ReplicaId, Promise>,
+    promises: BTreeMap<ReplicaId, Promise>,
 
     // Leader.
     next_slot: Slot,
@@ -222,8 +222,8 @@ pub struct Paxos {
     pending: BTreeMap<Slot, Pending>,
     queue: VecDeque<WriteRequest>,
     hb_round: u64,
-    hb_acks: HashMap<ReplicaId, u64>,
-    last_ack_tick: HashMap<ReplicaId, u64>,
+    hb_acks: BTreeMap<ReplicaId, u64>,
+    last_ack_tick: BTreeMap<ReplicaId, u64>,
     confirmed_round: u64,
     round_started: Option<u64>,
     last_heartbeat: u64,
@@ -271,14 +271,14 @@ impl Paxos {
             leader: None,
             last_heard: 0,
             election_at: 0,
-            promises: HashMap::new(),
+            promises: BTreeMap::new(),
             next_slot: chosen + 1,
             term_start: 0,
             pending: BTreeMap::new(),
             queue: VecDeque::new(),
             hb_round: 0,
-            hb_acks: HashMap::new(),
-            last_ack_tick: HashMap::new(),
+            hb_acks: BTreeMap::new(),
+            last_ack_tick: BTreeMap::new(),
             confirmed_round: 0,
             round_started: None,
             last_heartbeat: 0,
@@ -721,7 +721,7 @@ impl Paxos {
         let due = self
             .now
             .saturating_sub(u64::from(self.cfg.retransmit_ticks));
-        let mut per_peer: HashMap<ReplicaId, Vec<(Slot, Value)>> = HashMap::new();
+        let mut per_peer: BTreeMap<ReplicaId, Vec<(Slot, Value)>> = BTreeMap::new();
         let others = self.others();
         for (&slot, p) in self.pending.iter_mut() {
             if p.sent_tick > due {
