@@ -34,9 +34,11 @@ const MAX_DRAIN: usize = 4096;
 /// Ticks between sweeps of abandoned waiters.
 const SWEEP_TICKS: u64 = 100;
 
-/// Log entries kept behind a snapshot (at most one snapshot interval), for
-/// peers slightly behind to catch up from the log instead of a snapshot.
-const KEEP_LOG_BEHIND_SNAPSHOT: u64 = 1_000;
+/// Client commands kept in the log behind a snapshot, for peers slightly
+/// behind to catch up from the log instead of a snapshot. Counted in
+/// commands, not slots, so the log on disk stays about the same size
+/// whatever the batching and the snapshot interval.
+const KEEP_BEHIND_SNAPSHOT: usize = 1_000;
 
 /// Capacity of the driver's input queue.
 pub const INPUT_QUEUE: usize = 16 * 1024;
@@ -261,8 +263,7 @@ impl Node {
                         self.snapshots.latest = self.snapshots.latest.max(index);
                         // Keep some log behind the snapshot, so a peer
                         // slightly behind catches up from the log.
-                        let keep = self.snapshots.every.min(KEEP_LOG_BEHIND_SNAPSHOT);
-                        self.core.compact(index.saturating_sub(keep));
+                        self.core.compact_keeping(index, KEEP_BEHIND_SNAPSHOT);
                         tracing::debug!(index, compacted = self.core.compacted(), "snapshot taken");
                     }
                     Err(e) => {

@@ -348,6 +348,25 @@ impl Paxos {
         self.out.persist.push(Record::Compacted(upto));
     }
 
+    /// Drops log entries up to `upto`, but keeps enough of the newest ones
+    /// before it to hold `keep_commands` client commands (a no-op counts as
+    /// one), for peers slightly behind to catch up from the log.
+    pub fn compact_keeping(&mut self, upto: Slot, keep_commands: usize) {
+        let mut kept = 0;
+        let mut cut = upto.min(self.applied);
+        for (&slot, e) in self.log.range(..=cut).rev() {
+            if kept >= keep_commands {
+                break;
+            }
+            kept += match &e.value {
+                Value::Batch(b) => b.len().max(1),
+                Value::Noop => 1,
+            };
+            cut = slot - 1;
+        }
+        self.compact(cut);
+    }
+
     /// The state machine was replaced by a snapshot at `index` (durable):
     /// everything up to it counts as chosen and applied.
     pub fn install_snapshot(&mut self, index: Slot) {
