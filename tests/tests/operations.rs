@@ -82,8 +82,8 @@ async fn cas_swaps_only_when_the_expectation_holds() {
 async fn concurrent_cas_increments_lose_no_update() {
     let cluster = Cluster::start(5).await;
     let test = async {
-        const TASKS: u64 = 4;
-        const INCREMENTS: u64 = 25;
+        const TASKS: u64 = 16;
+        const INCREMENTS: u64 = 50;
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..TASKS {
             let client = cluster.client_with_timeout(Duration::from_secs(10));
