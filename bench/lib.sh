@@ -20,7 +20,7 @@ build() {
     cp "$BIN/kv-server" "$BIN/kv-client" "$WORK/"
     SERVER="$WORK/kv-server"
     CLIENT="$WORK/kv-client"
-    log "measuring commit $COMMIT"
+    log "measuring commit $COMMIT; load average $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews results)"
 }
 
 setup_work() {
