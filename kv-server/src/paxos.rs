@@ -326,11 +326,6 @@ impl Paxos {
         self.applied
     }
 
-    /// The number of entries held in memory.
-    pub fn log_len(&self) -> usize {
-        self.log.len()
-    }
-
     /// Entries at or below this slot have been dropped.
     pub fn compacted(&self) -> Slot {
         self.compacted

@@ -582,7 +582,18 @@ fn cluster_starts_every_replica_and_sigterm_stops_them_all() {
     let (mut cluster, replicas) = start_cluster(&dir, 5);
     let pids: Vec<u32> = replicas.iter().map(|r| r.pid).collect();
     for r in &replicas {
-        assert!(is_running_kv_server(r.pid), "replica not running: {r:?}");
+        if !is_running_kv_server(r.pid) {
+            // Give the supervisor a moment to report the exit, then show
+            // everything it said: the exit status and the replica's log.
+            std::thread::sleep(Duration::from_millis(500));
+            let stdout: Vec<String> = cluster.stdout.try_iter().collect();
+            panic!(
+                "replica not running: {r:?}\nsupervisor stdout:\n{}\n{}\nsupervisor stderr:\n{}",
+                cluster.stdout_seen.join("\n"),
+                stdout.join("\n"),
+                cluster.drain_stderr()
+            );
+        }
     }
     // Every replica logs its start-up line, prefixed with its id.
     let ids: Vec<u64> = replicas.iter().map(|r| r.id).collect();

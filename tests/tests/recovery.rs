@@ -215,10 +215,18 @@ async fn truncated_snapshot_is_refused_at_start_naming_the_file() {
     bounded(Duration::from_secs(120), "the test", test).await;
 }
 
+/// Bytes under `dir`, not counting files being written at this moment (a
+/// snapshot in progress, `*.tmp`, or being received, `*.partial`).
 fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
+        if path
+            .extension()
+            .is_some_and(|x| x == "tmp" || x == "partial")
+        {
+            continue;
+        }
         total += if path.is_dir() {
             dir_size(&path)
         } else {
@@ -255,7 +263,7 @@ async fn data_directory_stops_growing_with_the_number_of_writes() {
 }
 
 /// Runs `total` puts over 1,000 keys from 64 tasks; while the last tenth of
-/// them runs, samples every replica's data directory size nine times.
+/// them runs, samples every replica's data directory size `SAMPLES` times.
 /// Returns the median per replica.
 async fn load_and_sample(cluster: &Cluster, total: usize) -> Vec<u64> {
     const TASKS: usize = 64;
@@ -276,11 +284,12 @@ async fn load_and_sample(cluster: &Cluster, total: usize) -> Vec<u64> {
             }
         });
     }
+    const SAMPLES: usize = 15;
     let mut samples: Vec<Vec<u64>> = Vec::new();
     let tail = total * 9 / 10;
-    while samples.len() < 9 {
+    while samples.len() < SAMPLES {
         let n = done.load(std::sync::atomic::Ordering::Relaxed);
-        if n >= tail + (total - tail) * samples.len() / 9 || tasks.is_empty() {
+        if n >= tail + (total - tail) * samples.len() / SAMPLES || tasks.is_empty() {
             samples.push(
                 cluster
                     .ids()
