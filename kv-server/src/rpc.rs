@@ -114,12 +114,25 @@ impl Handler {
             .unwrap_or_else(|| Err(stopping()))
     }
 
-    async fn peer_request(&self, msg: Msg) -> Option<Msg> {
+    /// A consensus request from peer `from`: through the fault gate to the
+    /// driver, whose answer `unpack` takes out of its `Msg`. A replica that
+    /// is stopping answers `refused` (built with `Ballot::ZERO`, which never
+    /// makes the caller step down).
+    async fn consensus<T>(
+        &self,
+        from: ReplicaId,
+        msg: Msg,
+        unpack: fn(Msg) -> Option<T>,
+        refused: T,
+    ) -> T {
+        self.gate(from).await;
         self.ask(|tx| Input::Peer {
             msg,
             reply: Some(tx),
         })
         .await
+        .and_then(unpack)
+        .unwrap_or(refused)
     }
 }
 
@@ -178,60 +191,65 @@ impl Kv for Handler {
 
 impl Peer for Handler {
     async fn prepare(self, _: Context, req: Prepare) -> Promise {
-        self.gate(req.from).await;
-        match self.peer_request(Msg::Prepare(req)).await {
-            Some(Msg::Promise(p)) => p,
-            // A replica that is stopping refuses; `Ballot::ZERO` never
-            // makes the caller step down.
-            _ => Promise {
-                from: self.id,
-                ballot: Ballot::ZERO,
-                ok: false,
-                accepted: vec![],
-                chosen: 0,
-            },
-        }
+        let refused = Promise {
+            from: self.id,
+            ballot: Ballot::ZERO,
+            ok: false,
+            accepted: vec![],
+            chosen: 0,
+        };
+        let unpack = |m| match m {
+            Msg::Promise(p) => Some(p),
+            _ => None,
+        };
+        self.consensus(req.from, Msg::Prepare(req), unpack, refused)
+            .await
     }
 
     async fn accept(self, _: Context, req: Accept) -> Accepted {
-        self.gate(req.from).await;
-        match self.peer_request(Msg::Accept(req)).await {
-            Some(Msg::Accepted(a)) => a,
-            _ => Accepted {
-                from: self.id,
-                ballot: Ballot::ZERO,
-                ok: false,
-                slots: vec![],
-            },
-        }
+        let refused = Accepted {
+            from: self.id,
+            ballot: Ballot::ZERO,
+            ok: false,
+            slots: vec![],
+        };
+        let unpack = |m| match m {
+            Msg::Accepted(a) => Some(a),
+            _ => None,
+        };
+        self.consensus(req.from, Msg::Accept(req), unpack, refused)
+            .await
     }
 
     async fn heartbeat(self, _: Context, req: Heartbeat) -> HeartbeatAck {
-        self.gate(req.from).await;
-        let round = req.round;
-        match self.peer_request(Msg::Heartbeat(req)).await {
-            Some(Msg::HeartbeatAck(a)) => a,
-            _ => HeartbeatAck {
-                from: self.id,
-                ballot: Ballot::ZERO,
-                ok: false,
-                round,
-                chosen: 0,
-            },
-        }
+        let refused = HeartbeatAck {
+            from: self.id,
+            ballot: Ballot::ZERO,
+            ok: false,
+            round: req.round,
+            chosen: 0,
+        };
+        let unpack = |m| match m {
+            Msg::HeartbeatAck(a) => Some(a),
+            _ => None,
+        };
+        self.consensus(req.from, Msg::Heartbeat(req), unpack, refused)
+            .await
     }
 
     async fn fetch(self, _: Context, req: Fetch) -> FetchReply {
-        self.gate(req.from).await;
-        match self.peer_request(Msg::Fetch(req)).await {
-            Some(Msg::FetchReply(r)) => r,
-            _ => FetchReply {
-                from: self.id,
-                entries: vec![],
-                chosen: 0,
-                compacted: 0,
-            },
-        }
+        let refused = FetchReply {
+            from: self.id,
+            entries: vec![],
+            chosen: 0,
+            compacted: 0,
+        };
+        let unpack = |m| match m {
+            Msg::FetchReply(r) => Some(r),
+            _ => None,
+        };
+        self.consensus(req.from, Msg::Fetch(req), unpack, refused)
+            .await
     }
 
     async fn snapshot_chunk(
