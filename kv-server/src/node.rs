@@ -357,7 +357,7 @@ impl Node {
         }
         if !ready.persist.is_empty() {
             let Some(mut storage) = self.storage.take() else {
-                return Err(ServerError::Config(
+                return Err(ServerError::Internal(
                     "storage lost after an earlier failure".into(),
                 ));
             };
