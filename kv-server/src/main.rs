@@ -261,7 +261,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
 
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
