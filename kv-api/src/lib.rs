@@ -304,15 +304,31 @@ pub struct FaultReport {
 /// ends raise tarpc's default (8 MiB) to this.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+/// What a replica that does not lead does with a write or a linearizable
+/// read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Route {
+    /// Forwards it to the leader and relays the answer: for a client that
+    /// knows only this replica.
+    #[default]
+    Forward,
+    /// Answers [`KvError::NotLeader`] with a hint, so that the client sends
+    /// this and later requests to the leader itself: one hop less per
+    /// request, for a client that can follow hints.
+    Redirect,
+}
+
 /// The client-facing service every replica serves on its client address.
 #[tarpc::service]
 pub trait Kv {
     /// Applies a write through the replicated log and returns its result.
-    /// A follower forwards it to the leader. Retrying the same
-    /// `(client_id, seq)` is safe: it is applied at most once.
-    async fn write(req: WriteRequest) -> Result<WriteOutcome, KvError>;
-    /// Reads a key, linearizably (through the leader) or locally.
-    async fn get(key: Vec<u8>, mode: ReadMode) -> Result<GetResponse, KvError>;
+    /// A follower forwards it to the leader or redirects the client there,
+    /// as `route` says. Retrying the same `(client_id, seq)` is safe: it is
+    /// applied at most once.
+    async fn write(req: WriteRequest, route: Route) -> Result<WriteOutcome, KvError>;
+    /// Reads a key, linearizably (through the leader: forwarded or
+    /// redirected as `route` says) or locally.
+    async fn get(key: Vec<u8>, mode: ReadMode, route: Route) -> Result<GetResponse, KvError>;
     /// Reports this replica's role and progress.
     async fn status() -> ReplicaStatus;
     /// Changes the failure injection of this replica's peer RPC layer and

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kv_api::{
-    GetResponse, Kv, KvError, LeaderHint, Op, OpResult, ReadMode, ReplicaStatus, WriteOutcome,
-    WriteRequest,
+    GetResponse, Kv, KvError, LeaderHint, Op, OpResult, ReadMode, ReplicaStatus, Route,
+    WriteOutcome, WriteRequest,
 };
 use kv_client::{Client, Error};
 use tarpc::context::Context;
@@ -39,6 +39,8 @@ struct Shared {
     mode: Option<Mode>,
     /// Every write request received, in order.
     writes: Vec<WriteRequest>,
+    /// The route asked for by every write and read, in order.
+    routes: Vec<Route>,
     map: HashMap<Vec<u8>, Vec<u8>>,
     /// Results of applied writes, by (client id, seq).
     applied: HashMap<(u64, u64), WriteOutcome>,
@@ -102,10 +104,16 @@ impl Fake {
 }
 
 impl Kv for Fake {
-    async fn write(self, _: Context, req: WriteRequest) -> Result<WriteOutcome, KvError> {
+    async fn write(
+        self,
+        _: Context,
+        req: WriteRequest,
+        route: Route,
+    ) -> Result<WriteOutcome, KvError> {
         let hold = {
             let mut s = self.shared.lock().unwrap();
             s.writes.push(req.clone());
+            s.routes.push(route);
             s.hold.clone().filter(|(seq, _)| *seq == req.seq)
         };
         if let Some((_, notify)) = hold {
@@ -127,7 +135,14 @@ impl Kv for Fake {
         }
     }
 
-    async fn get(self, _: Context, key: Vec<u8>, mode: ReadMode) -> Result<GetResponse, KvError> {
+    async fn get(
+        self,
+        _: Context,
+        key: Vec<u8>,
+        mode: ReadMode,
+        route: Route,
+    ) -> Result<GetResponse, KvError> {
+        self.shared.lock().unwrap().routes.push(route);
         let serve = match (self.mode(), mode) {
             (Mode::Hang, _) => std::future::pending().await,
             (_, ReadMode::Local) => true,
@@ -216,6 +231,10 @@ impl Replica {
             server,
             connections,
         }
+    }
+
+    fn routes(&self) -> Vec<Route> {
+        self.fake.shared.lock().unwrap().routes.clone()
     }
 
     fn set_mode(&self, mode: Mode) {
@@ -647,4 +666,34 @@ async fn a_huge_timeout_is_accepted_without_overflow() {
         assert_eq!(c.status().await.len(), 1);
     })
     .await
+}
+
+#[tokio::test]
+async fn a_client_following_hints_is_redirected_to_the_leader_and_stays_there() {
+    let test = async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let follower = Replica::start(2, Mode::Follower(Some(leader.hint()))).await;
+        let c = client(&[&follower.addr, &leader.addr], Duration::from_secs(5));
+        c.put("k", "v").await.unwrap();
+        c.put("k", "w").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(b"w".to_vec()));
+        // Only the first request met the follower: it asked to be
+        // redirected rather than forwarded, and every later one went to the
+        // leader directly.
+        assert_eq!(follower.routes(), [Route::Redirect]);
+        assert_eq!(leader.routes(), [Route::Redirect; 3]);
+
+        // A client told to stay with one replica asks it to forward.
+        let pinned = Client::builder()
+            .addrs(vec![follower.addr.clone()])
+            .follow_hints(false)
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let _ = pinned.put("k", "x").await;
+        assert_eq!(follower.routes().get(1), Some(&Route::Forward));
+    };
+    tokio::time::timeout(Duration::from_secs(30), test)
+        .await
+        .expect("the test took over 30 s");
 }

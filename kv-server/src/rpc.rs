@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{future, StreamExt};
 use kv_api::{
     FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
-    WriteOutcome, WriteRequest,
+    Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Promise,
@@ -141,7 +141,11 @@ impl Kv for Handler {
         self,
         ctx: Context,
         req: WriteRequest,
+        route: Route,
     ) -> std::result::Result<WriteOutcome, KvError> {
+        if route == Route::Redirect {
+            return self.write_here(req).await;
+        }
         match self.write_here(req.clone()).await {
             Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
                 self.pool.forward_write(hint.id, ctx.deadline, req).await
@@ -155,7 +159,11 @@ impl Kv for Handler {
         ctx: Context,
         key: Vec<u8>,
         mode: ReadMode,
+        route: Route,
     ) -> std::result::Result<GetResponse, KvError> {
+        if route == Route::Redirect {
+            return self.get_here(key, mode).await;
+        }
         match self.get_here(key.clone(), mode).await {
             Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
                 self.pool.forward_get(hint.id, ctx.deadline, key).await

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kv_api::{KvClient, KvError, Op, ReadMode, WriteRequest};
+use kv_api::{KvClient, KvError, Op, ReadMode, Route, WriteRequest};
 use tarpc::tokio_serde::formats::Bincode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
@@ -336,11 +336,16 @@ impl TestClient {
         let answer = async {
             match call {
                 Call::Write(req) => client
-                    .write(Self::context(), req.clone())
+                    .write(Self::context(), req.clone(), Route::Forward)
                     .await
                     .map(|r| r.map(|_| None)),
                 Call::Get(key) => client
-                    .get(Self::context(), key.clone(), ReadMode::Linearizable)
+                    .get(
+                        Self::context(),
+                        key.clone(),
+                        ReadMode::Linearizable,
+                        Route::Forward,
+                    )
                     .await
                     .map(|r| r.map(|g| g.value)),
             }
