@@ -43,6 +43,9 @@ pub enum BenchOp {
     Get,
     /// 90% linearizable gets, 10% puts.
     Mixed,
+    /// Local gets only (`get --local`): one round trip to one replica, no
+    /// consensus; the floor under every other operation's latency.
+    Local,
 }
 
 impl BenchOp {
@@ -51,6 +54,7 @@ impl BenchOp {
             BenchOp::Put => "put",
             BenchOp::Get => "get",
             BenchOp::Mixed => "mixed",
+            BenchOp::Local => "local",
         }
     }
 }
@@ -270,11 +274,13 @@ async fn closed_loop(
         let k = key(rng.random_range(0..keys));
         let put = match op {
             BenchOp::Put => true,
-            BenchOp::Get => false,
+            BenchOp::Get | BenchOp::Local => false,
             BenchOp::Mixed => rng.random_bool(0.1),
         };
         let ok = if put {
             client.put(k, value.as_slice()).await.is_ok()
+        } else if op == BenchOp::Local {
+            client.get_local(k).await.is_ok()
         } else {
             client.get(k).await.is_ok()
         };
