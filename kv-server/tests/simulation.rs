@@ -491,6 +491,9 @@ struct Tuning {
     snapshot_every: Option<u64>,
     /// The election timeout range, in ticks (heartbeats every 5).
     election_ticks: (u32, u32),
+    /// Thrifty phase 2 (new accepts to a majority at once, the rest at the
+    /// next tick), or every accept to everyone.
+    thrifty: bool,
 }
 
 /// What a seed did, for the summary line.
@@ -578,6 +581,7 @@ impl Sim {
             } else {
                 (6, 12)
             },
+            thrifty: rng.random_bool(0.75),
         };
         let mut sim = Sim {
             seed,
@@ -635,6 +639,7 @@ impl Sim {
         cfg.max_inflight = self.tuning.max_inflight;
         cfg.max_entries_per_message = self.tuning.max_entries_per_message;
         cfg.election_ticks = self.tuning.election_ticks;
+        cfg.thrifty = self.tuning.thrifty;
         cfg
     }
 
