@@ -112,6 +112,7 @@ pub async fn run(
         dir: snapshot_dir,
         every: config.snapshot_every,
         latest: snapshot_index,
+        log_bytes: 0,
         taking: false,
         receiving: false,
     };

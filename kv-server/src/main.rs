@@ -90,8 +90,10 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Snapshot the map every N applied log entries and drop the log behind
-    /// it (one interval of log is kept for peers slightly behind).
+    /// Snapshot the map every N applied log entries, or sooner once the
+    /// writes applied since the last snapshot add up to half the map's size
+    /// (at least 64 MiB), and drop the log behind it (the last 1,000 writes
+    /// are kept for peers slightly behind).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
 

@@ -40,6 +40,13 @@ const SWEEP_TICKS: u64 = 100;
 /// whatever the batching and the snapshot interval.
 const KEEP_BEHIND_SNAPSHOT: usize = 1_000;
 
+/// A snapshot is also taken once the writes applied since the last one
+/// add up to half the map's size, but not before this many bytes. This
+/// bounds the log held in memory (and replayed at start-up) by the data,
+/// whatever the batching: `--snapshot-every` counts log entries, and one
+/// entry may hold up to 512 writes.
+const MIN_LOG_BYTES: u64 = 64 << 20;
+
 /// Capacity of the driver's input queue.
 pub const INPUT_QUEUE: usize = 16 * 1024;
 
@@ -100,6 +107,9 @@ pub struct Snapshots {
     pub every: u64,
     /// The newest durable snapshot.
     pub latest: Slot,
+    /// Bytes of the writes applied since the last snapshot began (or was
+    /// installed).
+    pub log_bytes: u64,
     /// A snapshot is being written.
     pub taking: bool,
     /// A snapshot is being received.
@@ -277,6 +287,7 @@ impl Node {
                     Ok((index, sm)) if index > self.sm.applied() => {
                         self.sm = *sm;
                         self.snapshots.latest = self.snapshots.latest.max(index);
+                        self.snapshots.log_bytes = 0;
                         self.core.install_snapshot(index);
                     }
                     Ok(_) => {}
@@ -292,10 +303,13 @@ impl Node {
     /// the copy of the map; serializing and syncing happen off it.
     fn maybe_snapshot(&mut self) {
         let applied = self.sm.applied();
-        if self.snapshots.taking || applied < self.snapshots.latest + self.snapshots.every {
+        let by_entries = applied >= self.snapshots.latest + self.snapshots.every;
+        let by_bytes = self.snapshots.log_bytes >= MIN_LOG_BYTES.max(self.sm.data_bytes() / 2);
+        if self.snapshots.taking || !(by_entries || by_bytes) {
             return;
         }
         self.snapshots.taking = true;
+        self.snapshots.log_bytes = 0;
         let copy = self.sm.clone();
         let dir = self.snapshots.dir.clone();
         let inputs = self.inputs.clone();
@@ -424,6 +438,7 @@ impl Node {
         }
         if let Value::Batch(reqs) = value {
             for req in &reqs {
+                self.snapshots.log_bytes += op_bytes(&req.op);
                 let outcome = self.sm.apply(slot, req);
                 if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
                     for tx in txs {
@@ -434,6 +449,20 @@ impl Node {
         }
         self.sm.set_applied(slot);
     }
+}
+
+/// What a write adds to the log, roughly: its keys and values plus the
+/// request's fixed fields.
+fn op_bytes(op: &kv_api::Op) -> u64 {
+    use kv_api::Op;
+    let data = match op {
+        Op::Put { key, value } => key.len() + value.len(),
+        Op::Delete { key } => key.len(),
+        Op::Cas { key, expected, new } => {
+            key.len() + expected.as_ref().map_or(0, Vec::len) + new.len()
+        }
+    };
+    data as u64 + 32
 }
 
 /// Whether to write `records` on the driver's own thread rather than on

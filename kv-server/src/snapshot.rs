@@ -237,8 +237,9 @@ impl SnapshotDir {
             )));
         }
         let mut body = Crc::new(r.take(header.body_len));
-        let sm: StateMachine =
+        let mut sm: StateMachine =
             bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?;
+        sm.recount();
         if body.len != header.body_len || body.hasher.finalize() != header.crc {
             return Err(damaged("checksum mismatch".into()));
         }

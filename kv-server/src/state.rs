@@ -26,6 +26,10 @@ pub struct StateMachine {
     map: HashMap<Vec<u8>, Vec<u8>>,
     sessions: HashMap<u64, Session>,
     applied: Slot,
+    /// Bytes of the keys and values in `map`. Not in snapshots: counted
+    /// again by [`StateMachine::recount`] when one is read.
+    #[serde(skip)]
+    bytes: u64,
 }
 
 impl StateMachine {
@@ -37,6 +41,23 @@ impl StateMachine {
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Bytes of the keys and values in the map.
+    pub fn data_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Counts [`StateMachine::data_bytes`] from scratch (after decoding).
+    pub fn recount(&mut self) {
+        self.bytes = self.map.iter().map(|(k, v)| pair_len(k, v)).sum();
+    }
+
+    fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes += pair_len(key, value);
+        if let Some(old) = self.map.insert(key.to_vec(), value.to_vec()) {
+            self.bytes -= pair_len(key, &old);
+        }
     }
 
     /// Whether the map is empty.
@@ -79,16 +100,22 @@ impl StateMachine {
         }
         let result = match &req.op {
             Op::Put { key, value } => {
-                self.map.insert(key.clone(), value.clone());
+                self.insert(key, value);
                 OpResult::Put
             }
-            Op::Delete { key } => OpResult::Deleted {
-                existed: self.map.remove(key).is_some(),
-            },
+            Op::Delete { key } => {
+                let old = self.map.remove(key);
+                if let Some(old) = &old {
+                    self.bytes -= pair_len(key, old);
+                }
+                OpResult::Deleted {
+                    existed: old.is_some(),
+                }
+            }
             Op::Cas { key, expected, new } => {
                 let current = self.map.get(key);
                 if current == expected.as_ref() {
-                    self.map.insert(key.clone(), new.clone());
+                    self.insert(key, new);
                     OpResult::Cas {
                         swapped: true,
                         current: Some(new.clone()),
@@ -109,6 +136,10 @@ impl StateMachine {
         }
         outcome
     }
+}
+
+fn pair_len(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
 }
 
 #[cfg(test)]
@@ -169,6 +200,31 @@ mod tests {
                 current: Some(b"1".to_vec())
             }
         );
+    }
+
+    #[test]
+    fn data_bytes_follow_puts_deletes_and_swaps() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(1, 1, put("k", "abc")));
+        sm.apply(2, &req(1, 2, put("kk", "x")));
+        assert_eq!(sm.data_bytes(), 4 + 3);
+        sm.apply(3, &req(1, 3, put("k", "a")));
+        assert_eq!(sm.data_bytes(), 2 + 3);
+        let cas = Op::Cas {
+            key: "kk".into(),
+            expected: Some("x".into()),
+            new: "xyz".into(),
+        };
+        sm.apply(4, &req(1, 4, cas));
+        assert_eq!(sm.data_bytes(), 2 + 5);
+        sm.apply(5, &req(1, 5, Op::Delete { key: "k".into() }));
+        sm.apply(6, &req(1, 6, Op::Delete { key: "k".into() }));
+        assert_eq!(sm.data_bytes(), 5);
+        let mut copy: StateMachine =
+            bincode::deserialize(&bincode::serialize(&sm).unwrap()).unwrap();
+        assert_eq!(copy.data_bytes(), 0, "not serialized");
+        copy.recount();
+        assert_eq!(copy.data_bytes(), 5);
     }
 
     #[test]
