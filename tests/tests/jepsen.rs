@@ -26,7 +26,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const CLIENTS: u64 = 8;
-const KEYS: usize = 5;
+/// Keys per minute of run (at least one minute's worth). The checker's
+/// search grows with the operations on one key; more keys for longer runs
+/// keep that near what a minute produces (~30,000 operations a key at
+/// 2026-11 speeds), which it decides within its budget.
+const KEYS_PER_MINUTE: usize = 5;
 /// The seeds CI runs, one after another.
 const CI_SEEDS: [u64; 3] = [1, 2, 3];
 /// How long the clients run under faults per seed, unless `KV_SOAK_SECS`.
@@ -90,13 +94,14 @@ async fn client_loop(
     seed: u64,
     rec: Recorder,
     stop: Arc<AtomicBool>,
+    keys: usize,
 ) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(id));
-    let mut last_seen: Vec<Option<Vec<u8>>> = vec![None; KEYS];
+    let mut last_seen: Vec<Option<Vec<u8>>> = vec![None; keys];
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
-        let k = rng.random_range(0..KEYS);
+        let k = rng.random_range(0..keys);
         let key = format!("key-{k}");
         let value = format!("c{id}-{n}");
         match rng.random_range(0..100u32) {
@@ -333,13 +338,21 @@ struct RunSummary {
 }
 
 async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
+    let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
     let mut cluster = Cluster::start(5).await;
     let rec = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = tokio::task::JoinSet::new();
     for id in 1..=CLIENTS {
         let client = cluster.client_with_timeout(Duration::from_secs(1));
-        clients.spawn(client_loop(client, id, seed, rec.clone(), stop.clone()));
+        clients.spawn(client_loop(
+            client,
+            id,
+            seed,
+            rec.clone(),
+            stop.clone(),
+            keys,
+        ));
     }
 
     let mut nemesis = Nemesis::new(seed);
@@ -367,7 +380,7 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
     // Final reads of every key, linearizable, recorded like any other
     // operation: a lost acknowledged write cannot be explained by them.
     let reader = cluster.client_with_timeout(Duration::from_secs(5));
-    for k in 0..KEYS {
+    for k in 0..keys {
         let key = format!("key-{k}");
         let t = rec.invoke(CLIENTS + 1, Op::get(&key));
         let r = reader.get(key.as_str()).await;
