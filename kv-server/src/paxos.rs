@@ -649,7 +649,11 @@ impl Paxos {
         let max_chosen = self.promises.values().map(|p| p.chosen).max().unwrap_or(0);
         if max_chosen > self.chosen {
             // A promiser knows more slots chosen than we do: we lack their
-            // values, so we may not lead. Catch up and let the timer retry.
+            // values, so we may not lead yet. Stay a candidate and fetch
+            // them; the promises stay valid, and the fetch replies bring us
+            // back here (a follower a tick behind, as a thrifty leader
+            // leaves some, wins without waiting out another election
+            // timeout). The election timer still bounds the wait.
             let from = self
                 .promises
                 .values()
@@ -660,7 +664,6 @@ impl Paxos {
                 behind = max_chosen - self.chosen,
                 "won phase 1 but behind; catching up first"
             );
-            self.step_down(None);
             if let Some(peer) = from {
                 self.request_fetch(peer);
             }
@@ -1178,6 +1181,9 @@ impl Paxos {
         self.advance_chosen();
         if m.chosen > self.chosen && expected > self.chosen {
             self.request_fetch(m.from);
+        }
+        if self.role == Role::Candidate {
+            self.maybe_win();
         }
     }
 
