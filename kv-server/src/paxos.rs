@@ -755,14 +755,24 @@ impl Paxos {
         (slot, value)
     }
 
+    /// `entries` as accept messages of at most `max_entries_per_message`.
+    fn accept_messages(&self, entries: &[(Slot, Value)]) -> Vec<Msg> {
+        entries
+            .chunks(self.cfg.max_entries_per_message.max(1))
+            .map(|chunk| {
+                Msg::Accept(Accept {
+                    from: self.cfg.id,
+                    ballot: self.promised,
+                    entries: chunk.to_vec(),
+                    chosen: self.chosen,
+                })
+            })
+            .collect()
+    }
+
     fn broadcast_accepts(&mut self, entries: Vec<(Slot, Value)>) {
-        for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
-            self.broadcast(Msg::Accept(Accept {
-                from: self.cfg.id,
-                ballot: self.promised,
-                entries: chunk.to_vec(),
-                chosen: self.chosen,
-            }));
+        for msg in self.accept_messages(&entries) {
+            self.broadcast(msg);
         }
     }
 
@@ -792,13 +802,7 @@ impl Paxos {
                 d.extend(entries.iter().map(|(slot, _)| *slot));
             }
         }
-        for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
-            let msg = Msg::Accept(Accept {
-                from: self.cfg.id,
-                ballot: self.promised,
-                entries: chunk.to_vec(),
-                chosen: self.chosen,
-            });
+        for msg in self.accept_messages(&entries) {
             for &to in &targets {
                 self.send(to, msg.clone());
             }
@@ -859,22 +863,13 @@ impl Paxos {
     /// batched. Slots chosen since are sent all the same: the follower then
     /// holds them without fetching.
     fn send_deferred(&mut self) {
-        let ballot = self.promised;
         for (to, slots) in std::mem::take(&mut self.deferred) {
             let entries: Vec<(Slot, Value)> = slots
                 .into_iter()
                 .filter_map(|slot| self.log.get(&slot).map(|e| (slot, e.value.clone())))
                 .collect();
-            for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
-                self.send(
-                    to,
-                    Msg::Accept(Accept {
-                        from: self.cfg.id,
-                        ballot,
-                        entries: chunk.to_vec(),
-                        chosen: self.chosen,
-                    }),
-                );
+            for msg in self.accept_messages(&entries) {
+                self.send(to, msg);
             }
         }
     }
@@ -899,18 +894,9 @@ impl Paxos {
                 }
             }
         }
-        let ballot = self.promised;
         for (to, entries) in per_peer {
-            for chunk in entries.chunks(self.cfg.max_entries_per_message.max(1)) {
-                self.send(
-                    to,
-                    Msg::Accept(Accept {
-                        from: self.cfg.id,
-                        ballot,
-                        entries: chunk.to_vec(),
-                        chosen: self.chosen,
-                    }),
-                );
+            for msg in self.accept_messages(&entries) {
+                self.send(to, msg);
             }
         }
     }
@@ -1358,15 +1344,25 @@ mod tests {
         to
     }
 
-    #[test]
-    fn thrifty_leader_sends_to_a_majority_at_once_and_to_the_rest_at_the_tick() {
+    /// A 5-replica cluster whose leader (returned) has just proposed one
+    /// write; the followers its accepts went to at once, and its messages.
+    fn one_proposal(thrifty: bool) -> (Vec<Paxos>, usize, Vec<ReplicaId>, Ready) {
         let mut nodes = cluster(5);
+        for n in nodes.iter_mut() {
+            n.cfg.thrifty = thrifty;
+        }
         let mut applied = vec![Vec::new(); 5];
         let l = elected(&mut nodes, &mut applied);
         let _ = nodes[l].ready();
         nodes[l].propose(put(1)).unwrap();
         let r = nodes[l].ready();
         let first = accept_targets(&r.messages);
+        (nodes, l, first, r)
+    }
+
+    #[test]
+    fn thrifty_leader_sends_to_a_majority_at_once_and_to_the_rest_at_the_tick() {
+        let (mut nodes, l, first, _) = one_proposal(true);
         assert_eq!(
             first.len(),
             2,
@@ -1383,26 +1379,13 @@ mod tests {
         );
 
         // Not thrifty: everyone at once.
-        let mut nodes = cluster(5);
-        for n in nodes.iter_mut() {
-            n.cfg.thrifty = false;
-        }
-        let mut applied = vec![Vec::new(); 5];
-        let l = elected(&mut nodes, &mut applied);
-        let _ = nodes[l].ready();
-        nodes[l].propose(put(1)).unwrap();
-        assert_eq!(accept_targets(&nodes[l].ready().messages).len(), 4);
+        let (_, _, all, _) = one_proposal(false);
+        assert_eq!(all.len(), 4);
     }
 
     #[test]
     fn a_target_that_does_not_answer_loses_its_place_and_the_write_is_still_chosen() {
-        let mut nodes = cluster(5);
-        let mut applied = vec![Vec::new(); 5];
-        let l = elected(&mut nodes, &mut applied);
-        let _ = nodes[l].ready();
-        nodes[l].propose(put(1)).unwrap();
-        let r = nodes[l].ready();
-        let first = accept_targets(&r.messages);
+        let (mut nodes, l, first, r) = one_proposal(true);
         // The first target is gone: its accept and everything after is lost.
         let gone = first[0];
         let deliver = |nodes: &mut [Paxos], msgs: Vec<(ReplicaId, Msg)>| {
