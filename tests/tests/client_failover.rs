@@ -45,7 +45,24 @@ async fn write_whose_reply_is_lost_is_retried_and_applied_once() {
     let cluster = Cluster::start(5).await;
     let test = async {
         let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
-        let client = cluster.client_with_timeout(Duration::from_secs(30));
+        // Without following hints (so every replica forwards to the leader
+        // for it): the delayed leader loses its office within ~300 ms, and
+        // a client that follows hints is sent straight to the new leader,
+        // answered before its first attempt runs out, with nothing retried.
+        // Forwarded, the first attempt waits on the delayed links and the
+        // retry goes to the next replica.
+        let client = kv_client::Client::builder()
+            .addrs(
+                cluster
+                    .ids()
+                    .into_iter()
+                    .map(|id| cluster.client_addr(id).to_string())
+                    .collect(),
+            )
+            .follow_hints(false)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("build an SDK client");
         client.put("warm", "up").await.expect("warm-up put");
         // The leader's messages now take longer than one attempt of the
         // client (1 s): the first attempt is proposed but its answer does
