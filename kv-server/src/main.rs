@@ -161,6 +161,12 @@ replicas are resumed before they are stopped, so none is left stopped.")]
 /// Arguments of `kv-server cluster`.
 #[derive(Debug, Args)]
 struct ClusterArgs {
+    /// Stop (stopping the replicas) when standard input reaches
+    /// end-of-file: for a parent, such as a test, whose death must not
+    /// leave the cluster running.
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+
     /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line.
     #[arg(long, value_name = "FILE", default_value = "replica")]
     replicas: PathBuf,
@@ -295,7 +301,9 @@ fn init_logging() {
 async fn run_cli(cli: Cli) -> Result<(), Failure> {
     // Listen for signals first, so that a SIGTERM arriving during start-up
     // shuts down cleanly instead of killing the process outright.
-    let shutdown = Shutdown::listen(cli.exit_on_stdin_eof).map_err(Failure::runtime)?;
+    let on_eof = cli.exit_on_stdin_eof
+        || matches!(&cli.command, Some(Command::Cluster(a)) if a.exit_on_stdin_eof);
+    let shutdown = Shutdown::listen(on_eof).map_err(Failure::runtime)?;
     match cli.command {
         Some(Command::Cluster(args)) => {
             let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;

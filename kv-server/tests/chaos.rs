@@ -158,10 +158,15 @@ struct Supervisor {
 impl Supervisor {
     fn start(dir: &Path, args: &[&str]) -> Supervisor {
         let stderr_file = dir.join("stderr.log");
+        // Its stdin is a pipe this process holds (in `child.stdin`, which
+        // `try_wait` leaves open): if the test process dies, even by
+        // SIGKILL, the pipe closes and the supervisor stops its replicas,
+        // instead of going on killing and restarting them unattended.
         let mut child = Command::new(BIN)
             .args(args)
+            .arg("--exit-on-stdin-eof")
             .current_dir(dir)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(File::create(&stderr_file).expect("create stderr log"))
             .spawn()

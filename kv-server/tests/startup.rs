@@ -577,6 +577,48 @@ fn replica_stops_cleanly_on_sigterm() {
 }
 
 #[test]
+fn cluster_with_exit_on_stdin_eof_stops_its_replicas_when_its_input_closes() {
+    // What a test harness relies on so that its death (even by SIGKILL)
+    // does not leave a cluster behind: its end of the pipe closes, and the
+    // supervisor stops, stopping every replica it started.
+    let dir = TempDir::new("cluster-eof");
+    dir.write("replica", &replica_file_text(3));
+    let mut child = Command::new(BIN)
+        .args(["cluster", "--replicas", "replica", "--data-dir", "data"])
+        .arg("--exit-on-stdin-eof")
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kv-server cluster");
+    let input = child.stdin.take().expect("stdin pipe");
+    let stdout = lines_of(child.stdout.take().expect("stdout pipe"));
+    let deadline = Instant::now() + LIFECYCLE_TIMEOUT;
+    let mut pids = Vec::new();
+    while pids.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = stdout.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("the cluster did not report 3 replicas; got {pids:?}");
+        };
+        if let Some(r) = parse_replica_line(&line) {
+            pids.push(r.pid);
+        }
+    }
+    assert!(pids.iter().all(|&p| is_running_kv_server(p)), "{pids:?}");
+    drop(input);
+    let status = wait_bounded(&mut child, LIFECYCLE_TIMEOUT)
+        .expect("the cluster did not stop when its input closed; killed it");
+    assert_eq!(status.code(), Some(0));
+    let alive = wait_gone(&pids, Duration::from_secs(5));
+    assert!(
+        alive.is_empty(),
+        "replicas still running after the cluster stopped: {alive:?}"
+    );
+}
+
+#[test]
 fn cluster_starts_every_replica_and_sigterm_stops_them_all() {
     let dir = TempDir::new("cluster");
     let (mut cluster, replicas) = start_cluster(&dir, 5);
