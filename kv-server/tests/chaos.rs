@@ -11,7 +11,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -20,6 +19,10 @@ use std::time::{Duration, Instant};
 
 use kv_api::{KvClient, KvError, Op, ReadMode, Route, WriteRequest};
 use tarpc::tokio_serde::formats::Bincode;
+
+mod common;
+
+use common::{is_running_kv_server, replica_file, send_signal, wait_gone, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
@@ -35,112 +38,6 @@ const MIN_SUCCESS: f64 = 0.90;
 const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("kv-server-chaos-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A random loopback address of 127.0.0.0/8 other than 127.0.0.1, for one
-/// test cluster. Ports found free on it cannot be taken meanwhile by the
-/// ephemeral source ports of other tests' connections (those use
-/// 127.0.0.1), so parallel tests do not collide.
-fn cluster_ip() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    format!(
-        "127.{}.{}.{}",
-        rng.random_range(1..=254u8),
-        rng.random_range(0..=255u8),
-        rng.random_range(1..=254u8)
-    )
-}
-
-/// `n` distinct ports free on `ip`: all bound at once, then released.
-fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind((ip, 0)).expect("bind a loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// Writes a replica file of `n` replicas on free local ports; returns the
-/// client addresses.
-fn write_replica_file(path: &Path, n: usize) -> Vec<String> {
-    let ip = cluster_ip();
-    let ports = free_ports_on(&ip, 2 * n);
-    let mut text = String::new();
-    let mut clients = Vec::new();
-    for i in 0..n {
-        let client = format!("{ip}:{}", ports[2 * i]);
-        text.push_str(&format!("{} {client} {ip}:{}\n", i + 1, ports[2 * i + 1]));
-        clients.push(client);
-    }
-    std::fs::write(path, text).expect("write replica file");
-    clients
-}
-
-/// Sends `signal` to `pid`; whether it arrived.
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, signal: i32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid, signal) == 0 }
-}
-
-/// Whether `pid` is a live kv-server process (not gone, not a zombie, not
-/// a reused pid now belonging to something else).
-fn is_running_kv_server(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-    if matches!(state.and_then(|s| s.chars().next()), Some('Z') | Some('X')) {
-        return false;
-    }
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("kv-server"))
-        .unwrap_or(false)
-}
-
-/// Waits up to `limit` for every pid to be gone; returns those still running.
-fn wait_gone(pids: &BTreeSet<u32>, limit: Duration) -> Vec<u32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let alive: Vec<u32> = pids
-            .iter()
-            .copied()
-            .filter(|&p| is_running_kv_server(p))
-            .collect();
-        if alive.is_empty() || Instant::now() >= deadline {
-            return alive;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The running supervisor. On drop (a failing test) it is killed, and so
 /// is every replica process it reported, continued first in case it was
@@ -265,8 +162,8 @@ impl Drop for Supervisor {
         }
         for &pid in &self.pids {
             if is_running_kv_server(pid) {
-                send_signal(pid, libc::SIGCONT);
-                send_signal(pid, libc::SIGKILL);
+                let _ = send_signal(pid, libc::SIGCONT);
+                let _ = send_signal(pid, libc::SIGKILL);
             }
         }
     }
@@ -465,7 +362,8 @@ async fn workload(addrs: Vec<String>, length: Duration) -> Tally {
 #[test]
 fn store_keeps_serving_under_chaos_and_sigterm_stops_every_replica() {
     let dir = TempDir::new("serve");
-    let addrs = write_replica_file(&dir.path().join("replica"), 5);
+    let (text, addrs) = replica_file(5);
+    dir.write("replica", &text);
     let mut cluster = Supervisor::start(
         dir.path(),
         &[
@@ -538,7 +436,7 @@ fn store_keeps_serving_under_chaos_and_sigterm_stops_every_replica() {
 
     // SIGTERM: every replica stops cleanly (a paused one is continued
     // first; none needs SIGKILL), and none is left running or stopped.
-    assert!(send_signal(cluster.child.id(), libc::SIGTERM));
+    send_signal(cluster.child.id(), libc::SIGTERM).expect("SIGTERM the supervisor");
     let status = cluster.wait(LIFECYCLE_TIMEOUT);
     cluster.collect(Duration::from_millis(500));
     assert_eq!(

@@ -8,12 +8,15 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{free_ports_on, is_running_kv_server, replica_file, wait_gone, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
@@ -23,92 +26,6 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(20);
 const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kv-server-startup-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `n` distinct free ports: all bound at once (so no duplicates), then released.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// A random loopback address of 127.0.0.0/8 other than 127.0.0.1, for one
-/// test cluster. Ports found free on it cannot be taken meanwhile by the
-/// ephemeral source ports of other tests' connections (those use
-/// 127.0.0.1), so parallel tests do not collide.
-fn cluster_ip() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    format!(
-        "127.{}.{}.{}",
-        rng.random_range(1..=254u8),
-        rng.random_range(0..=255u8),
-        rng.random_range(1..=254u8)
-    )
-}
-
-/// `n` distinct ports free on `ip`: all bound at once, then released.
-fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind((ip, 0)).expect("bind a loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// A valid replica file text with `n` replicas on free local ports.
-fn replica_file_text(n: usize) -> String {
-    let ip = cluster_ip();
-    let ports = free_ports_on(&ip, 2 * n);
-    let mut text = String::from("# test cluster\n");
-    for i in 0..n {
-        text.push_str(&format!(
-            "{} {ip}:{} {ip}:{}\n",
-            i + 1,
-            ports[2 * i],
-            ports[2 * i + 1]
-        ));
-    }
-    text
-}
 
 /// Whether `addr` accepts a TCP connection before `deadline`.
 fn accepts_connections(addr: &str, deadline: Instant) -> bool {
@@ -191,50 +108,9 @@ fn assert_refused(outcome: &Outcome, code: i32, needles: &[&str]) {
     );
 }
 
-/// Sends `signal` to `pid`.
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, signal: i32) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::kill(pid, signal) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {signal}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Whether `pid` is a live kv-server process (not gone, not a zombie, not
-/// a reused pid now belonging to something else).
-fn is_running_kv_server(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-    if matches!(state.and_then(|s| s.chars().next()), Some('Z') | Some('X')) {
-        return false;
-    }
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("kv-server"))
-        .unwrap_or(false)
-}
-
-/// Waits up to `limit` for every pid to be gone; returns those still running.
-fn wait_gone(pids: &[u32], limit: Duration) -> Vec<u32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let alive: Vec<u32> = pids
-            .iter()
-            .copied()
-            .filter(|&p| is_running_kv_server(p))
-            .collect();
-        if alive.is_empty() || Instant::now() >= deadline {
-            return alive;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+/// Sends `sig` to `pid`, failing the test if it cannot.
+fn signal(pid: u32, sig: i32) {
+    common::send_signal(pid, sig).unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
 }
 
 /// A running `kv-server` whose output lines arrive on channels; killed with
@@ -378,7 +254,7 @@ fn parse_replica_line(line: &str) -> Option<ReplicaLine> {
 /// Starts `kv-server cluster` with `n` replicas and returns it with the
 /// lines it printed for them, checked against the replica file.
 fn start_cluster(dir: &TempDir, n: usize) -> (Running, Vec<ReplicaLine>) {
-    let text = replica_file_text(n);
+    let (text, _) = replica_file(n);
     dir.write("replica", &text);
     let mut cluster = Running::start(
         dir.path(),
@@ -475,7 +351,7 @@ fn missing_replica_file_is_refused_naming_it() {
 #[test]
 fn unknown_id_is_refused_naming_the_file() {
     let dir = TempDir::new("unknown-id");
-    dir.write("cluster-file", &replica_file_text(3));
+    dir.write("cluster-file", &replica_file(3).0);
     let out = run_to_end(
         dir.path(),
         &["--id", "9", "--replicas", "cluster-file"],
@@ -487,7 +363,7 @@ fn unknown_id_is_refused_naming_the_file() {
 #[test]
 fn missing_id_is_a_usage_error() {
     let dir = TempDir::new("no-id");
-    dir.write("replica", &replica_file_text(3));
+    dir.write("replica", &replica_file(3).0);
     let out = run_to_end(dir.path(), &[], REFUSAL_TIMEOUT);
     assert_refused(&out, 2, &["--id"]);
 }
@@ -495,7 +371,7 @@ fn missing_id_is_a_usage_error() {
 #[test]
 fn id_and_cluster_subcommand_are_mutually_exclusive() {
     let dir = TempDir::new("id-and-cluster");
-    dir.write("replica", &replica_file_text(3));
+    dir.write("replica", &replica_file(3).0);
     let out = run_to_end(dir.path(), &["--id", "1", "cluster"], REFUSAL_TIMEOUT);
     assert_refused(&out, 2, &["cluster", "--id"]);
 }
@@ -522,7 +398,7 @@ fn help_explains_both_modes_with_examples() {
 #[test]
 fn uncreatable_data_dir_fails_with_a_message_naming_it() {
     let dir = TempDir::new("bad-data-dir");
-    dir.write("replica", &replica_file_text(3));
+    dir.write("replica", &replica_file(3).0);
     dir.write("not-a-dir", "a regular file\n");
     let out = run_to_end(
         dir.path(),
@@ -538,7 +414,7 @@ fn address_in_use_fails_with_a_message_naming_it() {
     let dir = TempDir::new("addr-in-use");
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let taken_addr = taken.local_addr().expect("local addr").to_string();
-    let peer_port = free_ports(1)[0];
+    let peer_port = free_ports_on("127.0.0.1", 1)[0];
     dir.write(
         "replica",
         &format!("1 {taken_addr} 127.0.0.1:{peer_port}\n"),
@@ -568,10 +444,10 @@ fn assert_said_once(stderr: &str, what: &str) {
 #[test]
 fn replica_stops_cleanly_on_sigterm() {
     let dir = TempDir::new("sigterm");
-    dir.write("replica", &replica_file_text(3));
+    dir.write("replica", &replica_file(3).0);
     let mut replica = Running::start(dir.path(), &["--id", "2", "--data-dir", "d2"]);
     replica.wait_stderr("starting replica", LIFECYCLE_TIMEOUT);
-    send_signal(replica.pid(), libc::SIGTERM);
+    signal(replica.pid(), libc::SIGTERM);
     let status = replica.wait(LIFECYCLE_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", replica.drain_stderr());
 }
@@ -582,7 +458,7 @@ fn cluster_with_exit_on_stdin_eof_stops_its_replicas_when_its_input_closes() {
     // does not leave a cluster behind: its end of the pipe closes, and the
     // supervisor stops, stopping every replica it started.
     let dir = TempDir::new("cluster-eof");
-    dir.write("replica", &replica_file_text(3));
+    dir.write("replica", &replica_file(3).0);
     let mut child = Command::new(BIN)
         .args(["cluster", "--replicas", "replica", "--data-dir", "data"])
         .arg("--exit-on-stdin-eof")
@@ -664,7 +540,7 @@ fn cluster_starts_every_replica_and_sigterm_stops_them_all() {
         }
     }
 
-    send_signal(cluster.pid(), libc::SIGTERM);
+    signal(cluster.pid(), libc::SIGTERM);
     let status = cluster.wait(LIFECYCLE_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", cluster.drain_stderr());
     let alive = wait_gone(&pids, Duration::from_secs(5));
@@ -684,7 +560,7 @@ fn cluster_reports_a_replica_that_exits_unexpectedly() {
     let dir = TempDir::new("cluster-crash");
     let (mut cluster, replicas) = start_cluster(&dir, 3);
     let victim = &replicas[1];
-    send_signal(victim.pid, libc::SIGKILL);
+    signal(victim.pid, libc::SIGKILL);
     let want = format!("replica {} exited unexpectedly", victim.id);
     let line = cluster.stdout_line(
         Instant::now() + LIFECYCLE_TIMEOUT,
@@ -705,7 +581,7 @@ fn cluster_reports_a_replica_that_exits_unexpectedly() {
     for &pid in &others {
         assert!(is_running_kv_server(pid), "replica pid {pid} stopped too");
     }
-    send_signal(cluster.pid(), libc::SIGTERM);
+    signal(cluster.pid(), libc::SIGTERM);
     assert_eq!(cluster.wait(LIFECYCLE_TIMEOUT).code(), Some(0));
     assert!(wait_gone(&others, Duration::from_secs(5)).is_empty());
 }
@@ -715,7 +591,7 @@ fn cluster_replicas_stop_when_the_supervisor_is_killed() {
     let dir = TempDir::new("cluster-orphans");
     let (mut cluster, replicas) = start_cluster(&dir, 3);
     let pids: Vec<u32> = replicas.iter().map(|r| r.pid).collect();
-    send_signal(cluster.pid(), libc::SIGKILL);
+    signal(cluster.pid(), libc::SIGKILL);
     cluster.wait(LIFECYCLE_TIMEOUT);
     let alive = wait_gone(&pids, LIFECYCLE_TIMEOUT);
     assert!(
