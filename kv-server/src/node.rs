@@ -455,14 +455,12 @@ impl Node {
 /// request's fixed fields.
 fn op_bytes(op: &kv_api::Op) -> u64 {
     use kv_api::Op;
-    let data = match op {
-        Op::Put { key, value } => key.len() + value.len(),
-        Op::Delete { key } => key.len(),
-        Op::Cas { key, expected, new } => {
-            key.len() + expected.as_ref().map_or(0, Vec::len) + new.len()
-        }
+    let values = match op {
+        Op::Put { value, .. } => value.len(),
+        Op::Delete { .. } => 0,
+        Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
     };
-    data as u64 + 32
+    (op.key().len() + values) as u64 + 32
 }
 
 /// Whether to write `records` on the driver's own thread rather than on
@@ -478,8 +476,7 @@ fn op_bytes(op: &kv_api::Op) -> u64 {
 fn write_inline(records: &[crate::paxos::Record], sent: bool) -> bool {
     use crate::paxos::Record;
     let compacts = records.iter().any(|r| matches!(r, Record::Compacted(_)));
-    let syncs = records.iter().any(|r| !matches!(r, Record::Chosen(_)));
-    !(compacts || (sent && syncs))
+    !(compacts || (sent && crate::storage::needs_sync(records)))
 }
 
 async fn download(

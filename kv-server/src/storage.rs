@@ -142,6 +142,14 @@ fn encode(records: &[Record]) -> std::result::Result<Vec<u8>, bincode::Error> {
     Ok(out)
 }
 
+/// Whether [`Storage::write`] syncs `records`. A frame that only moves the
+/// chosen mark needs no sync: losing it in a crash is harmless (the prefix
+/// is learned again from peers), and a follower answers heartbeats without
+/// waiting for the disk.
+pub fn needs_sync(records: &[Record]) -> bool {
+    records.iter().any(|r| !matches!(r, Record::Chosen(_)))
+}
+
 /// Extends `file` from `from` to `to` bytes, allocating the blocks (read as
 /// zeros) so that later writes inside do not change its length. On a file
 /// system without `fallocate` the file is only extended (sparse): still
@@ -245,10 +253,7 @@ impl Storage {
             return Ok(());
         }
         let frame = encode(records).map_err(|e| err(&self.segment_path, e))?;
-        // A frame that only moves the chosen mark needs no sync: losing it
-        // in a crash is harmless (the prefix is learned again from peers),
-        // and a follower answers heartbeats without waiting for the disk.
-        let sync = records.iter().any(|r| !matches!(r, Record::Chosen(_)));
+        let sync = needs_sync(records);
         let end = self.end + frame.len() as u64;
         if end > self.reserved {
             let to = end.div_ceil(RESERVE) * RESERVE;
