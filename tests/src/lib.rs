@@ -601,6 +601,27 @@ impl Cluster {
         }
     }
 
+    /// Starts replica `id` on damaged data and asserts that it refuses:
+    /// it exits unsuccessfully within 20 s, naming `file`, without a panic.
+    /// Returns the exit status and what it logged on this start.
+    pub async fn start_expecting_refusal(
+        &mut self,
+        id: ReplicaId,
+        file: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let log_before = self.log_text(id).len();
+        self.spawn(id);
+        let status = self.wait_exit(id, Duration::from_secs(20)).await;
+        let log = self.log_text(id)[log_before..].to_string();
+        assert!(
+            !status.success(),
+            "replica {id} started on damaged data: {log}"
+        );
+        assert!(log.contains(file), "the refusal should name {file}: {log}");
+        assert!(!log.contains("panicked"), "{log}");
+        (status, log)
+    }
+
     /// The whole log of replica `id` (stdout and stderr, across restarts).
     pub fn log_text(&self, id: ReplicaId) -> String {
         std::fs::read_to_string(self.log_path(id)).unwrap_or_default()

@@ -83,19 +83,7 @@ async fn damaged_replica_refuses_to_start_and_rejoins_once_its_data_is_moved_asi
         eprintln!("flipped a byte at offset {offset} of {}", segment.display());
 
         // It must refuse to start, naming the damaged file, without a panic.
-        let log_before = cluster.log_text(victim).len();
-        cluster.spawn(victim);
-        let status = cluster.wait_exit(victim, Duration::from_secs(20)).await;
-        let log = cluster.log_text(victim)[log_before..].to_string();
-        assert!(
-            !status.success(),
-            "the damaged replica exited with {status}: {log}"
-        );
-        assert!(
-            log.contains(&name),
-            "the refusal should name the damaged file {name}: {log}"
-        );
-        assert!(!log.contains("panicked"), "{log}");
+        let (status, log) = cluster.start_expecting_refusal(victim, &name).await;
         eprintln!(
             "the damaged replica exited with {status}: {}",
             log.lines().last().unwrap_or("")
