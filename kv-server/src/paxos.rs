@@ -789,8 +789,7 @@ impl Paxos {
     /// out within a tick and a target that does not answer in time loses
     /// its place ([`Paxos::demote_slow_targets`]).
     fn send_accepts(&mut self, entries: Vec<(Slot, Value)>) {
-        let targets = self.thrifty_targets();
-        let Some(targets) = targets else {
+        let Some(targets) = self.thrifty_targets() else {
             return self.broadcast_accepts(entries);
         };
         for &t in &targets {
