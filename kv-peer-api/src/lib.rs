@@ -47,6 +47,13 @@ pub enum Value {
     Noop,
     /// Client writes, applied in order.
     Batch(Vec<WriteRequest>),
+    /// The log's clock: the leader's wall-clock time (milliseconds since
+    /// the Unix epoch) when it proposed this entry. Whatever depends on
+    /// time (session expiry) is decided by applying these, so every replica
+    /// decides the same at the same log position and none acts on its own
+    /// clock. Appliers must treat the log's time as never going back
+    /// (take the maximum): a new leader's clock may be behind.
+    Time(u64),
 }
 
 /// One accepted (not necessarily chosen) log entry, as reported in a promise.

@@ -114,6 +114,31 @@ pub enum Record {
     /// Entries at or below this slot are covered by a durable snapshot and
     /// may be deleted.
     Compacted(Slot),
+    /// The highest election round this replica granted in a pre-vote (the
+    /// maximum counts). See [`Standing`] for why it must be durable.
+    PreVoted(u64),
+    /// This replica's standing as an acceptor changed.
+    Standing(Standing),
+}
+
+/// Whether a replica may vote (promise and accept), as far as its own
+/// durable state tells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Standing {
+    /// Its log was empty at start: it cannot rule out having lost its
+    /// state (a wiped or replaced disk), so it votes in nothing until it
+    /// has found out from its peers.
+    #[default]
+    Unknown,
+    /// It lost its state. It votes again only in ballots of at least this
+    /// round, and only once it has caught up.
+    Rejoining {
+        /// The lowest round it may vote in.
+        floor: u64,
+    },
+    /// A full acceptor: its log holds everything it ever promised and
+    /// accepted.
+    Voter,
 }
 
 /// What the driver must do after a round of input.
@@ -193,6 +218,10 @@ pub struct Durable {
     pub snapshot: Slot,
     /// Entries at or below this slot were deleted (they are in a snapshot).
     pub compacted: Slot,
+    /// The highest round granted in a pre-vote.
+    pub prevoted: u64,
+    /// Whether this replica may vote.
+    pub standing: Standing,
 }
 
 /// The Multi-Paxos state machine of one replica.
@@ -226,6 +255,8 @@ pub struct Paxos {
     term_start: Slot,
     pending: BTreeMap<Slot, Pending>,
     queue: VecDeque<WriteRequest>,
+    /// A time entry to propose (see [`Paxos::propose_time`]).
+    time: Option<u64>,
     hb_round: u64,
     hb_acks: BTreeMap<ReplicaId, u64>,
     last_ack_tick: BTreeMap<ReplicaId, u64>,
@@ -288,6 +319,7 @@ impl Paxos {
             term_start: 0,
             pending: BTreeMap::new(),
             queue: VecDeque::new(),
+            time: None,
             hb_round: 0,
             hb_acks: BTreeMap::new(),
             last_ack_tick: BTreeMap::new(),
@@ -370,7 +402,7 @@ impl Paxos {
             }
             kept += match &e.value {
                 Value::Batch(b) => b.len().max(1),
-                Value::Noop => 1,
+                Value::Noop | Value::Time(_) => 1,
             };
             cut = slot - 1;
         }
@@ -454,6 +486,7 @@ impl Paxos {
             self.deferred.clear();
             self.waiting_since.clear();
             self.round_started = None;
+            self.time = None;
         }
         self.role = Role::Follower;
         self.promises.clear();
@@ -1182,6 +1215,17 @@ impl Paxos {
         Ok(())
     }
 
+    /// Offers the log's clock a reading (`Value::Time`), proposed in a slot
+    /// of its own ahead of queued writes. `false` if this replica does not
+    /// lead. A reading not yet proposed is replaced by a newer one.
+    pub fn propose_time(&mut self, unix_ms: u64) -> bool {
+        if self.role != Role::Leader {
+            return false;
+        }
+        self.time = Some(unix_ms);
+        true
+    }
+
     /// Asks for a linearizable read; `token` comes back in
     /// `Ready::reads_ready` once the leader has confirmed its ballot with a
     /// majority after the read arrived and has applied every slot that
@@ -1221,6 +1265,13 @@ impl Paxos {
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
             let mut entries = Vec::new();
+            if self.pending.len() < self.cfg.max_inflight {
+                if let Some(ms) = self.time.take() {
+                    let slot = self.next_slot;
+                    self.next_slot += 1;
+                    entries.push(self.propose_slot(slot, Value::Time(ms)));
+                }
+            }
             while !self.queue.is_empty() && self.pending.len() < self.cfg.max_inflight {
                 let n = self.queue.len().min(self.cfg.max_batch);
                 let batch: Vec<WriteRequest> = self.queue.drain(..n).collect();
@@ -1318,7 +1369,7 @@ mod tests {
             .iter()
             .map(|(_, v)| match v {
                 Value::Batch(b) => b.len(),
-                Value::Noop => 0,
+                Value::Noop | Value::Time(_) => 0,
             })
             .sum();
         assert_eq!(batches, 10);

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use kv_peer_api::{Ballot, Slot, Value};
 
-use crate::paxos::{Durable, Record};
+use crate::paxos::{Durable, Record, Standing};
 use crate::{Result, ServerError};
 
 const FRAME_HEADER: usize = 8;
@@ -67,11 +67,20 @@ struct State {
     chosen: Slot,
     compacted: Slot,
     entries: BTreeMap<Slot, (Ballot, Value)>,
+    prevoted: u64,
+    /// The last standing recorded (`None`: none was, as in logs written
+    /// before standings existed).
+    standing: Option<Standing>,
+    /// Whether any record was replayed or written.
+    any: bool,
 }
 
 impl State {
     fn apply(&mut self, r: Record) {
+        self.any = true;
         match r {
+            Record::PreVoted(round) => self.prevoted = self.prevoted.max(round),
+            Record::Standing(s) => self.standing = Some(s),
             Record::Promised(b) => self.promised = self.promised.max(b),
             Record::Accepted {
                 slot,
@@ -97,7 +106,11 @@ impl State {
             Record::Promised(self.promised),
             Record::Chosen(self.chosen),
             Record::Compacted(self.compacted),
+            Record::PreVoted(self.prevoted),
         ];
+        if let Some(s) = self.standing {
+            out.push(Record::Standing(s));
+        }
         out.extend(
             self.entries
                 .iter()
@@ -217,6 +230,13 @@ impl Storage {
                 .collect(),
             snapshot: 0,
             compacted: state.compacted,
+            prevoted: state.prevoted,
+            // An empty log: this replica may have lost its state. A log
+            // written before standings existed belongs to a voter.
+            standing: match (state.any, state.standing) {
+                (false, _) => Standing::Unknown,
+                (true, s) => s.unwrap_or(Standing::Voter),
+            },
         };
         if durable.chosen > durable.compacted {
             let missing =

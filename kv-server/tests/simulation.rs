@@ -84,7 +84,7 @@ use std::time::Instant;
 
 use kv_api::{Op, WriteRequest};
 use kv_peer_api::{Ballot, ReplicaId, Slot, Value};
-use kv_server::paxos::{Config, Durable, Msg, Paxos, Record};
+use kv_server::paxos::{Config, Durable, Msg, Paxos, Record, Standing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -143,6 +143,8 @@ struct Disk {
     /// checker's log `1..=index`: every value a replica applied was
     /// compared with that log as it was applied.
     snapshot: Slot,
+    prevoted: u64,
+    standing: Standing,
 }
 
 impl Disk {
@@ -163,6 +165,8 @@ impl Disk {
                     self.entries.insert(*slot, (*ballot, value.clone()));
                 }
                 Record::Chosen(slot) => self.chosen = *slot,
+                Record::PreVoted(round) => self.prevoted = self.prevoted.max(*round),
+                Record::Standing(s) => self.standing = *s,
                 Record::Compacted(upto) => {
                     if *upto > self.compacted {
                         self.entries = self.entries.split_off(&(upto + 1));
@@ -185,6 +189,8 @@ impl Disk {
                 .collect(),
             snapshot: self.snapshot,
             compacted: self.compacted,
+            prevoted: self.prevoted,
+            standing: self.standing,
         }
     }
 }
@@ -199,6 +205,8 @@ fn describe_record(r: &Record) -> String {
         } => format!("accepted {slot}@{ballot}={}", describe_value(value)),
         Record::Chosen(slot) => format!("chosen<={slot}"),
         Record::Compacted(slot) => format!("compacted<={slot}"),
+        Record::PreVoted(round) => format!("prevoted {round}"),
+        Record::Standing(s) => format!("standing {s:?}"),
     }
 }
 
@@ -275,6 +283,7 @@ fn describe_entries(entries: &[(Slot, Value)]) -> String {
 fn describe_value(v: &Value) -> String {
     match v {
         Value::Noop => "noop".into(),
+        Value::Time(ms) => format!("time {ms}"),
         Value::Batch(b) => {
             let v: Vec<String> = b
                 .iter()
@@ -287,7 +296,7 @@ fn describe_value(v: &Value) -> String {
 
 fn commands(v: &Value) -> &[WriteRequest] {
     match v {
-        Value::Noop => &[],
+        Value::Noop | Value::Time(_) => &[],
         Value::Batch(b) => b,
     }
 }
