@@ -59,6 +59,16 @@ impl Op {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
         }
     }
+
+    /// Bytes of keys and values the operation carries.
+    pub fn payload_len(&self) -> usize {
+        let values = match self {
+            Op::Put { value, .. } => value.len(),
+            Op::Delete { .. } => 0,
+            Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
+        };
+        self.key().len() + values
+    }
 }
 
 /// A write as a client sends it. `(client_id, seq)` identifies it: the state

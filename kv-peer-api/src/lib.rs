@@ -7,9 +7,11 @@
 //!
 //! - [`Ballot`] — totally ordered `(round, replica id)`.
 //! - [`Value`] — what one log slot chooses: a batch of client writes or a no-op.
-//! - Phase 1: [`Prepare`] → [`Promise`]; phase 2: [`Accept`] → [`Accepted`];
-//!   [`Heartbeat`] → [`HeartbeatAck`]; catch-up: [`Fetch`] → [`FetchReply`],
-//!   and [`SnapshotRequest`] → [`SnapshotChunk`] when the log was compacted.
+//! - Phase 1: [`Prepare`] → [`Promise`] (also pre-votes); phase 2:
+//!   [`Accept`] → [`Accepted`]; [`Heartbeat`] → [`HeartbeatAck`]; catch-up:
+//!   [`Fetch`] → [`FetchReply`], and [`SnapshotRequest`] → [`SnapshotChunk`]
+//!   when the log was compacted; [`Probe`] → [`ProbeReply`] for a replica
+//!   that started with an empty log.
 //! - [`Peer`] — the tarpc service every replica serves on its peer address.
 #![deny(missing_docs)]
 
@@ -70,15 +72,22 @@ pub struct AcceptedEntry {
     pub chosen: bool,
 }
 
-/// Phase 1a: a candidate asks for promises from `from_slot` on.
+/// Phase 1a: a candidate asks for promises from `from_slot` on. Also the
+/// pre-vote that comes before it (`pre_vote`): "would you promise this
+/// ballot?", answered without promising anything, so that a replica that
+/// cannot win (cut off, or facing a live leader) never raises its ballot
+/// and disrupts the others when it comes back.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Prepare {
     /// The sender.
     pub from: ReplicaId,
     /// The candidate's ballot.
     pub ballot: Ballot,
-    /// The first slot the candidate does not know chosen.
+    /// The first slot the candidate does not know chosen (for a later page
+    /// of a promise: the first slot not yet reported).
     pub from_slot: Slot,
+    /// A pre-vote, not a prepare.
+    pub pre_vote: bool,
 }
 
 /// Phase 1b: the answer to a prepare.
@@ -90,10 +99,18 @@ pub struct Promise {
     pub ballot: Ballot,
     /// Whether the promise was given.
     pub ok: bool,
-    /// Entries accepted at or after `from_slot` (empty unless `ok`).
+    /// Entries accepted at or after `from_slot` (empty unless `ok`), in
+    /// slot order, bounded in bytes.
     pub accepted: Vec<AcceptedEntry>,
     /// The sender's chosen prefix: every slot up to here is chosen.
     pub chosen: Slot,
+    /// The answer to a pre-vote (then nothing was promised).
+    pub pre_vote: bool,
+    /// `accepted` was cut to bound the message: the sender holds more
+    /// entries after the last one reported, and the candidate must ask for
+    /// them (a prepare of the same ballot from the next slot) before it
+    /// counts this promise.
+    pub more: bool,
 }
 
 /// Phase 2a: the leader asks to accept values (several slots at once).
@@ -134,6 +151,11 @@ pub struct Heartbeat {
     /// The heartbeat's round number, echoed in the ack; confirms leadership
     /// for reads (read-index).
     pub round: u64,
+    /// The last slot this leader re-proposed when it took office: every
+    /// slot that may have been chosen in an earlier ballot is at or below
+    /// it. A replica rejoining after losing its state votes once it knows
+    /// every slot up to here chosen.
+    pub term_start: Slot,
 }
 
 /// The answer to a heartbeat.
@@ -149,6 +171,34 @@ pub struct HeartbeatAck {
     pub round: u64,
     /// The sender's chosen prefix (so the leader sees who is behind).
     pub chosen: Slot,
+    /// The sender does not vote yet (it lost its state and is rejoining):
+    /// it needs a leader whose ballot has at least this round (see
+    /// `Probe`). `ok` is then false and `ballot` zero.
+    pub rejoin_floor: Option<u64>,
+}
+
+/// Asked by a replica that started with an empty log: it cannot tell a
+/// new cluster from a lost disk, so it asks the others what they hold
+/// before it votes in anything.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The sender.
+    pub from: ReplicaId,
+}
+
+/// What a replica holds, for a `Probe`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProbeReply {
+    /// The sender.
+    pub from: ReplicaId,
+    /// The sender votes (its log holds all it ever promised and accepted).
+    pub voter: bool,
+    /// The sender has promised, pre-voted or accepted something, or knows
+    /// something chosen: the cluster is not new.
+    pub history: bool,
+    /// The highest election round the sender promised or granted in a
+    /// pre-vote.
+    pub max_round: u64,
 }
 
 /// Catch-up: asks for chosen entries from `from_slot` on.
@@ -208,6 +258,8 @@ pub struct SnapshotChunk {
 pub trait Peer {
     /// Phase 1: promise not to accept lower ballots; report accepted entries.
     async fn prepare(req: Prepare) -> Promise;
+    /// What the receiver holds: asked by a replica that started empty.
+    async fn probe(req: Probe) -> ProbeReply;
     /// Phase 2: accept entries (persisted before the reply).
     async fn accept(req: Accept) -> Accepted;
     /// Leader liveness, chosen prefix, and read-index confirmation.

@@ -20,7 +20,7 @@ use kv_api::{
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::paxos::{Msg, Paxos};
+use crate::paxos::{Msg, Paxos, Refusal};
 use crate::peers::PeerPool;
 use crate::rpc::MAX_SNAPSHOT_CHUNK;
 use crate::snapshot::SnapshotDir;
@@ -232,8 +232,13 @@ impl Node {
                 let key = (req.client_id, req.seq);
                 match self.core.propose(req) {
                     Ok(()) => self.waiters.entry(key).or_default().push(reply),
-                    Err(leader) => {
+                    Err(Refusal::NotLeader(leader)) => {
                         let _ = reply.send(Err(self.hint(leader)));
+                    }
+                    Err(Refusal::Busy) => {
+                        let _ = reply.send(Err(KvError::Unavailable(
+                            "the leader's proposal queue is full; retry shortly".into(),
+                        )));
                     }
                 }
             }

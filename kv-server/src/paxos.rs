@@ -14,15 +14,47 @@
 //! Roles: every replica is an acceptor and a learner. One of them leads: it
 //! won phase 1 for its ballot at a majority, and then runs only phase 2 (one
 //! round trip to a majority per batch of commands), several slots in flight.
+//! A replica that started with an empty log is only a learner until it
+//! knows it may vote ([`Standing`]). Elections begin with a pre-vote, so a
+//! replica that cannot win never raises its ballot.
+//!
+//! Every message is bounded in bytes: slots by [`Config::max_batch_bytes`],
+//! accepts, fetch replies and promises by [`Config::max_message_bytes`] (a
+//! promise too big for one message comes in pages, and a candidate counts
+//! it only once it has every page).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use kv_peer_api::{
     Accept, Accepted, AcceptedEntry, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Prepare,
-    Promise, ReplicaId, Slot, Value, WriteRequest,
+    Probe, ProbeReply, Promise, ReplicaId, Slot, Value, WriteRequest,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Default bytes of client commands per slot: four values of the maximum
+/// size (1 MiB). Big enough that batching still pays for small commands
+/// (512 commands of up to 8 KiB), small enough that a slot is synced and
+/// sent in a few milliseconds and every message stays far below the frame
+/// limit (`kv_api::MAX_FRAME`, 64 MiB).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Default bytes of log entries per message: a few full slots.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Bytes a client command counts for in the byte limits: its keys and
+/// values plus its fixed fields.
+pub fn request_bytes(r: &WriteRequest) -> usize {
+    r.op.payload_len() + 32
+}
+
+/// Bytes a log entry's value counts for in the byte limits.
+pub fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Noop | Value::Time(_) => 16,
+        Value::Batch(b) => 16 + b.iter().map(request_bytes).sum::<usize>(),
+    }
+}
 
 /// Tuning of the core, in ticks and counts.
 #[derive(Clone, Debug)]
@@ -42,14 +74,29 @@ pub struct Config {
     pub max_inflight: usize,
     /// Client commands per slot, at most.
     pub max_batch: usize,
+    /// Bytes of client commands per slot, at most (a single command is
+    /// always taken, whatever its size).
+    pub max_batch_bytes: usize,
     /// Entries per catch-up fetch and per accept message.
     pub max_entries_per_message: usize,
+    /// Bytes of log entries per message (accept, promise, fetch reply), at
+    /// most; a single entry always goes, so this must exceed the largest
+    /// slot (`max_batch_bytes` plus one command) and stay well below the
+    /// transport's frame limit.
+    pub max_message_bytes: usize,
     /// Proposals queued at a leader waiting for a slot, at most.
     pub max_queue: usize,
+    /// Bytes of proposals queued at a leader, at most.
+    pub max_queue_bytes: usize,
     /// Thrifty phase 2: a leader sends a new accept at once only to as many
     /// followers as it needs for a majority (those answering best), and to
     /// the others batched at the next tick. See [`Paxos::tick`].
     pub thrifty: bool,
+    /// Pre-vote before raising a ballot (see [`Paxos::tick`]'s election).
+    /// Always on in a replica; the simulation turns it off in some seeds to
+    /// keep duelling candidates, which it otherwise makes rare, in its
+    /// reach. A replica that lost its state relies on it to rejoin safely.
+    pub pre_vote: bool,
     /// Seed of the election-timeout jitter.
     pub seed: u64,
 }
@@ -65,9 +112,13 @@ impl Config {
             retransmit_ticks: 30,
             max_inflight: 8,
             max_batch: 512,
+            max_batch_bytes: MAX_BATCH_BYTES,
             max_entries_per_message: 256,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             max_queue: 100_000,
+            max_queue_bytes: 256 << 20,
             thrifty: true,
+            pre_vote: true,
             seed: id,
         }
     }
@@ -92,6 +143,19 @@ pub enum Msg {
     Fetch(Fetch),
     /// Catch-up answer.
     FetchReply(FetchReply),
+    /// What do you hold? (from a replica that started empty)
+    Probe(Probe),
+    /// Answer to a probe.
+    ProbeReply(ProbeReply),
+}
+
+/// Why a proposal was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This replica does not lead; the leader it knows of, if any.
+    NotLeader(Option<ReplicaId>),
+    /// This replica leads but its proposal queue is full: retry later.
+    Busy,
 }
 
 /// What must reach the disk before a `Ready`'s replies go out.
@@ -123,6 +187,58 @@ pub enum Record {
 
 /// Whether a replica may vote (promise and accept), as far as its own
 /// durable state tells.
+///
+/// # Losing a disk (amnesia)
+///
+/// An acceptor that forgets what it promised and accepted breaks Paxos: it
+/// may have helped choose a value that a later quorum, with its forgetful
+/// help, never hears of. A replica whose log is empty at start cannot tell
+/// a new cluster from a lost disk (the README's own recovery procedure is
+/// to delete the data directory), so it starts [`Standing::Unknown`] and
+/// votes in nothing until it has found out. It still learns: chosen values
+/// are facts, fetched and applied like any follower's.
+///
+/// It asks every peer ([`Probe`]) whether it votes, whether it holds any
+/// history (a promise, an accepted or chosen value, a snapshot) and the
+/// highest round it promised or granted in a pre-vote.
+///
+/// * **New cluster.** If every other replica answers with no history, no
+///   value was ever chosen (that takes a majority of acceptances, so at
+///   least one other replica would hold it) and no candidate holds a
+///   promise of ours (it would have promised its own ballot first). There
+///   is nothing to forget: it votes ([`Standing::Voter`]). This needs an
+///   answer from every replica, not a majority: a replica that lost its own
+///   disk also answers "no history", and two of them must not outvote the
+///   one that still holds a value they chose together.
+/// * **Rejoining.** If a majority of the replicas (not counting itself)
+///   answer as voters, it takes `floor` = one above the highest round
+///   they report, and becomes [`Standing::Rejoining`]. It votes again once
+///   it hears a leader whose ballot has round `floor` or more and it knows
+///   every slot up to that leader's `term_start` chosen.
+///
+/// Why that is safe. (1) Every ballot a candidate campaigns with was first
+/// granted in a pre-vote by a majority, durably ([`Record::PreVoted`]), or
+/// is the candidate's own, durably promised before it answers anyone; any
+/// majority of the others meets one of those, so no ballot we may have
+/// promised before losing our state has a round of `floor` or more. Voting
+/// only at ballots of round `floor` or more, we never break such a promise
+/// and never accept below it. (2) A leader of round `floor` or more
+/// completed phase 1 without us (we answered no prepare): a majority of
+/// the others promised its ballot and reported what they accepted. A value
+/// chosen in an earlier ballot, even with our forgotten vote, was accepted
+/// by a majority, which meets that one in a replica that reported it; so
+/// the leader re-proposed it, at a slot at or below its `term_start`, and
+/// no earlier ballot can get anything else chosen at a slot above it (it
+/// would need acceptances from replicas that have promised the newer
+/// ballot). Once we know every slot up to `term_start` chosen, our log
+/// holds every value we may have voted for that matters. (3) A leader asked
+/// by a rejoining replica ([`HeartbeatAck::rejoin_floor`]) runs phase 1
+/// again in round `floor`, so a replica does not wait for the next leader
+/// change; the others still follow it, so they promise at once.
+///
+/// The simulation wipes disks (`kv-server/tests/simulation.rs`); with
+/// replicas that vote at once after a wipe, it finds two replicas applying
+/// different values in one slot in about half of its seeds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Standing {
     /// Its log was empty at start: it cannot rule out having lost its
@@ -186,6 +302,8 @@ struct Entry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Follower,
+    /// Asking for pre-votes: no ballot raised yet.
+    PreCandidate,
     Candidate,
     Leader,
 }
@@ -232,7 +350,16 @@ pub struct Paxos {
     now: u64,
 
     // Acceptor.
+    /// Whether this replica may vote, and how it gets there.
+    standing: Standing,
+    /// Answers to our probes while our standing is unknown.
+    probes: BTreeMap<ReplicaId, ProbeReply>,
     promised: Ballot,
+    /// The highest round granted in a pre-vote (durable).
+    prevoted: u64,
+    /// The highest round seen in a refusal (not durable): the next
+    /// pre-vote asks for a round above it.
+    seen_round: u64,
     log: BTreeMap<Slot, Entry>,
     /// Every slot `<= chosen` is chosen.
     chosen: Slot,
@@ -247,7 +374,11 @@ pub struct Paxos {
     last_heard: u64,
     election_at: u64,
 
-    // Candidate.
+    // Pre-candidate.
+    prevote_ballot: Ballot,
+    prevotes: BTreeSet<ReplicaId>,
+
+    // Candidate. A promise whose `more` is set still lacks pages.
     promises: BTreeMap<ReplicaId, Promise>,
 
     // Leader.
@@ -255,6 +386,7 @@ pub struct Paxos {
     term_start: Slot,
     pending: BTreeMap<Slot, Pending>,
     queue: VecDeque<WriteRequest>,
+    queue_bytes: usize,
     /// A time entry to propose (see [`Paxos::propose_time`]).
     time: Option<u64>,
     hb_round: u64,
@@ -284,9 +416,25 @@ impl Paxos {
     pub fn new(cfg: Config, durable: Durable) -> Paxos {
         let quorum = cfg.members.len() / 2 + 1;
         let rng = StdRng::seed_from_u64(cfg.seed);
-        // A snapshot received from a peer may be ahead of the log's record.
+        // A snapshot received from a peer may be ahead of the log's record
+        // of what is chosen (a crash after the snapshot was renamed into
+        // place, before the compaction was synced). The entries between
+        // the two are not known chosen: they may be values accepted but
+        // never chosen, so they must not be served to peers as chosen.
+        // The snapshot covers them: drop them.
         let chosen = durable.chosen.max(durable.snapshot);
-        let compacted = durable.compacted;
+        let mut compacted = durable.compacted;
+        let mut persist = Vec::new();
+        if durable.snapshot > durable.chosen && durable.snapshot > compacted {
+            compacted = durable.snapshot;
+            persist.push(Record::Compacted(compacted));
+        }
+        if durable.standing == Standing::Unknown {
+            // Written before anything else this replica may persist
+            // (learned entries, say), so that a restart does not take a
+            // non-empty log for a voter's.
+            persist.push(Record::Standing(Standing::Unknown));
+        }
         let mut log = BTreeMap::new();
         for (slot, ballot, value) in durable.entries {
             if slot <= compacted {
@@ -305,7 +453,11 @@ impl Paxos {
             quorum,
             rng,
             now: 0,
+            standing: durable.standing,
+            probes: BTreeMap::new(),
             promised: durable.promised,
+            prevoted: durable.prevoted,
+            seen_round: 0,
             log,
             chosen,
             compacted,
@@ -314,11 +466,14 @@ impl Paxos {
             leader: None,
             last_heard: 0,
             election_at: 0,
+            prevote_ballot: Ballot::ZERO,
+            prevotes: BTreeSet::new(),
             promises: BTreeMap::new(),
             next_slot: chosen + 1,
             term_start: 0,
             pending: BTreeMap::new(),
             queue: VecDeque::new(),
+            queue_bytes: 0,
             time: None,
             hb_round: 0,
             hb_acks: BTreeMap::new(),
@@ -331,13 +486,26 @@ impl Paxos {
             last_heartbeat: 0,
             reads: VecDeque::new(),
             fetch_started: None,
-            out: Ready::default(),
+            out: Ready {
+                persist,
+                ..Ready::default()
+            },
             chosen_dirty: false,
             cfg,
         };
         p.reset_election_timer();
         p.emit_apply();
+        p.decide_standing();
         p
+    }
+
+    /// Whether this replica may vote (promise, accept, campaign).
+    pub fn standing(&self) -> Standing {
+        self.standing
+    }
+
+    fn votes(&self) -> bool {
+        self.standing == Standing::Voter
     }
 
     /// This replica's id.
@@ -487,9 +655,11 @@ impl Paxos {
             self.waiting_since.clear();
             self.round_started = None;
             self.time = None;
+            self.queue_bytes = 0;
         }
         self.role = Role::Follower;
         self.promises.clear();
+        self.prevotes.clear();
         self.leader = leader;
     }
 
@@ -506,11 +676,18 @@ impl Paxos {
                 self.retransmit();
                 self.check_quorum();
             }
-            Role::Follower | Role::Candidate => {
-                if self.now >= self.election_at {
-                    self.start_election();
+            Role::Follower | Role::PreCandidate | Role::Candidate => {
+                if self.votes() && self.now >= self.election_at {
+                    self.start_pre_vote();
                 }
             }
+        }
+        if self.standing == Standing::Unknown
+            && self
+                .now
+                .is_multiple_of(u64::from(self.cfg.heartbeat_ticks.max(1)))
+        {
+            self.broadcast(Msg::Probe(Probe { from: self.cfg.id }));
         }
         if let Some(t) = self.fetch_started {
             if self.now > t + u64::from(self.cfg.retransmit_ticks) {
@@ -542,10 +719,69 @@ impl Paxos {
         }
     }
 
-    fn start_election(&mut self) {
+    /// Pre-vote: asks the others whether they would promise a ballot one
+    /// round above anything we know, without anyone promising anything.
+    /// Only with a majority's yes does the real election raise ballots.
+    ///
+    /// Why: a replica that cannot win — cut off from the others, or facing
+    /// a leader the others still hear — would otherwise raise its ballot
+    /// at every election timeout, and on coming back its higher ballot,
+    /// shown in its answers, would make a healthy leader step down. A
+    /// replica refuses a pre-vote while it hears a live leader, so a
+    /// returning replica cannot disrupt a working cluster.
+    ///
+    /// A grant is persisted (`Record::PreVoted`) before it is sent: every
+    /// ballot anyone campaigns with was first granted, durably, by a
+    /// majority. A replica that lost its state relies on this to find a
+    /// round above every ballot it may have promised (see [`Standing`]).
+    /// The candidate's own grant need not be durable: a majority of the
+    /// others always includes one of the other granters or the candidate
+    /// itself, whose real prepare is durable before it answers anyone.
+    fn start_pre_vote(&mut self) {
+        let round = self
+            .promised
+            .round
+            .max(self.seen_round)
+            .max(self.prevoted)
+            .saturating_add(1);
         let ballot = Ballot {
-            round: self.promised.round + 1,
+            round,
             id: self.cfg.id,
+        };
+        if !self.cfg.pre_vote {
+            return self.start_election(ballot);
+        }
+        tracing::debug!(id = self.cfg.id, %ballot, "asking for pre-votes");
+        self.step_down(None);
+        self.role = Role::PreCandidate;
+        self.prevote_ballot = ballot;
+        self.prevotes.insert(self.cfg.id);
+        self.reset_election_timer();
+        self.broadcast(Msg::Prepare(Prepare {
+            from: self.cfg.id,
+            ballot,
+            from_slot: self.chosen + 1,
+            pre_vote: true,
+        }));
+        self.maybe_prevoted();
+    }
+
+    fn maybe_prevoted(&mut self) {
+        if self.role == Role::PreCandidate && self.prevotes.len() >= self.quorum {
+            let ballot = self.prevote_ballot;
+            self.start_election(ballot);
+        }
+    }
+
+    /// Phase 1 for `ballot` (above our promise: else one round above it).
+    fn start_election(&mut self, ballot: Ballot) {
+        let ballot = if ballot > self.promised {
+            ballot
+        } else {
+            Ballot {
+                round: self.promised.round.saturating_add(1),
+                id: self.cfg.id,
+            }
         };
         tracing::info!(id = self.cfg.id, %ballot, from_slot = self.chosen + 1, "starting election");
         self.step_down(None);
@@ -557,28 +793,40 @@ impl Paxos {
             from: self.cfg.id,
             ballot,
             ok: true,
-            accepted: self.accepted_after(self.chosen + 1),
+            accepted: self.accepted_after(self.chosen + 1, usize::MAX).0,
             chosen: self.chosen,
+            pre_vote: false,
+            more: false,
         };
         self.promises.insert(self.cfg.id, own);
         self.broadcast(Msg::Prepare(Prepare {
             from: self.cfg.id,
             ballot,
             from_slot: self.chosen + 1,
+            pre_vote: false,
         }));
         self.maybe_win();
     }
 
-    fn accepted_after(&self, from: Slot) -> Vec<AcceptedEntry> {
-        self.log
-            .range(from..)
-            .map(|(&slot, e)| AcceptedEntry {
+    /// Our accepted entries from slot `from` on, at most `max_bytes` of
+    /// them (at least one); `true` if more follow.
+    fn accepted_after(&self, from: Slot, max_bytes: usize) -> (Vec<AcceptedEntry>, bool) {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (&slot, e) in self.log.range(from..) {
+            let b = value_bytes(&e.value) + 32;
+            if !out.is_empty() && bytes + b > max_bytes {
+                return (out, true);
+            }
+            bytes += b;
+            out.push(AcceptedEntry {
                 slot,
                 ballot: e.ballot,
                 value: e.value.clone(),
                 chosen: e.chosen,
-            })
-            .collect()
+            });
+        }
+        (out, false)
     }
 
     /// Handles a message. For a request (prepare, accept, heartbeat, fetch)
@@ -606,7 +854,79 @@ impl Paxos {
                 self.on_fetch_reply(m);
                 None
             }
+            Msg::Probe(_) => Some(Msg::ProbeReply(ProbeReply {
+                from: self.cfg.id,
+                voter: self.votes(),
+                history: self.has_history(),
+                max_round: self.promised.round.max(self.prevoted),
+            })),
+            Msg::ProbeReply(m) => {
+                self.on_probe_reply(m);
+                None
+            }
         }
+    }
+
+    /// Whether this replica holds anything durable that shows the cluster
+    /// is not new: a promise, an accepted or chosen value, a snapshot. Not
+    /// a pre-vote granted: voters of a new cluster grant each other
+    /// pre-votes before a majority of them exists, and that must not keep
+    /// the others from finding the cluster new. (Nothing can be chosen, or
+    /// promised to a candidate, without a promise somewhere.)
+    fn has_history(&self) -> bool {
+        self.promised != Ballot::ZERO
+            || self.chosen > 0
+            || self.compacted > 0
+            || self.applied > 0
+            || !self.log.is_empty()
+            || matches!(self.standing, Standing::Rejoining { .. })
+    }
+
+    fn on_probe_reply(&mut self, m: ProbeReply) {
+        if self.standing != Standing::Unknown || m.from == self.cfg.id {
+            return;
+        }
+        self.probes.insert(m.from, m);
+        self.decide_standing();
+    }
+
+    /// A replica that started with an empty log decides, from its probes,
+    /// whether it may vote. See [`Standing`] for the argument.
+    fn decide_standing(&mut self) {
+        if self.standing != Standing::Unknown {
+            return;
+        }
+        let others = self.cfg.members.len().saturating_sub(1);
+        if self.probes.len() >= others && self.probes.values().all(|p| !p.history) {
+            tracing::info!(
+                id = self.cfg.id,
+                "every replica is empty: a new cluster; voting from now on"
+            );
+            self.set_standing(Standing::Voter);
+            return;
+        }
+        let voters: Vec<&ProbeReply> = self.probes.values().filter(|p| p.voter).collect();
+        if voters.len() >= self.quorum {
+            let floor = voters
+                .iter()
+                .map(|p| p.max_round)
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1);
+            tracing::warn!(
+                id = self.cfg.id,
+                floor,
+                "started with an empty log in a cluster that has history: this replica may \
+                 have lost its state, so it rejoins as a learner; it votes again once a \
+                 leader of round {floor} or later leads and it has caught up"
+            );
+            self.set_standing(Standing::Rejoining { floor });
+        }
+    }
+
+    fn set_standing(&mut self, standing: Standing) {
+        self.standing = standing;
+        self.out.persist.push(Record::Standing(standing));
     }
 
     /// Notes a ballot seen in a rejection: if it is above ours, stop
@@ -625,6 +945,20 @@ impl Paxos {
     }
 
     fn on_prepare(&mut self, m: Prepare) -> Promise {
+        let refuse = |this: &Self, ballot: Ballot| Promise {
+            from: this.cfg.id,
+            ballot,
+            ok: false,
+            accepted: vec![],
+            chosen: this.chosen,
+            pre_vote: m.pre_vote,
+            more: false,
+        };
+        if !self.votes() {
+            // Not an acceptor (yet): a refusal that shows no ballot, so
+            // that it makes no one step down.
+            return refuse(self, Ballot::ZERO);
+        }
         // Leader stickiness: while a live leader is heard from, refuse to
         // help depose it. Always safe (refusing never breaks Paxos) and it
         // keeps a replica that restarted or was cut off from disrupting a
@@ -636,14 +970,21 @@ impl Paxos {
                     && self.now < self.last_heard + u64::from(self.cfg.election_ticks.0)
             }
         };
-        if m.ballot < self.promised || (leader_alive && self.leader() != Some(m.from)) {
+        if m.pre_vote {
+            if m.ballot <= self.promised || leader_alive {
+                return refuse(self, self.promised);
+            }
+            if m.ballot.round > self.prevoted {
+                self.prevoted = m.ballot.round;
+                self.out.persist.push(Record::PreVoted(self.prevoted));
+            }
             return Promise {
-                from: self.cfg.id,
-                ballot: self.promised,
-                ok: false,
-                accepted: vec![],
-                chosen: self.chosen,
+                ok: true,
+                ..refuse(self, m.ballot)
             };
+        }
+        if m.ballot < self.promised || (leader_alive && self.leader() != Some(m.from)) {
+            return refuse(self, self.promised);
         }
         if m.ballot > self.promised {
             self.step_down(None);
@@ -653,16 +994,29 @@ impl Paxos {
         // Only entries not known chosen locally: a candidate behind our
         // chosen prefix learns that from `chosen` and catches up first.
         let from = m.from_slot.max(self.chosen + 1);
+        let (accepted, more) = self.accepted_after(from, self.cfg.max_message_bytes);
         Promise {
             from: self.cfg.id,
             ballot: m.ballot,
             ok: true,
-            accepted: self.accepted_after(from),
+            accepted,
             chosen: self.chosen,
+            pre_vote: false,
+            more,
         }
     }
 
     fn on_promise(&mut self, m: Promise) {
+        if m.pre_vote {
+            if !m.ok {
+                // A live leader, or a higher ballot: ask above it next time.
+                self.seen_round = self.seen_round.max(m.ballot.round);
+            } else if self.role == Role::PreCandidate && m.ballot == self.prevote_ballot {
+                self.prevotes.insert(m.from);
+                self.maybe_prevoted();
+            }
+            return;
+        }
         if !m.ok {
             self.observe_higher(m.ballot);
             return;
@@ -670,12 +1024,40 @@ impl Paxos {
         if self.role != Role::Candidate || m.ballot != self.promised {
             return;
         }
-        self.promises.insert(m.from, m);
+        // A promise comes in pages when the acceptor holds many accepted
+        // entries: gather them; ask for the next page while `more` is set.
+        let from = m.from;
+        let merged = match self.promises.remove(&from) {
+            Some(mut p) if p.more => {
+                let last = p.accepted.last().map_or(0, |e| e.slot);
+                p.accepted
+                    .extend(m.accepted.into_iter().filter(|e| e.slot > last));
+                p.chosen = p.chosen.max(m.chosen);
+                p.more = m.more;
+                p
+            }
+            Some(p) => p, // a duplicate of a complete promise
+            None => m,
+        };
+        if merged.more {
+            let next = merged.accepted.last().map_or(self.chosen, |e| e.slot) + 1;
+            self.send(
+                from,
+                Msg::Prepare(Prepare {
+                    from: self.cfg.id,
+                    ballot: self.promised,
+                    from_slot: next,
+                    pre_vote: false,
+                }),
+            );
+        }
+        self.promises.insert(from, merged);
         self.maybe_win();
     }
 
     fn maybe_win(&mut self) {
-        if self.role != Role::Candidate || self.promises.len() < self.quorum {
+        let complete = self.promises.values().filter(|p| !p.more).count();
+        if self.role != Role::Candidate || complete < self.quorum {
             return;
         }
         let ballot = self.promised;
@@ -788,19 +1170,25 @@ impl Paxos {
         (slot, value)
     }
 
-    /// `entries` as accept messages of at most `max_entries_per_message`.
+    /// `entries` as accept messages of at most `max_entries_per_message`
+    /// entries and `max_message_bytes` bytes each.
     fn accept_messages(&self, entries: &[(Slot, Value)]) -> Vec<Msg> {
-        entries
-            .chunks(self.cfg.max_entries_per_message.max(1))
-            .map(|chunk| {
-                Msg::Accept(Accept {
-                    from: self.cfg.id,
-                    ballot: self.promised,
-                    entries: chunk.to_vec(),
-                    chosen: self.chosen,
-                })
+        chunks(
+            entries,
+            self.cfg.max_entries_per_message,
+            self.cfg.max_message_bytes,
+            |(_, v)| value_bytes(v),
+        )
+        .into_iter()
+        .map(|chunk| {
+            Msg::Accept(Accept {
+                from: self.cfg.id,
+                ballot: self.promised,
+                entries: chunk.to_vec(),
+                chosen: self.chosen,
             })
-            .collect()
+        })
+        .collect()
     }
 
     fn broadcast_accepts(&mut self, entries: Vec<(Slot, Value)>) {
@@ -934,6 +1322,15 @@ impl Paxos {
     }
 
     fn on_accept(&mut self, m: Accept) -> Accepted {
+        if !self.votes() {
+            self.learn_as_learner(m.ballot, m.chosen, m.from);
+            return Accepted {
+                from: self.cfg.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                slots: vec![],
+            };
+        }
         if m.ballot < self.promised {
             return Accepted {
                 from: self.cfg.id,
@@ -1073,7 +1470,62 @@ impl Paxos {
         }
     }
 
+    /// A replica that does not vote follows the leader's progress: it
+    /// fetches what is chosen (chosen values are facts, safe to hold and
+    /// serve) but answers nothing that counts as a vote.
+    fn learn_as_learner(&mut self, ballot: Ballot, chosen: Slot, from: ReplicaId) {
+        if ballot >= self.promised {
+            self.leader = Some(ballot.id);
+            self.last_heard = self.now;
+        }
+        if chosen > self.chosen {
+            self.request_fetch(from);
+        }
+    }
+
     fn on_heartbeat(&mut self, m: Heartbeat) -> HeartbeatAck {
+        if !self.votes() {
+            self.learn_as_learner(m.ballot, m.chosen, m.from);
+            match self.standing {
+                // Safe to vote again: this leader was elected without us
+                // (we voted in nothing) in a round above any ballot we may
+                // have promised before losing our state, and we know every
+                // slot it found possibly chosen. See `Standing`.
+                Standing::Rejoining { floor }
+                    if m.ballot.round >= floor
+                        && m.ballot >= self.promised
+                        && self.chosen >= m.term_start =>
+                {
+                    tracing::info!(
+                        id = self.cfg.id,
+                        ballot = %m.ballot,
+                        chosen = self.chosen,
+                        "caught up with a leader elected since it lost its state: voting again"
+                    );
+                    self.set_standing(Standing::Voter);
+                }
+                Standing::Rejoining { floor } => {
+                    return HeartbeatAck {
+                        from: self.cfg.id,
+                        ballot: Ballot::ZERO,
+                        ok: false,
+                        round: m.round,
+                        chosen: self.chosen,
+                        rejoin_floor: Some(floor),
+                    };
+                }
+                _ => {
+                    return HeartbeatAck {
+                        from: self.cfg.id,
+                        ballot: Ballot::ZERO,
+                        ok: false,
+                        round: m.round,
+                        chosen: self.chosen,
+                        rejoin_floor: None,
+                    };
+                }
+            }
+        }
         if m.ballot < self.promised {
             return HeartbeatAck {
                 from: self.cfg.id,
@@ -1081,6 +1533,7 @@ impl Paxos {
                 ok: false,
                 round: m.round,
                 chosen: self.chosen,
+                rejoin_floor: None,
             };
         }
         self.promise(m.ballot);
@@ -1092,10 +1545,37 @@ impl Paxos {
             ok: true,
             round: m.round,
             chosen: self.chosen,
+            rejoin_floor: None,
         }
     }
 
     fn on_heartbeat_ack(&mut self, m: HeartbeatAck) {
+        if self.role == Role::Leader && m.chosen > self.chosen {
+            // A follower learned more chosen than we know (from a snapshot
+            // or a peer, after it promised us): fetch it rather than wait
+            // for acks on slots it may have compacted away.
+            self.request_fetch(m.from);
+        }
+        if let Some(floor) = m.rejoin_floor {
+            // A replica that lost its state votes again only under a
+            // leader of round `floor` or later: run phase 1 again in such
+            // a round (we stay the replica the others follow, so they
+            // promise at once).
+            if self.role == Role::Leader && floor > self.promised.round {
+                tracing::info!(
+                    id = self.cfg.id,
+                    rejoining = m.from,
+                    floor,
+                    "a replica rejoining after losing its state needs a newer ballot; \
+                     running phase 1 again"
+                );
+                self.start_election(Ballot {
+                    round: floor,
+                    id: self.cfg.id,
+                });
+            }
+            return;
+        }
         if !m.ok {
             self.observe_higher(m.ballot);
             return;
@@ -1131,6 +1611,7 @@ impl Paxos {
             ballot: self.promised,
             chosen: self.chosen,
             round: self.hb_round,
+            term_start: self.term_start,
         }));
         if self.quorum <= 1 {
             self.confirmed_round = self.hb_round;
@@ -1142,13 +1623,21 @@ impl Paxos {
             .min(self.cfg.max_entries_per_message)
             .max(1);
         let mut entries = Vec::new();
+        let mut bytes = 0;
         let mut slot = m.from_slot.max(1);
         if slot <= self.compacted {
             slot = self.chosen + 1; // nothing to send: the caller needs the snapshot
         }
         while slot <= self.chosen && entries.len() < max {
             match self.log.get(&slot) {
-                Some(e) => entries.push((slot, e.value.clone())),
+                Some(e) => {
+                    let b = value_bytes(&e.value);
+                    if !entries.is_empty() && bytes + b > self.cfg.max_message_bytes {
+                        break;
+                    }
+                    bytes += b;
+                    entries.push((slot, e.value.clone()));
+                }
                 None => break,
             }
             slot += 1;
@@ -1205,12 +1694,21 @@ impl Paxos {
         }
     }
 
-    /// Offers a client write. `Err(hint)` if this replica does not lead
-    /// (`hint`: the leader it knows of) or its queue is full.
-    pub fn propose(&mut self, req: WriteRequest) -> Result<(), Option<ReplicaId>> {
-        if self.role != Role::Leader || self.queue.len() >= self.cfg.max_queue {
-            return Err(self.leader.filter(|&l| l != self.cfg.id));
+    /// Offers a client write, refused if this replica does not lead or
+    /// its queue is full (by count or bytes).
+    pub fn propose(&mut self, req: WriteRequest) -> Result<(), Refusal> {
+        if self.role != Role::Leader {
+            return Err(Refusal::NotLeader(
+                self.leader.filter(|&l| l != self.cfg.id),
+            ));
         }
+        let bytes = request_bytes(&req);
+        if self.queue.len() >= self.cfg.max_queue
+            || (!self.queue.is_empty() && self.queue_bytes + bytes > self.cfg.max_queue_bytes)
+        {
+            return Err(Refusal::Busy);
+        }
+        self.queue_bytes += bytes;
         self.queue.push_back(req);
         Ok(())
     }
@@ -1273,7 +1771,18 @@ impl Paxos {
                 }
             }
             while !self.queue.is_empty() && self.pending.len() < self.cfg.max_inflight {
-                let n = self.queue.len().min(self.cfg.max_batch);
+                // As many as fit the count and the bytes, at least one.
+                let mut n = 0;
+                let mut bytes = 0;
+                while n < self.queue.len() && n < self.cfg.max_batch.max(1) {
+                    let b = request_bytes(&self.queue[n]);
+                    if n > 0 && bytes + b > self.cfg.max_batch_bytes {
+                        break;
+                    }
+                    bytes += b;
+                    n += 1;
+                }
+                self.queue_bytes = self.queue_bytes.saturating_sub(bytes);
                 let batch: Vec<WriteRequest> = self.queue.drain(..n).collect();
                 let slot = self.next_slot;
                 self.next_slot += 1;
@@ -1293,6 +1802,33 @@ impl Paxos {
     }
 }
 
+/// Splits `items` into runs of at most `max_count` items and `max_bytes`
+/// bytes (as `size` counts them); a run holds at least one item.
+fn chunks<T>(
+    items: &[T],
+    max_count: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < items.len() && end - start < max_count.max(1) {
+            let b = size(&items[end]);
+            if end > start && bytes + b > max_bytes {
+                break;
+            }
+            bytes += b;
+            end += 1;
+        }
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1309,9 +1845,25 @@ mod tests {
 
     /// Runs until quiet; returns everything applied per replica.
     fn run(nodes: &mut [Paxos], applied: &mut [Vec<(Slot, Value)>], rounds: usize) {
+        run_cut(nodes, applied, rounds, &|_, _| false);
+    }
+
+    /// Like [`run`], but a message from `a` to `b` is lost when `cut(a, b)`
+    /// (a replica cut from itself is down: it does not tick). Returns every
+    /// message delivered.
+    fn run_cut(
+        nodes: &mut [Paxos],
+        applied: &mut [Vec<(Slot, Value)>],
+        rounds: usize,
+        cut: &dyn Fn(ReplicaId, ReplicaId) -> bool,
+    ) -> Vec<Msg> {
+        let mut seen = Vec::new();
         for _ in 0..rounds {
             let mut inflight: VecDeque<(ReplicaId, ReplicaId, Msg)> = VecDeque::new();
             for (i, n) in nodes.iter_mut().enumerate() {
+                if cut(n.id(), n.id()) {
+                    continue;
+                }
                 n.tick();
                 let r = n.ready();
                 applied[i].extend(r.apply);
@@ -1320,6 +1872,10 @@ mod tests {
                 }
             }
             while let Some((from, to, m)) = inflight.pop_front() {
+                if cut(from, to) || cut(to, to) {
+                    continue;
+                }
+                seen.push(m.clone());
                 let idx = (to - 1) as usize;
                 let reply = nodes[idx].step(m);
                 let r = nodes[idx].ready();
@@ -1331,6 +1887,29 @@ mod tests {
                     inflight.push_back((to, from, reply));
                 }
             }
+        }
+        seen
+    }
+
+    fn commands(applied: &[(Slot, Value)]) -> Vec<u64> {
+        applied
+            .iter()
+            .flat_map(|(_, v)| match v {
+                Value::Batch(b) => b.iter().map(|r| r.seq).collect(),
+                Value::Noop | Value::Time(_) => vec![],
+            })
+            .collect()
+    }
+
+    fn big_put(seq: u64, len: usize) -> WriteRequest {
+        WriteRequest {
+            client_id: 1,
+            seq,
+            acked_below: 0,
+            op: Op::Put {
+                key: b"k".to_vec(),
+                value: vec![seq as u8; len],
+            },
         }
     }
 
@@ -1489,7 +2068,7 @@ mod tests {
         run(&mut nodes, &mut applied, 100);
         let leader = nodes.iter().find(|n| n.is_leader()).unwrap().id();
         let f = nodes.iter_mut().find(|n| !n.is_leader()).unwrap();
-        assert_eq!(f.propose(put(1)), Err(Some(leader)));
+        assert_eq!(f.propose(put(1)), Err(Refusal::NotLeader(Some(leader))));
     }
 
     #[test]
@@ -1509,5 +2088,263 @@ mod tests {
             got.extend(nodes[l].ready().reads_ready);
         }
         assert_eq!(got, vec![7]);
+    }
+
+    #[test]
+    fn batches_and_messages_are_bounded_in_bytes() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        let l = elected(&mut nodes, &mut applied);
+        // Twenty values of the maximum size, all at once.
+        for seq in 1..=20 {
+            nodes[l].propose(big_put(seq, 1 << 20)).unwrap();
+        }
+        let sent = run_cut(&mut nodes, &mut applied, 30, &|_, _| false);
+        let mut accepts = 0;
+        for m in &sent {
+            if let Msg::Accept(a) = m {
+                accepts += 1;
+                let bytes: usize = a.entries.iter().map(|(_, v)| value_bytes(v)).sum();
+                assert!(bytes <= MAX_MESSAGE_BYTES, "an accept of {bytes} bytes");
+                for (_, v) in &a.entries {
+                    assert!(
+                        value_bytes(v) <= MAX_BATCH_BYTES,
+                        "a slot of {} bytes",
+                        value_bytes(v)
+                    );
+                }
+                let wire = bincode::serialize(a).unwrap().len();
+                assert!(wire < kv_api::MAX_FRAME / 2, "{wire} bytes on the wire");
+            }
+        }
+        assert!(accepts > 0);
+        for a in &applied {
+            assert_eq!(
+                commands(a),
+                (1..=20).collect::<Vec<_>>(),
+                "all applied, in order"
+            );
+        }
+    }
+
+    #[test]
+    fn a_leader_refuses_proposals_beyond_its_queue_bytes() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        let l = elected(&mut nodes, &mut applied);
+        nodes[l].cfg.max_queue_bytes = 3 * request_bytes(&big_put(1, 1 << 20));
+        for seq in 1..=3 {
+            nodes[l].propose(big_put(seq, 1 << 20)).unwrap();
+        }
+        assert_eq!(nodes[l].propose(big_put(4, 1 << 20)), Err(Refusal::Busy));
+        // Once the queue drains into slots, proposals are taken again.
+        let _ = nodes[l].ready();
+        assert_eq!(nodes[l].propose(big_put(4, 1 << 20)), Ok(()));
+    }
+
+    #[test]
+    fn fetch_replies_are_bounded_in_bytes() {
+        let entries = (1..=40)
+            .map(|slot| {
+                let v = Value::Batch(vec![big_put(slot, 1 << 20)]);
+                (slot, Ballot { round: 1, id: 1 }, v)
+            })
+            .collect();
+        let durable = Durable {
+            chosen: 40,
+            entries,
+            standing: Standing::Voter,
+            ..Durable::default()
+        };
+        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), durable);
+        let Some(Msg::FetchReply(r)) = p.step(Msg::Fetch(Fetch {
+            from: 2,
+            from_slot: 1,
+            max_entries: 256,
+        })) else {
+            panic!("a fetch is answered");
+        };
+        let bytes: usize = r.entries.iter().map(|(_, v)| value_bytes(v)).sum();
+        assert!(!r.entries.is_empty());
+        assert!(bytes <= MAX_MESSAGE_BYTES, "{bytes} bytes");
+        assert_eq!(r.chosen, 40, "the caller learns there is more");
+    }
+
+    /// A promise whose accepted entries do not fit one message comes in
+    /// pages, and the new leader re-proposes every entry of every page.
+    #[test]
+    fn a_promise_too_big_for_one_message_comes_in_pages() {
+        let mut nodes = cluster(3);
+        for n in nodes.iter_mut() {
+            n.cfg.max_message_bytes = 2_000;
+            n.cfg.max_batch = 1;
+            n.cfg.max_inflight = 16;
+            n.cfg.thrifty = false;
+        }
+        let mut applied = vec![Vec::new(); 3];
+        let l = elected(&mut nodes, &mut applied);
+        let lid = nodes[l].id();
+        let f = (l + 1) % 3;
+        // Ten 500-byte writes reach one follower only: chosen (two of
+        // three), but the leader never hears so.
+        for seq in 1..=10 {
+            nodes[l].propose(big_put(seq, 500)).unwrap();
+        }
+        let r = nodes[l].ready();
+        for (to, m) in r.messages {
+            if to == nodes[f].id() && matches!(m, Msg::Accept(_)) {
+                nodes[f].step(m);
+            }
+        }
+        let _ = nodes[f].ready();
+        // The leader dies. The third replica campaigns (the follower is
+        // made patient) and needs the follower's promise, in pages.
+        nodes[f].election_at = u64::MAX;
+        let sent = run_cut(&mut nodes, &mut applied, 300, &|a, b| a == lid || b == lid);
+        assert!(
+            sent.iter()
+                .any(|m| matches!(m, Msg::Promise(p) if p.more && !p.pre_vote)),
+            "some promise came in pages"
+        );
+        for (i, a) in applied.iter().enumerate() {
+            if i != l {
+                assert_eq!(
+                    commands(a),
+                    (1..=10).collect::<Vec<_>>(),
+                    "replica {}",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    /// A crash after a received snapshot was installed but before its
+    /// compaction was synced: the entries between the chosen mark and the
+    /// snapshot may never have been chosen, and must not be served.
+    #[test]
+    fn entries_between_the_chosen_mark_and_a_newer_snapshot_are_not_served() {
+        let entries = (1..=12)
+            .map(|slot| {
+                (
+                    slot,
+                    Ballot { round: 1, id: 1 },
+                    Value::Batch(vec![put(slot)]),
+                )
+            })
+            .collect();
+        let durable = Durable {
+            chosen: 5,
+            snapshot: 10,
+            entries,
+            standing: Standing::Voter,
+            ..Durable::default()
+        };
+        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), durable);
+        assert_eq!(p.chosen(), 10);
+        let Some(Msg::FetchReply(r)) = p.step(Msg::Fetch(Fetch {
+            from: 2,
+            from_slot: 6,
+            max_entries: 256,
+        })) else {
+            panic!("a fetch is answered");
+        };
+        assert!(r.entries.is_empty(), "served {:?}", r.entries);
+        assert_eq!(r.compacted, 10, "the caller is sent to the snapshot");
+        assert!(p.ready().persist.contains(&Record::Compacted(10)));
+    }
+
+    /// A follower cut off from everyone keeps its ballot (its pre-votes
+    /// fail), and on its return the leader stays.
+    #[test]
+    fn a_returning_replica_does_not_depose_the_leader() {
+        let mut nodes = cluster(5);
+        let mut applied = vec![Vec::new(); 5];
+        let l = elected(&mut nodes, &mut applied);
+        let ballot = nodes[l].promised();
+        let f = (l + 2) % 5;
+        let fid = nodes[f].id();
+        run_cut(&mut nodes, &mut applied, 300, &|a, b| {
+            a != b && (a == fid || b == fid)
+        });
+        assert_eq!(
+            nodes[f].promised(),
+            ballot,
+            "the cut-off replica kept its ballot"
+        );
+        run(&mut nodes, &mut applied, 50);
+        assert!(nodes[l].is_leader(), "the leader stayed");
+        assert_eq!(nodes[l].promised(), ballot);
+        assert_eq!(nodes[f].leader(), Some(nodes[l].id()));
+    }
+
+    /// A new cluster starts only once every replica has answered: a replica
+    /// that finds its log empty cannot tell a new cluster from lost state.
+    #[test]
+    fn a_new_cluster_waits_for_every_replica() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        run_cut(&mut nodes, &mut applied, 100, &|a, b| a == 3 || b == 3);
+        assert!(
+            nodes.iter().all(|n| !n.is_leader()),
+            "no leader without replica 3"
+        );
+        assert!(nodes.iter().all(|n| n.standing() == Standing::Unknown));
+        run(&mut nodes, &mut applied, 100);
+        assert_eq!(nodes.iter().filter(|n| n.is_leader()).count(), 1);
+        assert!(nodes.iter().all(|n| n.standing() == Standing::Voter));
+    }
+
+    /// A replica that lost its state (its log is empty, its peers have
+    /// history) votes in nothing until a leader elected without it, in a
+    /// round above every ballot it may have promised, leads and it has
+    /// caught up; then it votes again.
+    #[test]
+    fn a_replica_that_lost_its_state_votes_only_after_rejoining() {
+        let mut nodes = cluster(3);
+        let mut applied = vec![Vec::new(); 3];
+        let l = elected(&mut nodes, &mut applied);
+        for seq in 1..=5 {
+            nodes[l].propose(put(seq)).unwrap();
+        }
+        run(&mut nodes, &mut applied, 20);
+        let w = (l + 1) % 3;
+        let wid = nodes[w].id();
+        let old_round = nodes[l].promised().round;
+        let (lid, lballot) = (nodes[l].id(), nodes[l].promised());
+        // Its disk is gone.
+        nodes[w] = Paxos::new(Config::new(wid, vec![1, 2, 3]), Durable::default());
+        applied[w].clear();
+        assert_eq!(nodes[w].standing(), Standing::Unknown);
+        let Some(Msg::Promise(p)) = nodes[w].step(Msg::Prepare(Prepare {
+            from: lid,
+            ballot: Ballot {
+                round: old_round + 5,
+                id: lid,
+            },
+            from_slot: 1,
+            pre_vote: false,
+        })) else {
+            panic!("a prepare is answered");
+        };
+        assert!(!p.ok && p.ballot == Ballot::ZERO, "no vote: {p:?}");
+        let Some(Msg::Accepted(a)) = nodes[w].step(Msg::Accept(Accept {
+            from: lid,
+            ballot: lballot,
+            entries: vec![(100, Value::Noop)],
+            chosen: 0,
+        })) else {
+            panic!("an accept is answered");
+        };
+        assert!(!a.ok, "no vote: {a:?}");
+        assert!(nodes[w]
+            .ready()
+            .persist
+            .iter()
+            .all(|r| !matches!(r, Record::Accepted { .. })));
+        run(&mut nodes, &mut applied, 100);
+        assert_eq!(nodes[w].standing(), Standing::Voter, "it rejoined");
+        assert!(nodes[l].is_leader(), "the same leader, in a newer ballot");
+        assert!(nodes[l].promised().round > old_round);
+        assert_eq!(commands(&applied[w]), (1..=5).collect::<Vec<_>>());
     }
 }

@@ -171,6 +171,7 @@ impl PeerPool {
                 Msg::Accept(m) => c.accept(ctx, m).await.map(Msg::Accepted),
                 Msg::Heartbeat(m) => c.heartbeat(ctx, m).await.map(Msg::HeartbeatAck),
                 Msg::Fetch(m) => c.fetch(ctx, m).await.map(Msg::FetchReply),
+                Msg::Probe(m) => c.probe(ctx, m).await.map(Msg::ProbeReply),
                 other => {
                     tracing::error!(?other, "a reply message cannot be sent as a request");
                     return;

@@ -13,8 +13,8 @@ use kv_api::{
     Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
-    Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Promise,
-    SnapshotChunk, SnapshotRequest,
+    Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
+    ProbeReply, Promise, SnapshotChunk, SnapshotRequest,
 };
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
@@ -205,12 +205,31 @@ impl Peer for Handler {
             ok: false,
             accepted: vec![],
             chosen: 0,
+            pre_vote: req.pre_vote,
+            more: false,
         };
         let unpack = |m| match m {
             Msg::Promise(p) => Some(p),
             _ => None,
         };
         self.consensus(req.from, Msg::Prepare(req), unpack, refused)
+            .await
+    }
+
+    async fn probe(self, _: Context, req: Probe) -> ProbeReply {
+        // Refused while stopping: a voter with no history, which is what
+        // no one can conclude anything from but a new cluster.
+        let refused = ProbeReply {
+            from: self.id,
+            voter: false,
+            history: true,
+            max_round: 0,
+        };
+        let unpack = |m| match m {
+            Msg::ProbeReply(r) => Some(r),
+            _ => None,
+        };
+        self.consensus(req.from, Msg::Probe(req), unpack, refused)
             .await
     }
 
@@ -236,6 +255,7 @@ impl Peer for Handler {
             ok: false,
             round: req.round,
             chosen: 0,
+            rejoin_floor: None,
         };
         let unpack = |m| match m {
             Msg::HeartbeatAck(a) => Some(a),

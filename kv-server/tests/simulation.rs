@@ -84,7 +84,7 @@ use std::time::Instant;
 
 use kv_api::{Op, WriteRequest};
 use kv_peer_api::{Ballot, ReplicaId, Slot, Value};
-use kv_server::paxos::{Config, Durable, Msg, Paxos, Record, Standing};
+use kv_server::paxos::{Config, Durable, Msg, Paxos, Record, Refusal, Standing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -212,7 +212,17 @@ fn describe_record(r: &Record) -> String {
 
 fn describe_msg(m: &Msg) -> String {
     match m {
-        Msg::Prepare(p) => format!("Prepare b={} from_slot={}", p.ballot, p.from_slot),
+        Msg::Prepare(p) => format!(
+            "{} b={} from_slot={}",
+            if p.pre_vote { "PreVote" } else { "Prepare" },
+            p.ballot,
+            p.from_slot
+        ),
+        Msg::Probe(_) => "Probe".into(),
+        Msg::ProbeReply(p) => format!(
+            "ProbeReply voter={} history={} max_round={}",
+            p.voter, p.history, p.max_round
+        ),
         Msg::Promise(p) => {
             let acc: Vec<String> = p
                 .accepted
@@ -223,11 +233,17 @@ fn describe_msg(m: &Msg) -> String {
                 })
                 .collect();
             format!(
-                "Promise b={} ok={} chosen={} accepted=[{}]",
+                "{} b={} ok={} chosen={} accepted=[{}]{}",
+                if p.pre_vote {
+                    "PreVoteReply"
+                } else {
+                    "Promise"
+                },
                 p.ballot,
                 p.ok,
                 p.chosen,
-                acc.join(" ")
+                acc.join(" "),
+                if p.more { " more" } else { "" }
             )
         }
         Msg::Accept(a) => format!(
@@ -238,12 +254,18 @@ fn describe_msg(m: &Msg) -> String {
         ),
         Msg::Accepted(a) => format!("Accepted b={} ok={} slots={:?}", a.ballot, a.ok, a.slots),
         Msg::Heartbeat(h) => format!(
-            "Heartbeat b={} chosen={} round={}",
-            h.ballot, h.chosen, h.round
+            "Heartbeat b={} chosen={} round={} term_start={}",
+            h.ballot, h.chosen, h.round, h.term_start
         ),
         Msg::HeartbeatAck(h) => format!(
-            "HeartbeatAck b={} ok={} round={} chosen={}",
-            h.ballot, h.ok, h.round, h.chosen
+            "HeartbeatAck b={} ok={} round={} chosen={}{}",
+            h.ballot,
+            h.ok,
+            h.round,
+            h.chosen,
+            h.rejoin_floor
+                .map(|f| format!(" rejoining(floor {f})"))
+                .unwrap_or_default()
         ),
         Msg::Fetch(f) => format!("Fetch from_slot={} max={}", f.from_slot, f.max_entries),
         Msg::FetchReply(f) => format!(
@@ -259,16 +281,19 @@ fn describe_msg(m: &Msg) -> String {
 /// carries a ballot carries the sender's promise as of sending (a prepare
 /// its own, an answer the one it now holds, a leader's message its own).
 /// Promises only grow, across restarts too, so these never go down.
+/// Pre-votes and their answers promise nothing, and a replica that does
+/// not vote shows the zero ballot.
 fn promise_shown(m: &Msg) -> Option<Ballot> {
-    match m {
-        Msg::Prepare(p) => Some(p.ballot),
-        Msg::Promise(p) => Some(p.ballot),
-        Msg::Accept(a) => Some(a.ballot),
-        Msg::Accepted(a) => Some(a.ballot),
-        Msg::Heartbeat(h) => Some(h.ballot),
-        Msg::HeartbeatAck(h) => Some(h.ballot),
-        Msg::Fetch(_) | Msg::FetchReply(_) => None,
-    }
+    let shown = match m {
+        Msg::Prepare(p) if !p.pre_vote => p.ballot,
+        Msg::Promise(p) if !p.pre_vote => p.ballot,
+        Msg::Accept(a) => a.ballot,
+        Msg::Accepted(a) => a.ballot,
+        Msg::Heartbeat(h) => h.ballot,
+        Msg::HeartbeatAck(h) => h.ballot,
+        _ => return None,
+    };
+    (shown != Ballot::ZERO).then_some(shown)
 }
 
 fn describe_entries(entries: &[(Slot, Value)]) -> String {
@@ -313,6 +338,10 @@ enum Variant {
     /// Drops `Record::Accepted` of a real ballot (learned chosen values, at
     /// ballot zero, are kept): after a crash the acceptor forgets its votes.
     ForgetAccepted,
+    /// A replica whose disk was wiped comes back as a voter at once (as
+    /// every replica did before standings existed): it promises and
+    /// accepts with no memory of what it promised and accepted before.
+    AmnesiacVotes,
 }
 
 impl Variant {
@@ -321,6 +350,7 @@ impl Variant {
             Variant::Correct => "correct",
             Variant::ForgetPromise => "forget-promise",
             Variant::ForgetAccepted => "forget-accepted",
+            Variant::AmnesiacVotes => "amnesiac-votes",
         }
     }
 
@@ -329,15 +359,17 @@ impl Variant {
             Err(_) | Ok("") | Ok("correct") => Variant::Correct,
             Ok("forget-promise") => Variant::ForgetPromise,
             Ok("forget-accepted") => Variant::ForgetAccepted,
-            Ok(other) => {
-                panic!("SIM_VARIANT={other:?}: expected correct, forget-promise or forget-accepted")
-            }
+            Ok("amnesiac-votes") => Variant::AmnesiacVotes,
+            Ok(other) => panic!(
+                "SIM_VARIANT={other:?}: expected correct, forget-promise, forget-accepted or \
+                 amnesiac-votes"
+            ),
         }
     }
 
     fn drops(self, r: &Record) -> bool {
         match self {
-            Variant::Correct => false,
+            Variant::Correct | Variant::AmnesiacVotes => false,
             Variant::ForgetPromise => matches!(r, Record::Promised(_)),
             Variant::ForgetAccepted => {
                 matches!(r, Record::Accepted { ballot, .. } if *ballot != Ballot::ZERO)
@@ -364,6 +396,7 @@ impl Profile {
             transfer: 30,
             bounce_after_promise: 0.05,
             crash_in_sync: 0.002,
+            wipe: 0.05,
         }
     }
 
@@ -385,6 +418,7 @@ impl Profile {
             transfer: 30,
             bounce_after_promise: 0.5,
             crash_in_sync: 0.01,
+            wipe: 0.15,
         }
     }
 }
@@ -414,6 +448,10 @@ struct Profile {
     /// Chance that a replica crashes in a round's sync: after its requests
     /// left, before its replies did.
     crash_in_sync: f64,
+    /// Chance that a crash also loses the replica's disk (it restarts with
+    /// an empty data directory), when few enough others have lost theirs
+    /// and not yet rejoined that a majority still holds every chosen value.
+    wipe: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -472,6 +510,10 @@ struct Node {
     /// The highest promise this replica has shown in a message, in any
     /// incarnation: it must never show a lower one.
     promise_floor: Ballot,
+    /// Its disk was wiped and it has not yet applied everything chosen
+    /// before that (the slots of the checker's log then): it does not yet
+    /// hold what it voted for.
+    lost_until: Option<u64>,
 }
 
 /// The first application of a slot anywhere.
@@ -503,6 +545,10 @@ struct Tuning {
     /// Thrifty phase 2 (new accepts to a majority at once, the rest at the
     /// next tick), or every accept to everyone.
     thrifty: bool,
+    /// Pre-votes before elections. Off, candidates duel far more often;
+    /// disks are then never wiped (a replica that lost its state relies
+    /// on pre-votes to rejoin safely).
+    pre_vote: bool,
 }
 
 /// What a seed did, for the summary line.
@@ -512,6 +558,7 @@ struct Stats {
     slots: u64,
     commands: u64,
     crashes: u64,
+    wipes: u64,
     partitions: u64,
     reads: u64,
     snapshots: u64,
@@ -591,6 +638,9 @@ impl Sim {
                 (6, 12)
             },
             thrifty: rng.random_bool(0.75),
+            // A broken disk does harm in duels: always off.
+            pre_vote: variant == Variant::AmnesiacVotes
+                || (variant == Variant::Correct && rng.random_bool(0.75)),
         };
         let mut sim = Sim {
             seed,
@@ -626,15 +676,27 @@ impl Sim {
                 variant.name()
             )
         });
+        // Without pre-votes, the first voters of a new cluster would raise
+        // ballots before a majority of them exists and keep the others
+        // from finding the cluster new: such seeds start as voters.
+        let disk = Disk {
+            standing: if tuning.pre_vote {
+                Standing::Unknown
+            } else {
+                Standing::Voter
+            },
+            ..Disk::default()
+        };
         for id in 1..=n {
             sim.nodes.push(Node {
                 id,
                 core: None,
-                disk: Disk::default(),
+                disk: disk.clone(),
                 incarnation: 0,
                 applied: 0,
                 receiving: None,
                 promise_floor: Ballot::ZERO,
+                lost_until: None,
             });
         }
         sim
@@ -649,6 +711,7 @@ impl Sim {
         cfg.max_entries_per_message = self.tuning.max_entries_per_message;
         cfg.election_ticks = self.tuning.election_ticks;
         cfg.thrifty = self.tuning.thrifty;
+        cfg.pre_vote = self.tuning.pre_vote;
         cfg
     }
 
@@ -758,10 +821,13 @@ impl Sim {
             && self.rng.random_bool(self.profile.crash_in_sync)
         {
             ready.messages.sort_by_key(|(to, _)| *to);
-            let written = self.rng.random_bool(0.5);
-            if written {
-                node.disk.write(&ready.persist, variant);
-            }
+            // The power went: a write whose sync did not complete may have
+            // reached the disk whole, in part or not at all. A prefix of
+            // the round's records survives (the log replays its frames in
+            // order and drops a torn last write).
+            let kept = self.rng.random_range(0..=ready.persist.len());
+            let written = kept == ready.persist.len();
+            node.disk.write(&ready.persist[..kept], variant);
             if self.check_promises {
                 // Requests shown before the sync do not raise the floor:
                 // a candidate's own promise is not durable yet.
@@ -779,7 +845,11 @@ impl Sim {
                 line.push_str(&format!(
                     "\n          CRASH r{id} in its sync: [{}] {}; reply and applies lost",
                     p.join("; "),
-                    if written { "written" } else { "NOT written" }
+                    if written {
+                        "written".to_string()
+                    } else {
+                        format!("{kept} of them written")
+                    }
                 ));
                 self.note(|| line);
             }
@@ -1071,7 +1141,7 @@ impl Sim {
             self.finish_round(i, None, what)?;
             match res {
                 Ok(()) => return Ok(true),
-                Err(Some(hint)) if attempt == 0 => {
+                Err(Refusal::NotLeader(Some(hint))) if attempt == 0 => {
                     let h = (hint - 1) as usize;
                     if h >= self.nodes.len() || self.nodes[h].core.is_none() {
                         return Ok(false);
@@ -1126,6 +1196,52 @@ impl Sim {
                 format!("CRASH r{id} (its unsent messages are lost)")
             }
         });
+    }
+
+    /// The crashed node `i` loses its disk, unless that would leave fewer
+    /// than a majority of voters holding everything they voted for: a
+    /// wiped replica counts as lost until it votes again and has applied
+    /// every slot chosen before its wipe, and so does one that does not
+    /// vote yet (with fewer voters than a majority, no leader can ever be
+    /// elected again: that takes an operator).
+    fn wipe(&mut self, i: usize) {
+        let n = self.nodes.len();
+        let quorum = n / 2 + 1;
+        for node in &mut self.nodes {
+            if node.lost_until.is_some_and(|upto| {
+                node.applied >= upto
+                    && node
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.standing() == Standing::Voter)
+            }) {
+                node.lost_until = None;
+            }
+        }
+        let lost = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(j, node)| {
+                j == i || node.lost_until.is_some() || node.disk.standing != Standing::Voter
+            })
+            .count();
+        if lost > n - quorum {
+            return;
+        }
+        let chosen_now = self.log.len() as u64;
+        let node = &mut self.nodes[i];
+        node.lost_until = Some(chosen_now);
+        node.disk = Disk::default();
+        if self.variant == Variant::AmnesiacVotes {
+            node.disk.standing = Standing::Voter;
+        }
+        // Its promises are gone with the disk: what it shows from now on
+        // may be lower (it votes again only once that is safe).
+        node.promise_floor = Ballot::ZERO;
+        self.stats.wipes += 1;
+        let id = node.id;
+        self.note(|| format!("WIPE r{id}: its data directory is gone"));
     }
 
     fn restart(&mut self, i: usize) -> Result<(), Violation> {
@@ -1307,6 +1423,9 @@ impl Sim {
                 if live.len() > 1 {
                     let i = self.pick(&live).expect("non-empty");
                     self.crash(i, false);
+                    if self.tuning.pre_vote && self.rng.random_bool(self.profile.wipe) {
+                        self.wipe(i);
+                    }
                 }
             }
             Event::Restart => {
@@ -1372,7 +1491,10 @@ impl Sim {
         let chosen = leader.chosen();
         for n in &self.nodes {
             let c = n.core.as_ref()?;
-            if c.leader() != Some(leader.id()) || n.applied != chosen {
+            if c.leader() != Some(leader.id())
+                || n.applied != chosen
+                || c.standing() != Standing::Voter
+            {
                 return None;
             }
         }
@@ -1635,6 +1757,7 @@ fn run_part(part: u64) {
                 sum.slots += s.slots;
                 sum.commands += s.commands;
                 sum.crashes += s.crashes;
+                sum.wipes += s.wipes;
                 sum.partitions += s.partitions;
                 sum.reads += s.reads;
                 sum.snapshots += s.snapshots;
@@ -1645,12 +1768,13 @@ fn run_part(part: u64) {
     }
     println!(
         "part {part}: {ran} seeds in {:.1?}: {} steps, {} slots and {} commands chosen, \
-         {} crashes, {} partitions, {} reads, {} snapshots, {} installed",
+         {} crashes ({} wiping the disk), {} partitions, {} reads, {} snapshots, {} installed",
         start.elapsed(),
         sum.steps,
         sum.slots,
         sum.commands,
         sum.crashes,
+        sum.wipes,
         sum.partitions,
         sum.reads,
         sum.snapshots,
@@ -1776,6 +1900,17 @@ fn forgotten_accepts_break_agreement() {
     });
 }
 
+/// Replicas that lost their disk vote at once: an acknowledged value is
+/// lost (two replicas apply different values in one slot).
+#[test]
+fn amnesiac_voters_break_agreement() {
+    assert_caught(Setup {
+        variant: Variant::AmnesiacVotes,
+        check_promises: false,
+        ..Setup::correct()
+    });
+}
+
 /// A seed replays exactly: the same trace, line for line, with three
 /// replicas (even seeds) and five (odd seeds).
 #[test]
@@ -1818,6 +1953,7 @@ fn catch_rate_of_broken_disks() {
         (Variant::ForgetPromise, true),
         (Variant::ForgetPromise, false),
         (Variant::ForgetAccepted, false),
+        (Variant::AmnesiacVotes, false),
     ] {
         let setup = Setup {
             variant,
