@@ -158,6 +158,12 @@ pub struct ReplicaStatus {
     pub snapshot: Slot,
     /// Number of keys in its map.
     pub keys: u64,
+    /// Whether it votes: `voter`; `rejoining` (it lost its state and
+    /// votes again once caught up with a newer leader); `unknown` (it
+    /// started with an empty log and is asking its peers what they hold).
+    pub standing: String,
+    /// Snapshots it has received from peers and installed since it started.
+    pub snapshots_installed: u64,
 }
 
 /// Where the leader can be reached.

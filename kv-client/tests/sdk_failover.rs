@@ -182,6 +182,8 @@ impl Kv for Fake {
             chosen: s.slot,
             snapshot: 0,
             keys: s.map.len() as u64,
+            standing: "voter".into(),
+            snapshots_installed: 0,
         }
     }
 }

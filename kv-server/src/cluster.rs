@@ -1401,6 +1401,8 @@ mod tests {
             chosen: 7,
             snapshot: 0,
             keys: 1,
+            standing: "voter".into(),
+            snapshots_installed: 0,
         }
     }
 

@@ -115,6 +115,7 @@ pub async fn run(
         log_bytes: 0,
         taking: false,
         receiving: false,
+        installed: 0,
     };
     let node = node::Node::new(
         core,

@@ -20,7 +20,7 @@ use kv_api::{
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::paxos::{Msg, Paxos, Refusal};
+use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::rpc::MAX_SNAPSHOT_CHUNK;
 use crate::snapshot::SnapshotDir;
@@ -114,6 +114,8 @@ pub struct Snapshots {
     pub taking: bool,
     /// A snapshot is being received.
     pub receiving: bool,
+    /// Snapshots received from peers and installed since start.
+    pub installed: u64,
 }
 
 /// The driver's state.
@@ -269,6 +271,13 @@ impl Node {
                     chosen: self.core.chosen(),
                     snapshot: self.snapshots.latest,
                     keys: self.sm.len() as u64,
+                    standing: match self.core.standing() {
+                        Standing::Voter => "voter",
+                        Standing::Rejoining { .. } => "rejoining",
+                        Standing::Unknown => "unknown",
+                    }
+                    .into(),
+                    snapshots_installed: self.snapshots.installed,
                 });
             }
             Input::SnapshotTaken { index, result } => {
@@ -293,6 +302,7 @@ impl Node {
                         self.sm = *sm;
                         self.snapshots.latest = self.snapshots.latest.max(index);
                         self.snapshots.log_bytes = 0;
+                        self.snapshots.installed += 1;
                         self.core.install_snapshot(index);
                     }
                     Ok(_) => {}

@@ -193,6 +193,8 @@ impl Kv for Handler {
                 chosen: 0,
                 snapshot: 0,
                 keys: 0,
+                standing: "unknown".into(),
+                snapshots_installed: 0,
             })
     }
 }

@@ -324,3 +324,68 @@ async fn two_three_split_serves_on_the_majority_side_only_and_converges_after_he
     };
     bounded(Duration::from_secs(120), "the test", test).await;
 }
+
+/// A follower cut off for a while under load comes back without deposing
+/// the leader: its elections while alone were pre-votes that failed, so
+/// its ballot did not rise, and the leader's stays the highest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_follower_does_not_depose_a_healthy_leader() {
+    let cluster = Cluster::start(5).await;
+    let test = async {
+        let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let before = cluster.status(leader).await.expect("the leader answers");
+        let follower = cluster
+            .ids()
+            .into_iter()
+            .find(|&i| i != leader)
+            .expect("a follower");
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let client = cluster.client_with_timeout(Duration::from_secs(10));
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut acked = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if client.put("load", acked.to_string()).await.is_ok() {
+                        acked += 1;
+                    }
+                }
+                acked
+            })
+        };
+
+        isolate(&cluster, follower).await;
+        // Long enough for ten election timeouts and more.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let alone = cluster
+            .status(follower)
+            .await
+            .expect("the follower answers");
+        assert_eq!(
+            alone.ballot_round, before.ballot_round,
+            "the cut-off follower raised its ballot: {alone:?}"
+        );
+        heal_all(&cluster).await;
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(20))
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let acked = writer.await.expect("the writer");
+        assert!(acked > 0, "no write succeeded");
+
+        let after = cluster.status(leader).await.expect("the leader answers");
+        assert!(after.leader, "the leader stepped down: {after:?}");
+        assert_eq!(
+            after.ballot_round, before.ballot_round,
+            "the leader had to take a new ballot: {after:?}"
+        );
+        let back = cluster
+            .status(follower)
+            .await
+            .expect("the follower answers");
+        assert_eq!(back.leader_id, Some(leader), "{back:?}");
+    };
+    bounded(Duration::from_secs(120), "the test", test).await;
+}

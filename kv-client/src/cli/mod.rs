@@ -184,7 +184,7 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
-        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"ballot_round\":2}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
+        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"ballot_round\":2,\"standing\":\"voter\",\"snapshots_installed\":0}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
     )]
     Status,
     /// Change (or just show) the failure injection of one replica
@@ -255,6 +255,10 @@ pub struct StatusLine {
     pub keys: Option<u64>,
     /// Round of the highest ballot it promised.
     pub ballot_round: Option<u64>,
+    /// Whether it votes: `voter`, `rejoining` or `unknown`.
+    pub standing: Option<String>,
+    /// Snapshots it received from peers and installed since it started.
+    pub snapshots_installed: Option<u64>,
     /// Why it did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -276,6 +280,8 @@ impl StatusLine {
                 snapshot: Some(s.snapshot),
                 keys: Some(s.keys),
                 ballot_round: Some(s.ballot_round),
+                standing: Some(s.standing.clone()),
+                snapshots_installed: Some(s.snapshots_installed),
                 error: None,
             },
             Err(e) => StatusLine {
@@ -289,6 +295,8 @@ impl StatusLine {
                 snapshot: None,
                 keys: None,
                 ballot_round: None,
+                standing: None,
+                snapshots_installed: None,
                 error: Some(e.to_string()),
             },
         }
