@@ -40,6 +40,11 @@ const SWEEP_TICKS: u64 = 100;
 /// whatever the batching and the snapshot interval.
 const KEEP_BEHIND_SNAPSHOT: usize = 1_000;
 
+/// And at most this many bytes of them: with large values, 1,000 commands
+/// would be a gigabyte held in memory and rewritten into the log's
+/// checkpoint at every compaction.
+const KEEP_BEHIND_SNAPSHOT_BYTES: usize = 32 << 20;
+
 /// A snapshot is also taken once the writes applied since the last one
 /// add up to half the map's size, but not before this many bytes. This
 /// bounds the log held in memory (and replayed at start-up) by the data,
@@ -287,7 +292,11 @@ impl Node {
                         self.snapshots.latest = self.snapshots.latest.max(index);
                         // Keep some log behind the snapshot, so a peer
                         // slightly behind catches up from the log.
-                        self.core.compact_keeping(index, KEEP_BEHIND_SNAPSHOT);
+                        self.core.compact_keeping(
+                            index,
+                            KEEP_BEHIND_SNAPSHOT,
+                            KEEP_BEHIND_SNAPSHOT_BYTES,
+                        );
                         tracing::debug!(index, compacted = self.core.compacted(), "snapshot taken");
                     }
                     Err(e) => {
@@ -488,11 +497,25 @@ fn op_bytes(op: &kv_api::Op) -> u64 {
 /// checkpoint rewrites the live log. A follower's accept (nothing is sent
 /// before its sync) and a write that only moves the chosen mark (no sync)
 /// run inline.
+///
+/// A large write (big values) also goes to the pool: its sync takes long
+/// enough that the network must be read meanwhile, or heartbeats queue
+/// behind it and followers start elections.
 fn write_inline(records: &[crate::paxos::Record], sent: bool) -> bool {
     use crate::paxos::Record;
     let compacts = records.iter().any(|r| matches!(r, Record::Compacted(_)));
-    !(compacts || (sent && crate::storage::needs_sync(records)))
+    let bytes: usize = records
+        .iter()
+        .map(|r| match r {
+            Record::Accepted { value, .. } => crate::paxos::value_bytes(value),
+            _ => 16,
+        })
+        .sum();
+    !(compacts || bytes > INLINE_WRITE_BYTES || (sent && crate::storage::needs_sync(records)))
 }
+
+/// Above this many bytes a log write runs on the blocking pool.
+const INLINE_WRITE_BYTES: usize = 256 << 10;
 
 async fn download(
     pool: Arc<PeerPool>,

@@ -72,6 +72,11 @@ pub struct Config {
     pub retransmit_ticks: u32,
     /// Slots a leader may have in flight (proposed, not chosen).
     pub max_inflight: usize,
+    /// Bytes of slots a leader may have in flight: with large values, what
+    /// every follower must receive and sync before the next slot starts
+    /// (flow control: past this, proposals wait in the queue, and beyond
+    /// the queue's bytes clients are told to retry).
+    pub max_inflight_bytes: usize,
     /// Client commands per slot, at most.
     pub max_batch: usize,
     /// Bytes of client commands per slot, at most (a single command is
@@ -111,6 +116,7 @@ impl Config {
             election_ticks: (15, 30),
             retransmit_ticks: 30,
             max_inflight: 8,
+            max_inflight_bytes: 2 * MAX_BATCH_BYTES,
             max_batch: 512,
             max_batch_bytes: MAX_BATCH_BYTES,
             max_entries_per_message: 256,
@@ -313,6 +319,9 @@ enum Role {
 struct Pending {
     acks: HashSet<ReplicaId>,
     sent_tick: u64,
+    /// Times re-sent.
+    resent: u32,
+    bytes: usize,
 }
 
 /// A linearizable read waiting for its heartbeat round and for apply.
@@ -560,12 +569,16 @@ impl Paxos {
 
     /// Drops log entries up to `upto`, but keeps enough of the newest ones
     /// before it to hold `keep_commands` client commands (a no-op counts as
-    /// one), for peers slightly behind to catch up from the log.
-    pub fn compact_keeping(&mut self, upto: Slot, keep_commands: usize) {
+    /// one) or `keep_bytes` bytes, whichever is less, for peers slightly
+    /// behind to catch up from the log. (By commands alone, 1,000 values of
+    /// 1 MiB would be kept in memory and rewritten into every checkpoint.)
+    pub fn compact_keeping(&mut self, upto: Slot, keep_commands: usize, keep_bytes: usize) {
         let mut kept = 0;
+        let mut bytes = 0;
         let mut cut = upto.min(self.applied);
         for (&slot, e) in self.log.range(..=cut).rev() {
-            if kept >= keep_commands {
+            bytes += value_bytes(&e.value);
+            if kept >= keep_commands || bytes > keep_bytes {
                 break;
             }
             kept += match &e.value {
@@ -906,7 +919,9 @@ impl Paxos {
             return;
         }
         let voters: Vec<&ProbeReply> = self.probes.values().filter(|p| p.voter).collect();
-        if voters.len() >= self.quorum {
+        // Without any history seen, wait for every answer: it may be a new
+        // cluster whose voters have just decided so.
+        if voters.len() >= self.quorum && self.probes.values().any(|p| p.history) {
             let floor = voters
                 .iter()
                 .map(|p| p.max_round)
@@ -1164,6 +1179,8 @@ impl Paxos {
             Pending {
                 acks,
                 sent_tick: self.now,
+                resent: 0,
+                bytes: value_bytes(&value),
             },
         );
         self.check_chosen(slot);
@@ -1294,17 +1311,21 @@ impl Paxos {
         }
     }
 
+    /// Re-sends accepts a majority has not answered, each slot after
+    /// `retransmit_ticks`, then twice, four and eight times as long: a
+    /// cluster slow because it is overloaded (large values, a busy
+    /// machine) must not be sent everything again every few hundred
+    /// milliseconds, or it never catches up.
     fn retransmit(&mut self) {
-        let due = self
-            .now
-            .saturating_sub(u64::from(self.cfg.retransmit_ticks));
         let mut per_peer: BTreeMap<ReplicaId, Vec<(Slot, Value)>> = BTreeMap::new();
         let others = self.others();
+        let base = u64::from(self.cfg.retransmit_ticks);
         for (&slot, p) in self.pending.iter_mut() {
-            if p.sent_tick > due {
+            if self.now < p.sent_tick + (base << p.resent.min(3)) {
                 continue;
             }
             p.sent_tick = self.now;
+            p.resent += 1;
             let Some(e) = self.log.get(&slot) else {
                 continue;
             };
@@ -1759,6 +1780,13 @@ impl Paxos {
         }
     }
 
+    /// Whether a leader may start another slot.
+    fn room_in_flight(&self) -> bool {
+        let bytes: usize = self.pending.values().map(|p| p.bytes).sum();
+        self.pending.len() < self.cfg.max_inflight
+            && (self.pending.is_empty() || bytes < self.cfg.max_inflight_bytes)
+    }
+
     /// Takes what the driver must do now.
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
@@ -1770,7 +1798,7 @@ impl Paxos {
                     entries.push(self.propose_slot(slot, Value::Time(ms)));
                 }
             }
-            while !self.queue.is_empty() && self.pending.len() < self.cfg.max_inflight {
+            while !self.queue.is_empty() && self.room_in_flight() {
                 // As many as fit the count and the bytes, at least one.
                 let mut n = 0;
                 let mut bytes = 0;
@@ -2346,5 +2374,37 @@ mod tests {
         assert!(nodes[l].is_leader(), "the same leader, in a newer ballot");
         assert!(nodes[l].promised().round > old_round);
         assert_eq!(commands(&applied[w]), (1..=5).collect::<Vec<_>>());
+    }
+
+    /// Compaction keeps the newest entries behind a snapshot, up to a
+    /// number of commands or of bytes, whichever comes first.
+    #[test]
+    fn compaction_keeps_commands_or_bytes_behind_a_snapshot() {
+        let entries = (1..=100)
+            .map(|slot| {
+                let v = Value::Batch(vec![big_put(slot, 1000), big_put(slot + 1000, 1000)]);
+                (slot, Ballot { round: 1, id: 1 }, v)
+            })
+            .collect();
+        let durable = Durable {
+            chosen: 100,
+            entries,
+            standing: Standing::Voter,
+            ..Durable::default()
+        };
+        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), durable);
+        assert_eq!(p.applied(), 100);
+        let slot_bytes = value_bytes(&p.log[&1].value);
+        // Ten commands: the last five slots (two commands each).
+        p.compact_keeping(90, 10, usize::MAX);
+        assert_eq!(p.compacted(), 85);
+        // Bytes for three slots: three more slots behind 95.
+        p.compact_keeping(95, 1000, 3 * slot_bytes);
+        assert_eq!(p.compacted(), 92);
+        // Never beyond what was applied, and never backwards.
+        p.compact_keeping(200, 0, 0);
+        assert_eq!(p.compacted(), 100);
+        p.compact_keeping(50, 0, 0);
+        assert_eq!(p.compacted(), 100);
     }
 }
