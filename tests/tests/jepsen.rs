@@ -1,7 +1,9 @@
 //! Jepsen-style test: concurrent clients do random operations on a few keys
-//! through the SDK while a nemesis kills, restarts and pauses replicas,
-//! isolates the leader, splits the cluster, and drops, delays and times out
-//! messages. Afterwards the cluster is healed, every key is read, and the
+//! through the SDK (some puts with values of the maximum size, 1 MiB) while
+//! a nemesis kills, restarts and pauses replicas, crashes the whole cluster,
+//! wipes a replica's data directory, isolates the leader, splits the
+//! cluster (two against three, or two halves that both see one replica in
+//! the middle), and drops, delays and times out messages. Afterwards the cluster is healed, every key is read, and the
 //! whole recorded history goes through the `kv-check` linearizability
 //! checker — which also proves no acknowledged write was lost: a lost write
 //! makes the final reads (part of the history) unexplainable.
@@ -32,9 +34,17 @@ const CLIENTS: u64 = 8;
 /// 2026-11 speeds), which it decides within its budget.
 const KEYS_PER_MINUTE: usize = 5;
 /// The seeds CI runs, one after another.
-const CI_SEEDS: [u64; 3] = [1, 2, 3];
-/// How long the clients run under faults per seed, unless `KV_SOAK_SECS`.
-const CI_RUN_SECS: u64 = 12;
+const CI_SEEDS: [u64; 2] = [1, 2];
+/// How long the clients run under faults per seed, unless `KV_SOAK_SECS`;
+/// a run also goes on until every kind of fault took effect `MIN_EACH`
+/// times.
+const CI_RUN_SECS: u64 = 10;
+/// Times every kind of fault must take effect in a run.
+const MIN_EACH: u64 = 2;
+/// One put in this many carries a value of the maximum size.
+const BIG_PUT_EVERY: u64 = 40;
+/// The maximum value size.
+const BIG_VALUE: usize = 1 << 20;
 
 /// The kinds of fault the nemesis injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +57,12 @@ enum Fault {
     IsolateLeader,
     /// Split the replicas two against three.
     Partition,
+    /// Two halves that both see one replica in the middle (and it them).
+    Bridge,
+    /// SIGKILL every replica at once, restart them all later.
+    CrashAll,
+    /// SIGKILL a replica, delete its data directory, restart it empty.
+    Wipe,
     /// Drop a fraction of peer messages everywhere.
     Drop,
     /// Delay peer messages everywhere.
@@ -55,11 +71,14 @@ enum Fault {
     Timeout,
 }
 
-const ALL_FAULTS: [Fault; 7] = [
+const ALL_FAULTS: [Fault; 10] = [
     Fault::Kill,
     Fault::Pause,
     Fault::IsolateLeader,
     Fault::Partition,
+    Fault::Bridge,
+    Fault::CrashAll,
+    Fault::Wipe,
     Fault::Drop,
     Fault::Delay,
     Fault::Timeout,
@@ -103,7 +122,12 @@ async fn client_loop(
         n += 1;
         let k = rng.random_range(0..keys);
         let key = format!("key-{k}");
-        let value = format!("c{id}-{n}");
+        let mut value = format!("c{id}-{n}");
+        if n.is_multiple_of(BIG_PUT_EVERY) {
+            // Distinct all the same: the name first, then padding.
+            value.push(':');
+            value.extend(std::iter::repeat_n('x', BIG_VALUE - value.len()));
+        }
         match rng.random_range(0..100u32) {
             0..=29 => {
                 let t = rec.invoke(id, Op::put(&key, &value));
@@ -148,9 +172,14 @@ async fn client_loop(
 struct Nemesis {
     rng: StdRng,
     queue: Vec<Fault>,
-    injected: BTreeMap<Fault, u64>,
-    /// What the replicas themselves counted (drops, delays, timeouts,
-    /// refused requests), read back before each heal.
+    /// Rounds of each kind that took effect: the fault was set (a failed
+    /// `set_faults` does not count) and, for faults of the links, the
+    /// replicas counted what it did (a drop round dropped messages, a
+    /// partition refused requests on cut links, ...) in that round.
+    effective: BTreeMap<Fault, u64>,
+    /// Rounds of each kind that were tried but did not take effect.
+    missed: BTreeMap<Fault, u64>,
+    /// What the replicas themselves counted over the whole run.
     reported: FaultReport,
     /// Each replica's counters when last read (they restart from zero
     /// when the replica does).
@@ -162,7 +191,8 @@ impl Nemesis {
         Nemesis {
             rng: StdRng::seed_from_u64(seed),
             queue: Vec::new(),
-            injected: BTreeMap::new(),
+            effective: BTreeMap::new(),
+            missed: BTreeMap::new(),
             reported: FaultReport::default(),
             last: BTreeMap::new(),
         }
@@ -180,22 +210,54 @@ impl Nemesis {
         Duration::from_millis(self.rng.random_range(500..1500))
     }
 
-    async fn set(&mut self, cluster: &Cluster, id: ReplicaId, spec: FaultSpec) {
-        // Best effort: a replica that does not answer just keeps its faults
-        // until the final heal.
+    /// Sets `spec` at replica `id`; whether it answered.
+    async fn set(&mut self, cluster: &Cluster, id: ReplicaId, spec: FaultSpec) -> bool {
+        // A replica that does not answer just keeps its faults until the
+        // next heal.
         let client = cluster.client_with_timeout(Duration::from_millis(500));
-        let _ = client.set_faults(cluster.client_addr(id), spec).await;
+        client
+            .set_faults(cluster.client_addr(id), spec)
+            .await
+            .is_ok()
     }
 
-    async fn set_all(&mut self, cluster: &Cluster, spec: FaultSpec) {
+    /// Sets `spec` everywhere; whether every replica answered.
+    async fn set_all(&mut self, cluster: &Cluster, spec: FaultSpec) -> bool {
+        let mut all = true;
         for id in cluster.ids() {
-            self.set(cluster, id, spec.clone()).await;
+            all &= self.set(cluster, id, spec.clone()).await;
         }
+        all
     }
 
-    /// Reads every replica's counters, then heals every link.
-    async fn heal_links(&mut self, cluster: &Cluster) {
+    /// Cuts `groups` apart: every replica of a group drops its links with
+    /// the replicas of the groups after it in `cuts` (both sides are set).
+    async fn cut(&mut self, cluster: &Cluster, cuts: &[(&[ReplicaId], &[ReplicaId])]) -> bool {
+        let mut isolate: BTreeMap<ReplicaId, Vec<ReplicaId>> = BTreeMap::new();
+        for (a, b) in cuts {
+            for &x in a.iter() {
+                isolate.entry(x).or_default().extend_from_slice(b);
+            }
+            for &y in b.iter() {
+                isolate.entry(y).or_default().extend_from_slice(a);
+            }
+        }
+        let mut all = true;
+        for (id, others) in isolate {
+            let spec = FaultSpec {
+                isolate: Some(others),
+                ..FaultSpec::default()
+            };
+            all &= self.set(cluster, id, spec).await;
+        }
+        all
+    }
+
+    /// Reads every replica's counters, then heals every link; returns what
+    /// the replicas counted since the last time.
+    async fn heal_links(&mut self, cluster: &Cluster) -> FaultReport {
         let client = cluster.client_with_timeout(Duration::from_millis(500));
+        let mut round = FaultReport::default();
         for id in cluster.ids() {
             let heal = FaultSpec {
                 heal: true,
@@ -205,16 +267,23 @@ impl Nemesis {
                 let last = self.last.insert(id, r.clone()).unwrap_or_default();
                 // A restarted replica counts from zero again.
                 let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
-                self.reported.dropped += delta(r.dropped, last.dropped);
-                self.reported.delayed += delta(r.delayed, last.delayed);
-                self.reported.timed_out += delta(r.timed_out, last.timed_out);
-                self.reported.refused += delta(r.refused, last.refused);
+                round.dropped += delta(r.dropped, last.dropped);
+                round.delayed += delta(r.delayed, last.delayed);
+                round.timed_out += delta(r.timed_out, last.timed_out);
+                round.refused += delta(r.refused, last.refused);
             }
         }
+        self.reported.dropped += round.dropped;
+        self.reported.delayed += round.delayed;
+        self.reported.timed_out += round.timed_out;
+        self.reported.refused += round.refused;
+        round
     }
 
-    fn injected_every_kind(&self) -> bool {
-        ALL_FAULTS.iter().all(|k| self.injected.contains_key(k))
+    fn done(&self) -> bool {
+        ALL_FAULTS
+            .iter()
+            .all(|k| self.effective.get(k).copied().unwrap_or(0) >= MIN_EACH)
     }
 
     async fn round(&mut self, cluster: &mut Cluster) {
@@ -222,13 +291,14 @@ impl Nemesis {
         let ids = cluster.ids();
         let leader = cluster.leader().await;
         let hold = self.hold();
-        match fault {
+        let took_effect = match fault {
             Fault::Kill => {
                 let victim = leader.unwrap_or_else(|| ids[self.rng.random_range(0..ids.len())]);
                 eprintln!("nemesis: kill replica {victim} for {hold:?}");
                 cluster.kill(victim);
                 tokio::time::sleep(hold).await;
                 cluster.restart(victim).await;
+                true
             }
             Fault::Pause => {
                 let victim = ids[self.rng.random_range(0..ids.len())];
@@ -236,6 +306,31 @@ impl Nemesis {
                 cluster.pause(victim);
                 tokio::time::sleep(hold).await;
                 cluster.resume(victim);
+                true
+            }
+            Fault::CrashAll => {
+                eprintln!("nemesis: crash every replica for {hold:?}");
+                cluster.kill_all(&ids);
+                tokio::time::sleep(hold).await;
+                for &id in &ids {
+                    cluster.spawn(id);
+                }
+                for &id in &ids {
+                    cluster.wait_answers(id, Duration::from_secs(30)).await;
+                }
+                true
+            }
+            Fault::Wipe => {
+                let victim = ids[self.rng.random_range(0..ids.len())];
+                eprintln!("nemesis: wipe replica {victim}'s data directory, restart it empty");
+                cluster.kill(victim);
+                std::fs::remove_dir_all(cluster.data_dir(victim))
+                    .unwrap_or_else(|e| panic!("wipe replica {victim}: {e}"));
+                cluster.restart(victim).await;
+                let standing = cluster.status(victim).await.map(|s| s.standing);
+                eprintln!("nemesis: replica {victim} came back {standing:?}");
+                tokio::time::sleep(hold).await;
+                true
             }
             Fault::IsolateLeader => {
                 let Some(leader) = leader else {
@@ -243,89 +338,70 @@ impl Nemesis {
                 };
                 let others: Vec<ReplicaId> = ids.iter().copied().filter(|&i| i != leader).collect();
                 eprintln!("nemesis: isolate leader {leader} for {hold:?}");
-                self.set(
-                    cluster,
-                    leader,
-                    FaultSpec {
-                        isolate: Some(others),
-                        ..FaultSpec::default()
-                    },
-                )
-                .await;
+                let set = self.cut(cluster, &[(&[leader], &others)]).await;
                 tokio::time::sleep(hold).await;
-                self.heal_links(cluster).await;
+                let counted = self.heal_links(cluster).await;
+                set && counted.refused + counted.dropped > 0
             }
             Fault::Partition => {
                 let mut shuffled = ids.clone();
                 shuffled.shuffle(&mut self.rng);
                 let (small, large) = shuffled.split_at(2);
                 eprintln!("nemesis: partition {small:?} | {large:?} for {hold:?}");
-                for &id in small {
-                    self.set(
-                        cluster,
-                        id,
-                        FaultSpec {
-                            isolate: Some(large.to_vec()),
-                            ..FaultSpec::default()
-                        },
-                    )
-                    .await;
-                }
-                for &id in large {
-                    self.set(
-                        cluster,
-                        id,
-                        FaultSpec {
-                            isolate: Some(small.to_vec()),
-                            ..FaultSpec::default()
-                        },
-                    )
-                    .await;
-                }
+                let set = self.cut(cluster, &[(small, large)]).await;
                 tokio::time::sleep(hold).await;
-                self.heal_links(cluster).await;
+                let counted = self.heal_links(cluster).await;
+                set && counted.refused + counted.dropped > 0
+            }
+            Fault::Bridge => {
+                let mut shuffled = ids.clone();
+                shuffled.shuffle(&mut self.rng);
+                let (middle, rest) = shuffled.split_first().expect("replicas");
+                let (left, right) = rest.split_at(rest.len() / 2);
+                eprintln!("nemesis: bridge {left:?} | {middle} | {right:?} for {hold:?}");
+                let set = self.cut(cluster, &[(left, right)]).await;
+                tokio::time::sleep(hold).await;
+                let counted = self.heal_links(cluster).await;
+                set && counted.refused + counted.dropped > 0
             }
             Fault::Drop => {
                 eprintln!("nemesis: drop 20% of peer messages for {hold:?}");
-                self.set_all(
-                    cluster,
-                    FaultSpec {
-                        drop_rate: Some(0.2),
-                        ..FaultSpec::default()
-                    },
-                )
-                .await;
+                let spec = FaultSpec {
+                    drop_rate: Some(0.2),
+                    ..FaultSpec::default()
+                };
+                let set = self.set_all(cluster, spec).await;
                 tokio::time::sleep(hold).await;
-                self.heal_links(cluster).await;
+                set && self.heal_links(cluster).await.dropped > 0
             }
             Fault::Delay => {
                 eprintln!("nemesis: delay peer messages 1-30 ms for {hold:?}");
-                self.set_all(
-                    cluster,
-                    FaultSpec {
-                        delay_ms: Some((1, 30)),
-                        ..FaultSpec::default()
-                    },
-                )
-                .await;
+                let spec = FaultSpec {
+                    delay_ms: Some((1, 30)),
+                    ..FaultSpec::default()
+                };
+                let set = self.set_all(cluster, spec).await;
                 tokio::time::sleep(hold).await;
-                self.heal_links(cluster).await;
+                set && self.heal_links(cluster).await.delayed > 0
             }
             Fault::Timeout => {
                 eprintln!("nemesis: time out 20% of peer calls for {hold:?}");
-                self.set_all(
-                    cluster,
-                    FaultSpec {
-                        timeout_rate: Some(0.2),
-                        ..FaultSpec::default()
-                    },
-                )
-                .await;
+                let spec = FaultSpec {
+                    timeout_rate: Some(0.2),
+                    ..FaultSpec::default()
+                };
+                let set = self.set_all(cluster, spec).await;
                 tokio::time::sleep(hold).await;
-                self.heal_links(cluster).await;
+                set && self.heal_links(cluster).await.timed_out > 0
             }
-        }
-        *self.injected.entry(fault).or_insert(0) += 1;
+        };
+        let tally = if took_effect {
+            &mut self.effective
+        } else {
+            eprintln!("nemesis: the {fault:?} round did not take effect");
+            &mut self.missed
+        };
+        *tally.entry(fault).or_insert(0) += 1;
     }
 }
 
@@ -333,7 +409,8 @@ struct RunSummary {
     ops: usize,
     ok: usize,
     unknown: usize,
-    injected: BTreeMap<Fault, u64>,
+    effective: BTreeMap<Fault, u64>,
+    missed: BTreeMap<Fault, u64>,
     reported: FaultReport,
 }
 
@@ -357,8 +434,13 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
 
     let mut nemesis = Nemesis::new(seed);
     let started = Instant::now();
-    // Runs at least `run_for`, and on until every kind of fault happened.
-    while started.elapsed() < run_for || !nemesis.injected_every_kind() {
+    // Runs at least `run_for`, and on until every kind of fault took effect
+    // `MIN_EACH` times (bounded: a kind that never takes effect fails the
+    // run below instead of running forever).
+    let rounds_cap = ALL_FAULTS.len() as u64 * MIN_EACH * 4;
+    let mut rounds = 0;
+    while (started.elapsed() < run_for || !nemesis.done()) && rounds < rounds_cap {
+        rounds += 1;
         nemesis.round(&mut cluster).await;
         // A quiet moment between faults, so progress is possible.
         let quiet = Duration::from_millis(nemesis.rng.random_range(200..600));
@@ -369,9 +451,18 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
         r.expect("a client task panicked");
     }
 
-    // Heal: every replica runs and answers, every link is whole.
+    // Heal: every replica runs and answers, every link is whole, and every
+    // replica votes (a wiped one has rejoined).
     nemesis.heal_links(&cluster).await;
     cluster.wait_for_leader(Duration::from_secs(20)).await;
+    kv_tests::wait_until(Duration::from_secs(30), "every replica votes", || async {
+        cluster
+            .statuses()
+            .await
+            .values()
+            .all(|s| s.as_ref().is_some_and(|s| s.standing == "voter"))
+    })
+    .await;
     let applied = cluster.max_applied().await;
     cluster
         .wait_applied_equal(applied, Duration::from_secs(30))
@@ -429,7 +520,8 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
         ops,
         ok,
         unknown,
-        injected: nemesis.injected,
+        effective: nemesis.effective,
+        missed: nemesis.missed,
         reported: nemesis.reported,
     }
 }
@@ -445,34 +537,28 @@ async fn history_under_every_kind_of_fault_is_linearizable() {
         let limit = run_for + Duration::from_secs(150);
         let s = bounded(limit, "a Jepsen run", run_seed(seed, run_for)).await;
         eprintln!(
-            "seed {seed}: {} operations checked ({} completed, {} unknown outcome); faults injected: {:?}; \
-             replicas counted {} dropped, {} delayed, {} timed-out messages and {} refused requests",
-            s.ops, s.ok, s.unknown, s.injected, s.reported.dropped, s.reported.delayed,
-            s.reported.timed_out, s.reported.refused
+            "seed {seed}: {} operations checked ({} completed, {} unknown outcome); faults that \
+             took effect: {:?}, that did not: {:?}; replicas counted {} dropped, {} delayed, {} \
+             timed-out messages and {} refused requests",
+            s.ops,
+            s.ok,
+            s.unknown,
+            s.effective,
+            s.missed,
+            s.reported.dropped,
+            s.reported.delayed,
+            s.reported.timed_out,
+            s.reported.refused
         );
         for kind in ALL_FAULTS {
             assert!(
-                s.injected.get(&kind).copied().unwrap_or(0) > 0,
-                "seed {seed}: no {kind:?} fault was injected ({:?})",
-                s.injected
+                s.effective.get(&kind).copied().unwrap_or(0) >= MIN_EACH,
+                "seed {seed}: {kind:?} took effect fewer than {MIN_EACH} times (took effect: \
+                 {:?}; did not: {:?})",
+                s.effective,
+                s.missed
             );
         }
-        assert!(
-            s.reported.dropped > 0,
-            "seed {seed}: no message was dropped"
-        );
-        assert!(
-            s.reported.delayed > 0,
-            "seed {seed}: no message was delayed"
-        );
-        assert!(
-            s.reported.timed_out > 0,
-            "seed {seed}: no call was timed out"
-        );
-        assert!(
-            s.reported.refused > 0,
-            "seed {seed}: no request was refused on a cut link"
-        );
         assert!(
             s.ok > 100,
             "seed {seed}: too few operations completed under faults ({}) to say much",
