@@ -34,9 +34,9 @@
 //! [`LOG_INTERVAL`] per listener, since the sender controls their rate.
 //!
 //! Tests lower the limits with the environment variable
-//! `KV_TEST_NET_LIMITS=connections=N,in_flight=N,idle_ms=N` (any subset),
-//! which applies to both ports and is logged as a warning. It is not a
-//! tuning knob.
+//! `KV_TEST_NET_LIMITS=connections=N,in_flight=N,idle_ms=N` (any subset; a
+//! name prefixed `client.` or `peer.` applies to that port only, the others
+//! to both). It is logged as a warning, and it is not a tuning knob.
 
 use std::future::Future;
 use std::io;
@@ -161,19 +161,27 @@ impl NetLimits {
             },
         };
         if let Ok(text) = std::env::var(TEST_LIMITS_ENV) {
-            l.apply_override(&text)
+            l.apply_override(port, &text)
                 .map_err(|e| ServerError::Config(format!("{TEST_LIMITS_ENV}={text:?}: {e}")))?;
             tracing::warn!(%port, limits = ?l, "network limits lowered by {TEST_LIMITS_ENV} (for tests only)");
         }
         Ok(l)
     }
 
-    /// Applies `connections=N,in_flight=N,idle_ms=N` (any subset).
-    fn apply_override(&mut self, text: &str) -> std::result::Result<(), String> {
+    /// Applies `connections=N,in_flight=N,idle_ms=N` (any subset; a name
+    /// may be prefixed `client.` or `peer.` to apply to that port only).
+    fn apply_override(&mut self, port: Port, text: &str) -> std::result::Result<(), String> {
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) = part
                 .split_once('=')
                 .ok_or_else(|| format!("{part:?} is not NAME=NUMBER"))?;
+            let name = match name.trim().split_once('.') {
+                Some(("client", rest)) if port == Port::Client => rest,
+                Some(("peer", rest)) if port == Port::Peer => rest,
+                Some(("client" | "peer", _)) => continue,
+                Some(_) => return Err(format!("{name:?}: the prefix must be client. or peer.")),
+                None => name,
+            };
             let n: u64 = value
                 .trim()
                 .parse()
@@ -926,14 +934,24 @@ mod tests {
     fn test_limits_override() {
         let mut l = NetLimits::for_port(Port::Client, &kv_api::Limits::default()).unwrap();
         assert_eq!(l.max_frame, 2 * 1024 * 1024 + 1024 + CLIENT_FRAME_HEADROOM);
-        l.apply_override("connections=3, idle_ms=500").unwrap();
+        l.apply_override(Port::Client, "connections=3, idle_ms=500")
+            .unwrap();
         assert_eq!(l.connections, 3);
         assert_eq!(l.idle, Duration::from_millis(500));
         assert_eq!(l.max_deadline, Duration::from_millis(500));
         assert_eq!(l.in_flight, MAX_IN_FLIGHT_PER_CONNECTION);
-        assert!(l.apply_override("connections=0").is_err());
-        assert!(l.apply_override("sockets=4").is_err());
-        assert!(l.apply_override("in_flight").is_err());
+        l.apply_override(Port::Client, "peer.in_flight=7,client.connections=9")
+            .unwrap();
+        assert_eq!(
+            (l.connections, l.in_flight),
+            (9, MAX_IN_FLIGHT_PER_CONNECTION)
+        );
+        assert!(l.apply_override(Port::Client, "connections=0").is_err());
+        assert!(l.apply_override(Port::Client, "sockets=4").is_err());
+        assert!(l.apply_override(Port::Client, "in_flight").is_err());
+        assert!(l
+            .apply_override(Port::Client, "server.in_flight=1")
+            .is_err());
     }
 
     /// A `Kv` service whose `status` waits until released, for holding
