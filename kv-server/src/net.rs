@@ -23,10 +23,10 @@
 //! |---|---|---|
 //! | frame, client port | `2 × max value + max key + 64 KiB` (~2 MiB) | connection closed |
 //! | frame, peer port | [`kv_api::MAX_FRAME`] | connection closed |
-//! | connections per listener | [`MAX_CLIENT_CONNECTIONS`], [`MAX_PEER_CONNECTIONS`] | new connections closed at once; one warning per [`LOG_INTERVAL`] |
-//! | requests in flight per connection | [`MAX_IN_FLIGHT_PER_CONNECTION`] | answered at once with tarpc's "throttled" error (`WouldBlock`), which the SDK retries with backoff |
-//! | idle connection | [`IDLE_TIMEOUT`] without a frame either way | closed |
-//! | request deadline | [`MAX_DEADLINE`] | clamped |
+//! | connections per listener | [`MAX_CLIENT_CONNECTIONS`] (1024), [`MAX_PEER_CONNECTIONS`] (128) | new connections closed at once; one warning per [`LOG_INTERVAL`] |
+//! | requests in flight per connection | [`MAX_IN_FLIGHT_PER_CONNECTION`] (1024) | answered at once with tarpc's "throttled" error (`WouldBlock`), which the SDK retries with backoff |
+//! | idle connection | [`IDLE_TIMEOUT`] (5 min) without a frame either way | closed |
+//! | request deadline | [`MAX_DEADLINE`] (10 s) | clamped |
 //!
 //! What a connection can pin is therefore bounded: its frame buffer, and
 //! its requests in flight, each until its (clamped) deadline. Malformed
@@ -83,11 +83,14 @@ pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// The longest deadline a request keeps: larger ones (up to u64::MAX
-/// seconds on the wire) are cut to this. A request holds its in-flight slot
-/// at most this long. Every legitimate call is far shorter (peer calls:
-/// the peer timeout, snapshot chunks ten times that; SDK calls: one second
-/// per attempt, `status` the client's budget).
-pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
+/// seconds on the wire) are cut to this. A request holds its in-flight slot,
+/// and its connection stays open after the client has gone, at most this
+/// long, so it bounds how long a client can pin a connection slot with
+/// requests that wait (on a cut link, an unreachable leader). Every
+/// legitimate wait is shorter: peer calls wait the peer timeout (0.5 s),
+/// snapshot chunks ten times that; the SDK gives each attempt one second;
+/// `status` and `set_faults` are answered at once.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Warnings about events a remote party controls the rate of (refused
 /// connections, malformed frames, accept errors) are logged at most once
