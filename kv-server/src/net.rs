@@ -609,19 +609,24 @@ impl Listener {
                 Ok(accepted) => accepted,
                 Err(e) => match accept_error(&e) {
                     AcceptError::Fatal => return e,
-                    kind => {
+                    AcceptError::Connection => {
+                        // That connection went away before it was accepted.
+                        tracing::debug!(port = %state.port, error = %e, "accept failed");
+                        continue;
+                    }
+                    AcceptError::Exhausted => {
                         if let Some(more) = state.accept_errors.allow() {
                             tracing::error!(
                                 port = %state.port,
                                 addr = %state.addr,
                                 error = %e,
                                 also_since_last_error = more,
-                                "accepting a connection failed"
+                                "cannot accept connections: out of file descriptors or \
+                                 memory (raise the descriptor limit, `ulimit -n`, above \
+                                 the connection limits)"
                             );
                         }
-                        if kind == AcceptError::Exhausted {
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },
@@ -1081,6 +1086,7 @@ mod tests {
     async fn connections_over_the_limit_are_closed_and_idle_ones_time_out() {
         let idle = Duration::from_millis(400);
         let (addr, _gate) = serve_held(small(2, 8, idle)).await;
+        let started = Instant::now();
         let mut held = Vec::new();
         for _ in 0..2 {
             held.push(TcpStream::connect(addr).await.unwrap());
@@ -1093,14 +1099,13 @@ mod tests {
             .expect("closed promptly");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         // The two held ones send nothing and are closed after `idle`.
-        let started = Instant::now();
         for mut s in held {
             let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
                 .await
                 .expect("closed when idle");
             assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         }
-        assert!(started.elapsed() >= idle - Duration::from_millis(100));
+        assert!(started.elapsed() >= idle);
         // Their slots are free again: a real client is served.
         kv_client(addr).await;
         let c = TcpStream::connect(addr).await.unwrap();
