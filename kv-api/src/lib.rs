@@ -275,8 +275,15 @@ pub struct FaultSpec {
     pub heal: bool,
 }
 
+/// The longest delay failure injection may put on one peer message, in
+/// milliseconds (one minute). Every delayed message is a task holding its
+/// message until it is sent, so delays of hours would only pile up memory;
+/// a minute is already far beyond any election or peer timeout.
+pub const MAX_FAULT_DELAY_MS: u64 = 60_000;
+
 impl FaultSpec {
-    /// Checks ranges: rates within 0..=1, delay min <= max.
+    /// Checks ranges: rates within 0..=1, delay min <= max <=
+    /// [`MAX_FAULT_DELAY_MS`].
     pub fn validate(&self) -> Result<(), KvError> {
         for (name, rate) in [
             ("drop rate", self.drop_rate),
@@ -294,6 +301,12 @@ impl FaultSpec {
             if lo > hi {
                 return Err(KvError::InvalidArgument(format!(
                     "the delay range {lo}..{hi} ms is empty (min above max)"
+                )));
+            }
+            if hi > MAX_FAULT_DELAY_MS {
+                return Err(KvError::InvalidArgument(format!(
+                    "the delay range {lo}..{hi} ms goes over the longest injected delay, \
+                     {MAX_FAULT_DELAY_MS} ms"
                 )));
             }
         }
@@ -372,6 +385,27 @@ mod tests {
             new: vec![],
         };
         assert!(l.check_op(&cas).is_err());
+    }
+
+    #[test]
+    fn fault_delays_are_bounded() {
+        let delay = |lo, hi| FaultSpec {
+            delay_ms: Some((lo, hi)),
+            ..Default::default()
+        };
+        assert!(delay(0, MAX_FAULT_DELAY_MS).validate().is_ok());
+        let e = delay(0, MAX_FAULT_DELAY_MS + 1).validate().unwrap_err();
+        assert!(
+            matches!(e, KvError::InvalidArgument(ref m) if m.contains("60000 ms")),
+            "{e}"
+        );
+        assert!(delay(u64::MAX, u64::MAX).validate().is_err());
+        assert!(delay(5, 4).validate().is_err());
+        let nan = FaultSpec {
+            drop_rate: Some(f64::NAN),
+            ..Default::default()
+        };
+        assert!(nan.validate().is_err());
     }
 
     #[test]

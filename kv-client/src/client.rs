@@ -455,6 +455,12 @@ where
     match tokio::time::timeout_at(deadline.into(), f(conn.client.clone(), ctx)).await {
         Ok(Ok(Ok(v))) => Attempt::Done(v),
         Ok(Ok(Err(e))) => Attempt::Refused(e),
+        Ok(Err(RpcError::Server(e))) if e.kind == std::io::ErrorKind::WouldBlock => {
+            // The replica has too many of this connection's requests in
+            // flight and refused this one unrun. The connection is fine;
+            // like "no quorum", this moves on with backoff.
+            Attempt::Refused(overloaded(addr, &e.detail))
+        }
         Ok(Err(e)) => {
             // Dropped connection, deadline, aborted request: the connection
             // may be dead or wedged; dial afresh next time.
@@ -466,6 +472,17 @@ where
             Attempt::CallFailed("no answer before the deadline".into())
         }
     }
+}
+
+/// What a throttled request is reported as: [`KvError::Unavailable`], which
+/// every caller already retries elsewhere and with backoff, and which tells
+/// a person what happened. (A variant of its own would say no more to a
+/// program: the request was not run, and retrying later is the answer.)
+fn overloaded(addr: &str, detail: &str) -> KvError {
+    KvError::Unavailable(format!(
+        "{addr} is overloaded: too many requests in flight on one connection \
+         (the replica said: {detail}); the request was not run"
+    ))
 }
 
 fn mismatch(addr: String, what: &str, got: &OpResult) -> Error {

@@ -6,8 +6,10 @@
 //!   round the list.
 //! - A `NotLeader` answer with a hint sends the next attempt to the hinted
 //!   address, which need not be in the list.
-//! - Connection errors, dropped connections, per-attempt deadlines and
-//!   "no leader / no quorum" answers move on to the next replica.
+//! - Connection errors, dropped connections, per-attempt deadlines,
+//!   "no leader / no quorum" answers and "overloaded" (a request the replica
+//!   throttled unrun, reported as `KvError::Unavailable`) move on to the
+//!   next replica.
 //! - After every full pass (as many attempts as there are replicas) without
 //!   success, wait a little: 20 ms, doubling up to 200 ms.
 //! - `InvalidArgument` is final.

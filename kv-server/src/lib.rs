@@ -12,12 +12,16 @@
 //! - `node` — the driver task that owns core, storage and state machine.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
-//! - [`run`] — starts one replica and serves until `shutdown` resolves.
+//! - `net` — listening, dialling, framing, and the limits on connections,
+//!   requests in flight, idle time and deadlines.
+//! - [`run`] — starts one replica and serves until `shutdown` resolves, or
+//!   fails if a listener stops.
 #![deny(missing_docs)]
 
 pub mod config;
 mod error;
 pub mod faults;
+mod net;
 mod node;
 pub mod paxos;
 mod peers;
@@ -34,6 +38,10 @@ pub use error::{Result, ServerError};
 /// Runs one replica until `shutdown` resolves: opens its data directory,
 /// rebuilds the map from disk, listens on its client and peer addresses, and
 /// takes part in consensus.
+///
+/// If either listener stops (its task returns or panics), the replica
+/// stops too and this returns [`ServerError::Internal`] naming it: a
+/// replica that cannot be reached must not look alive to a supervisor.
 pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -99,8 +107,12 @@ pub async fn run(
     );
     let (serve_kv, serve_peer) =
         rpc::listen(me.client_addr.clone(), me.peer_addr.clone(), handler).await?;
-    let kv_task = tokio::spawn(serve_kv);
-    let peer_task = tokio::spawn(serve_peer);
+    let listeners = Listeners {
+        kv: tokio::spawn(serve_kv),
+        kv_addr: me.client_addr.clone(),
+        peer: tokio::spawn(serve_peer),
+        peer_addr: me.peer_addr.clone(),
+    };
     tracing::info!(
         id = config.id,
         client = %me.client_addr,
@@ -126,8 +138,155 @@ pub async fn run(
         pool,
         tx,
     );
-    let result = node.run(rx, config.tick, shutdown).await;
-    kv_task.abort();
-    peer_task.abort();
-    result
+    let (listeners_ended, aborts) = listeners.watch();
+    let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
+    let result = node.run(rx, config.tick, stop).await;
+    for a in aborts {
+        a.abort();
+    }
+    match failed.await {
+        Ok(why) => Err(ServerError::Internal(why)),
+        Err(_) => result,
+    }
+}
+
+/// The two listener tasks of a running replica.
+struct Listeners {
+    kv: tokio::task::JoinHandle<std::io::Error>,
+    kv_addr: String,
+    peer: tokio::task::JoinHandle<std::io::Error>,
+    peer_addr: String,
+}
+
+impl Listeners {
+    /// A future that resolves, describing how, when either listener task
+    /// ends; and handles to stop both.
+    fn watch(
+        self,
+    ) -> (
+        impl std::future::Future<Output = String> + Send + 'static,
+        [tokio::task::AbortHandle; 2],
+    ) {
+        let aborts = [self.kv.abort_handle(), self.peer.abort_handle()];
+        let Listeners {
+            mut kv,
+            kv_addr,
+            mut peer,
+            peer_addr,
+        } = self;
+        let ended = async move { listener_end(&mut kv, &kv_addr, &mut peer, &peer_addr).await };
+        (ended, aborts)
+    }
+}
+
+/// The driver's stop signal: `shutdown`, or a listener ending. In the
+/// second case the replica stops as at a shutdown, the reason is logged as
+/// an error, and the receiver gets it (it is dropped unsent otherwise).
+fn stop_signal(
+    id: kv_api::ReplicaId,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    listener_ended: impl std::future::Future<Output = String> + Send,
+) -> (
+    impl std::future::Future<Output = ()> + Send,
+    tokio::sync::oneshot::Receiver<String>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            why = listener_ended => {
+                tracing::error!(id, "{why}; stopping the replica");
+                let _ = tx.send(why);
+            }
+        }
+    };
+    (stop, rx)
+}
+
+/// Resolves when either listener task ends, describing how. They never
+/// end by themselves while the replica runs.
+async fn listener_end(
+    kv: &mut tokio::task::JoinHandle<std::io::Error>,
+    kv_addr: &str,
+    peer: &mut tokio::task::JoinHandle<std::io::Error>,
+    peer_addr: &str,
+) -> String {
+    let (port, addr, ended) = tokio::select! {
+        r = kv => ("client", kv_addr, r),
+        r = peer => ("peer", peer_addr, r),
+    };
+    let how = match ended {
+        Ok(error) => format!("its socket failed: {error}"),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            format!("it panicked: {msg}")
+        }
+        Err(e) => format!("its task ended: {e}"),
+    };
+    format!("the {port} listener on {addr} stopped ({how})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn listeners(
+        kv: impl std::future::Future<Output = std::io::Error> + Send + 'static,
+    ) -> Listeners {
+        Listeners {
+            kv: tokio::spawn(kv),
+            kv_addr: "127.0.0.1:1".into(),
+            peer: tokio::spawn(std::future::pending()),
+            peer_addr: "127.0.0.1:2".into(),
+        }
+    }
+
+    /// The reason the replica was stopped with, if it was stopped by a
+    /// listener ending (within 5 s).
+    async fn stopped_by(l: Listeners, shutdown: bool) -> Option<String> {
+        let (ended, aborts) = l.watch();
+        let shutdown = async move {
+            if !shutdown {
+                std::future::pending::<()>().await;
+            }
+        };
+        let (stop, failed) = stop_signal(1, shutdown, ended);
+        tokio::time::timeout(Duration::from_secs(5), stop)
+            .await
+            .expect("the replica was told to stop");
+        for a in aborts {
+            a.abort();
+        }
+        failed.await.ok()
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_panics_or_returns_stops_the_replica_with_its_reason() {
+        let panicking = listeners(async {
+            tokio::task::yield_now().await;
+            panic!("boom in the accept loop")
+        });
+        let why = stopped_by(panicking, false).await.expect("a failure");
+        assert!(why.contains("client listener on 127.0.0.1:1"), "{why}");
+        assert!(why.contains("boom in the accept loop"), "{why}");
+
+        let returning = listeners(async { std::io::Error::other("socket gone") });
+        let why = stopped_by(returning, false).await.expect("a failure");
+        assert!(why.contains("socket gone"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_is_not_a_failure_and_stops_the_listeners() {
+        let l = listeners(std::future::pending());
+        let (kv, peer) = (l.kv.abort_handle(), l.peer.abort_handle());
+        assert_eq!(stopped_by(l, true).await, None);
+        tokio::task::yield_now().await;
+        assert!(kv.is_finished() && peer.is_finished());
+    }
 }

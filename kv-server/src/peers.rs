@@ -3,9 +3,15 @@
 //! itself), and a deadline on every call. Sending never blocks the caller:
 //! each message is its own task, so a dead or slow peer costs only its
 //! deadline and never delays the others.
+//!
+//! Those tasks are capped per peer ([`MAX_OUTGOING_PER_PEER`]): a peer that
+//! is slow, paused, or behind an injected delay cannot make a replica pile
+//! up sleeping tasks. A message over the cap is dropped and counted, which
+//! Paxos takes as a lost message (a leader retransmits unanswered accepts
+//! and heartbeats come again; a follower fetches again).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,12 +19,20 @@ use kv_api::{GetResponse, KvError, ReplicaId, WriteOutcome, WriteRequest};
 use kv_peer_api::{PeerClient, SnapshotChunk, SnapshotRequest};
 use tarpc::client::RpcError;
 use tarpc::context;
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::faults::{Fate, Faults};
+use crate::net;
 use crate::node::Input;
 use crate::paxos::Msg;
+
+/// Consensus messages to one peer in flight at once: delayed by failure
+/// injection, waiting for a connection, or awaiting the answer. In steady
+/// state a leader has a few accepts (at most `max_inflight` slots, plus
+/// retransmissions) and a heartbeat or two in flight per peer; a paused peer
+/// holds each until its deadline (the peer timeout), i.e. about ten
+/// heartbeats' worth. The cap leaves an order of magnitude over that.
+pub const MAX_OUTGOING_PER_PEER: usize = 256;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -31,6 +45,18 @@ struct Conn {
 struct PeerSlot {
     addr: String,
     state: Mutex<SlotState>,
+    /// Messages to this peer in flight (tasks of `send`).
+    outgoing: Arc<AtomicUsize>,
+}
+
+/// One message's place under [`MAX_OUTGOING_PER_PEER`], given back when
+/// its task ends, however it ends.
+struct OutgoingSlot(Arc<AtomicUsize>);
+
+impl Drop for OutgoingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct SlotState {
@@ -45,6 +71,10 @@ pub struct PeerPool {
     peers: HashMap<ReplicaId, PeerSlot>,
     timeout: Duration,
     faults: Arc<Faults>,
+    /// Messages dropped because their peer had [`MAX_OUTGOING_PER_PEER`]
+    /// in flight.
+    shed: AtomicU64,
+    shed_log: net::Throttle,
 }
 
 impl PeerPool {
@@ -71,12 +101,47 @@ impl PeerPool {
                                 retry_at: None,
                                 backoff: MIN_BACKOFF,
                             }),
+                            outgoing: Arc::new(AtomicUsize::new(0)),
                         },
                     )
                 })
                 .collect(),
             timeout,
+            shed: AtomicU64::new(0),
+            shed_log: net::Throttle::new(),
         }
+    }
+
+    /// A place for one more message to `to`, unless it has
+    /// [`MAX_OUTGOING_PER_PEER`] in flight (then the message is counted as
+    /// shed).
+    fn outgoing_slot(&self, to: ReplicaId) -> Option<OutgoingSlot> {
+        let slot = self.peers.get(&to)?;
+        let taken = slot
+            .outgoing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_OUTGOING_PER_PEER).then_some(n + 1)
+            });
+        if taken.is_ok() {
+            return Some(OutgoingSlot(slot.outgoing.clone()));
+        }
+        let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(more) = self.shed_log.allow() {
+            tracing::warn!(
+                peer = to,
+                limit = MAX_OUTGOING_PER_PEER,
+                shed_total = shed,
+                also_since_last_warning = more,
+                "dropping a message to a peer that has too many in flight (slow, paused or delayed)"
+            );
+        }
+        None
+    }
+
+    /// Messages dropped so far at [`MAX_OUTGOING_PER_PEER`].
+    #[cfg(test)]
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 
     /// A connected client for `id`, dialling if needed; `None` while the
@@ -94,19 +159,13 @@ impl PeerPool {
         if st.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        let dial = async {
-            let mut transport = tarpc::serde_transport::tcp::connect(&slot.addr, Bincode::default);
-            transport.config_mut().max_frame_length(kv_api::MAX_FRAME);
-            let transport = transport.await?;
-            // Small request/response messages: Nagle's algorithm against
-            // delayed ACKs would hold them ~40 ms.
-            transport.get_ref().set_nodelay(true)?;
-            Ok::<_, std::io::Error>(transport)
-        };
-        match tokio::time::timeout(self.timeout, dial).await {
-            Ok(Ok(transport)) => {
+        // The transport sets `broken` itself when the connection ends (the
+        // peer may close it when idle), so a dead one is redialled before
+        // a message is lost to it.
+        let broken = Arc::new(AtomicBool::new(false));
+        match net::dial(&slot.addr, self.timeout, broken.clone()).await {
+            Ok(transport) => {
                 let client = PeerClient::new(tarpc::client::Config::default(), transport).spawn();
-                let broken = Arc::new(AtomicBool::new(false));
                 st.conn = Some(Conn {
                     client: client.clone(),
                     broken: broken.clone(),
@@ -116,11 +175,7 @@ impl PeerPool {
                 tracing::debug!(peer = id, addr = %slot.addr, "connected to peer");
                 Some((client, broken))
             }
-            failure => {
-                let why = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timed out".to_string(),
-                };
+            Err(why) => {
                 tracing::debug!(peer = id, addr = %slot.addr, %why, "cannot reach peer");
                 st.retry_at = Some(Instant::now() + st.backoff);
                 st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
@@ -156,8 +211,12 @@ impl PeerPool {
     /// Sends a consensus message to `to` in the background; its reply, if
     /// one comes before the deadline, is fed back through `inputs`.
     pub fn send(self: &Arc<Self>, to: ReplicaId, msg: Msg, inputs: mpsc::Sender<Input>) {
+        let Some(place) = self.outgoing_slot(to) else {
+            return;
+        };
         let pool = self.clone();
         tokio::spawn(async move {
+            let _place = place;
             let deadline = Instant::now() + pool.timeout;
             if !pool.inject(to, deadline).await {
                 return;
@@ -280,5 +339,70 @@ fn rpc_failure(broken: &AtomicBool, to: ReplicaId, e: RpcError) -> KvError {
         ))
     } else {
         unreachable(to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_api::FaultSpec;
+    use kv_peer_api::{Ballot, Heartbeat};
+
+    impl PeerPool {
+        fn outgoing(&self, to: ReplicaId) -> usize {
+            self.peers[&to].outgoing.load(Ordering::Relaxed)
+        }
+    }
+
+    /// An address nothing listens on (bound, then released).
+    fn dead_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn messages_over_the_per_peer_cap_are_shed_and_places_come_back() {
+        // Every message sleeps in an injected delay first, as a message to
+        // a slow peer would wait for its answer.
+        let delay = FaultSpec {
+            delay_ms: Some((300, 300)),
+            ..Default::default()
+        };
+        let faults = Arc::new(Faults::new(&delay, 1));
+        let pool = Arc::new(PeerPool::new(
+            1,
+            [(2, dead_addr()), (3, dead_addr())],
+            Duration::from_millis(200),
+            faults,
+        ));
+        let (tx, _rx) = mpsc::channel(16);
+        let hb = Msg::Heartbeat(Heartbeat {
+            from: 1,
+            ballot: Ballot { round: 1, id: 1 },
+            chosen: 0,
+            round: 0,
+        });
+        for _ in 0..MAX_OUTGOING_PER_PEER + 10 {
+            pool.send(2, hb.clone(), tx.clone());
+        }
+        assert_eq!(pool.outgoing(2), MAX_OUTGOING_PER_PEER);
+        assert_eq!(pool.shed(), 10);
+        // Another peer has its own places.
+        pool.send(3, hb.clone(), tx.clone());
+        assert_eq!(pool.outgoing(3), 1);
+        assert_eq!(pool.shed(), 10);
+
+        // Each task gives its place back when it ends (here: the delay
+        // passes, the peer refuses the connection).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.outgoing(2) + pool.outgoing(3) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every message task ended and gave its place back");
+        pool.send(2, hb, tx);
+        assert_eq!(pool.outgoing(2), 1);
+        assert_eq!(pool.shed(), 10);
     }
 }

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::{future, StreamExt};
+use futures::StreamExt;
 use kv_api::{
     FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
     Route, WriteOutcome, WriteRequest,
@@ -17,19 +17,16 @@ use kv_peer_api::{
     ProbeReply, Promise, SnapshotChunk, SnapshotRequest,
 };
 use tarpc::context::Context;
-use tarpc::server::{BaseChannel, Channel};
-use tarpc::tokio_serde::formats::Bincode;
+use tarpc::server::Channel;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::faults::Faults;
+use crate::net::{Listener, NetLimits, Port};
 use crate::node::Input;
 use crate::paxos::Msg;
 use crate::peers::PeerPool;
 use crate::snapshot::SnapshotDir;
-use crate::{Result, ServerError};
-
-/// Connections served at once per listener; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 4096;
+use crate::Result;
 
 /// Largest snapshot chunk served, whatever is asked: bounds the memory a
 /// transfer takes on both sides and stays well under the frame limit.
@@ -326,47 +323,46 @@ impl Peer for Handler {
     }
 }
 
-macro_rules! serve_on {
-    ($addr:expr, $serve:expr) => {{
-        let addr: String = $addr;
-        let mut listener = tarpc::serde_transport::tcp::listen(&addr, Bincode::default)
-            .await
-            .map_err(|error| ServerError::Bind {
-                addr: addr.clone(),
-                error,
-            })?;
-        listener.config_mut().max_frame_length(kv_api::MAX_FRAME);
-        let serve = $serve;
-        async move {
-            listener
-                // A failed accept or handshake affects that connection only.
-                .filter_map(|r| future::ready(r.ok()))
-                .map(|transport| {
-                    // Small request/response messages: Nagle's algorithm
-                    // against delayed ACKs would hold them ~40 ms.
-                    let _ = transport.get_ref().set_nodelay(true);
-                    transport
-                })
-                .map(BaseChannel::with_defaults)
-                .map(|channel| {
-                    channel.execute(serve.clone()).for_each(|response| async {
-                        tokio::spawn(response);
-                    })
-                })
-                .buffer_unordered(MAX_CONNECTIONS)
-                .for_each(|_| async {})
-                .await
-        }
-    }};
-}
-
-/// Binds the client and peer listeners; returns the futures that serve them.
+/// Binds the client and peer listeners; returns the futures that serve
+/// them. Each connection is served in its own task (see [`crate::net`]);
+/// the futures end only if a listening socket breaks, with its error.
 pub async fn listen(
     client_addr: String,
     peer_addr: String,
     handler: Handler,
-) -> Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
-    let kv = serve_on!(client_addr, Kv::serve(handler.clone()));
-    let peer = serve_on!(peer_addr, Peer::serve(handler));
+) -> Result<(
+    impl Future<Output = std::io::Error>,
+    impl Future<Output = std::io::Error>,
+)> {
+    let client_limits = NetLimits::for_port(Port::Client, &handler.limits)?;
+    let peer_limits = NetLimits::for_port(Port::Peer, &handler.limits)?;
+    let kv = Listener::bind(client_addr, Port::Client, client_limits).await?;
+    let peer = Listener::bind(peer_addr, Port::Peer, peer_limits).await?;
+    // The service types are named here, not in `net`: spawning a request
+    // needs its future to be `Send`, which a generic `Serve` cannot promise.
+    let serve_kv = Kv::serve(handler.clone());
+    let kv = kv.run(move |conn| {
+        let serve = serve_kv.clone();
+        async move {
+            conn.channel()
+                .execute(serve)
+                .for_each(|response| async {
+                    tokio::spawn(response);
+                })
+                .await
+        }
+    });
+    let serve_peer = Peer::serve(handler);
+    let peer = peer.run(move |conn| {
+        let serve = serve_peer.clone();
+        async move {
+            conn.channel()
+                .execute(serve)
+                .for_each(|response| async {
+                    tokio::spawn(response);
+                })
+                .await
+        }
+    });
     Ok((kv, peer))
 }

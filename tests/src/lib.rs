@@ -936,3 +936,156 @@ pub async fn bounded<T>(timeout: Duration, what: &str, fut: impl Future<Output =
         Err(_) => panic!("{what} did not finish within {timeout:?}"),
     }
 }
+
+/// The replicas' wire format, byte by byte, for tests that send hostile or
+/// hand-made frames: a 4-byte big-endian length, then a tarpc
+/// `ClientMessage` in bincode's default options (varint integers).
+///
+/// The message types here mirror tarpc's field for field, but carry the
+/// deadline as the plain `Duration` it is on the wire, so that a test can
+/// send deadlines no `Instant` could hold (u64::MAX seconds).
+pub mod wire {
+    use std::time::Duration;
+
+    use bincode::Options;
+    use serde::{Deserialize, Serialize};
+
+    pub use kv_api::KvRequest;
+    pub use kv_peer_api::PeerRequest;
+
+    /// The bincode options of tarpc's `Bincode` codec (tokio-serde's
+    /// default: `bincode::DefaultOptions`).
+    pub fn options() -> impl Options + Copy {
+        bincode::DefaultOptions::new()
+    }
+
+    /// tarpc's `trace::Context` as sent.
+    #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct TraceContext {
+        /// tarpc's `TraceId`: a u128 sent as 16 little-endian bytes.
+        pub trace_id: [u8; 16],
+        /// tarpc's `SpanId`.
+        pub span_id: u64,
+        /// tarpc's `SamplingDecision` (0 sampled, 1 unsampled).
+        pub sampling_decision: SamplingDecision,
+    }
+
+    /// tarpc's `SamplingDecision`.
+    #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub enum SamplingDecision {
+        /// Sampled.
+        Sampled,
+        /// Not sampled.
+        #[default]
+        Unsampled,
+    }
+
+    /// tarpc's `context::Context` as sent: the deadline is relative.
+    #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Context {
+        /// Time left until the deadline.
+        pub deadline: Duration,
+        /// Tracing.
+        pub trace_context: TraceContext,
+    }
+
+    /// tarpc's `Request<T>`.
+    #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct Request<T> {
+        /// Deadline and tracing.
+        pub context: Context,
+        /// Unique per connection among requests in flight.
+        pub id: u64,
+        /// The service's request enum.
+        pub message: T,
+    }
+
+    /// tarpc's `ClientMessage<T>`.
+    #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub enum ClientMessage<T> {
+        /// A request.
+        Request(Request<T>),
+        /// Cancels request `request_id`.
+        Cancel {
+            /// Tracing.
+            trace_context: TraceContext,
+            /// The request to cancel.
+            request_id: u64,
+        },
+    }
+
+    /// `payload` behind its length prefix.
+    pub fn frame(payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("a test frame under 4 GiB");
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The payload of request `id` carrying `message` with `deadline` left.
+    pub fn request_payload<T: Serialize>(id: u64, deadline: Duration, message: T) -> Vec<u8> {
+        let msg = ClientMessage::Request(Request {
+            context: Context {
+                deadline,
+                trace_context: TraceContext::default(),
+            },
+            id,
+            message,
+        });
+        options()
+            .serialize(&msg)
+            .expect("a test message serializes")
+    }
+
+    /// A whole frame: request `id` carrying `message` with `deadline` left.
+    pub fn request_frame<T: Serialize>(id: u64, deadline: Duration, message: T) -> Vec<u8> {
+        frame(&request_payload(id, deadline, message))
+    }
+
+    /// The 15 bytes of issue 10, item 1: a `Request` whose deadline is
+    /// u64::MAX seconds, cut off right after it (tarpc panicked computing
+    /// `Instant::now() + deadline` before noticing the rest was missing).
+    pub const DEADLINE_OVERFLOW: [u8; 15] = [
+        0x00, 0x00, 0x00, 0x0b, 0x00, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00,
+    ];
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The mirror types must be tarpc's layout exactly, or the hostile
+        /// frames would test nothing: a message tarpc encodes decodes into
+        /// the mirror, and the hand-made 15 bytes are what the mirror makes.
+        #[test]
+        fn the_mirror_matches_tarpc_encoding() {
+            let mut ctx = tarpc::context::current();
+            ctx.deadline = std::time::Instant::now() + Duration::from_secs(7);
+            let real = tarpc::ClientMessage::Request(tarpc::Request {
+                context: ctx,
+                id: 42,
+                message: KvRequest::Status {},
+            });
+            let bytes = options().serialize(&real).unwrap();
+            let back: ClientMessage<KvRequest> = options().deserialize(&bytes).unwrap();
+            let ClientMessage::Request(r) = back else {
+                panic!("decoded as {back:?}");
+            };
+            assert_eq!(r.id, 42);
+            assert!(matches!(r.message, KvRequest::Status {}));
+            assert!(r.context.deadline > Duration::from_secs(6));
+            assert!(r.context.deadline <= Duration::from_secs(7));
+            // And the other way: the mirror's bytes are tarpc's.
+            let again = options()
+                .serialize(&ClientMessage::Request(Request {
+                    context: r.context,
+                    id: 42,
+                    message: KvRequest::Status {},
+                }))
+                .unwrap();
+            assert_eq!(again, bytes);
+
+            let head = request_payload(0, Duration::new(u64::MAX, 0), KvRequest::Status {});
+            assert_eq!(&DEADLINE_OVERFLOW[4..], &head[..11]);
+        }
+    }
+}
