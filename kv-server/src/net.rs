@@ -996,6 +996,8 @@ mod tests {
                 chosen: 0,
                 snapshot: 0,
                 keys: 0,
+                standing: "voter".into(),
+                snapshots_installed: 0,
             }
         }
         async fn set_faults(

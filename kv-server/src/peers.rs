@@ -381,6 +381,7 @@ mod tests {
             ballot: Ballot { round: 1, id: 1 },
             chosen: 0,
             round: 0,
+            term_start: 0,
         });
         for _ in 0..MAX_OUTGOING_PER_PEER + 10 {
             pool.send(2, hb.clone(), tx.clone());

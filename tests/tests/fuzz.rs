@@ -44,7 +44,8 @@ use std::time::{Duration, Instant};
 use bincode::Options;
 use kv_api::{FaultSpec, KvRequest, Op, ReadMode, ReplicaId, Route, WriteRequest};
 use kv_peer_api::{
-    Accept, Ballot, Fetch, Heartbeat, PeerClient, PeerRequest, Prepare, SnapshotRequest, Value,
+    Accept, Ballot, Fetch, Heartbeat, PeerClient, PeerRequest, Prepare, Probe, SnapshotRequest,
+    Value,
 };
 use kv_tests::{bounded, wire, Cluster};
 use rand::rngs::StdRng;
@@ -329,12 +330,13 @@ fn kv_message(rng: &mut StdRng) -> KvRequest {
 
 fn peer_message(rng: &mut StdRng) -> PeerRequest {
     let top = top_of_range();
-    match rng.random_range(0..7) {
+    match rng.random_range(0..8) {
         0 => PeerRequest::Prepare {
             req: Prepare {
                 from: extreme_u64(rng),
                 ballot: extreme_ballot(rng, top),
                 from_slot: extreme_u64(rng),
+                pre_vote: rng.random_bool(0.5),
             },
         },
         1 => PeerRequest::Accept {
@@ -363,6 +365,7 @@ fn peer_message(rng: &mut StdRng) -> PeerRequest {
                 ballot: extreme_ballot(rng, top),
                 chosen: extreme_u64(rng),
                 round: extreme_u64(rng),
+                term_start: extreme_u64(rng),
             },
         },
         3 => PeerRequest::Fetch {
@@ -391,6 +394,11 @@ fn peer_message(rng: &mut StdRng) -> PeerRequest {
         5 => PeerRequest::ForwardWrite {
             from: extreme_u64(rng),
             req: fuzz_write(rng),
+        },
+        6 => PeerRequest::Probe {
+            req: Probe {
+                from: extreme_u64(rng),
+            },
         },
         _ => PeerRequest::ForwardGet {
             from: extreme_u64(rng),
@@ -710,6 +718,7 @@ async fn forged_top_round_ballot_wedges_elections() {
                     id: leader,
                 },
                 from_slot: 1,
+                pre_vote: false,
             };
             let addr = cluster.peer_addr(id).to_string();
             send_peer_request(&addr, PeerRequest::Prepare { req: prepare }).await;
