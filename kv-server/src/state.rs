@@ -11,12 +11,69 @@ use serde::{Deserialize, Serialize};
 /// that many writes in flight is misbehaving).
 const MAX_RESULTS_PER_CLIENT: usize = 4096;
 
+/// Bytes of cached results kept per client, at most: a failed
+/// compare-and-swap caches the key's current value, up to 1 MiB, so a count
+/// alone would let one client hold gigabytes.
+const MAX_RESULT_BYTES_PER_CLIENT: u64 = 8 << 20;
+
 #[derive(Default, Debug, Clone, Serialize, Deserialize)]
 struct Session {
-    /// Every seq below this has been acknowledged to the client.
+    /// Every seq below this has been acknowledged to the client, or had its
+    /// result dropped for space: a request below it is answered `Stale`,
+    /// never applied.
     acked_below: u64,
     /// Results of applied writes with seq >= acked_below.
     results: BTreeMap<u64, WriteOutcome>,
+    /// What `results` hold, by [`result_bytes`]. Not in snapshots: counted
+    /// again by [`StateMachine::recount`].
+    #[serde(skip)]
+    result_bytes: u64,
+}
+
+impl Session {
+    /// Forgets the results below `seq` (acknowledged, or dropped for
+    /// space) and refuses them from now on.
+    fn forget_below(&mut self, seq: u64) {
+        if seq <= self.acked_below {
+            return;
+        }
+        self.acked_below = seq;
+        let kept = self.results.split_off(&seq);
+        for gone in std::mem::replace(&mut self.results, kept).values() {
+            self.result_bytes -= result_bytes(gone);
+        }
+    }
+
+    /// Caches a result, then drops the oldest ones beyond the count and
+    /// byte limits. Dropping one moves `acked_below` past it: with its
+    /// result gone, a late retry of it could no longer be recognised, and
+    /// must be refused rather than applied a second time.
+    fn remember(&mut self, seq: u64, outcome: WriteOutcome) {
+        self.result_bytes += result_bytes(&outcome);
+        if let Some(old) = self.results.insert(seq, outcome) {
+            self.result_bytes -= result_bytes(&old);
+        }
+        while self.results.len() > MAX_RESULTS_PER_CLIENT
+            || (self.result_bytes > MAX_RESULT_BYTES_PER_CLIENT && self.results.len() > 1)
+        {
+            let Some((&oldest, _)) = self.results.first_key_value() else {
+                break;
+            };
+            self.forget_below(oldest + 1);
+        }
+    }
+}
+
+/// What a cached result costs, roughly: the bytes it holds plus the map
+/// entry around it.
+fn result_bytes(o: &WriteOutcome) -> u64 {
+    let held = match &o.result {
+        OpResult::Cas {
+            current: Some(v), ..
+        } => v.len(),
+        _ => 0,
+    };
+    held as u64 + 64
 }
 
 /// The key-value map and the client sessions. Serializable: a snapshot is
@@ -51,6 +108,9 @@ impl StateMachine {
     /// Counts [`StateMachine::data_bytes`] from scratch (after decoding).
     pub fn recount(&mut self) {
         self.bytes = self.map.iter().map(|(k, v)| pair_len(k, v)).sum();
+        for s in self.sessions.values_mut() {
+            s.result_bytes = s.results.values().map(result_bytes).sum();
+        }
     }
 
     fn insert(&mut self, key: &[u8], value: &[u8]) {
@@ -85,10 +145,7 @@ impl StateMachine {
     /// Applies one write from `slot`, at most once per `(client_id, seq)`.
     pub fn apply(&mut self, slot: Slot, req: &WriteRequest) -> WriteOutcome {
         let session = self.sessions.entry(req.client_id).or_default();
-        if req.acked_below > session.acked_below {
-            session.acked_below = req.acked_below;
-            session.results = session.results.split_off(&req.acked_below);
-        }
+        session.forget_below(req.acked_below);
         if req.seq < session.acked_below {
             return WriteOutcome {
                 slot,
@@ -130,10 +187,7 @@ impl StateMachine {
         };
         let outcome = WriteOutcome { slot, result };
         let session = self.sessions.entry(req.client_id).or_default();
-        session.results.insert(req.seq, outcome.clone());
-        if session.results.len() > MAX_RESULTS_PER_CLIENT {
-            session.results.pop_first();
-        }
+        session.remember(req.seq, outcome.clone());
         outcome
     }
 }
@@ -225,6 +279,62 @@ mod tests {
         assert_eq!(copy.data_bytes(), 0, "not serialized");
         copy.recount();
         assert_eq!(copy.data_bytes(), 5);
+    }
+
+    #[test]
+    fn a_result_dropped_for_space_answers_its_retry_as_stale_and_is_not_applied_again() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(7, 1, put("k", "first")));
+        // The client never acknowledges: its session fills up and the
+        // oldest result (seq 1) is dropped to make room.
+        let last = MAX_RESULTS_PER_CLIENT as u64 + 1;
+        for seq in 2..=last {
+            sm.apply(seq, &req(7, seq, put("other", "x")));
+        }
+        assert!(sm.cached(7, 1).is_none(), "seq 1's result was dropped");
+        sm.apply(last + 1, &req(8, 1, put("k", "newer")));
+        let late = sm.apply(last + 2, &req(7, 1, put("k", "first")));
+        assert_eq!(late.result, OpResult::Stale);
+        assert_eq!(
+            sm.get(b"k").unwrap(),
+            b"newer",
+            "the late retry of seq 1 was applied a second time"
+        );
+    }
+
+    #[test]
+    fn cached_results_are_bounded_by_bytes_and_a_forgotten_one_is_stale() {
+        let mut sm = StateMachine::default();
+        let big = vec![b'v'; 1 << 20];
+        sm.apply(
+            1,
+            &req(
+                1,
+                1,
+                Op::Put {
+                    key: "k".into(),
+                    value: big.clone(),
+                },
+            ),
+        );
+        // Failed swaps each cache the current value (1 MiB); the client
+        // acknowledges none of them.
+        let failed_cas = Op::Cas {
+            key: "k".into(),
+            expected: Some("nope".into()),
+            new: "x".into(),
+        };
+        let n = 2 + MAX_RESULT_BYTES_PER_CLIENT / big.len() as u64;
+        for seq in 2..=n {
+            let r = sm.apply(seq, &req(7, seq, failed_cas.clone()));
+            assert!(matches!(r.result, OpResult::Cas { swapped: false, .. }));
+        }
+        assert!(sm.cached(7, 2).is_none(), "the oldest result was dropped");
+        assert!(sm.cached(7, n).is_some(), "the newest is kept");
+        assert_eq!(
+            sm.apply(n + 1, &req(7, 2, failed_cas)).result,
+            OpResult::Stale
+        );
     }
 
     #[test]
