@@ -193,6 +193,7 @@ impl Kv for Handler {
                 chosen: 0,
                 snapshot: 0,
                 keys: 0,
+                sessions: 0,
             })
     }
 }
