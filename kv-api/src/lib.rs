@@ -6,7 +6,8 @@
 //!
 //! - [`Kv`] — the service trait (one listener per replica, on its client address).
 //! - [`WriteRequest`], [`Op`], [`WriteOutcome`], [`OpResult`] — writes, which go
-//!   through the replicated log and are deduplicated by `(client_id, seq)`.
+//!   through the replicated log and are deduplicated by `(client_id, seq)`,
+//!   where `client_id` is a session the cluster opened ([`Op::OpenSession`]).
 //! - [`ReadMode`], [`GetResponse`] — reads, linearizable or local.
 //! - [`ReplicaStatus`] — what `status` reports about one replica.
 //! - [`KvError`] — every error a client can see, serializable.
@@ -50,13 +51,45 @@ pub enum Op {
         /// The value to store if the comparison holds.
         new: Vec<u8>,
     },
+    /// Opens a session: answered with [`OpResult::SessionOpened`] and the
+    /// id that the writes of the session then carry as `client_id`.
+    ///
+    /// Sent with `client_id` 0; `seq` and both fields are filled in by the
+    /// replica that proposes it (whatever a client puts there is ignored):
+    /// the session's idle timeout and the cap on open sessions travel in
+    /// the log with the open, so every replica applies the same limits
+    /// even if their `kv-server` flags differ.
+    ///
+    /// It is a write rather than a `Kv` method of its own because it must
+    /// take a place in the log like one: it then shares the write path
+    /// whole — forwarding by followers, batching, the leader's bookkeeping
+    /// of waiting clients, and the answer given when a leader steps down.
+    /// It is last among the variants so that log entries and snapshots
+    /// written before it existed still decode.
+    OpenSession {
+        /// Milliseconds of idleness (no write, as the log's clock counts)
+        /// after which the session expires.
+        ttl_ms: u64,
+        /// Opening it evicts the least recently used sessions beyond this
+        /// many.
+        max_sessions: u64,
+    },
 }
 
 impl Op {
-    /// The key this operation touches.
+    /// The key this operation touches (empty for [`Op::OpenSession`]).
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
+            Op::OpenSession { .. } => &[],
+        }
+    }
+
+    /// An open as a client sends it (the proposing replica fills it in).
+    pub fn open_session() -> Op {
+        Op::OpenSession {
+            ttl_ms: 0,
+            max_sessions: 0,
         }
     }
 
@@ -64,7 +97,7 @@ impl Op {
     pub fn payload_len(&self) -> usize {
         let values = match self {
             Op::Put { value, .. } => value.len(),
-            Op::Delete { .. } => 0,
+            Op::Delete { .. } | Op::OpenSession { .. } => 0,
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
         };
         self.key().len() + values
@@ -74,11 +107,17 @@ impl Op {
 /// A write as a client sends it. `(client_id, seq)` identifies it: the state
 /// machine applies a given pair at most once and answers retries with the
 /// first result, so a retry after a timeout is safe.
+///
+/// A write whose `client_id` is not a session the state machine knows
+/// (never opened, or expired, or evicted) is refused when its log entry is
+/// applied, with [`KvError::UnknownSession`], and not applied.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct WriteRequest {
-    /// A random identifier the client picks once (per session).
+    /// The session: the id an [`Op::OpenSession`] returned (0 in the open
+    /// itself). The cluster assigns it, so that two clients cannot share
+    /// one by accident.
     pub client_id: u64,
-    /// Increasing per client, starting at 1; a retry reuses the number.
+    /// Increasing per session, starting at 1; a retry reuses the number.
     pub seq: u64,
     /// The client has received the replies of every sequence number below
     /// this one, so the replicas may forget them. 0 or 1 mean "none yet".
@@ -105,9 +144,17 @@ pub enum OpResult {
         current: Option<Vec<u8>>,
     },
     /// The request's sequence number is below what the client already
-    /// acknowledged; its original result has been forgotten. A correct client
-    /// never sees this.
+    /// acknowledged, or its result was dropped to bound the session's
+    /// memory; the original result has been forgotten and the request was
+    /// not applied now. A client that keeps few writes in flight never
+    /// sees this.
     Stale,
+    /// A session was opened; its writes carry `session` as `client_id`.
+    SessionOpened {
+        /// The session's id: unique for the life of the cluster (derived
+        /// from the log position of the open), never 0.
+        session: u64,
+    },
 }
 
 /// A write's result and where it sits in the log.
@@ -158,6 +205,8 @@ pub struct ReplicaStatus {
     pub snapshot: Slot,
     /// Number of keys in its map.
     pub keys: u64,
+    /// Number of client sessions its state machine holds.
+    pub sessions: u64,
     /// Whether it votes: `voter`; `rejoining` (it lost its state and
     /// votes again once caught up with a newer leader); `unknown` (it
     /// started with an empty log and is asking its peers what they hold).
@@ -190,6 +239,13 @@ pub enum KvError {
     /// The operation did not finish in time; for a write the outcome is unknown.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The write's session is not one the cluster knows: never opened, or
+    /// expired after being idle, or evicted to bound the number of
+    /// sessions. This request was not applied; if it is a retry, an earlier
+    /// attempt may have been (its result is gone with the session). Open a
+    /// new session for new writes.
+    #[error("session {0} is unknown to the cluster (never opened, expired or evicted); this request was not applied")]
+    UnknownSession(u64),
 }
 
 /// Size limits on keys and values, checked by the client before sending and
@@ -241,10 +297,13 @@ impl Limits {
 
     /// Checks every key and value an operation carries.
     pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
+        if let Op::OpenSession { .. } = op {
+            return Ok(());
+        }
         self.check_key(op.key())?;
         match op {
             Op::Put { value, .. } => self.check_value(value),
-            Op::Delete { .. } => Ok(()),
+            Op::Delete { .. } | Op::OpenSession { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;
@@ -353,7 +412,8 @@ pub trait Kv {
     /// Applies a write through the replicated log and returns its result.
     /// A follower forwards it to the leader or redirects the client there,
     /// as `route` says. Retrying the same `(client_id, seq)` is safe: it is
-    /// applied at most once.
+    /// applied at most once. Sessions are opened through here too
+    /// ([`Op::OpenSession`]).
     async fn write(req: WriteRequest, route: Route) -> Result<WriteOutcome, KvError>;
     /// Reads a key, linearizably (through the leader: forwarded or
     /// redirected as `route` says) or locally.

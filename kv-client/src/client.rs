@@ -24,9 +24,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// that deadline arithmetic cannot overflow).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How many times one write opens a new session because the cluster no
+/// longer knew the one it was sent in, before giving up. More than once
+/// only if sessions are evicted faster than a write can use them.
+const MAX_REOPENS: usize = 3;
+
 /// A handle on a kvpaxos cluster. Cheap to clone (an `Arc` inside); clones
-/// share connections, the client id and the sequence numbers, so one
+/// share connections, the session and its sequence numbers, so one
 /// `Client` may serve many tasks at once.
+///
+/// Writes belong to a session that the cluster opens (through its log) on
+/// the client's first write and identifies with an id of its choosing, so
+/// no two clients — not even a process and its restarted self — can share
+/// one. If the cluster drops the session (idle longer than its TTL, or
+/// evicted by newer ones), a write that was certainly not applied is sent
+/// again in a new session; one that may have been applied fails with
+/// [`Error::OutcomeUnknown`].
 ///
 /// Each operation tries replicas in turn (starting with the one that last
 /// worked, following leader hints) until one completes it or the time budget
@@ -40,10 +53,14 @@ pub struct Client {
 struct Inner {
     addrs: Vec<String>,
     timeout: Duration,
-    client_id: u64,
     limits: Limits,
     follow_hints: bool,
-    seqs: Arc<SeqTracker>,
+    /// The session writes go to, once opened. A std Mutex, never held
+    /// across an await.
+    session: Mutex<Option<Arc<Session>>>,
+    /// Held while a session is being opened, so that concurrent first
+    /// writes open one, not one each.
+    opening: tokio::sync::Mutex<()>,
     pool: Pool,
     /// The address that last completed a write or a linearizable read: the
     /// leader, or a replica that forwards to it. A std Mutex, never held
@@ -51,12 +68,18 @@ struct Inner {
     preferred: Mutex<Option<String>>,
 }
 
+/// A session the cluster opened for this client, and its sequence numbers.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    seqs: Arc<SeqTracker>,
+}
+
 /// Configures a [`Client`]. Start with [`Client::builder`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
     addrs: Vec<String>,
     timeout: Duration,
-    client_id: Option<u64>,
     limits: Limits,
     follow_hints: bool,
 }
@@ -66,7 +89,6 @@ impl Default for ClientBuilder {
         ClientBuilder {
             addrs: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
-            client_id: None,
             limits: Limits::default(),
             follow_hints: true,
         }
@@ -102,13 +124,6 @@ impl ClientBuilder {
     /// (default 5 s, at most [`MAX_TIMEOUT`]).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
-        self
-    }
-
-    /// The client id that writes carry (default: random). Two clients must
-    /// never use the same id at the same time.
-    pub fn client_id(mut self, id: u64) -> Self {
-        self.client_id = Some(id);
         self
     }
 
@@ -154,18 +169,14 @@ impl ClientBuilder {
                 "the timeout must be above zero".into(),
             ));
         }
-        // Never 0, so that it cannot be mistaken for a "no client" marker.
-        let client_id = self
-            .client_id
-            .unwrap_or_else(|| rand::random::<u64>().max(1));
         Ok(Client {
             inner: Arc::new(Inner {
                 addrs,
                 timeout: self.timeout.min(MAX_TIMEOUT),
-                client_id,
                 limits: self.limits,
                 follow_hints: self.follow_hints,
-                seqs: SeqTracker::new(),
+                session: Mutex::new(None),
+                opening: tokio::sync::Mutex::new(()),
                 pool: Pool::default(),
                 preferred: Mutex::new(None),
             }),
@@ -181,15 +192,16 @@ fn invalid(e: KvError) -> Error {
 }
 
 impl Client {
-    /// A builder with the defaults: no addresses yet, 5 s timeout, random
-    /// client id, default limits.
+    /// A builder with the defaults: no addresses yet, 5 s timeout, default
+    /// limits.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
 
-    /// The id this client's writes carry.
-    pub fn client_id(&self) -> u64 {
-        self.inner.client_id
+    /// The session this client's writes now go to: `None` before the first
+    /// write (or after the cluster dropped it, until the next write).
+    pub fn session_id(&self) -> Option<u64> {
+        self.current_session().map(|s| s.id)
     }
 
     /// Sets `key` to `value`.
@@ -201,7 +213,7 @@ impl Client {
         let (outcome, addr) = self.write_op(op).await?;
         match outcome.result {
             OpResult::Put => Ok(()),
-            other => Err(mismatch(addr, "put", &other)),
+            other => Err(unexpected(addr, "put", &other)),
         }
     }
 
@@ -223,7 +235,7 @@ impl Client {
         let (outcome, addr) = self.write_op(op).await?;
         match outcome.result {
             OpResult::Deleted { existed } => Ok(existed),
-            other => Err(mismatch(addr, "delete", &other)),
+            other => Err(unexpected(addr, "delete", &other)),
         }
     }
 
@@ -243,17 +255,31 @@ impl Client {
         let (outcome, addr) = self.write_op(op).await?;
         match outcome.result {
             OpResult::Cas { swapped, current } => Ok(CasOutcome { swapped, current }),
-            other => Err(mismatch(addr, "compare-and-swap", &other)),
+            other => Err(unexpected(addr, "compare-and-swap", &other)),
         }
     }
 
-    /// Sends a write exactly as given: the caller picks `client_id`, `seq`
-    /// and `acked_below` (for tests of retries and deduplication). Limits are
-    /// checked first; the same failover and budget apply as for the other
-    /// operations, and every retry resends the same request.
+    /// Sends a write exactly as given: the caller picks `client_id` (a
+    /// session from [`Client::open_session`], or any number, to see it
+    /// refused), `seq` and `acked_below` — for tests of retries and
+    /// deduplication. Limits are checked first; the same failover and
+    /// budget apply as for the other operations, and every retry resends
+    /// the same request. A session the cluster does not know gives
+    /// [`Error::UnknownSession`] (not applied) or, if an earlier attempt
+    /// may have been applied, [`Error::OutcomeUnknown`]; nothing is opened
+    /// or resent in another session. The answer is returned as is
+    /// (`OpResult::Stale` included).
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome> {
         self.inner.limits.check_op(&req.op).map_err(invalid)?;
-        Ok(self.send_write(req).await?.0)
+        Ok(self.send_write(&req, self.inner.timeout).await?.0)
+    }
+
+    /// Opens a new session and returns its id, for [`Client::write`]; it
+    /// does not become this client's own session. Every call opens another
+    /// one (one log write); a retried open may leave an unused session
+    /// behind, which expires.
+    pub async fn open_session(&self) -> Result<u64> {
+        Ok(self.open(self.inner.timeout).await?.0)
     }
 
     /// Asks every replica for its status, in parallel, in the order the
@@ -359,27 +385,130 @@ impl Client {
         Ok(resp.value)
     }
 
-    /// Checks limits, takes a sequence number and sends the write; the
-    /// number stays outstanding (holding `acked_below` down) until this
-    /// returns.
+    /// Checks limits, then sends the write in this client's session
+    /// (opening one first if there is none), all within the client's
+    /// budget. A sequence number stays outstanding (holding `acked_below`
+    /// down) until its attempt returns. If the cluster answers that it
+    /// does not know the session, and no attempt may have been applied,
+    /// the write goes again in a new session.
     pub(crate) async fn write_op(&self, op: Op) -> Result<(WriteOutcome, String)> {
         self.inner.limits.check_op(&op).map_err(invalid)?;
-        let guard = self.inner.seqs.begin();
-        let req = WriteRequest {
-            client_id: self.inner.client_id,
-            seq: guard.seq(),
-            acked_below: self.inner.seqs.acked_below(),
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut req = WriteRequest {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
             op,
         };
-        let r = self.send_write(req).await;
-        drop(guard);
-        r
+        for _ in 0..=MAX_REOPENS {
+            let session = self.session(deadline).await?;
+            let guard = session.seqs.begin();
+            req.client_id = session.id;
+            req.seq = guard.seq();
+            req.acked_below = session.seqs.acked_below();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.send_write(&req, left).await {
+                Err(Error::UnknownSession(id)) => {
+                    tracing::debug!(session = id, "the cluster no longer knows the session");
+                    self.drop_session(id);
+                }
+                Ok((o, addr)) if o.result == OpResult::Stale => {
+                    return Err(Error::OutcomeUnknown(format!(
+                        "{addr}: the write's result was forgotten (it fell out of the \
+                         session's memory: too many writes in flight)"
+                    )))
+                }
+                other => return other,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "the cluster dropped each of {} sessions opened for this write before it \
+             arrived (sessions are evicted faster than they are used: too many clients \
+             for the cluster's --max-sessions); the write was not applied",
+            MAX_REOPENS + 1
+        )))
     }
 
-    async fn send_write(&self, req: WriteRequest) -> Result<(WriteOutcome, String)> {
+    fn current_session(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// This client's session, opened now if it has none.
+    async fn session(&self, deadline: Instant) -> Result<Arc<Session>> {
+        if let Some(s) = self.current_session() {
+            return Ok(s);
+        }
+        let not_opened = |e: Error| match e {
+            Error::InvalidArgument(_) => e,
+            e => Error::Unavailable(format!(
+                "could not open a session, so the write was not sent: {e}"
+            )),
+        };
+        let _opening = tokio::time::timeout_at(deadline.into(), self.inner.opening.lock())
+            .await
+            .map_err(|_| {
+                not_opened(Error::Timeout("another task's open took the budget".into()))
+            })?;
+        // Another task may have opened one while this one waited.
+        if let Some(s) = self.current_session() {
+            return Ok(s);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (id, _) = self.open(left).await.map_err(not_opened)?;
+        let session = Arc::new(Session {
+            id,
+            seqs: SeqTracker::new(),
+        });
+        *self
+            .inner
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(session.clone());
+        tracing::debug!(session = id, "session opened");
+        Ok(session)
+    }
+
+    /// Forgets session `id` if it is still the current one (another task
+    /// may have replaced it already).
+    fn drop_session(&self, id: u64) {
+        let mut s = self
+            .inner
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if s.as_ref().is_some_and(|s| s.id == id) {
+            *s = None;
+        }
+    }
+
+    /// Opens a session within `budget`: its id, and the replica that
+    /// answered.
+    async fn open(&self, budget: Duration) -> Result<(u64, String)> {
+        let req = WriteRequest {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
+            op: Op::open_session(),
+        };
+        let (outcome, addr) = self.send_write(&req, budget).await?;
+        match outcome.result {
+            OpResult::SessionOpened { session } if session != 0 => Ok((session, addr)),
+            other => Err(unexpected(addr, "session open", &other)),
+        }
+    }
+
+    async fn send_write(
+        &self,
+        req: &WriteRequest,
+        budget: Duration,
+    ) -> Result<(WriteOutcome, String)> {
         let route = self.route();
         let (outcome, addr) = self
-            .call(move |c, ctx| {
+            .call_within(budget, move |c, ctx| {
                 let req = req.clone();
                 async move { c.write(ctx, req, route).await }
             })
@@ -394,13 +523,22 @@ impl Client {
         F: Fn(KvClient, Context) -> Fut,
         Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
     {
+        self.call_within(self.inner.timeout, f).await
+    }
+
+    /// Runs one RPC with failover within `budget`.
+    async fn call_within<T, F, Fut>(&self, budget: Duration, f: F) -> Result<(T, String)>
+    where
+        F: Fn(KvClient, Context) -> Fut,
+        Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
+    {
         let start = self.preferred();
         let pool = &self.inner.pool;
         let f = &f;
         failover(
             &self.inner.addrs,
             start.as_deref(),
-            self.inner.timeout,
+            budget,
             self.inner.follow_hints,
             move |addr, deadline| async move { attempt(pool, &addr, deadline, f).await },
         )
@@ -485,7 +623,7 @@ fn overloaded(addr: &str, detail: &str) -> KvError {
     ))
 }
 
-fn mismatch(addr: String, what: &str, got: &OpResult) -> Error {
+fn unexpected(addr: String, what: &str, got: &OpResult) -> Error {
     Error::Protocol {
         addr,
         detail: format!("a {what} was answered with {got:?}"),
@@ -514,7 +652,7 @@ mod tests {
     }
 
     #[test]
-    fn build_dedups_addresses_clamps_the_timeout_and_picks_an_id() {
+    fn build_dedups_addresses_clamps_the_timeout_and_opens_no_session_yet() {
         let c = Client::builder()
             .addrs(vec!["a:1".into(), "b:2".into(), "a:1".into()])
             .timeout(Duration::MAX)
@@ -522,15 +660,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.inner.addrs, ["a:1", "b:2"]);
         assert_eq!(c.inner.timeout, MAX_TIMEOUT);
-        assert_ne!(c.client_id(), 0);
-        let d = Client::builder().addrs(vec!["a:1".into()]).build().unwrap();
-        assert_ne!(c.client_id(), d.client_id(), "random ids");
-        let e = Client::builder()
-            .addrs(vec!["a:1".into()])
-            .client_id(9)
-            .build()
-            .unwrap();
-        assert_eq!(e.client_id(), 9);
+        assert_eq!(c.session_id(), None, "opened on the first write");
     }
 
     #[test]

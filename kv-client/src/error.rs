@@ -2,9 +2,9 @@
 
 /// Everything an SDK operation can fail with.
 ///
-/// For writes, [`Error::Unavailable`] and [`Error::Timeout`] mean the outcome
-/// is unknown: the write may or may not have been applied. Retrying it with
-/// the same `(client_id, seq)` (see [`crate::Client::write`]) is safe.
+/// For writes, [`Error::Unavailable`], [`Error::Timeout`] and
+/// [`Error::OutcomeUnknown`] mean the outcome is unknown: the write may or
+/// may not have been applied ([`Error::outcome_unknown`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// The request is malformed or too large (checked before sending, or
@@ -13,7 +13,8 @@ pub enum Error {
     InvalidArgument(String),
     /// No replica could be reached: every attempt failed to connect during
     /// the whole time budget. Check that the replicas are running and that
-    /// the addresses are right.
+    /// the addresses are right. Also: no session could be opened for a
+    /// write (the message says why). Either way a write was not sent.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The operation did not complete within the time budget (replicas were
@@ -21,6 +22,20 @@ pub enum Error {
     /// unknown.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A write may or may not have been applied, and retrying cannot tell:
+    /// an earlier attempt may have been applied, but its result is gone —
+    /// its session expired (idle longer than the cluster's session TTL) or
+    /// was evicted (too many sessions), or the result fell out of the
+    /// session's bounded memory (too many writes in flight). Read the
+    /// data to find out.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The cluster does not know the session a [`crate::Client::write`]
+    /// (the raw API) named: never opened, expired or evicted. It was not
+    /// applied. The other operations handle this themselves (they open a
+    /// new session and send the write again).
+    #[error("session {0} is unknown to the cluster (never opened, expired or evicted); the write was not applied")]
+    UnknownSession(u64),
     /// A replica sent an answer that does not fit the request (for example a
     /// delete answered with a compare-and-swap result). This is a bug in the
     /// server or a version mismatch; for a write the outcome is unknown.
@@ -37,7 +52,7 @@ impl Error {
     /// Whether a write that failed with this error may nevertheless have
     /// been applied.
     pub fn outcome_unknown(&self) -> bool {
-        !matches!(self, Error::InvalidArgument(_))
+        !matches!(self, Error::InvalidArgument(_) | Error::UnknownSession(_))
     }
 }
 

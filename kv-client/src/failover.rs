@@ -13,6 +13,11 @@
 //! - After every full pass (as many attempts as there are replicas) without
 //!   success, wait a little: 20 ms, doubling up to 200 ms.
 //! - `InvalidArgument` is final.
+//! - `UnknownSession` is final: [`Error::UnknownSession`] if no earlier
+//!   attempt may have reached the log (so the write was certainly not
+//!   applied), else [`Error::OutcomeUnknown`] — an earlier attempt may have
+//!   been applied before the session was dropped, and its result went with
+//!   it.
 //! - Each attempt gets the remaining budget but at most [`MAX_ATTEMPT`], so a
 //!   frozen replica (one that accepts connections but never answers) costs
 //!   one second, not the whole budget.
@@ -127,6 +132,11 @@ where
     let deadline = Instant::now() + budget;
     let mut rotation = Rotation::new(addrs, start);
     let mut connected = false;
+    // Whether an attempt so far may have put the request into the log: a
+    // call that failed or timed out, or a replica that answered that it
+    // could not tell. Only "not the leader" (never proposed), "invalid"
+    // and no connection at all are certain.
+    let mut maybe_applied = false;
     let mut attempts = 0u32;
     let mut last = String::from("no attempt was made");
     loop {
@@ -150,12 +160,24 @@ where
             Attempt::CallFailed(e) => {
                 tracing::debug!(%addr, error = %e, "call failed");
                 connected = true;
+                maybe_applied = true;
                 last = format!("{addr}: {e}");
             }
             Attempt::Refused(KvError::InvalidArgument(m)) => return Err(Error::InvalidArgument(m)),
+            Attempt::Refused(e @ KvError::UnknownSession(id)) => {
+                return Err(if maybe_applied {
+                    Error::OutcomeUnknown(format!(
+                        "{addr}: {e}; an earlier attempt may have been applied, and its \
+                         result is gone with the session (last error before: {last})"
+                    ))
+                } else {
+                    Error::UnknownSession(id)
+                });
+            }
             Attempt::Refused(e) => {
                 tracing::debug!(%addr, error = %e, "replica refused");
                 connected = true;
+                maybe_applied |= !matches!(e, KvError::NotLeader(_));
                 if let KvError::NotLeader(Some(h)) = &e {
                     if follow_hints && h.addr != addr {
                         rotation.hint(&h.addr);
@@ -289,6 +311,43 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, Error::InvalidArgument("too big".into()));
         assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_session_is_final_and_says_whether_an_earlier_attempt_may_have_applied() {
+        let unknown = || Attempt::<()>::Refused(KvError::UnknownSession(9));
+        // Only certain refusals before it: the write was not applied.
+        let mut n = 0;
+        let e = failover(&addrs(3), None, Duration::from_secs(5), true, |a, _| {
+            n += 1;
+            async move {
+                match a.as_str() {
+                    "r1" => Attempt::NoConnection("refused".into()),
+                    "r2" => Attempt::Refused(KvError::NotLeader(None)),
+                    _ => unknown(),
+                }
+            }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e, Error::UnknownSession(9));
+        assert!(!e.outcome_unknown());
+        assert_eq!(n, 3, "final: not tried again");
+        // After a call that failed, it may have been applied.
+        for earlier in [
+            Attempt::CallFailed("connection reset".into()),
+            Attempt::Refused(KvError::Timeout("no quorum in time".into())),
+        ] {
+            let mut earlier = Some(earlier);
+            let e = failover(&addrs(2), None, Duration::from_secs(5), true, |_, _| {
+                let a = earlier.take().unwrap_or_else(unknown);
+                async move { a }
+            })
+            .await
+            .unwrap_err();
+            assert!(matches!(e, Error::OutcomeUnknown(_)), "{e}");
+            assert!(e.outcome_unknown());
+        }
     }
 
     #[tokio::test]

@@ -38,9 +38,15 @@
 //!
 //! - Keys and values are checked against [`kv_api::Limits`] before anything
 //!   is sent ([`Error::InvalidArgument`]).
-//! - Every write carries the client id and a sequence number unique to this
-//!   client; a retry (after a timeout, a dropped connection, or on another
+//! - Writes belong to a session the cluster opens for this client (through
+//!   its log, on the first write) and numbers itself, so no other client can
+//!   share it. Every write carries the session and a sequence number unique
+//!   in it; a retry (after a timeout, a dropped connection, or on another
 //!   replica) reuses the same number, so the cluster applies it at most once.
+//! - If the cluster dropped the session (idle longer than its TTL, or
+//!   evicted by newer ones), a write that was certainly not applied goes
+//!   again in a new session; one that may have been fails with
+//!   [`Error::OutcomeUnknown`].
 //! - Each operation has an overall budget (default 5 s). When it runs out the
 //!   error is [`Error::Unavailable`] if no replica ever accepted a connection,
 //!   otherwise [`Error::Timeout`]; for a write both mean "outcome unknown".
@@ -50,7 +56,7 @@
 //! - [`client`](Client) — `Client`, `ClientBuilder`, `CasOutcome`: the API.
 //! - `failover` — the retry policy (replica order, hints, backoff, budget).
 //! - `pool` — one cached tarpc connection per address, redialled on failure.
-//! - `seq` — sequence numbers and the `acked_below` watermark.
+//! - `seq` — a session's sequence numbers and the `acked_below` watermark.
 //! - [`escape`](escape_bytes) — showing byte strings as text.
 //! - [`cli`] — the `kv-client` command line: one-shot commands, `--output
 //!   json`, the `shell`, `fault` and the `bench` load generator.

@@ -1,9 +1,10 @@
 //! Sequence numbers of writes and the `acked_below` watermark.
 //!
 //! Every write a [`crate::Client`] sends carries a sequence number, unique
-//! and increasing per client id, so the replicas apply it at most once even
-//! when it is retried. The client also tells the replicas the lowest number
-//! it still waits for (`acked_below`): they may forget the results below it.
+//! and increasing per session (each session has a tracker of its own), so
+//! the replicas apply it at most once even when it is retried. The client
+//! also tells the replicas the lowest number it still waits for
+//! (`acked_below`): they may forget the results below it.
 //! The client is shared between tasks, so several writes may be outstanding
 //! at once and finish in any order; the watermark is the lowest of them.
 

@@ -1,10 +1,12 @@
 //! The SDK against fake replicas: in-process tarpc servers that implement
 //! `kv_api::Kv` with scripted behaviour (leader, follower with a hint,
 //! frozen, failing), on ports picked by the OS. They check what the SDK
-//! sends: which replica it tries, the sequence numbers of retries, the
-//! `acked_below` watermark, and that it stays within its time budget.
+//! sends: which replica it tries, the sessions it opens, the sequence
+//! numbers of retries, the `acked_below` watermark, and that it stays
+//! within its time budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,13 +34,24 @@ enum Mode {
     LoseReplies(usize),
     /// Refuses every write as invalid.
     Invalid,
+    /// Applies the write, then forgets its session (as if it expired just
+    /// after) and answers `Timeout`, as a leader whose reply was lost would.
+    ApplyForgetAndLoseReply,
 }
+
+/// Session ids the fakes hand out: shared, so that two fakes (a leader and
+/// its successor) never give the same one, as a real cluster would not.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1 << 20);
 
 #[derive(Default)]
 struct Shared {
     mode: Option<Mode>,
-    /// Every write request received, in order.
+    /// Every write request received, in order (session opens excepted).
     writes: Vec<WriteRequest>,
+    /// Session opens received.
+    opens: usize,
+    /// Sessions this fake no longer knows: their writes are refused.
+    forgotten: HashSet<u64>,
     /// The route asked for by every write and read, in order.
     routes: Vec<Route>,
     map: HashMap<Vec<u8>, Vec<u8>>,
@@ -69,10 +82,30 @@ impl Fake {
         self.shared.lock().unwrap().writes.clone()
     }
 
-    fn apply(&self, req: &WriteRequest) -> WriteOutcome {
+    fn opens(&self) -> usize {
+        self.shared.lock().unwrap().opens
+    }
+
+    fn forget(&self, session: u64) {
+        self.shared.lock().unwrap().forgotten.insert(session);
+    }
+
+    fn apply(&self, req: &WriteRequest) -> Result<WriteOutcome, KvError> {
         let mut s = self.shared.lock().unwrap();
+        if let Op::OpenSession { .. } = req.op {
+            s.slot += 1;
+            return Ok(WriteOutcome {
+                slot: s.slot,
+                result: OpResult::SessionOpened {
+                    session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+                },
+            });
+        }
+        if s.forgotten.contains(&req.client_id) {
+            return Err(KvError::UnknownSession(req.client_id));
+        }
         if let Some(o) = s.applied.get(&(req.client_id, req.seq)) {
-            return o.clone();
+            return Ok(o.clone());
         }
         s.slot += 1;
         let result = match &req.op {
@@ -93,13 +126,14 @@ impl Fake {
                     current: s.map.get(key).cloned(),
                 }
             }
+            Op::OpenSession { .. } => unreachable!("handled above"),
         };
         let outcome = WriteOutcome {
             slot: s.slot,
             result,
         };
         s.applied.insert((req.client_id, req.seq), outcome.clone());
-        outcome
+        Ok(outcome)
     }
 }
 
@@ -112,23 +146,35 @@ impl Kv for Fake {
     ) -> Result<WriteOutcome, KvError> {
         let hold = {
             let mut s = self.shared.lock().unwrap();
-            s.writes.push(req.clone());
+            if let Op::OpenSession { .. } = req.op {
+                s.opens += 1;
+            } else {
+                s.writes.push(req.clone());
+            }
             s.routes.push(route);
             s.hold.clone().filter(|(seq, _)| *seq == req.seq)
         };
         if let Some((_, notify)) = hold {
             notify.notified().await;
         }
+        let opening = matches!(req.op, Op::OpenSession { .. });
         match self.mode() {
-            Mode::Leader => Ok(self.apply(&req)),
+            Mode::Leader => self.apply(&req),
             Mode::Follower(hint) => Err(KvError::NotLeader(hint)),
             Mode::Hang => std::future::pending().await,
+            Mode::LoseReplies(_) | Mode::ApplyForgetAndLoseReply if opening => self.apply(&req),
             Mode::LoseReplies(n) => {
-                self.apply(&req);
+                let _ = self.apply(&req);
                 if n == 0 {
-                    return Ok(self.apply(&req));
+                    return self.apply(&req);
                 }
                 self.shared.lock().unwrap().mode = Some(Mode::LoseReplies(n - 1));
+                Err(KvError::Timeout("the reply was lost".into()))
+            }
+            Mode::ApplyForgetAndLoseReply => {
+                self.apply(&req)?;
+                self.forget(req.client_id);
+                self.shared.lock().unwrap().mode = Some(Mode::Leader);
                 Err(KvError::Timeout("the reply was lost".into()))
             }
             Mode::Invalid => Err(KvError::InvalidArgument("refused by the fake".into())),
@@ -182,6 +228,7 @@ impl Kv for Fake {
             chosen: s.slot,
             snapshot: 0,
             keys: s.map.len() as u64,
+            sessions: 0,
             standing: "voter".into(),
             snapshots_installed: 0,
         }
@@ -263,7 +310,6 @@ fn client(addrs: &[&str], timeout: Duration) -> Client {
     Client::builder()
         .addrs(addrs.iter().map(|a| a.to_string()).collect())
         .timeout(timeout)
-        .client_id(77)
         .build()
         .unwrap()
 }
@@ -285,8 +331,9 @@ async fn operations_round_trip_through_the_leader() {
     bounded(async {
         let leader = Replica::start(1, Mode::Leader).await;
         let c = client(&[&leader.addr], Duration::from_secs(5));
-        assert_eq!(c.client_id(), 77);
+        assert_eq!(c.session_id(), None);
         assert_eq!(c.get("k").await.unwrap(), None);
+        assert_eq!(leader.fake.opens(), 0, "reads need no session");
         c.put("k", "v1").await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), Some(b"v1".to_vec()));
         assert_eq!(c.get_local("k").await.unwrap(), Some(b"v1".to_vec()));
@@ -299,7 +346,10 @@ async fn operations_round_trip_through_the_leader() {
         assert!(!c.delete("k").await.unwrap());
         let o = c.cas("k", None, "v3").await.unwrap();
         assert!(o.swapped);
-        // Sequence numbers 1, 2, ... one per write, acked_below following.
+        // One session, opened before the first write; sequence numbers 1,
+        // 2, ... one per write, acked_below following.
+        assert_eq!(leader.fake.opens(), 1);
+        let s = c.session_id().expect("a session was opened");
         let seqs: Vec<(u64, u64, u64)> = leader
             .fake
             .writes()
@@ -309,12 +359,12 @@ async fn operations_round_trip_through_the_leader() {
         assert_eq!(
             seqs,
             [
-                (77, 1, 1),
-                (77, 2, 2),
-                (77, 3, 3),
-                (77, 4, 4),
-                (77, 5, 5),
-                (77, 6, 6)
+                (s, 1, 1),
+                (s, 2, 2),
+                (s, 3, 3),
+                (s, 4, 4),
+                (s, 5, 5),
+                (s, 6, 6)
             ]
         );
     })
@@ -332,14 +382,17 @@ async fn follows_the_leader_hint_then_starts_at_the_leader() {
             Duration::from_secs(5),
         );
         c.put("k", "v").await.unwrap();
-        assert_eq!(follower.fake.writes().len(), 1);
-        // The hint sent it straight to the leader, skipping `other`.
-        assert_eq!(other.fake.writes().len(), 0);
+        // The first write (the session's open) met the follower, whose
+        // hint sent it straight to the leader, skipping `other`.
+        assert_eq!(follower.fake.opens(), 1);
+        assert_eq!(follower.fake.writes().len(), 0);
+        assert_eq!(other.fake.opens() + other.fake.writes().len(), 0);
+        assert_eq!(leader.fake.opens(), 1);
         assert_eq!(leader.fake.writes().len(), 1);
         c.put("k", "w").await.unwrap();
         assert_eq!(
             follower.fake.writes().len(),
-            1,
+            0,
             "the leader should be tried first now"
         );
         assert_eq!(leader.fake.writes().len(), 2);
@@ -350,6 +403,7 @@ async fn follows_the_leader_hint_then_starts_at_the_leader() {
         assert_eq!(leader.fake.writes().len(), 3);
         assert_eq!(other.fake.writes().len(), 1);
         assert_eq!(other.fake.writes()[0].seq, 3);
+        assert_eq!(other.fake.opens(), 0, "the same session goes on");
         assert_eq!(c.get("k").await.unwrap(), Some(b"x".to_vec()));
     })
     .await
@@ -370,21 +424,25 @@ async fn a_hint_to_an_unlisted_address_is_followed() {
 #[tokio::test]
 async fn retry_after_a_frozen_replica_reuses_the_seq_on_another_replica() {
     bounded(async {
-        let frozen = Replica::start(1, Mode::Hang).await;
+        let frozen = Replica::start(1, Mode::Leader).await;
         let leader = Replica::start(2, Mode::Leader).await;
         let c = client(&[&frozen.addr, &leader.addr], Duration::from_secs(5));
-        let started = Instant::now();
+        // The session is opened, and the first write done, at replica 1,
+        // which then freezes.
         c.put("k", "v").await.unwrap();
+        frozen.set_mode(Mode::Hang);
+        let started = Instant::now();
+        c.put("k", "w").await.unwrap();
         let took = started.elapsed();
         // One capped attempt (about 1 s) at the frozen replica, not the
         // whole budget.
         assert!(took >= Duration::from_millis(900), "{took:?}");
         assert!(took < Duration::from_millis(2500), "{took:?}");
         let (a, b) = (frozen.fake.writes(), leader.fake.writes());
-        assert_eq!(a.len(), 1);
+        assert_eq!(a.len(), 2);
         assert_eq!(b.len(), 1);
-        assert_eq!(a[0], b[0], "the retry must be the very same request");
-        assert_eq!((b[0].client_id, b[0].seq), (77, 1));
+        assert_eq!(a[1], b[0], "the retry must be the very same request");
+        assert_eq!((b[0].client_id, b[0].seq), (c.session_id().unwrap(), 2));
     })
     .await
 }
@@ -397,8 +455,13 @@ async fn a_lost_reply_is_retried_with_the_same_seq_and_applied_once() {
         c.put("k", "v").await.unwrap();
         let w = leader.fake.writes();
         assert_eq!(w.len(), 3);
-        assert!(w.iter().all(|r| r.seq == 1 && r.client_id == 77));
-        assert_eq!(leader.fake.shared.lock().unwrap().slot, 1, "applied once");
+        let s = c.session_id().unwrap();
+        assert!(w.iter().all(|r| r.seq == 1 && r.client_id == s));
+        assert_eq!(
+            leader.fake.shared.lock().unwrap().slot,
+            2,
+            "the open and the put, applied once"
+        );
         // The next write gets the next number.
         c.put("k", "w").await.unwrap();
         assert_eq!(leader.fake.writes().last().unwrap().seq, 2);
@@ -468,6 +531,7 @@ async fn invalid_input_is_refused_before_anything_is_sent() {
             assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         }
         assert!(leader.fake.writes().is_empty());
+        assert_eq!(leader.fake.opens(), 0, "not even a session");
         // A 1 MiB value is within the limit and goes through.
         c.put("k", vec![7u8; 1 << 20]).await.unwrap();
     })
@@ -508,6 +572,85 @@ async fn raw_write_sends_the_callers_numbers() {
         let again = c.write(req.clone()).await.unwrap();
         assert_eq!(first, again, "deduplicated by the fake");
         assert_eq!(leader.fake.writes(), [req.clone(), req]);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_write_refused_for_an_unknown_session_goes_again_in_a_new_one() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::Leader).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        c.put("k", "v").await.unwrap();
+        let first = c.session_id().unwrap();
+        // The cluster drops the session (it expired while the client idled).
+        leader.fake.forget(first);
+        c.put("k", "w").await.unwrap();
+        let second = c.session_id().unwrap();
+        assert_ne!(second, first);
+        assert_eq!(leader.fake.opens(), 2);
+        let sent: Vec<(u64, u64)> = leader
+            .fake
+            .writes()
+            .iter()
+            .map(|w| (w.client_id, w.seq))
+            .collect();
+        // Refused in the old session, so certainly not applied: sent again
+        // in the new one, its numbers starting over.
+        assert_eq!(sent, [(first, 1), (first, 2), (second, 1)]);
+        assert_eq!(c.get("k").await.unwrap(), Some(b"w".to_vec()));
+        // The raw API reports the refusal instead.
+        let e = c
+            .write(WriteRequest {
+                client_id: first,
+                seq: 3,
+                acked_below: 0,
+                op: Op::Delete { key: b"k".to_vec() },
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e, Error::UnknownSession(first));
+        assert!(!e.outcome_unknown());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_retry_refused_for_an_unknown_session_is_an_unknown_outcome_not_sent_again() {
+    bounded(async {
+        let leader = Replica::start(1, Mode::ApplyForgetAndLoseReply).await;
+        let c = client(&[&leader.addr], Duration::from_secs(5));
+        // Applied, then the session is dropped and the reply lost: the
+        // retry is refused, and the SDK cannot know whether the first
+        // attempt was applied (here it was), so it must not send the write
+        // again in a new session.
+        let e = c.put("k", "v").await.unwrap_err();
+        assert!(matches!(e, Error::OutcomeUnknown(_)), "{e}");
+        assert!(e.outcome_unknown());
+        let w = leader.fake.writes();
+        assert_eq!(w.len(), 2, "the first attempt and its retry, nothing more");
+        assert_eq!(w[0], w[1]);
+        assert_eq!(leader.fake.opens(), 1);
+        // The next write opens a new session and goes through.
+        c.put("k", "w").await.unwrap();
+        assert_eq!(leader.fake.opens(), 2);
+        assert_eq!(c.get("k").await.unwrap(), Some(b"w".to_vec()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_that_cannot_be_opened_means_the_write_was_not_sent() {
+    bounded(async {
+        let r = Replica::start(1, Mode::Follower(None)).await;
+        let c = client(&[&r.addr], Duration::from_millis(300));
+        let e = c.put("k", "v").await.unwrap_err();
+        assert!(
+            matches!(e, Error::Unavailable(ref m) if m.contains("not sent")),
+            "{e}"
+        );
+        assert!(r.fake.writes().is_empty());
+        assert!(r.fake.opens() >= 1);
     })
     .await
 }
@@ -562,6 +705,7 @@ async fn reconnects_after_the_replica_restarts() {
         c.put("k", "w").await.unwrap();
         assert_eq!(restarted.fake.writes().len(), 1);
         assert_eq!(restarted.fake.writes()[0].seq, 2);
+        assert_eq!(restarted.fake.opens(), 0, "the cluster keeps the session");
     })
     .await
 }
@@ -623,6 +767,11 @@ async fn the_client_is_shared_between_tasks() {
         let mut seqs: Vec<u64> = leader.fake.writes().iter().map(|w| w.seq).collect();
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        assert_eq!(
+            leader.fake.opens(),
+            1,
+            "twenty first writes at once open one session"
+        );
         fn assert_send_sync<T: Send + Sync + Clone>() {}
         assert_send_sync::<Client>();
     })
@@ -640,16 +789,15 @@ async fn without_follow_hints_only_the_given_address_is_used() {
             .follow_hints(false)
             .build()
             .unwrap();
+        // Its first write is the session's open, which cannot be done:
+        // the write is not sent.
         let e = c.put("k", "v").await.unwrap_err();
         assert!(
-            matches!(e, Error::Timeout(ref m) if m.contains(&leader.addr)),
+            matches!(e, Error::Unavailable(ref m) if m.contains(&leader.addr)),
             "{e}"
         );
-        assert!(leader.fake.writes().is_empty());
-        assert!(
-            follower.fake.writes().len() >= 2,
-            "retried at the same replica"
-        );
+        assert_eq!(leader.fake.opens() + leader.fake.writes().len(), 0);
+        assert!(follower.fake.opens() >= 2, "retried at the same replica");
     })
     .await
 }
@@ -679,11 +827,11 @@ async fn a_client_following_hints_is_redirected_to_the_leader_and_stays_there() 
         c.put("k", "v").await.unwrap();
         c.put("k", "w").await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), Some(b"w".to_vec()));
-        // Only the first request met the follower: it asked to be
-        // redirected rather than forwarded, and every later one went to the
-        // leader directly.
+        // Only the first request (the session's open) met the follower: it
+        // asked to be redirected rather than forwarded, and every later one
+        // went to the leader directly.
         assert_eq!(follower.routes(), [Route::Redirect]);
-        assert_eq!(leader.routes(), [Route::Redirect; 3]);
+        assert_eq!(leader.routes(), [Route::Redirect; 4]);
 
         // A client told to stay with one replica asks it to forward.
         let pinned = Client::builder()

@@ -1401,6 +1401,7 @@ mod tests {
             chosen: 7,
             snapshot: 0,
             keys: 1,
+            sessions: 0,
             standing: "voter".into(),
             snapshots_installed: 0,
         }

@@ -31,6 +31,13 @@ pub struct ServerConfig {
     pub faults: kv_api::FaultSpec,
     /// Seed of the failure injector's random choices (`None`: random, logged).
     pub fault_seed: Option<u64>,
+    /// A client session idle (no write) for longer than this expires. Goes
+    /// into the log with each session this replica opens as leader, so
+    /// replicas with different settings still agree.
+    pub session_ttl: Duration,
+    /// Opening a session beyond this many evicts the least recently used
+    /// (into the log like `session_ttl`).
+    pub max_sessions: u64,
 }
 
 impl ServerConfig {
@@ -46,6 +53,8 @@ impl ServerConfig {
             snapshot_every: 10_000,
             faults: kv_api::FaultSpec::default(),
             fault_seed: None,
+            session_ttl: Duration::from_millis(crate::state::DEFAULT_SESSION_TTL_MS),
+            max_sessions: crate::state::DEFAULT_MAX_SESSIONS,
         }
     }
 
@@ -73,6 +82,11 @@ impl ServerConfig {
         self.faults
             .validate()
             .map_err(|e| ServerError::Config(e.to_string()))?;
+        if self.session_ttl < Duration::from_millis(1) || self.max_sessions == 0 {
+            return Err(ServerError::Config(
+                "--session-ttl must be at least 1 ms and --max-sessions at least 1".into(),
+            ));
+        }
         if self.tick.is_zero() || self.peer_timeout.is_zero() {
             return Err(ServerError::Config(
                 "tick and peer timeout must be positive".into(),

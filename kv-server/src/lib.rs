@@ -8,7 +8,8 @@
 //!   to persist, messages to send and entries to apply out.
 //! - [`storage`] — the acceptor's durable state in a write-ahead log, one synced
 //!   transaction per round (group commit).
-//! - [`state`] — the key-value map and per-client deduplication.
+//! - [`state`] — the key-value map and the client sessions (deduplication,
+//!   expiry by the log's clock).
 //! - `node` — the driver task that owns core, storage and state machine.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
@@ -137,7 +138,8 @@ pub async fn run(
         config.replicas.clone(),
         pool,
         tx,
-    );
+    )
+    .sessions(config.session_ttl, config.max_sessions);
     let (listeners_ended, aborts) = listeners.watch();
     let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
     let result = node.run(rx, config.tick, stop).await;

@@ -122,6 +122,20 @@ struct Cli {
     #[arg(long, value_name = "S")]
     fault_seed: Option<u64>,
 
+    /// A client session idle (no write) for longer than this many seconds
+    /// (fractions allowed) expires; a client's later write in it is refused
+    /// and the SDK opens a new one. Idle time is measured by the log's
+    /// clock, which the leader advances once a second. Taken from the
+    /// replica that leads when the session is opened.
+    #[arg(long, value_name = "SECS", default_value = "1800", value_parser = parse_secs)]
+    session_ttl: Duration,
+
+    /// Keep at most this many client sessions: opening one more evicts the
+    /// least recently used. Taken from the replica that leads when a
+    /// session is opened.
+    #[arg(long, value_name = "N", default_value_t = kv_server::state::DEFAULT_MAX_SESSIONS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: u64,
+
     /// Stop when standard input reaches end-of-file. `cluster` passes this
     /// to its children (with a pipe as stdin) so that they stop even if the
     /// supervisor itself is killed with SIGKILL.
@@ -340,6 +354,8 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                 snapshot_every: cli.snapshot_every,
                 faults,
                 fault_seed: cli.fault_seed,
+                session_ttl: cli.session_ttl,
+                max_sessions: cli.max_sessions,
             };
             run_replica(id, cli.replicas, cli.data_dir, tuning, shutdown).await
         }
@@ -351,6 +367,20 @@ struct Tuning {
     snapshot_every: u64,
     faults: kv_api::FaultSpec,
     fault_seed: Option<u64>,
+    session_ttl: Duration,
+    max_sessions: u64,
+}
+
+/// Seconds, fractions allowed, from 1 ms to 30 days.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, e.g. 1800 or 1.5, not {s:?}"))?;
+    if !(0.001..=30.0 * 24.0 * 3600.0).contains(&secs) {
+        return Err(format!("{s} s is out of range (from 0.001 s to 30 days)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// `MIN..MAX` (inclusive), e.g. `5..50`.
@@ -385,6 +415,8 @@ async fn run_replica(
     config.snapshot_every = tuning.snapshot_every;
     config.faults = tuning.faults;
     config.fault_seed = tuning.fault_seed;
+    config.session_ttl = tuning.session_ttl;
+    config.max_sessions = tuning.max_sessions;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         tracing::info!(

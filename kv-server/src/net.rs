@@ -996,6 +996,7 @@ mod tests {
                 chosen: 0,
                 snapshot: 0,
                 keys: 0,
+                sessions: 0,
                 standing: "voter".into(),
                 snapshots_installed: 0,
             }

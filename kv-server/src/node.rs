@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use kv_api::replicas::Replicas;
 use kv_api::{
-    GetResponse, KvError, LeaderHint, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
+    GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
     WriteRequest,
 };
 use kv_peer_api::{Slot, SnapshotRequest, Value};
@@ -24,7 +24,7 @@ use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::rpc::MAX_SNAPSHOT_CHUNK;
 use crate::snapshot::SnapshotDir;
-use crate::state::StateMachine;
+use crate::state::{StateMachine, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS};
 use crate::storage::Storage;
 use crate::{Result, ServerError};
 
@@ -54,6 +54,14 @@ const MIN_LOG_BYTES: u64 = 64 << 20;
 
 /// Capacity of the driver's input queue.
 pub const INPUT_QUEUE: usize = 16 * 1024;
+
+/// How often a leader puts its clock into the log (`Value::Time`) while
+/// the state machine holds sessions, which is what session expiry is
+/// decided by. Once a second makes expiry late by at most a second against
+/// TTLs of minutes and costs one small log entry a second — nothing next to
+/// a write load — and a cluster without sessions writes none. While no
+/// majority can be reached, no reading is chosen and nothing expires.
+const TIME_EVERY: Duration = Duration::from_secs(1);
 
 /// Replies to a client write.
 pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
@@ -137,6 +145,11 @@ pub struct Node {
     next_token: u64,
     ticks: u64,
     snapshots: Snapshots,
+    /// What this replica writes into the opens it proposes.
+    session_ttl_ms: u64,
+    max_sessions: u64,
+    /// When this replica last proposed a time reading.
+    time_proposed: Option<Instant>,
 }
 
 impl Node {
@@ -163,7 +176,20 @@ impl Node {
             reads: HashMap::new(),
             next_token: 0,
             ticks: 0,
+            session_ttl_ms: DEFAULT_SESSION_TTL_MS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            time_proposed: None,
         }
+    }
+
+    /// The idle timeout and the session cap this replica writes into the
+    /// opens it proposes as leader (defaults: [`DEFAULT_SESSION_TTL_MS`],
+    /// [`DEFAULT_MAX_SESSIONS`]). They take effect through the log, so
+    /// replicas started with different values still agree.
+    pub fn sessions(mut self, ttl: Duration, max_sessions: u64) -> Node {
+        self.session_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.max_sessions = max_sessions.max(1);
+        self
     }
 
     /// Serves inputs until `shutdown` resolves or a storage failure makes
@@ -202,6 +228,7 @@ impl Node {
 
     fn tick(&mut self) {
         self.core.tick();
+        self.propose_time();
         self.ticks += 1;
         if self.ticks.is_multiple_of(SWEEP_TICKS) {
             self.waiters.retain(|_, v| {
@@ -209,6 +236,47 @@ impl Node {
                 !v.is_empty()
             });
         }
+    }
+
+    /// As leader, puts this replica's clock into the log every
+    /// [`TIME_EVERY`] while it matters: while there are sessions to expire,
+    /// or while the log still holds only entries from before sessions (the
+    /// first reading ends that mode; see `state`). Only the log's readings
+    /// decide anything; this clock is never consulted elsewhere.
+    fn propose_time(&mut self) {
+        if !self.core.is_leader()
+            || self.time_proposed.is_some_and(|t| t.elapsed() < TIME_EVERY)
+            || (self.sm.session_count() == 0 && self.sm.sessions_required())
+        {
+            return;
+        }
+        let Ok(since_epoch) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else {
+            return;
+        };
+        let ms = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+        if self.core.propose_time(ms) {
+            self.time_proposed = Some(Instant::now());
+        }
+    }
+
+    /// Prepares an open for the log: the limits this replica was given,
+    /// and a token of its own in `seq` by which its answer finds the
+    /// waiting client. The token is drawn here, not taken from the client,
+    /// so that no two clients (even ones with the same random seed) can
+    /// be handed the same session.
+    fn prepare_open(&mut self, req: &mut WriteRequest) {
+        req.client_id = 0;
+        req.acked_below = 0;
+        req.op = Op::OpenSession {
+            ttl_ms: self.session_ttl_ms,
+            max_sessions: self.max_sessions,
+        };
+        req.seq = loop {
+            let token = rand::random::<u64>();
+            if !self.waiters.contains_key(&(0, token)) {
+                break token;
+            }
+        };
     }
 
     fn hint(&self, leader: Option<ReplicaId>) -> KvError {
@@ -231,8 +299,10 @@ impl Node {
                     self.held_replies.push((tx, answer));
                 }
             }
-            Input::Write { req, reply } => {
-                if let Some(done) = self.sm.cached(req.client_id, req.seq) {
+            Input::Write { mut req, reply } => {
+                if let Op::OpenSession { .. } = req.op {
+                    self.prepare_open(&mut req);
+                } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
                     let _ = reply.send(Ok(done));
                     return;
                 }
@@ -276,6 +346,7 @@ impl Node {
                     chosen: self.core.chosen(),
                     snapshot: self.snapshots.latest,
                     keys: self.sm.len() as u64,
+                    sessions: self.sm.session_count() as u64,
                     standing: match self.core.standing() {
                         Standing::Voter => "voter",
                         Standing::Rejoining { .. } => "rejoining",
@@ -460,32 +531,40 @@ impl Node {
         if slot <= self.sm.applied() {
             return; // already in an installed snapshot
         }
-        if let Value::Batch(reqs) = value {
-            for req in &reqs {
-                self.snapshots.log_bytes += op_bytes(&req.op);
-                let outcome = self.sm.apply(slot, req);
-                if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
-                    for tx in txs {
-                        let _ = tx.send(Ok(outcome.clone()));
+        match value {
+            Value::Batch(reqs) => {
+                for req in &reqs {
+                    self.snapshots.log_bytes += crate::paxos::request_bytes(req) as u64;
+                    // A write of an unknown session is answered with the
+                    // refusal: decided here, at its log position, the same
+                    // on every replica.
+                    let outcome = self.sm.apply(slot, req);
+                    if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
+                        for tx in txs {
+                            let _ = tx.send(outcome.clone());
+                        }
                     }
                 }
             }
+            Value::Time(ms) => {
+                let before = self.sm.sessions_dropped().0;
+                self.sm.apply_time(ms);
+                let expired = self.sm.sessions_dropped().0 - before;
+                if expired > 0 {
+                    tracing::debug!(
+                        slot,
+                        expired,
+                        left = self.sm.session_count(),
+                        "sessions expired"
+                    );
+                }
+            }
+            Value::Noop => {}
         }
         self.sm.set_applied(slot);
     }
 }
 
-/// What a write adds to the log, roughly: its keys and values plus the
-/// request's fixed fields.
-fn op_bytes(op: &kv_api::Op) -> u64 {
-    use kv_api::Op;
-    let values = match op {
-        Op::Put { value, .. } => value.len(),
-        Op::Delete { .. } => 0,
-        Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
-    };
-    (op.key().len() + values) as u64 + 32
-}
 
 /// Whether to write `records` on the driver's own thread rather than on
 /// the blocking pool. Handing a write to the pool costs two thread wakeups,

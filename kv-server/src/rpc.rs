@@ -190,6 +190,7 @@ impl Kv for Handler {
                 chosen: 0,
                 snapshot: 0,
                 keys: 0,
+                sessions: 0,
                 standing: "unknown".into(),
                 snapshots_installed: 0,
             })

@@ -3,10 +3,16 @@
 //! A snapshot lives in the data directory as `snapshot-<INDEX>.snap`:
 //!
 //! ```text
-//! magic "KVSNAP01" | index u64 LE | body length u64 LE | body CRC-32 u32 LE | body
+//! magic "KVSNAP02" | index u64 LE | body length u64 LE | body CRC-32 u32 LE | body
 //! ```
 //!
-//! where the body is the bincode of the [`StateMachine`]. A file is written
+//! where the body is the bincode of the [`StateMachine`]: the map, the
+//! client sessions and the log's clock. Files of the format before sessions
+//! (`KVSNAP01`, the same header, a body without the clock and with
+//! client-chosen session ids) are still read, into a state machine that
+//! applies the log after them by the old rules until the first entry of a
+//! session-aware leader (see `state`); new files are always written as
+//! `KVSNAP02`. A file is written
 //! under a temporary name, synced, then renamed into place and the directory
 //! synced: the rename is the commit point, so a crash leaves either the old
 //! snapshot or the new one, never half of one. Files are streamed, so a
@@ -18,10 +24,12 @@ use std::path::{Path, PathBuf};
 
 use kv_api::Slot;
 
-use crate::state::StateMachine;
+use crate::state::{LegacyStateMachine, StateMachine};
 use crate::{Result, ServerError};
 
-const MAGIC: &[u8; 8] = b"KVSNAP01";
+const MAGIC: &[u8; 8] = b"KVSNAP02";
+/// The format before sessions: read, never written.
+const MAGIC_V1: &[u8; 8] = b"KVSNAP01";
 const HEADER_LEN: u64 = 8 + 8 + 8 + 4;
 /// Snapshots kept on disk: the newest, and the one before it so a transfer
 /// in progress when a new one is taken can finish.
@@ -87,28 +95,35 @@ pub struct Header {
     pub body_len: u64,
     /// CRC-32 of the body.
     pub crc: u32,
+    /// The body's format: 1 (before sessions) or 2.
+    pub version: u8,
 }
 
 impl Header {
     fn read(r: &mut impl Read) -> io::Result<Header> {
         let mut buf = [0u8; HEADER_LEN as usize];
         r.read_exact(&mut buf)?;
-        if &buf[..8] != MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a kvpaxos snapshot (bad magic)",
-            ));
-        }
+        let version = match &buf[..8] {
+            m if m == MAGIC => 2,
+            m if m == MAGIC_V1 => 1,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a kvpaxos snapshot (bad magic)",
+                ))
+            }
+        };
         let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
         Ok(Header {
             index: u64_at(8),
             body_len: u64_at(16),
             crc: u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes")),
+            version,
         })
     }
 
     fn write(&self, w: &mut impl Write) -> io::Result<()> {
-        w.write_all(MAGIC)?;
+        w.write_all(if self.version == 1 { MAGIC_V1 } else { MAGIC })?;
         w.write_all(&self.index.to_le_bytes())?;
         w.write_all(&self.body_len.to_le_bytes())?;
         w.write_all(&self.crc.to_le_bytes())
@@ -188,6 +203,7 @@ impl SnapshotDir {
             index,
             body_len: body.len,
             crc: body.hasher.finalize(),
+            version: 2,
         };
         let mut w = body.inner;
         w.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
@@ -237,8 +253,13 @@ impl SnapshotDir {
             )));
         }
         let mut body = Crc::new(r.take(header.body_len));
-        let mut sm: StateMachine =
-            bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?;
+        let mut sm: StateMachine = if header.version == 1 {
+            let old: LegacyStateMachine =
+                bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?;
+            old.into()
+        } else {
+            bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?
+        };
         sm.recount();
         if body.len != header.body_len || body.hasher.finalize() != header.crc {
             return Err(damaged("checksum mismatch".into()));
@@ -293,7 +314,7 @@ impl SnapshotDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kv_api::{Op, WriteRequest};
+    use kv_api::{Op, OpResult, WriteRequest};
 
     fn temp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kv-snap-{name}-{}", std::process::id()));
@@ -302,13 +323,31 @@ mod tests {
         d
     }
 
+    fn open(sm: &mut StateMachine, slot: Slot) -> u64 {
+        let req = WriteRequest {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
+            op: Op::OpenSession {
+                ttl_ms: 60_000,
+                max_sessions: 10,
+            },
+        };
+        match sm.apply(slot, &req).unwrap().result {
+            OpResult::SessionOpened { session } => session,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn machine(n: u64) -> StateMachine {
         let mut sm = StateMachine::default();
+        sm.apply_time(1_700_000_000_000);
+        let s = open(&mut sm, 1);
         for i in 0..n {
             sm.apply(
-                i + 1,
+                i + 2,
                 &WriteRequest {
-                    client_id: 1,
+                    client_id: s,
                     seq: i + 1,
                     acked_below: 0,
                     op: Op::Put {
@@ -316,10 +355,102 @@ mod tests {
                         value: vec![7; 100],
                     },
                 },
-            );
-            sm.set_applied(i + 1);
+            )
+            .unwrap();
+            sm.set_applied(i + 2);
         }
         sm
+    }
+
+    #[test]
+    fn sessions_and_the_log_clock_survive_a_snapshot() {
+        let d = temp_dir("sessions");
+        let sd = SnapshotDir::open(&d).unwrap();
+        let mut sm = machine(3);
+        let second = open(&mut sm, 9);
+        sm.set_applied(9);
+        sd.write(9, &sm).unwrap();
+        let bytes = fs::read(sd.path(9)).unwrap();
+        assert_eq!(&bytes[..8], b"KVSNAP02");
+        let (_, mut back) = sd.load_latest().unwrap();
+        assert_eq!(back.session_count(), 2);
+        assert_eq!(back.log_time_ms(), 1_700_000_000_000);
+        assert!(back.sessions_required());
+        let w = |client_id, seq| WriteRequest {
+            client_id,
+            seq,
+            acked_below: 0,
+            op: Op::Delete { key: "k0".into() },
+        };
+        // Results are kept: seq 1 of the first session was a put.
+        let first = 1 << 20; // the open in slot 1
+        assert_eq!(back.apply(10, &w(first, 1)).unwrap().result, OpResult::Put);
+        assert_eq!(
+            back.apply(10, &w(second, 1)).unwrap().result,
+            OpResult::Deleted { existed: true }
+        );
+        // And they expire by the restored clock: idle 60 s.
+        back.apply_time(1_700_000_060_001);
+        assert_eq!(back.session_count(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `testdata/kvsnap01-index5.snap` was written by the code before
+    /// sessions (commit 8c7cba4, whose snapshot encoding is that of
+    /// 253d058): at index 5, keys alpha = 1 and gamma = 3 (beta was put
+    /// and deleted), and the sessions of client ids 1001 (acked below 1;
+    /// seq 1 put, seq 2 put), 2002 (seq 1 a failed swap of alpha, seq 2
+    /// the delete of beta) and 3003 (acked below 7; seq 7 put).
+    #[test]
+    fn a_snapshot_of_the_format_before_sessions_still_loads() {
+        let d = temp_dir("v1");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/kvsnap01-index5.snap");
+        let sd = SnapshotDir::open(&d).unwrap();
+        fs::copy(&fixture, sd.path(5)).unwrap();
+        let (index, mut sm) = sd.load_latest().unwrap();
+        assert_eq!((index, sm.applied()), (5, 5));
+        assert_eq!(sm.len(), 2);
+        assert_eq!(sm.get(b"alpha").unwrap(), b"1");
+        assert_eq!(sm.get(b"gamma").unwrap(), b"3");
+        assert_eq!(sm.data_bytes(), 5 + 1 + 5 + 1);
+        assert_eq!(sm.session_count(), 3);
+        assert!(
+            !sm.sessions_required(),
+            "the log after it follows the old rules"
+        );
+        // A retry from before the upgrade is still answered from its session.
+        let retry = WriteRequest {
+            client_id: 2002,
+            seq: 1,
+            acked_below: 0,
+            op: Op::Cas {
+                key: "alpha".into(),
+                expected: Some("nope".into()),
+                new: "x".into(),
+            },
+        };
+        assert_eq!(
+            sm.apply(6, &retry).unwrap(),
+            kv_api::WriteOutcome {
+                slot: 3,
+                result: OpResult::Cas {
+                    swapped: false,
+                    current: Some(b"1".to_vec())
+                }
+            }
+        );
+        // The first open ends the old rules and drops their sessions.
+        open(&mut sm, 7);
+        assert_eq!(sm.session_count(), 1);
+        assert_eq!(
+            sm.apply(8, &retry),
+            Err(kv_api::KvError::UnknownSession(2002))
+        );
+        // Written again, it is the new format.
+        sm.set_applied(8);
+        sd.write(8, &sm).unwrap();
+        assert_eq!(&fs::read(sd.path(8)).unwrap()[..8], b"KVSNAP02");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -1,22 +1,156 @@
-//! The replicated state machine: the key-value map plus, per client, the
-//! results of its recent writes, so a retried `(client_id, seq)` is answered
-//! from memory instead of being applied twice.
+//! The replicated state machine: the key-value map plus the client
+//! sessions. Every replica applies the same log to it and so passes through
+//! the same states; nothing here may depend on anything but the log (no
+//! clock, no flag, no randomness), or replicas would drift apart.
+//!
+//! # Sessions
+//!
+//! A client opens a session through the log ([`Op::OpenSession`]); the id is
+//! derived from the open's log position, so it is unique for the life of
+//! the cluster and no two clients can share one by accident — the flaw of
+//! client-chosen ids, where a process restarting with its old id and
+//! sequence numbers from 1 was answered from the old session's results and
+//! had its writes silently dropped. Each write carries `(session, seq)`; the
+//! session keeps the results of writes the client has not acknowledged yet
+//! (below `acked_below` they are forgotten), so a retry, even through
+//! another replica, is answered with the first result, never applied twice.
+//! A write for a session the state machine does not know is refused
+//! ([`KvError::UnknownSession`]) and not applied.
+//!
+//! Memory is bounded: per session by count and bytes of cached results (a
+//! result dropped for space is refused as [`OpResult::Stale`] if retried),
+//! overall by the number of sessions and the bytes of all cached results
+//! (the least recently used sessions are evicted), and in time: a session
+//! idle for longer than its TTL expires. Time is the log's own clock — the
+//! largest `Value::Time` the leaders proposed, applied in order — so every
+//! replica drops the same sessions at the same log position.
+//!
+//! # Before sessions
+//!
+//! Log entries and snapshots written by the versions before sessions
+//! existed carry client-chosen ids that were never opened. Until the log
+//! holds an entry only a session-aware leader writes (an open or a time
+//! reading), writes are applied by the old rules exactly ([`legacy`
+//! mode](StateMachine::sessions_required)), so that every replica reaches
+//! the same state whatever old snapshot it started from. At that entry the
+//! old sessions are dropped: their ids were chosen by clients, which is the
+//! flaw sessions remove, and a client of that version cannot write to the
+//! new one anyway (it never opens a session); a late retry of one of its
+//! writes is refused as an unknown session — not applied — which is safe.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use kv_api::{Op, OpResult, Slot, WriteOutcome, WriteRequest};
+use kv_api::{KvError, Op, OpResult, Slot, WriteOutcome, WriteRequest};
 use serde::{Deserialize, Serialize};
 
-/// Results kept per client, at most; older ones are forgotten (a client with
-/// that many writes in flight is misbehaving).
-const MAX_RESULTS_PER_CLIENT: usize = 4096;
+/// How long a session may stay idle (no write applied) before it expires,
+/// unless the leader that opened it was told otherwise (`kv-server
+/// --session-ttl`). Long next to any client's retry budget (5 s by
+/// default), so a client that is retrying a write does not lose its session
+/// meanwhile; short enough that the sessions of one-shot CLI invocations do
+/// not pile up for hours.
+pub const DEFAULT_SESSION_TTL_MS: u64 = 30 * 60 * 1000;
+
+/// Sessions kept at most, unless the leader that opened a session was told
+/// otherwise (`kv-server --max-sessions`): opening one beyond this evicts
+/// the least recently used. About 200 bytes each without cached results.
+pub const DEFAULT_MAX_SESSIONS: u64 = 100_000;
+
+/// Results kept per session, at most; older ones are forgotten (a client
+/// with that many writes in flight is misbehaving).
+const MAX_RESULTS_PER_SESSION: usize = 4096;
+
+/// Bytes of cached results kept per session, at most: a failed
+/// compare-and-swap caches the key's current value, up to 1 MiB, so a count
+/// alone would let one session hold gigabytes.
+const MAX_RESULT_BYTES_PER_SESSION: u64 = 8 << 20;
+
+/// Bytes of cached results kept over all sessions, at most: beyond it the
+/// least recently used sessions are evicted. With the per-session bound
+/// alone, the session cap times 8 MiB would be no bound at all.
+#[cfg(not(test))]
+const MAX_RESULT_BYTES: u64 = 256 << 20;
+/// Smaller in unit tests, which fill it.
+#[cfg(test)]
+const MAX_RESULT_BYTES: u64 = 32 << 20;
+
+/// The session ids of one log slot: `slot << OPEN_BITS | n` for the n-th
+/// open applied in it. A slot holds at most a batch of writes (hundreds),
+/// far below 2^20.
+const OPEN_BITS: u32 = 20;
+
+/// Results kept per client by the rules before sessions (legacy mode).
+const LEGACY_MAX_RESULTS: usize = 4096;
 
 #[derive(Default, Debug, Clone, Serialize, Deserialize)]
 struct Session {
-    /// Every seq below this has been acknowledged to the client.
+    /// Every seq below this has been acknowledged to the client, or had its
+    /// result dropped for space: a request below it is answered `Stale`,
+    /// never applied.
     acked_below: u64,
     /// Results of applied writes with seq >= acked_below.
     results: BTreeMap<u64, WriteOutcome>,
+    /// Idle time after which it expires, in the log's milliseconds.
+    ttl_ms: u64,
+    /// The log's time when a write of it was last applied.
+    last_used_ms: u64,
+    /// The value of [`StateMachine::uses`] when a write of it was last
+    /// applied: orders eviction (least recently used first).
+    last_use: u64,
+    /// What `results` hold, by [`result_bytes`]. Not in snapshots: counted
+    /// again by [`StateMachine::recount`].
+    #[serde(skip)]
+    result_bytes: u64,
+}
+
+impl Session {
+    fn expires_at(&self) -> u64 {
+        self.last_used_ms.saturating_add(self.ttl_ms)
+    }
+
+    /// Forgets the results below `seq` (acknowledged, or dropped for
+    /// space) and refuses them from now on.
+    fn forget_below(&mut self, seq: u64) {
+        if seq <= self.acked_below {
+            return;
+        }
+        self.acked_below = seq;
+        let kept = self.results.split_off(&seq);
+        for gone in std::mem::replace(&mut self.results, kept).values() {
+            self.result_bytes -= result_bytes(gone);
+        }
+    }
+
+    /// Caches a result, then drops the oldest ones beyond the count and
+    /// byte limits. Dropping one moves `acked_below` past it: with its
+    /// result gone, a late retry of it could no longer be recognised, and
+    /// must be refused rather than applied a second time.
+    fn remember(&mut self, seq: u64, outcome: WriteOutcome) {
+        self.result_bytes += result_bytes(&outcome);
+        if let Some(old) = self.results.insert(seq, outcome) {
+            self.result_bytes -= result_bytes(&old);
+        }
+        while self.results.len() > MAX_RESULTS_PER_SESSION
+            || (self.result_bytes > MAX_RESULT_BYTES_PER_SESSION && self.results.len() > 1)
+        {
+            let Some((&oldest, _)) = self.results.first_key_value() else {
+                break;
+            };
+            self.forget_below(oldest + 1);
+        }
+    }
+}
+
+/// What a cached result costs, roughly: the bytes it holds plus the map
+/// entry around it.
+fn result_bytes(o: &WriteOutcome) -> u64 {
+    let held = match &o.result {
+        OpResult::Cas {
+            current: Some(v), ..
+        } => v.len(),
+        _ => 0,
+    };
+    held as u64 + 64
 }
 
 /// The key-value map and the client sessions. Serializable: a snapshot is
@@ -26,10 +160,76 @@ pub struct StateMachine {
     map: HashMap<Vec<u8>, Vec<u8>>,
     sessions: HashMap<u64, Session>,
     applied: Slot,
+    /// The log's clock, in milliseconds since the Unix epoch: the largest
+    /// time reading applied so far (0: none yet).
+    now_ms: u64,
+    /// Whether writes need an opened session; false until the first open
+    /// or time reading (see the module docs).
+    sessions_required: bool,
+    /// Writes applied to sessions so far: the clock of "least recently
+    /// used".
+    uses: u64,
+    /// The slot of the last open and how many opens it held, for ids.
+    opens_in_slot: (Slot, u64),
+    /// Sessions dropped so far because they were idle too long / to stay
+    /// within the caps. Like everything here, a function of the log.
+    expired: u64,
+    evicted: u64,
+    /// `(expires_at, id)` of every session (in sessions-required mode).
+    #[serde(skip)]
+    by_expiry: BTreeSet<(u64, u64)>,
+    /// `(last_use, id)` of every session (in sessions-required mode).
+    #[serde(skip)]
+    by_use: BTreeSet<(u64, u64)>,
+    /// Bytes of all sessions' cached results.
+    #[serde(skip)]
+    result_bytes: u64,
     /// Bytes of the keys and values in `map`. Not in snapshots: counted
     /// again by [`StateMachine::recount`] when one is read.
     #[serde(skip)]
     bytes: u64,
+}
+
+/// The state machine as the versions before sessions wrote it in a
+/// snapshot (`KVSNAP01`): field for field the same shape, so bincode reads
+/// it.
+#[derive(Deserialize)]
+pub(crate) struct LegacyStateMachine {
+    map: HashMap<Vec<u8>, Vec<u8>>,
+    sessions: HashMap<u64, LegacySession>,
+    applied: Slot,
+}
+
+#[derive(Deserialize)]
+struct LegacySession {
+    acked_below: u64,
+    results: BTreeMap<u64, WriteOutcome>,
+}
+
+impl From<LegacyStateMachine> for StateMachine {
+    /// Keeps the sessions, in legacy mode: the log after the snapshot was
+    /// written by the same rules, and must be applied by them.
+    fn from(old: LegacyStateMachine) -> StateMachine {
+        let mut sm = StateMachine {
+            map: old.map,
+            applied: old.applied,
+            sessions: old
+                .sessions
+                .into_iter()
+                .map(|(id, s)| {
+                    let session = Session {
+                        acked_below: s.acked_below,
+                        results: s.results,
+                        ..Session::default()
+                    };
+                    (id, session)
+                })
+                .collect(),
+            ..StateMachine::default()
+        };
+        sm.recount();
+        sm
+    }
 }
 
 impl StateMachine {
@@ -48,9 +248,45 @@ impl StateMachine {
         self.bytes
     }
 
-    /// Counts [`StateMachine::data_bytes`] from scratch (after decoding).
+    /// Number of sessions held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Sessions expired (idle too long) and evicted (over a cap) so far.
+    pub fn sessions_dropped(&self) -> (u64, u64) {
+        (self.expired, self.evicted)
+    }
+
+    /// The log's clock: the largest time reading applied, in milliseconds
+    /// since the Unix epoch (0: none yet).
+    pub fn log_time_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Whether writes need a session opened through the log. False only
+    /// while the log holds nothing but entries of the versions before
+    /// sessions; the first open or time reading makes it true for good.
+    pub fn sessions_required(&self) -> bool {
+        self.sessions_required
+    }
+
+    /// Counts what snapshots leave out ([`StateMachine::data_bytes`], the
+    /// bytes of cached results, the session indexes) from scratch, after
+    /// decoding.
     pub fn recount(&mut self) {
         self.bytes = self.map.iter().map(|(k, v)| pair_len(k, v)).sum();
+        self.result_bytes = 0;
+        self.by_expiry.clear();
+        self.by_use.clear();
+        for (&id, s) in &mut self.sessions {
+            s.result_bytes = s.results.values().map(result_bytes).sum();
+            self.result_bytes += s.result_bytes;
+            if self.sessions_required {
+                self.by_expiry.insert((s.expires_at(), id));
+                self.by_use.insert((s.last_use, id));
+            }
+        }
     }
 
     fn insert(&mut self, key: &[u8], value: &[u8]) {
@@ -70,7 +306,8 @@ impl StateMachine {
         self.map.get(key)
     }
 
-    /// The result of `(client_id, seq)` if it was already applied.
+    /// The result of `(client_id, seq)` if it was already applied and is
+    /// still held.
     pub fn cached(&self, client_id: u64, seq: u64) -> Option<WriteOutcome> {
         self.sessions
             .get(&client_id)
@@ -82,23 +319,182 @@ impl StateMachine {
         self.applied = slot;
     }
 
-    /// Applies one write from `slot`, at most once per `(client_id, seq)`.
-    pub fn apply(&mut self, slot: Slot, req: &WriteRequest) -> WriteOutcome {
-        let session = self.sessions.entry(req.client_id).or_default();
-        if req.acked_below > session.acked_below {
-            session.acked_below = req.acked_below;
-            session.results = session.results.split_off(&req.acked_below);
+    /// Applies one write from `slot`, at most once per `(client_id, seq)`:
+    /// an open, or a write of a known session. A write of an unknown
+    /// session is refused and changes nothing.
+    pub fn apply(&mut self, slot: Slot, req: &WriteRequest) -> Result<WriteOutcome, KvError> {
+        if let Op::OpenSession {
+            ttl_ms,
+            max_sessions,
+        } = req.op
+        {
+            self.require_sessions();
+            return self.open(slot, ttl_ms, max_sessions);
         }
-        if req.seq < session.acked_below {
-            return WriteOutcome {
+        if !self.sessions_required {
+            return Ok(self.apply_legacy(slot, req));
+        }
+        let id = req.client_id;
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return Err(KvError::UnknownSession(id));
+        };
+        let held = session.result_bytes;
+        session.forget_below(req.acked_below);
+        let done = if req.seq < session.acked_below {
+            Some(WriteOutcome {
                 slot,
                 result: OpResult::Stale,
-            };
+            })
+        } else {
+            session.results.get(&req.seq).cloned()
+        };
+        let outcome = match done {
+            Some(done) => done,
+            None => {
+                let outcome = WriteOutcome {
+                    slot,
+                    result: self.execute(&req.op),
+                };
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.remember(req.seq, outcome.clone());
+                }
+                outcome
+            }
+        };
+        if let Some(session) = self.sessions.get(&id) {
+            self.result_bytes = self.result_bytes - held + session.result_bytes;
         }
-        if let Some(done) = session.results.get(&req.seq) {
-            return done.clone();
+        self.touch(id);
+        while self.result_bytes > MAX_RESULT_BYTES && self.evict_one(id) {}
+        Ok(outcome)
+    }
+
+    /// Applies the log's clock reading `unix_ms`: time never goes back (a
+    /// new leader's clock may be behind the last one's), and every session
+    /// idle for longer than its TTL expires.
+    pub fn apply_time(&mut self, unix_ms: u64) {
+        self.require_sessions();
+        if unix_ms <= self.now_ms {
+            return;
         }
-        let result = match &req.op {
+        let first = self.now_ms == 0;
+        self.now_ms = unix_ms;
+        if first {
+            // Sessions opened before the log had a clock were stamped 0:
+            // their idle time counts from now.
+            for s in self.sessions.values_mut() {
+                s.last_used_ms = unix_ms;
+            }
+            self.recount();
+        }
+        while let Some(&(expires_at, id)) = self.by_expiry.first() {
+            if expires_at >= self.now_ms {
+                break;
+            }
+            self.remove_session(id);
+            self.expired += 1;
+        }
+    }
+
+    /// The first open or time reading: from here on the log is written by
+    /// session-aware leaders. The sessions of the rules before (with
+    /// client-chosen ids) are dropped; see the module docs.
+    fn require_sessions(&mut self) {
+        if self.sessions_required {
+            return;
+        }
+        self.sessions_required = true;
+        self.sessions.clear();
+        self.recount();
+    }
+
+    fn open(
+        &mut self,
+        slot: Slot,
+        ttl_ms: u64,
+        max_sessions: u64,
+    ) -> Result<WriteOutcome, KvError> {
+        if self.opens_in_slot.0 != slot {
+            self.opens_in_slot = (slot, 0);
+        }
+        let n = self.opens_in_slot.1;
+        let id = slot
+            .checked_mul(1 << OPEN_BITS)
+            .filter(|_| n < 1 << OPEN_BITS)
+            .map(|base| base | n)
+            .filter(|id| !self.sessions.contains_key(id))
+            .ok_or_else(|| {
+                KvError::Unavailable(format!(
+                    "cannot number another session opened in log slot {slot}; open again"
+                ))
+            })?;
+        self.opens_in_slot.1 += 1;
+        let session = Session {
+            // A raw client may send zeros; the proposing replica fills
+            // these in, but the state machine must not trust that.
+            ttl_ms: if ttl_ms == 0 {
+                DEFAULT_SESSION_TTL_MS
+            } else {
+                ttl_ms
+            },
+            last_used_ms: self.now_ms,
+            ..Session::default()
+        };
+        self.by_expiry.insert((session.expires_at(), id));
+        self.sessions.insert(id, session);
+        self.touch(id);
+        let max = if max_sessions == 0 {
+            DEFAULT_MAX_SESSIONS
+        } else {
+            max_sessions
+        };
+        while self.sessions.len() as u64 > max && self.evict_one(id) {}
+        Ok(WriteOutcome {
+            slot,
+            result: OpResult::SessionOpened { session: id },
+        })
+    }
+
+    /// Marks session `id` used now.
+    fn touch(&mut self, id: u64) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        self.uses += 1;
+        self.by_use.remove(&(s.last_use, id));
+        s.last_use = self.uses;
+        self.by_use.insert((s.last_use, id));
+        if s.last_used_ms != self.now_ms {
+            self.by_expiry.remove(&(s.expires_at(), id));
+            s.last_used_ms = self.now_ms;
+            self.by_expiry.insert((s.expires_at(), id));
+        }
+    }
+
+    /// Evicts the least recently used session other than `keep`; false if
+    /// there is none.
+    fn evict_one(&mut self, keep: u64) -> bool {
+        let victim = self.by_use.iter().map(|&(_, id)| id).find(|&id| id != keep);
+        match victim {
+            Some(id) => {
+                self.remove_session(id);
+                self.evicted += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_session(&mut self, id: u64) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.by_expiry.remove(&(s.expires_at(), id));
+            self.by_use.remove(&(s.last_use, id));
+            self.result_bytes -= s.result_bytes;
+        }
+    }
+
+    fn execute(&mut self, op: &Op) -> OpResult {
+        match op {
             Op::Put { key, value } => {
                 self.insert(key, value);
                 OpResult::Put
@@ -127,11 +523,40 @@ impl StateMachine {
                     }
                 }
             }
+            // Handled by `apply` before it gets here.
+            Op::OpenSession { .. } => OpResult::Stale,
+        }
+    }
+
+    /// The rules of the versions before sessions, exactly — flaws
+    /// included: any id is a session, created on first use, and the
+    /// oldest result beyond 4,096 is dropped without refusing its retry.
+    /// The entries applied here were applied by these rules by the
+    /// replicas that chose them; applying them otherwise would make a
+    /// replica that starts from an older snapshot end elsewhere than one
+    /// that starts from a newer.
+    fn apply_legacy(&mut self, slot: Slot, req: &WriteRequest) -> WriteOutcome {
+        let session = self.sessions.entry(req.client_id).or_default();
+        if req.acked_below > session.acked_below {
+            session.acked_below = req.acked_below;
+            session.results = session.results.split_off(&req.acked_below);
+        }
+        if req.seq < session.acked_below {
+            return WriteOutcome {
+                slot,
+                result: OpResult::Stale,
+            };
+        }
+        if let Some(done) = session.results.get(&req.seq) {
+            return done.clone();
+        }
+        let outcome = WriteOutcome {
+            slot,
+            result: self.execute(&req.op),
         };
-        let outcome = WriteOutcome { slot, result };
         let session = self.sessions.entry(req.client_id).or_default();
         session.results.insert(req.seq, outcome.clone());
-        if session.results.len() > MAX_RESULTS_PER_CLIENT {
+        if session.results.len() > LEGACY_MAX_RESULTS {
             session.results.pop_first();
         }
         outcome
@@ -145,6 +570,9 @@ fn pair_len(key: &[u8], value: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TTL: u64 = 60_000;
+    const T0: u64 = 1_700_000_000_000;
 
     fn req(client_id: u64, seq: u64, op: Op) -> WriteRequest {
         WriteRequest {
@@ -162,12 +590,44 @@ mod tests {
         }
     }
 
+    fn open_with(sm: &mut StateMachine, slot: Slot, ttl_ms: u64, max_sessions: u64) -> u64 {
+        let opened = sm.apply(
+            slot,
+            &req(
+                0,
+                0,
+                Op::OpenSession {
+                    ttl_ms,
+                    max_sessions,
+                },
+            ),
+        );
+        match opened {
+            Ok(WriteOutcome {
+                result: OpResult::SessionOpened { session },
+                ..
+            }) => session,
+            other => panic!("an open was answered {other:?}"),
+        }
+    }
+
+    fn open(sm: &mut StateMachine, slot: Slot) -> u64 {
+        open_with(sm, slot, TTL, 0)
+    }
+
+    /// Applies a write that must succeed.
+    fn ok(sm: &mut StateMachine, slot: Slot, r: WriteRequest) -> WriteOutcome {
+        sm.apply(slot, &r)
+            .unwrap_or_else(|e| panic!("{r:?} refused: {e}"))
+    }
+
     #[test]
     fn a_retried_write_applies_once() {
         let mut sm = StateMachine::default();
-        let first = sm.apply(1, &req(7, 1, put("k", "a")));
-        sm.apply(2, &req(8, 1, put("k", "b")));
-        let retry = sm.apply(3, &req(7, 1, put("k", "a")));
+        let (a, b) = (open(&mut sm, 1), open(&mut sm, 1));
+        let first = ok(&mut sm, 2, req(a, 1, put("k", "a")));
+        ok(&mut sm, 3, req(b, 1, put("k", "b")));
+        let retry = ok(&mut sm, 4, req(a, 1, put("k", "a")));
         assert_eq!(retry, first, "the retry gets the first result");
         assert_eq!(
             sm.get(b"k").unwrap(),
@@ -179,12 +639,13 @@ mod tests {
     #[test]
     fn cas_swaps_only_on_match() {
         let mut sm = StateMachine::default();
+        let s = open(&mut sm, 1);
         let absent = Op::Cas {
             key: "k".into(),
             expected: None,
             new: "1".into(),
         };
-        let r = sm.apply(1, &req(1, 1, absent.clone()));
+        let r = ok(&mut sm, 2, req(s, 1, absent.clone()));
         assert_eq!(
             r.result,
             OpResult::Cas {
@@ -192,7 +653,7 @@ mod tests {
                 current: Some(b"1".to_vec())
             }
         );
-        let r = sm.apply(2, &req(1, 2, absent));
+        let r = ok(&mut sm, 3, req(s, 2, absent));
         assert_eq!(
             r.result,
             OpResult::Cas {
@@ -205,20 +666,21 @@ mod tests {
     #[test]
     fn data_bytes_follow_puts_deletes_and_swaps() {
         let mut sm = StateMachine::default();
-        sm.apply(1, &req(1, 1, put("k", "abc")));
-        sm.apply(2, &req(1, 2, put("kk", "x")));
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("k", "abc")));
+        ok(&mut sm, 2, req(s, 2, put("kk", "x")));
         assert_eq!(sm.data_bytes(), 4 + 3);
-        sm.apply(3, &req(1, 3, put("k", "a")));
+        ok(&mut sm, 3, req(s, 3, put("k", "a")));
         assert_eq!(sm.data_bytes(), 2 + 3);
         let cas = Op::Cas {
             key: "kk".into(),
             expected: Some("x".into()),
             new: "xyz".into(),
         };
-        sm.apply(4, &req(1, 4, cas));
+        ok(&mut sm, 4, req(s, 4, cas));
         assert_eq!(sm.data_bytes(), 2 + 5);
-        sm.apply(5, &req(1, 5, Op::Delete { key: "k".into() }));
-        sm.apply(6, &req(1, 6, Op::Delete { key: "k".into() }));
+        ok(&mut sm, 5, req(s, 5, Op::Delete { key: "k".into() }));
+        ok(&mut sm, 6, req(s, 6, Op::Delete { key: "k".into() }));
         assert_eq!(sm.data_bytes(), 5);
         let mut copy: StateMachine =
             bincode::deserialize(&bincode::serialize(&sm).unwrap()).unwrap();
@@ -230,15 +692,297 @@ mod tests {
     #[test]
     fn acknowledged_results_are_forgotten() {
         let mut sm = StateMachine::default();
-        sm.apply(1, &req(1, 1, put("k", "a")));
-        let mut r = req(1, 2, put("k", "b"));
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("k", "a")));
+        let mut r = req(s, 2, put("k", "b"));
         r.acked_below = 2;
-        sm.apply(2, &r);
-        assert!(sm.cached(1, 1).is_none());
+        ok(&mut sm, 3, r);
+        assert!(sm.cached(s, 1).is_none());
         assert_eq!(
-            sm.apply(3, &req(1, 1, put("k", "a"))).result,
+            ok(&mut sm, 4, req(s, 1, put("k", "a"))).result,
             OpResult::Stale
         );
         assert_eq!(sm.get(b"k").unwrap(), b"b");
+    }
+
+    #[test]
+    fn a_result_dropped_for_space_answers_its_retry_as_stale_and_is_not_applied_again() {
+        let mut sm = StateMachine::default();
+        let (s, other) = (open(&mut sm, 1), open(&mut sm, 1));
+        ok(&mut sm, 2, req(s, 1, put("k", "first")));
+        // The client never acknowledges: its session fills up and the
+        // oldest result (seq 1) is dropped to make room.
+        let last = MAX_RESULTS_PER_SESSION as u64 + 1;
+        for seq in 2..=last {
+            ok(&mut sm, seq + 1, req(s, seq, put("other", "x")));
+        }
+        assert!(sm.cached(s, 1).is_none(), "seq 1's result was dropped");
+        ok(&mut sm, last + 2, req(other, 1, put("k", "newer")));
+        let late = ok(&mut sm, last + 3, req(s, 1, put("k", "first")));
+        assert_eq!(late.result, OpResult::Stale);
+        assert_eq!(
+            sm.get(b"k").unwrap(),
+            b"newer",
+            "the late retry of seq 1 was applied a second time"
+        );
+    }
+
+    #[test]
+    fn cached_results_are_bounded_by_bytes_and_a_forgotten_one_is_stale() {
+        let mut sm = StateMachine::default();
+        let (writer, s) = (open(&mut sm, 1), open(&mut sm, 1));
+        let big = vec![b'v'; 1 << 20];
+        let put_big = Op::Put {
+            key: "k".into(),
+            value: big.clone(),
+        };
+        ok(&mut sm, 2, req(writer, 1, put_big));
+        // Failed swaps each cache the current value (1 MiB); the client
+        // acknowledges none of them.
+        let failed_cas = Op::Cas {
+            key: "k".into(),
+            expected: Some("nope".into()),
+            new: "x".into(),
+        };
+        let n = 2 + MAX_RESULT_BYTES_PER_SESSION / big.len() as u64;
+        for seq in 2..=n {
+            let r = ok(&mut sm, seq + 1, req(s, seq, failed_cas.clone()));
+            assert!(matches!(r.result, OpResult::Cas { swapped: false, .. }));
+        }
+        assert!(sm.cached(s, 2).is_none(), "the oldest result was dropped");
+        assert!(sm.cached(s, n).is_some(), "the newest is kept");
+        assert!(sm.result_bytes <= MAX_RESULT_BYTES_PER_SESSION + (2 << 20));
+        assert_eq!(
+            ok(&mut sm, n + 2, req(s, 2, failed_cas)).result,
+            OpResult::Stale
+        );
+    }
+
+    #[test]
+    fn the_results_of_all_sessions_together_are_bounded_by_evicting_the_least_recent() {
+        let mut sm = StateMachine::default();
+        let writer = open(&mut sm, 1);
+        let big = vec![b'v'; 1 << 20];
+        let put_big = Op::Put {
+            key: "k".into(),
+            value: big.clone(),
+        };
+        ok(&mut sm, 2, req(writer, 1, put_big));
+        let failed_cas = Op::Cas {
+            key: "k".into(),
+            expected: None,
+            new: "x".into(),
+        };
+        // One-shot clients: each opens a session and does one failed swap
+        // (1 MiB cached), then goes away without acknowledging.
+        let n = MAX_RESULT_BYTES / big.len() as u64 + 8;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let s = open(&mut sm, 3 + 2 * i);
+            ok(&mut sm, 4 + 2 * i, req(s, 1, failed_cas.clone()));
+            ids.push(s);
+            assert!(sm.result_bytes <= MAX_RESULT_BYTES, "{}", sm.result_bytes);
+        }
+        assert!(
+            !sm.sessions.contains_key(&ids[0]),
+            "the least recently used went first"
+        );
+        assert!(sm.sessions.contains_key(ids.last().unwrap()));
+        assert!(sm.sessions_dropped().1 >= 8);
+    }
+
+    #[test]
+    fn writes_of_a_session_never_opened_are_refused_and_not_applied() {
+        let mut sm = StateMachine::default();
+        let s = open(&mut sm, 1);
+        for made_up in [0, 7, s + 1, u64::MAX] {
+            let r = sm.apply(2, &req(made_up, 1, put("k", "v")));
+            assert_eq!(r, Err(KvError::UnknownSession(made_up)));
+        }
+        assert!(sm.get(b"k").is_none(), "nothing was applied");
+        assert_eq!(sm.session_count(), 1, "and no session was made up");
+        ok(&mut sm, 3, req(s, 1, put("k", "v")));
+        assert_eq!(sm.get(b"k").unwrap(), b"v");
+    }
+
+    #[test]
+    fn a_restarted_client_gets_a_new_session_and_its_writes_are_applied() {
+        let mut sm = StateMachine::default();
+        let before = open(&mut sm, 1);
+        ok(&mut sm, 2, req(before, 1, put("a", "1")));
+        // The process restarts and opens again; its numbers start at 1.
+        let after = open(&mut sm, 3);
+        assert_ne!(after, before);
+        let r = ok(&mut sm, 4, req(after, 1, put("b", "2")));
+        assert_eq!(r.result, OpResult::Put);
+        assert_eq!(r.slot, 4, "applied now, not answered from a cache");
+        assert_eq!(sm.get(b"b").unwrap(), b"2");
+    }
+
+    #[test]
+    fn session_ids_are_unique_nonzero_and_come_from_the_log_position() {
+        let mut sm = StateMachine::default();
+        let mut seen = BTreeSet::new();
+        for slot in [1, 1, 1, 2, 5, 5] {
+            let id = open(&mut sm, slot);
+            assert_ne!(id, 0);
+            assert_eq!(id >> OPEN_BITS, slot);
+            assert!(seen.insert(id), "{id} given twice");
+        }
+        // Another replica applying the same log assigns the same ids.
+        let mut other = StateMachine::default();
+        let again: BTreeSet<u64> = [1, 1, 1, 2, 5, 5]
+            .into_iter()
+            .map(|slot| open(&mut other, slot))
+            .collect();
+        assert_eq!(again, seen);
+    }
+
+    #[test]
+    fn a_session_idle_for_longer_than_its_ttl_expires_as_the_log_time_passes() {
+        let mut sm = StateMachine::default();
+        sm.apply_time(T0);
+        let idle = open_with(&mut sm, 2, 1_000, 0);
+        let busy = open_with(&mut sm, 2, 1_000, 0);
+        sm.apply_time(T0 + 600);
+        ok(&mut sm, 3, req(busy, 1, put("k", "1")));
+        sm.apply_time(T0 + 1_000);
+        assert_eq!(sm.session_count(), 2, "idle for exactly the TTL: kept");
+        sm.apply_time(T0 + 1_001);
+        assert_eq!(sm.session_count(), 1);
+        assert_eq!(
+            sm.apply(4, &req(idle, 1, put("k", "2"))),
+            Err(KvError::UnknownSession(idle))
+        );
+        assert_eq!(sm.get(b"k").unwrap(), b"1", "the refused write did nothing");
+        // The busy one was last used at T0 + 600.
+        sm.apply_time(T0 + 1_600);
+        assert_eq!(sm.session_count(), 1);
+        sm.apply_time(T0 + 1_601);
+        assert_eq!(sm.session_count(), 0);
+        assert_eq!(sm.sessions_dropped(), (2, 0));
+    }
+
+    #[test]
+    fn the_log_time_never_goes_back() {
+        let mut sm = StateMachine::default();
+        sm.apply_time(T0);
+        let s = open_with(&mut sm, 2, 1_000, 0);
+        // A new leader with a clock 10 s behind.
+        sm.apply_time(T0 - 10_000);
+        assert_eq!(sm.log_time_ms(), T0);
+        ok(&mut sm, 3, req(s, 1, put("k", "1")));
+        sm.apply_time(T0 - 9_000);
+        assert_eq!(sm.session_count(), 1);
+        sm.apply_time(T0 + 1_001);
+        assert_eq!(sm.session_count(), 0, "idle since T0, by the log's clock");
+    }
+
+    #[test]
+    fn sessions_opened_before_the_first_time_reading_count_idleness_from_it() {
+        let mut sm = StateMachine::default();
+        let s = open_with(&mut sm, 1, 1_000, 0);
+        sm.apply_time(T0);
+        assert_eq!(sm.session_count(), 1, "not idle since 1970");
+        sm.apply_time(T0 + 1_001);
+        assert_eq!(sm.session_count(), 0);
+        assert!(sm.cached(s, 1).is_none());
+    }
+
+    #[test]
+    fn opening_beyond_the_cap_evicts_the_least_recently_used() {
+        let mut sm = StateMachine::default();
+        sm.apply_time(T0);
+        let a = open_with(&mut sm, 2, TTL, 3);
+        let b = open_with(&mut sm, 3, TTL, 3);
+        let c = open_with(&mut sm, 4, TTL, 3);
+        ok(&mut sm, 5, req(a, 1, put("k", "a")));
+        // All within the same millisecond of the log: recency is counted
+        // in writes, not time.
+        let d = open_with(&mut sm, 6, TTL, 3);
+        assert_eq!(sm.session_count(), 3);
+        assert!(!sm.sessions.contains_key(&b), "b was the least recent");
+        for s in [a, c, d] {
+            assert!(sm.sessions.contains_key(&s));
+        }
+        assert_eq!(
+            sm.apply(7, &req(b, 1, put("k", "b"))),
+            Err(KvError::UnknownSession(b))
+        );
+        // A loop of opens never holds more than the cap.
+        for slot in 8..200 {
+            open_with(&mut sm, slot, TTL, 3);
+            assert_eq!(sm.session_count(), 3);
+        }
+        assert_eq!(sm.sessions_dropped(), (0, 1 + 192));
+    }
+
+    #[test]
+    fn before_sessions_the_old_rules_apply_and_the_first_open_drops_their_sessions() {
+        let mut sm = StateMachine::default();
+        assert!(!sm.sessions_required());
+        // Entries of the versions before sessions: any id is a session.
+        let first = ok(&mut sm, 1, req(77, 1, put("k", "a")));
+        assert_eq!(ok(&mut sm, 2, req(77, 1, put("k", "a"))), first);
+        assert_eq!(sm.session_count(), 1);
+        // Their flaw is reproduced too: a dropped result is not refused.
+        for seq in 2..=LEGACY_MAX_RESULTS as u64 + 1 {
+            ok(&mut sm, 3, req(77, seq, put("x", "x")));
+        }
+        ok(&mut sm, 4, req(77, 1, put("k", "again")));
+        assert_eq!(sm.get(b"k").unwrap(), b"again", "as the old rules did");
+        let s = open(&mut sm, 5);
+        assert!(sm.sessions_required());
+        assert_eq!(sm.session_count(), 1, "only the new session");
+        assert_eq!(
+            sm.apply(6, &req(77, 4098, put("k", "late"))),
+            Err(KvError::UnknownSession(77))
+        );
+        assert_eq!(sm.get(b"k").unwrap(), b"again");
+        ok(&mut sm, 7, req(s, 1, put("k", "new")));
+    }
+
+    #[test]
+    fn a_time_reading_also_ends_the_old_rules() {
+        let mut sm = StateMachine::default();
+        ok(&mut sm, 1, req(77, 1, put("k", "a")));
+        sm.apply_time(T0);
+        assert!(sm.sessions_required());
+        assert_eq!(sm.session_count(), 0);
+        assert_eq!(
+            sm.apply(2, &req(77, 2, put("k", "b"))),
+            Err(KvError::UnknownSession(77))
+        );
+    }
+
+    #[test]
+    fn a_decoded_copy_goes_on_exactly_like_the_original() {
+        let mut sm = StateMachine::default();
+        sm.apply_time(T0);
+        let ids: Vec<u64> = (0..5)
+            .map(|i| open_with(&mut sm, 2 + i, 1_000, 4))
+            .collect();
+        ok(&mut sm, 8, req(ids[1], 1, put("k", "1")));
+        sm.apply_time(T0 + 500);
+        ok(&mut sm, 9, req(ids[3], 1, put("k", "3")));
+        let mut copy: StateMachine =
+            bincode::deserialize(&bincode::serialize(&sm).unwrap()).unwrap();
+        copy.recount();
+        assert_eq!(copy.log_time_ms(), T0 + 500);
+        assert!(copy.sessions_required());
+        // The same entries from here on give the same answers.
+        for m in [&mut sm, &mut copy] {
+            let e = open_with(m, 10, 1_000, 4);
+            assert_eq!(m.session_count(), 4, "evicted the least recently used, {e}");
+            m.apply_time(T0 + 1_200);
+        }
+        assert_eq!(
+            sm.sessions.keys().collect::<BTreeSet<_>>(),
+            copy.sessions.keys().collect::<BTreeSet<_>>()
+        );
+        assert_eq!(sm.by_use, copy.by_use);
+        assert_eq!(sm.by_expiry, copy.by_expiry);
+        assert_eq!(sm.result_bytes, copy.result_bytes);
+        assert_eq!(sm.sessions_dropped(), copy.sessions_dropped());
     }
 }

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kv_api::{KvClient, KvError, Op, ReadMode, Route, WriteRequest};
+use kv_api::{KvClient, KvError, Op, OpResult, ReadMode, Route, WriteRequest};
 use tarpc::tokio_serde::formats::Bincode;
 
 mod common;
@@ -188,7 +188,8 @@ impl TestClient {
         TestClient {
             addrs,
             conns: HashMap::new(),
-            client_id: 0x5eed_0000 ^ u64::from(std::process::id()),
+            // Opened through the cluster before the first write.
+            client_id: 0,
             seq: 0,
             next: 0,
         }
@@ -237,10 +238,19 @@ impl TestClient {
         };
         let answer = async {
             match call {
+                // An open's answer is the session id (LE bytes); other
+                // writes answer nothing.
                 Call::Write(req) => client
                     .write(Self::context(), req.clone(), Route::Forward)
                     .await
-                    .map(|r| r.map(|_| None)),
+                    .map(|r| {
+                        r.map(|o| match o.result {
+                            OpResult::SessionOpened { session } => {
+                                Some(session.to_le_bytes().to_vec())
+                            }
+                            _ => None,
+                        })
+                    }),
                 Call::Get(key) => client
                     .get(
                         Self::context(),
@@ -280,6 +290,19 @@ impl TestClient {
 
     /// Puts `key = value`.
     async fn put(&mut self, key: &str, value: &str) -> Result<(), String> {
+        if self.client_id == 0 {
+            let open = WriteRequest {
+                client_id: 0,
+                seq: 0,
+                acked_below: 0,
+                op: Op::open_session(),
+            };
+            let id = self.call(Call::Write(open)).await?;
+            let id: [u8; 8] = id
+                .and_then(|b| b.try_into().ok())
+                .ok_or("an open was not answered with a session")?;
+            self.client_id = u64::from_le_bytes(id);
+        }
         self.seq += 1;
         let req = WriteRequest {
             client_id: self.client_id,

@@ -1,5 +1,6 @@
-//! A write retried with the same client id and sequence number is applied
+//! A write retried with the same session and sequence number is applied
 //! once: the retry gets the first result and cannot overwrite a newer write.
+//! (Sessions themselves, their ids, expiry and caps: `sessions.rs`.)
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use kv_tests::{bounded, Cluster};
 async fn retried_write_is_applied_once_and_never_overwrites_a_newer_write() {
     let cluster = Cluster::start(5).await;
     let test = async {
-        let client_id: u64 = rand::random::<u64>() | 1;
+        let client_id = cluster.client().open_session().await.expect("open");
         let request = WriteRequest {
             client_id,
             seq: 1,
@@ -58,7 +59,7 @@ async fn retry_below_the_acknowledged_sequence_is_refused_as_stale_not_applied()
     let cluster = Cluster::start(5).await;
     let test = async {
         let client = cluster.client();
-        let client_id: u64 = rand::random::<u64>() | 1;
+        let client_id = client.open_session().await.expect("open");
         let put = |seq: u64, acked_below: u64, value: &[u8]| WriteRequest {
             client_id,
             seq,

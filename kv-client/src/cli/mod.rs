@@ -8,7 +8,7 @@
 //! | 0 | success |
 //! | 1 | `get`: no such key; `cas`: not swapped |
 //! | 2 | bad usage or invalid input (arguments, sizes, replica file) |
-//! | 3 | no quorum answered before the timeout; a write's outcome is unknown (unless no replica could even be reached: then it was not sent) |
+//! | 3 | no quorum answered before the timeout, or a retried write's session was dropped; a write's outcome is unknown (unless the message says it was not sent: no replica could be reached, or no session opened) |
 //!
 //! # Layout
 //!
@@ -184,7 +184,7 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
-        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"ballot_round\":2,\"standing\":\"voter\",\"snapshots_installed\":0}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
+        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"sessions\":3,\"ballot_round\":2,\"standing\":\"voter\",\"snapshots_installed\":0}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
     )]
     Status,
     /// Change (or just show) the failure injection of one replica
@@ -253,6 +253,8 @@ pub struct StatusLine {
     pub snapshot: Option<u64>,
     /// Number of keys.
     pub keys: Option<u64>,
+    /// Number of client sessions held.
+    pub sessions: Option<u64>,
     /// Round of the highest ballot it promised.
     pub ballot_round: Option<u64>,
     /// Whether it votes: `voter`, `rejoining` or `unknown`.
@@ -279,6 +281,7 @@ impl StatusLine {
                 chosen: Some(s.chosen),
                 snapshot: Some(s.snapshot),
                 keys: Some(s.keys),
+                sessions: Some(s.sessions),
                 ballot_round: Some(s.ballot_round),
                 standing: Some(s.standing.clone()),
                 snapshots_installed: Some(s.snapshots_installed),
@@ -294,6 +297,7 @@ impl StatusLine {
                 chosen: None,
                 snapshot: None,
                 keys: None,
+                sessions: None,
                 ballot_round: None,
                 standing: None,
                 snapshots_installed: None,
@@ -329,10 +333,10 @@ impl Failure {
         let (code, msg) = match e {
             Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
             // Unavailable means no connection was ever made: nothing was sent.
-            Error::Unavailable(_) if write => (
-                EXIT_UNAVAILABLE,
-                format!("{e}\nno replica could be reached, so the write was not sent"),
-            ),
+            Error::Unavailable(_) if write => {
+                (EXIT_UNAVAILABLE, format!("{e}\nthe write was not applied"))
+            }
+            Error::UnknownSession(_) => (EXIT_UNAVAILABLE, e.to_string()),
             _ if write => (
                 EXIT_UNAVAILABLE,
                 format!("{e}\nthe write's outcome is unknown: it may or may not have been applied"),
@@ -349,6 +353,8 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::InvalidArgument(_) => "invalid_argument",
         Error::Unavailable(_) => "unavailable",
         Error::Timeout(_) => "timeout",
+        Error::OutcomeUnknown(_) => "outcome_unknown",
+        Error::UnknownSession(_) => "unknown_session",
         Error::Protocol { .. } => "protocol",
     }
 }
@@ -495,19 +501,10 @@ fn os_from_bytes(v: Vec<u8>) -> OsString {
 
 /// Sends a write and returns its result and slot.
 async fn write(client: &Client, op: Op) -> Result<(OpResult, u64), Failure> {
-    let (o, addr) = client
+    let (o, _) = client
         .write_op(op)
         .await
         .map_err(|e| Failure::from_error(e, true))?;
-    if o.result == OpResult::Stale {
-        return Err(Failure::from_error(
-            Error::Protocol {
-                addr,
-                detail: "the write was answered as stale".into(),
-            },
-            true,
-        ));
-    }
     Ok((o.result, o.slot))
 }
 
