@@ -565,7 +565,6 @@ impl Node {
     }
 }
 
-
 /// Whether to write `records` on the driver's own thread rather than on
 /// the blocking pool. Handing a write to the pool costs two thread wakeups,
 /// which on a small machine cost more than the write itself: measured with
