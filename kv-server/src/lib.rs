@@ -9,6 +9,7 @@
 //! - [`storage`] — the acceptor's durable state in a write-ahead log, one synced
 //!   transaction per round (group commit).
 //! - [`state`] — the key-value map and per-client deduplication.
+//! - `lock` — one replica process per data directory (`LOCK`, flock).
 //! - `node` — the driver task that owns core, storage and state machine.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
@@ -18,6 +19,7 @@
 pub mod config;
 mod error;
 pub mod faults;
+mod lock;
 mod node;
 pub mod paxos;
 mod peers;
@@ -44,6 +46,9 @@ pub async fn run(
         .get(config.id)
         .expect("validate() checked the id")
         .clone();
+    // Before anything in the directory is read or written; held until
+    // this function returns.
+    let _lock = lock::lock(&config.data_dir)?;
     let dir = config.data_dir.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let (storage, durable) = storage::Storage::open(&dir)?;
