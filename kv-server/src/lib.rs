@@ -49,9 +49,12 @@ pub async fn run(
     // Before anything in the directory is read or written; held until
     // this function returns.
     let _lock = lock::lock(&config.data_dir)?;
+    let options = storage::Options {
+        unsynced_journal: storage::testing::enabled_by_env(),
+    };
     let dir = config.data_dir.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let (storage, durable) = storage::Storage::open(&dir)?;
+        let (storage, durable) = storage::Storage::open_with(&dir, options)?;
         let snapshots = snapshot::SnapshotDir::open(&dir)?;
         let (index, sm) = snapshots.load_latest()?;
         Ok::<_, ServerError>((storage, durable, snapshots, index, sm))

@@ -471,8 +471,9 @@ fn op_bytes(op: &kv_api::Op) -> u64 {
 /// when requests were just handed to the network (`sent`), which must reach
 /// the wire while the leader's own sync runs, and for a compaction, whose
 /// checkpoint rewrites the live log. A follower's accept (nothing is sent
-/// before its sync) and a write that only moves the chosen mark (no sync)
-/// run inline.
+/// before its sync) and a write that only moves the chosen mark (storage
+/// keeps that in memory until its next synced write: no I/O at all) run
+/// inline.
 fn write_inline(records: &[crate::paxos::Record], sent: bool) -> bool {
     use crate::paxos::Record;
     let compacts = records.iter().any(|r| matches!(r, Record::Compacted(_)));
