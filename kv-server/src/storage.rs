@@ -21,7 +21,7 @@
 //! ```text
 //! segment header: magic "KVPAXWAL" | version u32 (2) | nonce u64 | first write u64 | CRC-32 u32
 //! frame header:   CRC-32 u32 | body length u32 | body CRC-32 u32 | write u64 | part u32 | parts u32
-//! frame body:     bincode(Record), one after another
+//! frame body:     bincode(Vec<Record>): count u64 | the records
 //! ```
 //!
 //! All integers are little-endian. The segment header's CRC covers the
@@ -390,20 +390,21 @@ fn encode_write(
     let mut sizes = Vec::with_capacity(records.len());
     for r in records {
         let n = bincode::serialized_size(r).map_err(|e| e.to_string())?;
-        if n > MAX_FRAME {
+        if n + 8 > MAX_FRAME {
             return Err(format!(
                 "a record of {n} bytes is larger than a frame may be ({MAX_FRAME} bytes)"
             ));
         }
         sizes.push(n as usize);
     }
-    // Frames as ranges of records: as many as fit in SPLIT, at least one.
+    // Frames as ranges of records: as many as fit in SPLIT (with the
+    // 8-byte count in front), at least one.
     let mut frames = Vec::new();
-    let (mut first, mut body) = (0, 0);
+    let (mut first, mut body) = (0, 8);
     for (i, &n) in sizes.iter().enumerate() {
-        if body > 0 && body + n > SPLIT {
+        if i > first && body + n > SPLIT {
             frames.push(first..i);
-            (first, body) = (i, 0);
+            (first, body) = (i, 8);
         }
         body += n;
     }
@@ -419,6 +420,8 @@ fn encode_write(
         buf.resize(buf.len() + pad, 0);
         let h = buf.len();
         buf.resize(h + FRAME_HEADER, 0);
+        // As bincode encodes a Vec: its length, then the elements.
+        buf.extend_from_slice(&(range.len() as u64).to_le_bytes());
         for r in &records[range] {
             bincode::serialize_into(&mut buf, r).map_err(|e| e.to_string())?;
         }
@@ -927,16 +930,19 @@ fn read_write(
         if body_end > bytes.len() {
             return Err(problem(h, "a frame cut short by the end of the file", true));
         }
-        let mut body = &bytes[body_start..body_end];
+        let body = &bytes[body_start..body_end];
         if crc32fast::hash(body) != hd.crc {
             let torn = lost_sector(bytes, body_start, body_end);
             return Err(problem(h, "frame body checksum mismatch", torn));
         }
-        while !body.is_empty() {
-            match bincode::deserialize_from::<_, Record>(&mut body) {
-                Ok(r) => records.push(r),
-                Err(e) => return Err(problem(h, &format!("undecodable frame: {e}"), false)),
-            }
+        use bincode::Options as _;
+        let decoded = bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .reject_trailing_bytes()
+            .deserialize::<Vec<Record>>(body);
+        match decoded {
+            Ok(r) => records.extend(r),
+            Err(e) => return Err(problem(h, &format!("undecodable frame: {e}"), false)),
         }
         at = body_end;
         part += 1;
