@@ -36,10 +36,11 @@
 //! one `pwrite` and covered by one `fdatasync` before `write` returns. The
 //! records are split into frames of at most `SPLIT` (8 MiB) of body (a
 //! record larger than that gets a frame of its own), so no frame is ever
-//! near the hard limit `MAX_FRAME` (2 GiB) that the reader enforces. A frame header never
-//! crosses a 512-byte sector boundary: where it would, the writer leaves the
-//! rest of the sector as zeros and starts the frame at the next sector, so a
-//! header is always either entirely written or entirely missing.
+//! near the hard limit `MAX_FRAME` (2 GiB) that the reader enforces. A
+//! frame header never crosses a 512-byte sector boundary: where it would,
+//! the writer leaves the rest of the sector as zeros and starts the frame
+//! at the next sector, so a header is always either entirely written or
+//! entirely missing (sectors being written whole or not at all).
 //!
 //! Space is reserved ahead of the writes, [`RESERVE`] bytes at a time, with
 //! `fallocate`, so a write does not change the file's length and its
@@ -67,7 +68,11 @@
 //!   zeros of reserved space, which a sector that never reached the disk
 //!   still holds). It is discarded as a whole (never a part of a write) and
 //!   the file is cut at its start, so what is written next cannot be
-//!   confused with its remains.
+//!   confused with its remains. (A body may hold such zeros as data, say a
+//!   value of zeros; a synced last write that also took a bit flip would
+//!   then be taken for a torn one. That takes two faults at once; the other
+//!   way round, a real tear that lost only a few bytes' worth of sector
+//!   refused as damage, would stop a replica after any power cut.)
 //! * Everything else that does not check out is damage, and start-up fails
 //!   naming the file and the byte offset, truncating nothing: a frame header
 //!   whose checksum fails and that is not all zeros, a header that checks
@@ -126,10 +131,11 @@ const FRAME_HEADER: usize = 28;
 
 /// A write's records are split into frames of at most this many bytes of
 /// body (one record larger than this gets a frame of its own). Large enough
-/// that a group commit, even of a batch of maximal values, is one frame with
-/// one header, so the hot path is as before; small enough that decoding or
-/// checking one frame needs tens of MiB at most and that a checkpoint of a
-/// large live log is many frames, each far below `MAX_FRAME`.
+/// that a group commit of a batch (batches are capped at a few MiB) is one
+/// frame with one header, so the hot path is as before; small enough that
+/// decoding or checking one frame needs tens of MiB at most, and that a
+/// checkpoint of a large live log is many frames, each far below
+/// `MAX_FRAME`. (Unit tests use 64 KiB, to split without writing much.)
 #[cfg(not(test))]
 const SPLIT: usize = 8 << 20;
 #[cfg(test)]
@@ -138,7 +144,8 @@ const SPLIT: usize = 64 << 10;
 /// The most a frame header may claim: more is damage. Generous, because a
 /// single record gets a frame of its own and an earlier version (batches of
 /// 512 compare-and-swaps of two 1 MiB values each) could make records of
-/// about 1 GiB, which a checkpoint after the upgrade writes again.
+/// about 1 GiB, which a checkpoint after the upgrade writes again. (Unit
+/// tests use 1 MiB.)
 #[cfg(not(test))]
 const MAX_FRAME: u64 = 2 << 30;
 #[cfg(test)]
