@@ -16,6 +16,18 @@ pub enum ServerError {
         /// The cause (in the message, so not also a `source()`).
         error: std::io::Error,
     },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {path} is in use by {holder} (is another kv-server running with this \
+         --data-dir? stop it first, or give this one another directory)"
+    )]
+    DataDirInUse {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it: `process N`, or `another process` if its pid
+        /// could not be read.
+        holder: String,
+    },
     /// A listening address cannot be bound.
     #[error("cannot listen on {addr}: {error} (is another process using it?)")]
     Bind {

@@ -10,6 +10,7 @@
 //!   transaction per round (group commit).
 //! - [`state`] — the key-value map and the client sessions (deduplication,
 //!   expiry by the log's clock).
+//! - `lock` — one replica process per data directory (`LOCK`, flock).
 //! - `node` — the driver task that owns core, storage and state machine.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
@@ -22,6 +23,7 @@
 pub mod config;
 mod error;
 pub mod faults;
+mod lock;
 mod net;
 mod node;
 pub mod paxos;
@@ -53,9 +55,15 @@ pub async fn run(
         .get(config.id)
         .expect("validate() checked the id")
         .clone();
+    // Before anything in the directory is read or written; held until
+    // this function returns.
+    let _lock = lock::lock(&config.data_dir)?;
+    let options = storage::Options {
+        unsynced_journal: storage::testing::enabled_by_env(),
+    };
     let dir = config.data_dir.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let (storage, durable) = storage::Storage::open(&dir)?;
+        let (storage, durable) = storage::Storage::open_with(&dir, options)?;
         let snapshots = snapshot::SnapshotDir::open(&dir)?;
         let (index, sm) = snapshots.load_latest()?;
         Ok::<_, ServerError>((storage, durable, snapshots, index, sm))

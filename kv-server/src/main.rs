@@ -8,7 +8,9 @@
 //! Exit codes (scripts and tests rely on them):
 //! - 0: clean shutdown (Ctrl-C or SIGTERM);
 //! - 2: bad usage or invalid configuration (malformed replica file, unknown
-//!   `--id`), with `kv-server: <error>` on stderr naming the file and line;
+//!   `--id`), with `kv-server: <error>` on stderr naming the file and line,
+//!   or a data directory another process is using (`kv-server: data
+//!   directory X is in use by process N ...`);
 //! - 1: any other failure (data directory not writable, cannot bind, damaged
 //!   storage), with a one-line message on stderr.
 
@@ -62,8 +64,9 @@ Examples:
   # The same, killing and pausing replicas at random, at most two at a time
   kv-server cluster --chaos
 
-Exit status: 0 after a clean shutdown, 2 for bad usage or an invalid replica
-file or id, 1 for other failures (data directory, address in use, storage).";
+Exit status: 0 after a clean shutdown, 2 for bad usage, an invalid replica
+file or id, or a data directory another kv-server is using, 1 for other
+failures (data directory, address in use, storage).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -272,7 +275,7 @@ fn one_line(error: impl std::fmt::Display) -> String {
 impl From<ServerError> for Failure {
     fn from(e: ServerError) -> Failure {
         match e {
-            ServerError::Config(_) => Failure::usage(e),
+            ServerError::Config(_) | ServerError::DataDirInUse { .. } => Failure::usage(e),
             _ => Failure::runtime(e),
         }
     }

@@ -573,8 +573,9 @@ impl Node {
 /// when requests were just handed to the network (`sent`), which must reach
 /// the wire while the leader's own sync runs, and for a compaction, whose
 /// checkpoint rewrites the live log. A follower's accept (nothing is sent
-/// before its sync) and a write that only moves the chosen mark (no sync)
-/// run inline.
+/// before its sync) and a write that only moves the chosen mark (storage
+/// keeps that in memory until its next synced write: no I/O at all) run
+/// inline.
 ///
 /// A large write (big values) also goes to the pool: its sync takes long
 /// enough that the network must be read meanwhile, or heartbeats queue

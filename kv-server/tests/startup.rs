@@ -599,3 +599,122 @@ fn cluster_replicas_stop_when_the_supervisor_is_killed() {
         "replicas outlived their supervisor: {alive:?}"
     );
 }
+
+// ------------------------------------------------------ one data directory
+
+/// A put or a linearizable get against one replica over tarpc, retried
+/// until `deadline` (the replica may still be electing itself).
+fn call_until(addr: &str, key: &str, put: Option<&str>, deadline: Instant) -> Option<Vec<u8>> {
+    use kv_api::{KvClient, Op, ReadMode, Route, WriteRequest};
+    use tarpc::tokio_serde::formats::Bincode;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let attempt = async {
+                let mut connect = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
+                connect.config_mut().max_frame_length(kv_api::MAX_FRAME);
+                let transport = connect.await.map_err(|e| e.to_string())?;
+                let client = KvClient::new(tarpc::client::Config::default(), transport).spawn();
+                let ctx = tarpc::context::current();
+                match put {
+                    Some(value) => {
+                        let req = WriteRequest {
+                            client_id: 0x10c4_0000 ^ u64::from(std::process::id()),
+                            seq: 1 + key.len() as u64,
+                            acked_below: 0,
+                            op: Op::Put {
+                                key: key.as_bytes().to_vec(),
+                                value: value.as_bytes().to_vec(),
+                            },
+                        };
+                        client
+                            .write(ctx, req, Route::Forward)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>(None)
+                    }
+                    None => client
+                        .get(
+                            ctx,
+                            key.as_bytes().to_vec(),
+                            ReadMode::Linearizable,
+                            Route::Forward,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map(|g| g.value)
+                        .map_err(|e| e.to_string()),
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                Ok(Ok(value)) => return value,
+                Ok(Err(e)) => last = e,
+                Err(_) => last = "timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no answer from {addr} for {key:?} in time: {last}");
+    })
+}
+
+/// The bytes of every file under `dir`, by path.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).expect("read a directory") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read a file");
+                out.push((path, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_second_replica_on_a_data_directory_in_use_is_refused_and_touches_nothing() {
+    let dir = TempDir::new("data-dir-in-use");
+    // One replica is its own majority, so it serves alone.
+    let (text, clients) = replica_file(1);
+    dir.write("replica", &text);
+    // The same id elsewhere: a second process would bind without trouble.
+    let (other, _) = replica_file(1);
+    dir.write("other", &other);
+    let mut first = Running::start(dir.path(), &["--id", "1", "--data-dir", "d1"]);
+    let deadline = Instant::now() + LIFECYCLE_TIMEOUT;
+    call_until(&clients[0], "before", Some("written"), deadline);
+    let wal = dir.path().join("d1").join("wal");
+    let before = files_under(&wal);
+    assert!(!before.is_empty(), "no log under {}", wal.display());
+
+    for file in ["replica", "other"] {
+        let out = run_to_end(
+            dir.path(),
+            &["--id", "1", "--replicas", file, "--data-dir", "d1"],
+            REFUSAL_TIMEOUT,
+        );
+        let holder = format!("data directory d1 is in use by process {}", first.pid());
+        assert_refused(&out, 2, &["kv-server: ", &holder]);
+        assert_eq!(files_under(&wal), before, "the log changed ({file})");
+    }
+
+    let deadline = Instant::now() + LIFECYCLE_TIMEOUT;
+    assert_eq!(
+        call_until(&clients[0], "before", None, deadline),
+        Some(b"written".to_vec())
+    );
+    call_until(&clients[0], "after", Some("also"), deadline);
+    signal(first.pid(), libc::SIGTERM);
+    let status = first.wait(LIFECYCLE_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", first.drain_stderr());
+}

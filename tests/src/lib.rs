@@ -1089,3 +1089,26 @@ pub mod wire {
         }
     }
 }
+
+/// The environment variable that turns on kv-server's test-only file layer
+/// (`kv_server::storage::testing`): set to `1` in a test process before it
+/// starts any replica, the replicas it starts (which inherit its
+/// environment) record every log write not yet covered by a sync, so that
+/// [`Cluster::power_cut`] can undo them.
+pub const UNSYNCED_JOURNAL_ENV: &str = kv_server::storage::testing::ENV;
+
+impl Cluster {
+    /// Applies a power cut to stopped replica `id`'s data directory: what
+    /// its log says never reached the disk (needs [`UNSYNCED_JOURNAL_ENV`])
+    /// is undone, the last write possibly torn, choosing with `seed`.
+    /// Returns what was undone.
+    pub fn power_cut(&mut self, id: ReplicaId, seed: u64) -> String {
+        assert!(
+            !self.is_running(id),
+            "replica {id} is running; kill it before cutting its power"
+        );
+        let dir = self.data_dir(id).to_path_buf();
+        kv_server::storage::testing::power_cut(&dir, seed)
+            .unwrap_or_else(|e| panic!("power cut of {}: {e}", dir.display()))
+    }
+}

@@ -23,29 +23,20 @@ fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
     segs.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Flips one byte in the middle of the payload of a complete frame
-/// (`length u32 LE | CRC-32 u32 LE | payload`) in the middle of `segment`,
-/// so that the frame is whole but its checksum no longer matches.
+/// Flips one byte in the middle of the payload of a complete frame in the
+/// middle of `segment` (frames found with kv-server's own reader), so that
+/// the frame is whole but its checksum no longer matches.
 fn corrupt_a_frame(segment: &Path) -> usize {
     let mut bytes = std::fs::read(segment).expect("read the segment");
-    let mut frames = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if len == 0 || at + 8 + len > bytes.len() {
-            break;
-        }
-        frames.push((at, len));
-        at += 8 + len;
-    }
+    let frames = kv_server::storage::testing::frame_bodies(&bytes);
     assert!(
         !frames.is_empty(),
         "no complete frame found in {} ({} bytes): has the storage format changed?",
         segment.display(),
         bytes.len()
     );
-    let (start, len) = frames[frames.len() / 2];
-    let target = start + 8 + len / 2;
+    let body = &frames[frames.len() / 2];
+    let target = body.start + body.len() / 2;
     bytes[target] ^= 0x5a;
     std::fs::write(segment, &bytes).expect("write the damaged segment");
     target
