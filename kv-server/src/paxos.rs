@@ -39,6 +39,12 @@ use rand::{Rng, SeedableRng};
 /// limit (`kv_api::MAX_FRAME`, 64 MiB).
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// How far past its chosen prefix an acceptor accepts a slot. A leader
+/// proposes only a few slots past its own chosen prefix; a follower this
+/// far behind does not vote on new slots until it has fetched the log (or
+/// a snapshot). Bounds what a new leader may have to re-propose.
+pub const MAX_ACCEPT_AHEAD: Slot = 1 << 16;
+
 /// Default bytes of log entries per message: a few full slots.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -1104,7 +1110,10 @@ impl Paxos {
         let mut best: BTreeMap<Slot, (bool, Ballot, Value)> = BTreeMap::new();
         for p in self.promises.values() {
             for e in &p.accepted {
-                if e.slot <= self.chosen {
+                // No acceptor accepts past its own chosen prefix plus
+                // `MAX_ACCEPT_AHEAD`, and ours is now at least as long as
+                // any promiser's: an entry beyond is not an acceptor's.
+                if e.slot <= self.chosen || e.slot > self.chosen.saturating_add(MAX_ACCEPT_AHEAD) {
                     continue;
                 }
                 let replace = match best.get(&e.slot) {
@@ -1379,6 +1388,14 @@ impl Paxos {
                 }
             } else if slot <= self.chosen {
                 continue; // compacted away: cannot compare, do not ack
+            }
+            if slot == 0 || slot > self.chosen.saturating_add(MAX_ACCEPT_AHEAD) {
+                // No leader proposes that far past what we know chosen (it
+                // keeps a few slots in flight); refusing is always safe,
+                // and a replica that far behind catches up by fetching. A
+                // forged entry at slot 2^64 would otherwise make the next
+                // leader re-propose every slot up to it.
+                continue;
             }
             slots.push(slot);
             self.out.persist.push(Record::Accepted {

@@ -622,9 +622,24 @@ fn call_until(addr: &str, key: &str, put: Option<&str>, deadline: Instant) -> Op
                 let ctx = tarpc::context::current();
                 match put {
                     Some(value) => {
+                        // Writes need a session, opened through the log.
+                        let open = WriteRequest {
+                            client_id: 0,
+                            seq: rand::random(),
+                            acked_below: 0,
+                            op: Op::open_session(),
+                        };
+                        let opened = client
+                            .write(ctx, open, Route::Forward)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                        let kv_api::OpResult::SessionOpened { session } = opened.result else {
+                            return Err(format!("opening a session answered {opened:?}"));
+                        };
                         let req = WriteRequest {
-                            client_id: 0x10c4_0000 ^ u64::from(std::process::id()),
-                            seq: 1 + key.len() as u64,
+                            client_id: session,
+                            seq: 1,
                             acked_below: 0,
                             op: Op::Put {
                                 key: key.as_bytes().to_vec(),

@@ -194,6 +194,19 @@ fn requests_over_the_in_flight_limit_are_refused_typed_and_retried() {
                     },
                 )
                 .await;
+                // An SDK client of the follower only, whose session is
+                // opened (by a first put) while writes still go through:
+                // its writes below then need no open, which would hold
+                // them all back behind the first.
+                let sdk = kv_client::Client::builder()
+                    .addrs(vec![cluster.client_addr(f).to_string()])
+                    .follow_hints(false)
+                    .timeout(Duration::from_millis(1500))
+                    .build()
+                    .unwrap();
+                sdk.put("warm", "up")
+                    .await
+                    .expect("a first put opens its session");
                 // Every call from the follower to a peer (so every write it
                 // forwards) is now held until its deadline: writes stay in
                 // flight there.
@@ -238,12 +251,6 @@ fn requests_over_the_in_flight_limit_are_refused_typed_and_retried() {
 
                 // The SDK on that one connection: the excess is "overloaded",
                 // retried until the budget is spent.
-                let sdk = kv_client::Client::builder()
-                    .addrs(vec![cluster.client_addr(f).to_string()])
-                    .follow_hints(false)
-                    .timeout(Duration::from_millis(1500))
-                    .build()
-                    .unwrap();
                 let puts: Vec<_> = (0..6)
                     .map(|i| {
                         let sdk = sdk.clone();
