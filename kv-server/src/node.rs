@@ -43,7 +43,7 @@ const KEEP_BEHIND_SNAPSHOT: usize = 1_000;
 /// And at most this many bytes of them: with large values, 1,000 commands
 /// would be a gigabyte held in memory and rewritten into the log's
 /// checkpoint at every compaction.
-const KEEP_BEHIND_SNAPSHOT_BYTES: usize = 32 << 20;
+const KEEP_BEHIND_SNAPSHOT_BYTES: usize = 8 << 20;
 
 /// A snapshot is also taken once the writes applied since the last one
 /// add up to half the map's size, but not before this many bytes. This
@@ -51,6 +51,12 @@ const KEEP_BEHIND_SNAPSHOT_BYTES: usize = 32 << 20;
 /// whatever the batching: `--snapshot-every` counts log entries, and one
 /// entry may hold up to 512 writes.
 const MIN_LOG_BYTES: u64 = 64 << 20;
+
+/// A round of the driver taking this long is logged (at most once per
+/// `SLOW_NOTE_EVERY`): heartbeats wait for it, and an election timeout is
+/// 150-300 ms.
+const SLOW_ROUND: Duration = Duration::from_millis(100);
+const SLOW_NOTE_EVERY: Duration = Duration::from_secs(10);
 
 /// Capacity of the driver's input queue.
 pub const INPUT_QUEUE: usize = 16 * 1024;
@@ -144,6 +150,8 @@ pub struct Node {
     reads: HashMap<u64, (Vec<u8>, GetReply)>,
     next_token: u64,
     ticks: u64,
+    /// The last round's log write: bytes, whether it compacted, how long.
+    last_write: (usize, bool, Duration),
     snapshots: Snapshots,
     /// What this replica writes into the opens it proposes.
     session_ttl_ms: u64,
@@ -176,6 +184,7 @@ impl Node {
             reads: HashMap::new(),
             next_token: 0,
             ticks: 0,
+            last_write: (0, false, Duration::ZERO),
             session_ttl_ms: DEFAULT_SESSION_TTL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
@@ -200,10 +209,11 @@ impl Node {
         tick: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
-        self.flush().await?;
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.flush(&mut ticker).await?;
         tokio::pin!(shutdown);
+        let mut last_slow_note: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -214,13 +224,36 @@ impl Node {
                     None => break,
                 },
             }
+            let started = std::time::Instant::now();
+            let mut inputs = 1;
             for _ in 0..MAX_DRAIN {
                 match rx.try_recv() {
-                    Ok(input) => self.handle(input),
+                    Ok(input) => {
+                        inputs += 1;
+                        self.handle(input)
+                    }
                     Err(_) => break,
                 }
             }
-            self.flush().await?;
+            let handled = started.elapsed();
+            self.flush(&mut ticker).await?;
+            let took = started.elapsed();
+            if took >= SLOW_ROUND && last_slow_note.is_none_or(|t| t.elapsed() >= SLOW_NOTE_EVERY) {
+                last_slow_note = Some(std::time::Instant::now());
+                tracing::warn!(
+                    id = self.core.id(),
+                    took_ms = took.as_millis() as u64,
+                    handling_ms = handled.as_millis() as u64,
+                    inputs,
+                    leader = self.core.is_leader(),
+                    persisted_bytes = self.last_write.0,
+                    compacted = self.last_write.1,
+                    persist_ms = self.last_write.2.as_millis() as u64,
+                    "a consensus round took long: heartbeats and answers were late meanwhile, \
+                     and followers may have started an election (an overloaded machine, \
+                     slow disk, or large values)"
+                );
+            }
         }
         tracing::info!(id = self.core.id(), "replica stopping");
         Ok(())
@@ -235,6 +268,18 @@ impl Node {
                 v.retain(|tx| !tx.is_closed());
                 !v.is_empty()
             });
+            // Writes still queued whose clients stopped waiting (their
+            // deadline passed) are dropped before they take a slot: the
+            // client saw an unknown outcome and retries the same
+            // (session, seq) if it wants it. Under overload this keeps the
+            // leader from working through a backlog nobody waits for.
+            let waiters = &self.waiters;
+            let dropped = self
+                .core
+                .retain_queued(|r| waiters.contains_key(&(r.client_id, r.seq)));
+            if dropped > 0 {
+                tracing::debug!(dropped, "dropped queued writes nobody waits for");
+            }
         }
     }
 
@@ -455,7 +500,7 @@ impl Node {
 
     /// Carries out the core's `Ready`: send requests, persist, release
     /// replies, apply.
-    async fn flush(&mut self) -> Result<()> {
+    async fn flush(&mut self, ticker: &mut tokio::time::Interval) -> Result<()> {
         let ready = self.core.ready();
         // Requests go out before our own sync, so the leader's disk write
         // overlaps the followers' (one sync on the critical path, not two).
@@ -472,16 +517,39 @@ impl Node {
                 ));
             };
             let records = ready.persist;
+            let write_started = std::time::Instant::now();
+            self.last_write = (
+                records.iter().map(record_bytes).sum(),
+                records
+                    .iter()
+                    .any(|r| matches!(r, crate::paxos::Record::Compacted(_))),
+                Duration::ZERO,
+            );
             let result = if write_inline(&records, sent) {
                 let r = storage.write(&records);
                 self.storage = Some(storage);
                 r
             } else {
-                let result = tokio::task::spawn_blocking(move || {
+                let mut write = tokio::task::spawn_blocking(move || {
                     let r = storage.write(&records);
                     (storage, r)
-                })
-                .await;
+                });
+                // A leader keeps its heartbeats going while a long write
+                // runs (large values, a compaction, a busy machine): its
+                // followers would otherwise take the pause for its death.
+                // Only requests go out meanwhile; answers are handled after
+                // the write, as always (see `Paxos::tick_while_busy`).
+                let result = loop {
+                    tokio::select! {
+                        r = &mut write => break r,
+                        _ = ticker.tick() => {
+                            self.core.tick_while_busy();
+                            for (to, msg) in self.core.take_messages() {
+                                self.pool.send(to, msg, self.inputs.clone());
+                            }
+                        }
+                    }
+                };
                 match result {
                     Ok((storage, r)) => {
                         self.storage = Some(storage);
@@ -492,10 +560,13 @@ impl Node {
                     ))),
                 }
             };
+            self.last_write.2 = write_started.elapsed();
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
                 return Err(e);
             }
+        } else {
+            self.last_write = (0, false, Duration::ZERO);
         }
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
@@ -583,14 +654,15 @@ impl Node {
 fn write_inline(records: &[crate::paxos::Record], sent: bool) -> bool {
     use crate::paxos::Record;
     let compacts = records.iter().any(|r| matches!(r, Record::Compacted(_)));
-    let bytes: usize = records
-        .iter()
-        .map(|r| match r {
-            Record::Accepted { value, .. } => crate::paxos::value_bytes(value),
-            _ => 16,
-        })
-        .sum();
+    let bytes: usize = records.iter().map(record_bytes).sum();
     !(compacts || bytes > INLINE_WRITE_BYTES || (sent && crate::storage::needs_sync(records)))
+}
+
+fn record_bytes(r: &crate::paxos::Record) -> usize {
+    match r {
+        crate::paxos::Record::Accepted { value, .. } => crate::paxos::value_bytes(value),
+        _ => 16,
+    }
 }
 
 /// Above this many bytes a log write runs on the blocking pool.

@@ -37,7 +37,7 @@ use rand::{Rng, SeedableRng};
 /// (512 commands of up to 8 KiB), small enough that a slot is synced and
 /// sent in a few milliseconds and every message stays far below the frame
 /// limit (`kv_api::MAX_FRAME`, 64 MiB).
-pub const MAX_BATCH_BYTES: usize = 4 << 20;
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// How far past its chosen prefix an acceptor accepts a slot. A leader
 /// proposes only a few slots past its own chosen prefix; a follower this
@@ -46,7 +46,7 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 pub const MAX_ACCEPT_AHEAD: Slot = 1 << 16;
 
 /// Default bytes of log entries per message: a few full slots.
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// Bytes a client command counts for in the byte limits: its keys and
 /// values plus its fixed fields.
@@ -122,7 +122,7 @@ impl Config {
             election_ticks: (15, 30),
             retransmit_ticks: 30,
             max_inflight: 8,
-            max_inflight_bytes: 2 * MAX_BATCH_BYTES,
+            max_inflight_bytes: 4 * MAX_BATCH_BYTES,
             max_batch: 512,
             max_batch_bytes: MAX_BATCH_BYTES,
             max_entries_per_message: 256,
@@ -713,6 +713,29 @@ impl Paxos {
                 self.fetch_started = None;
             }
         }
+    }
+
+    /// A tick while the driver waits for a long write of this round: a
+    /// leader keeps sending heartbeats and deferred accepts (requests, which
+    /// may leave before the write completes), and does nothing that depends
+    /// on answers, which are handled only after it (no step-down for lack
+    /// of acknowledgements, no retransmits, no demotions). A follower does
+    /// nothing: its election timer should not run while it is busy.
+    pub fn tick_while_busy(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        self.now += 1;
+        if self.now >= self.last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
+            self.start_heartbeat_round();
+        }
+        self.send_deferred();
+    }
+
+    /// Takes the messages to send now, leaving the rest of the round's
+    /// output (records, applies) for the next [`Paxos::ready`].
+    pub fn take_messages(&mut self) -> Vec<(ReplicaId, Msg)> {
+        std::mem::take(&mut self.out.messages)
     }
 
     /// A leader that has not heard from a majority for an election timeout
@@ -1749,6 +1772,22 @@ impl Paxos {
         self.queue_bytes += bytes;
         self.queue.push_back(req);
         Ok(())
+    }
+
+    /// Keeps only the queued proposals (not yet in a slot) for which `keep`
+    /// holds; returns how many were dropped.
+    pub fn retain_queued(&mut self, mut keep: impl FnMut(&WriteRequest) -> bool) -> usize {
+        let before = self.queue.len();
+        let mut bytes = 0;
+        self.queue.retain(|r| {
+            let k = keep(r);
+            if k {
+                bytes += request_bytes(r);
+            }
+            k
+        });
+        self.queue_bytes = bytes;
+        before - self.queue.len()
     }
 
     /// Offers the log's clock a reading (`Value::Time`), proposed in a slot

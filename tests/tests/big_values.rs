@@ -48,20 +48,21 @@ async fn eighty_clients_putting_1_mib_values_keep_the_cluster_writing() {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         stop.store(true, Ordering::Relaxed);
         let stopped = start.elapsed();
+        // The clients stop once their last put is answered.
+        while tasks.join_next().await.is_some() {}
+        let drained = start.elapsed() - stopped;
 
-        // Small puts go through at once after the load stops (the big
-        // puts still in flight drain first).
+        // Then small puts go through at once: nothing is wedged.
         let client = cluster.client_with_timeout(Duration::from_secs(10));
         let small = Instant::now();
         client.put("small", "after").await.expect("a small put");
         let small = small.elapsed();
-        while tasks.join_next().await.is_some() {}
 
         let mut times = acked.lock().unwrap().clone();
         times.sort();
         eprintln!(
             "{} puts of {VALUE} bytes by {CLIENTS} clients in {stopped:?} ({:.1}/s); a small \
-             put after them took {small:?}",
+             put after them took {small:?} (the last big puts took {drained:?} to drain)",
             times.len(),
             times.len() as f64 / stopped.as_secs_f64()
         );
@@ -81,7 +82,7 @@ async fn eighty_clients_putting_1_mib_values_keep_the_cluster_writing() {
             stopped - last
         );
         assert!(
-            small <= Duration::from_secs(1) + WINDOW,
+            small <= Duration::from_secs(1),
             "a small put took {small:?} after the load stopped"
         );
         assert_eq!(
