@@ -153,10 +153,57 @@ fn result_bytes(o: &WriteOutcome) -> u64 {
     held as u64 + 64
 }
 
+/// The map's keys and values as byte strings: the same bytes in a snapshot
+/// as sequences of `u8` (so every snapshot ever written still reads), but
+/// copied whole instead of one call per byte.
+mod byte_map {
+    use std::collections::HashMap;
+
+    use serde::de::{MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(
+        map: &HashMap<Vec<u8>, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut out = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            out.serialize_entry(Bytes::new(k), Bytes::new(v))?;
+        }
+        out.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<Vec<u8>, Vec<u8>>, D::Error> {
+        struct Pairs;
+        impl<'de> Visitor<'de> for Pairs {
+            type Value = HashMap<Vec<u8>, Vec<u8>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of byte strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                // The length comes from the file: reserve no more than a
+                // bounded amount up front.
+                let hint = a.size_hint().unwrap_or(0).min(1 << 20);
+                let mut map = HashMap::with_capacity(hint);
+                while let Some((k, v)) = a.next_entry::<ByteBuf, ByteBuf>()? {
+                    map.insert(k.into_vec(), v.into_vec());
+                }
+                Ok(map)
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
+}
+
 /// The key-value map and the client sessions. Serializable: a snapshot is
 /// this structure as of `applied`.
 #[derive(Default, Debug, Clone, Serialize, Deserialize)]
 pub struct StateMachine {
+    #[serde(with = "byte_map")]
     map: HashMap<Vec<u8>, Vec<u8>>,
     sessions: HashMap<u64, Session>,
     applied: Slot,
@@ -195,6 +242,7 @@ pub struct StateMachine {
 /// it.
 #[derive(Deserialize)]
 pub(crate) struct LegacyStateMachine {
+    #[serde(with = "byte_map")]
     map: HashMap<Vec<u8>, Vec<u8>>,
     sessions: HashMap<u64, LegacySession>,
     applied: Slot,

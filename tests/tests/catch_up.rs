@@ -13,6 +13,13 @@ fn key(i: usize) -> String {
     format!("key-{i:03}")
 }
 
+/// The value of the snapshot test's put `i`: `BIG` bytes, starting with `v{i}`.
+fn value(i: usize) -> Vec<u8> {
+    let mut v = format!("v{i}:").into_bytes();
+    v.resize(BIG, b'.');
+    v
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_replica_catches_up_on_the_writes_it_missed() {
     let mut cluster = Cluster::start(5).await;
@@ -74,6 +81,12 @@ async fn restarted_replica_catches_up_on_the_writes_it_missed() {
 /// lagging replica needs is compacted away and it must take a snapshot.
 const SNAPSHOT_EVERY: &str = "50";
 
+/// Value size in the snapshot test: 400 of them are 25 MiB, far more than
+/// the 8 MiB of log a replica keeps behind its snapshot for peers slightly
+/// behind (or the 1,000 commands), so the restarted replica cannot catch
+/// up from the log alone.
+const BIG: usize = 64 << 10;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_replica_catches_up_from_a_snapshot_once_the_log_is_compacted() {
     let mut cluster = Cluster::start_with_args(5, &["--snapshot-every", SNAPSHOT_EVERY]).await;
@@ -84,10 +97,11 @@ async fn restarted_replica_catches_up_from_a_snapshot_once_the_log_is_compacted(
         let behind = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
         cluster.kill(behind);
 
-        // Sequential puts: one log entry each, far past two snapshot intervals.
+        // Sequential puts: one log entry each, far past two snapshot
+        // intervals and past what is kept behind a snapshot.
         for i in 0..400 {
             client
-                .put(key(i % KEYS).as_str(), format!("v{i}").as_str())
+                .put(key(i % KEYS).as_str(), value(i))
                 .await
                 .unwrap_or_else(|e| panic!("put {i}: {e}"));
         }
@@ -112,8 +126,9 @@ async fn restarted_replica_catches_up_from_a_snapshot_once_the_log_is_compacted(
             .expect("status of the restarted replica");
         eprintln!("restarted replica {behind}: {status:?}");
         assert!(
-            status.snapshot > 0,
-            "replica {behind} caught up past a compacted log without a snapshot: {status:?}"
+            status.snapshots_installed > 0,
+            "replica {behind} caught up past a compacted log without receiving a snapshot: \
+             {status:?}"
         );
         let restarted = cluster.client_for(behind);
         for i in 0..KEYS {
