@@ -33,6 +33,8 @@ const MAX_DRAIN: usize = 4096;
 
 /// Ticks between sweeps of abandoned waiters.
 const SWEEP_TICKS: u64 = 100;
+/// The same, while the leader has writes queued.
+const SWEEP_TICKS_QUEUED: u64 = 10;
 
 /// Client commands kept in the log behind a snapshot, for peers slightly
 /// behind to catch up from the log instead of a snapshot. Counted in
@@ -263,7 +265,14 @@ impl Node {
         self.core.tick();
         self.propose_time();
         self.ticks += 1;
-        if self.ticks.is_multiple_of(SWEEP_TICKS) {
+        // Often while writes are queued (a backlog nobody waits for must
+        // not hold up the next client), rarely otherwise.
+        let every = if self.core.queued() > 0 {
+            SWEEP_TICKS_QUEUED
+        } else {
+            SWEEP_TICKS
+        };
+        if self.ticks.is_multiple_of(every) {
             self.waiters.retain(|_, v| {
                 v.retain(|tx| !tx.is_closed());
                 !v.is_empty()

@@ -1774,6 +1774,11 @@ impl Paxos {
         Ok(())
     }
 
+    /// Proposals queued at a leader, waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Keeps only the queued proposals (not yet in a slot) for which `keep`
     /// holds; returns how many were dropped.
     pub fn retain_queued(&mut self, mut keep: impl FnMut(&WriteRequest) -> bool) -> usize {
