@@ -95,8 +95,8 @@ struct Cli {
 
     /// Snapshot the map every N applied log entries, or sooner once the
     /// writes applied since the last snapshot add up to half the map's size
-    /// (at least 64 MiB), and drop the log behind it (the last 1,000 writes
-    /// are kept for peers slightly behind).
+    /// (at least 128 MiB), and drop the log behind it (the last 1,000 writes,
+    /// at most 8 MiB of them, are kept for peers slightly behind).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
 

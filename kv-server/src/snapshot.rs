@@ -48,6 +48,46 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ServerError {
     }
 }
 
+/// Syncs a file being written every [`SYNC_EVERY`] bytes. A snapshot is
+/// as big as the map; written in one go and synced at the end, its dirty
+/// pages reach the disk as one burst that the log's small `fdatasync`
+/// calls (every client write waits for one) queue behind. Synced a piece
+/// at a time, the burst is spread out.
+struct SyncEvery {
+    file: File,
+    unsynced: u64,
+}
+
+/// Bytes of a snapshot written between syncs.
+const SYNC_EVERY: u64 = 8 << 20;
+
+impl SyncEvery {
+    fn new(file: File) -> SyncEvery {
+        SyncEvery { file, unsynced: 0 }
+    }
+}
+
+impl Write for SyncEvery {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Seek for SyncEvery {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
 /// Counts bytes and their CRC as they pass.
 struct Crc<T> {
     inner: T,
@@ -195,7 +235,7 @@ impl SnapshotDir {
         let tmp = self.tmp_path();
         let err = |e: &dyn std::fmt::Display| io_err(&tmp, e);
         let file = File::create(&tmp).map_err(|e| err(&e))?;
-        let mut w = BufWriter::new(file);
+        let mut w = BufWriter::new(SyncEvery::new(file));
         w.seek(SeekFrom::Start(HEADER_LEN)).map_err(|e| err(&e))?;
         let mut body = Crc::new(w);
         bincode::serialize_into(&mut body, sm).map_err(|e| err(&e))?;
@@ -208,7 +248,7 @@ impl SnapshotDir {
         let mut w = body.inner;
         w.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
         header.write(&mut w).map_err(|e| err(&e))?;
-        let file = w.into_inner().map_err(|e| err(&e))?;
+        let file = w.into_inner().map_err(|e| err(&e))?.file;
         file.sync_all().map_err(|e| err(&e))?;
         self.commit(&tmp, index)
     }

@@ -81,15 +81,20 @@
 //!   anywhere by a frame of a later write that checks out, and any bad frame
 //!   in a segment other than the last.
 //! * When the log is compacted behind a snapshot, a new segment starting
-//!   with a checkpoint of the live state is written and synced, the
-//!   directory synced, and the older segments deleted, so the log's size
-//!   follows the live state, not the number of writes. If the last segment
-//!   holds no complete write but others precede it, it is such a checkpoint
-//!   that never completed (its segment header may even read as zeros); it is
-//!   deleted and the log continues in the segment before it. Every segment
-//!   but a new log's first starts with a checkpoint, so any suffix of the
-//!   segments replays to the same state: deletions that a crash interrupted
-//!   are harmless.
+//!   with a checkpoint of the log's metadata (promise, chosen and
+//!   compaction marks, pre-vote, standing — no entries) is written and
+//!   synced, the directory synced, and then, in the background, the oldest
+//!   segments whose every entry is compacted are deleted: entries still
+//!   live are never rewritten (with large values a rewrite was several MiB
+//!   written and synced while clients waited); they stay in the segment
+//!   they were written to until the compaction point passes it. So the
+//!   log's size follows the live state plus at most the writes since the
+//!   compaction before last. If the last segment holds no complete write
+//!   but others precede it, it is such a checkpoint that never completed
+//!   (its segment header may even read as zeros); it is deleted and the log
+//!   continues in the segment before it. Segments are deleted oldest first
+//!   and every one but a new log's first starts with a checkpoint, so the
+//!   segments left by an interrupted deletion replay to the same state.
 //!
 //! # Upgrading from the first format
 //!
@@ -167,11 +172,17 @@ struct State {
     standing: Option<Standing>,
     /// Whether any record was replayed or written.
     any: bool,
+    /// The highest slot of an accepted entry applied since the caller last
+    /// reset it (per segment, while replaying).
+    max_accepted: Slot,
 }
 
 impl State {
     fn apply(&mut self, r: Record) {
         self.any = true;
+        if let Record::Accepted { slot, .. } = r {
+            self.max_accepted = self.max_accepted.max(slot);
+        }
         match r {
             Record::PreVoted(round) => self.prevoted = self.prevoted.max(round),
             Record::Standing(s) => self.standing = Some(s),
@@ -193,6 +204,21 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Everything but the entries: what a new segment starts with, so that
+    /// older segments are needed only for the entries they hold.
+    fn metadata(&self) -> Vec<Record> {
+        let mut out = vec![
+            Record::Promised(self.promised),
+            Record::Chosen(self.chosen),
+            Record::Compacted(self.compacted),
+            Record::PreVoted(self.prevoted),
+        ];
+        if let Some(s) = self.standing {
+            out.push(Record::Standing(s));
+        }
+        out
     }
 
     fn checkpoint(&self) -> Vec<Record> {
@@ -250,6 +276,18 @@ pub struct Storage {
     /// A chosen mark not yet on disk (see the module documentation).
     pending_chosen: Option<Slot>,
     io: Io,
+    /// The deletion of the segments a checkpoint replaced, running in the
+    /// background (one at a time; waited for when the log is dropped).
+    cleanup: Option<std::thread::JoinHandle<()>>,
+    /// The highest slot accepted in each segment still present: a segment
+    /// is deleted once it is compacted past.
+    seg_max: BTreeMap<u64, Slot>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> ServerError {
@@ -463,6 +501,8 @@ impl Storage {
         let segments = list_segments(&wal)?;
         let mut state = State::default();
         let mut replayed: Vec<(u64, PathBuf, Replayed)> = Vec::new();
+        // The highest slot accepted in each segment.
+        let mut seg_max: BTreeMap<u64, Slot> = BTreeMap::new();
         // The next write number after the previous segment, if in this format.
         let mut next: Option<u64> = None;
         for (i, (seq, path)) in segments.iter().enumerate() {
@@ -471,6 +511,7 @@ impl Storage {
             File::open(path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| err(path, e))?;
+            state.max_accepted = 0;
             let r = if is_blank(&bytes) {
                 next = None;
                 let data = !all_zero(&bytes);
@@ -500,6 +541,7 @@ impl Storage {
                 legacy_replay(path, last, &bytes, &mut state)?;
                 Replayed::Legacy
             };
+            seg_max.insert(*seq, state.max_accepted);
             replayed.push((*seq, path.clone(), r));
         }
         // A last segment with no complete write after others: a checkpoint
@@ -564,6 +606,12 @@ impl Storage {
                 (seg, if refs.is_empty() { 1 } else { 2 })
             }
         };
+        // Only the segments still there; a new one holds the checkpoint.
+        let present: Vec<u64> = list_segments(&wal)?.into_iter().map(|s| s.0).collect();
+        seg_max.retain(|s, _| present.contains(s));
+        let checkpoint_max = state.entries.keys().next_back().copied().unwrap_or(0);
+        seg_max.entry(seg.seq).or_insert(checkpoint_max);
+        // From here on the entries live in the core only (see `write`).
         let durable = Durable {
             promised: state.promised,
             chosen: state.chosen,
@@ -595,6 +643,7 @@ impl Storage {
                 ));
             }
         }
+        state.entries.clear();
         Ok((
             Storage {
                 dir: wal,
@@ -604,6 +653,8 @@ impl Storage {
                 compactions: 0,
                 pending_chosen: None,
                 io,
+                cleanup: None,
+                seg_max,
             },
             durable,
         ))
@@ -632,10 +683,22 @@ impl Storage {
         self.append(&all)?;
         self.pending_chosen = None;
         for r in records {
-            if matches!(r, Record::Compacted(_)) {
-                self.compactions += 1;
+            match r {
+                // The entries themselves are not kept here: a segment is
+                // dropped whole once compacted past, never rewritten, so
+                // only the highest slot in it matters (and the core holds
+                // the entries).
+                Record::Accepted { slot, .. } => {
+                    let max = self.seg_max.entry(self.seg.seq).or_insert(0);
+                    *max = (*max).max(*slot);
+                    self.state.any = true;
+                }
+                Record::Compacted(_) => {
+                    self.compactions += 1;
+                    self.state.apply(r.clone());
+                }
+                _ => self.state.apply(r.clone()),
             }
-            self.state.apply(r.clone());
         }
         if self.compactions > 0 {
             self.checkpoint()?;
@@ -678,21 +741,69 @@ impl Storage {
     }
 
     /// Writes the live state as a new segment, then deletes older segments.
+    /// After a compaction: starts a new segment with the log's metadata
+    /// (promise, chosen and compaction marks, pre-vote, standing; no
+    /// entries) and deletes, in the background, the oldest segments whose
+    /// every entry is now compacted.
+    ///
+    /// Nothing is rewritten: an entry still live stays in the segment it
+    /// was written to, which is kept (with the ones after it) until the
+    /// compaction point passes its highest slot. A checkpoint used to
+    /// rewrite every live entry into the new segment, and with large
+    /// values that was several MiB written and synced while clients waited.
+    /// Only a run of oldest segments is deleted, so the log stays a
+    /// contiguous run of writes; until they are gone (or if a crash comes
+    /// first) they are simply replayed before the newer ones, which restate
+    /// everything they hold that matters.
     fn checkpoint(&mut self) -> Result<()> {
-        let records = self.state.checkpoint();
+        let records = self.state.metadata();
         let refs: Vec<&Record> = records.iter().collect();
         let seq = self.seg.seq + 1;
         let seg = start_segment(&mut self.io, &self.dir, seq, self.next_write, &refs)?;
-        for (old_seq, old) in list_segments(&self.dir)? {
-            if old_seq < seq {
-                fs::remove_file(&old).map_err(|e| err(&old, e))?;
-            }
+        self.settle();
+        let compacted = self.state.compacted;
+        let dead: Vec<u64> = self
+            .seg_max
+            .iter()
+            .take_while(|&(&s, &max)| s < seq && max <= compacted)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in &dead {
+            self.seg_max.remove(s);
         }
-        sync_dir(&self.dir)?;
+        self.seg_max.insert(seq, 0);
+        let old: Vec<PathBuf> = list_segments(&self.dir)?
+            .into_iter()
+            .filter(|(old_seq, _)| dead.contains(old_seq))
+            .map(|(_, p)| p)
+            .collect();
+        let dir = self.dir.clone();
+        self.cleanup = Some(std::thread::spawn(move || {
+            for path in &old {
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    // A later checkpoint's cleanup got there first.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot delete an old log segment")
+                    }
+                }
+            }
+            if let Err(e) = sync_dir(&dir) {
+                tracing::warn!(error = %e, "cannot sync the log directory after deleting old segments");
+            }
+        }));
         self.seg = seg;
         self.next_write += 1;
         self.compactions = 0;
         Ok(())
+    }
+
+    /// Waits until the segments the last checkpoint replaced are deleted.
+    fn settle(&mut self) {
+        if let Some(h) = self.cleanup.take() {
+            let _ = h.join();
+        }
     }
 
     /// The log's directory.
@@ -1528,13 +1639,66 @@ mod tests {
                 s.write(&[accepted(slot), Record::Chosen(slot)]).unwrap();
             }
             s.write(&[Record::Compacted(90)]).unwrap();
+            s.settle();
+            assert_eq!(segments(&dir).len(), 2, "slots 91..=100 are live");
             s.write(&[accepted(101)]).unwrap();
-            assert_eq!(segments(&dir).len(), 1);
+            s.write(&[Record::Compacted(100)]).unwrap();
+            s.settle();
+            assert_eq!(segments(&dir).len(), 2, "slot 101 is live");
+            s.write(&[Record::Compacted(101)]).unwrap();
+            s.settle();
+            assert_eq!(
+                segments(&dir).len(),
+                1,
+                "every segment compacted past is gone"
+            );
+            s.write(&[accepted(102)]).unwrap();
         }
         let (_s, d) = Storage::open(&dir).unwrap();
-        assert_eq!(d.compacted, 90);
+        assert_eq!(d.compacted, 101);
         assert_eq!(d.chosen, 100);
-        assert_eq!(slots(&d), (91..=101).collect::<Vec<_>>());
+        assert_eq!(slots(&d), vec![102]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A segment compacted past is deleted in the background: a crash
+    /// before it is gone leaves it in front of the newer ones, and the log
+    /// replays the same.
+    #[test]
+    fn a_segment_compacted_past_but_not_yet_deleted_replays_the_same() {
+        let dir = temp_dir("leftover");
+        let saved = dir.join("saved");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            for slot in 1..=30 {
+                s.write(&[accepted(slot), Record::Chosen(slot)]).unwrap();
+            }
+            // A hard link sees the writes still to come to the file, and
+            // outlives its deletion.
+            fs::create_dir_all(&saved).unwrap();
+            let [seg] = &segments(&dir)[..] else {
+                panic!("one segment: {:?}", segments(&dir));
+            };
+            fs::hard_link(seg, saved.join(seg.file_name().unwrap())).unwrap();
+            s.write(&[Record::Compacted(30)]).unwrap();
+            s.write(&[accepted(31)]).unwrap();
+            s.settle();
+            assert_eq!(segments(&dir).len(), 1);
+        }
+        let (s, want) = Storage::open(&dir).unwrap();
+        drop(s);
+        // The crash came before the deletion: the old segment is back.
+        for e in fs::read_dir(&saved).unwrap() {
+            let p = e.unwrap().path();
+            fs::copy(&p, dir.join("wal").join(p.file_name().unwrap())).unwrap();
+        }
+        assert_eq!(segments(&dir).len(), 2);
+        let (s, got) = Storage::open(&dir).unwrap();
+        assert_eq!(got.compacted, want.compacted);
+        assert_eq!(got.chosen, want.chosen);
+        assert_eq!(slots(&got), slots(&want));
+        assert_eq!(slots(&got), vec![31]);
+        drop(s);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1612,8 +1776,11 @@ mod tests {
 
     /// Before: one frame per checkpoint; over the old limit (lowered for
     /// the test) it was taken for a torn tail and the log replayed empty.
+    /// A compaction writes the log's metadata to a new segment and
+    /// rewrites none of the entries still live, however many: they stay in
+    /// the segment they were written to, which is kept.
     #[test]
-    fn a_checkpoint_larger_than_the_split_size_is_several_frames_and_replays() {
+    fn a_compaction_rewrites_no_live_entry() {
         let dir = temp_dir("big-checkpoint");
         {
             let (mut s, _) = Storage::open(&dir).unwrap();
@@ -1622,16 +1789,15 @@ mod tests {
             }
             s.write(&[Record::Compacted(10)]).unwrap();
         }
+        assert_eq!(segments(&dir).len(), 2, "the entries' segment is kept");
         let bytes = fs::read(last_segment(&dir)).unwrap();
         let fs = frames(&bytes);
-        // 90 entries of 3 KB: about 270 KB, so at least 5 frames of 64 KiB.
-        assert!(fs.len() >= 5, "{} frames", fs.len());
-        assert!(fs.iter().all(|f| f.header.write == fs[0].header.write));
-        assert!(fs.iter().all(|f| f.header.len as usize <= SPLIT));
-        assert_eq!(fs[0].header.parts as usize, fs.len());
+        assert_eq!(fs.len(), 1, "one small write");
+        assert!(fs[0].header.len < 200, "{} bytes", fs[0].header.len);
         let (_s, d) = Storage::open(&dir).unwrap();
         assert_eq!(slots(&d), (11..=100).collect::<Vec<_>>());
         assert_eq!(d.chosen, 100);
+        assert_eq!(d.compacted, 10);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1808,7 +1974,7 @@ mod tests {
             let (mut s, _) = Storage::open(&dir).unwrap();
             s.write(&[accepted(1)]).unwrap();
             s.write(&[accepted(2)]).unwrap();
-            s.write(&[Record::Compacted(1)]).unwrap();
+            s.write(&[Record::Compacted(2)]).unwrap();
             s.write(&[accepted(3)]).unwrap();
         }
         // Put the first segment back in front of the second, damaged: a
@@ -1924,7 +2090,8 @@ mod tests {
                 // Its first sector, segment header included, never made it.
                 bytes[..SECTOR].fill(0);
             } else {
-                bytes[4 * SECTOR..5 * SECTOR].fill(0);
+                // Its write (the log's metadata) never made it.
+                bytes[SEGMENT_HEADER..SECTOR].fill(0);
             }
             fs::write(&segs[1], &bytes).unwrap();
             {
@@ -1944,7 +2111,6 @@ mod tests {
             let (_s, d) = Storage::open(&dir).unwrap();
             assert_eq!(d.compacted, 10);
             assert_eq!(slots(&d), (11..=42).collect::<Vec<_>>());
-            assert_eq!(segments(&dir).len(), 1);
             fs::remove_dir_all(&dir).unwrap();
         }
     }
@@ -2126,6 +2292,7 @@ mod tests {
                 prevoted: self.state.prevoted,
                 standing: self.state.standing,
                 any: true,
+                max_accepted: 0,
             };
             for r in records {
                 st.apply(r.clone());
