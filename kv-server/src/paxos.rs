@@ -799,13 +799,19 @@ impl Paxos {
         self.prevote_ballot = ballot;
         self.prevotes.insert(self.cfg.id);
         self.reset_election_timer();
+        self.broadcast_prepare(ballot, true);
+        self.maybe_prevoted();
+    }
+
+    /// Asks every other replica to promise `ballot` (or, for a pre-vote,
+    /// whether it would) from our first slot not known chosen.
+    fn broadcast_prepare(&mut self, ballot: Ballot, pre_vote: bool) {
         self.broadcast(Msg::Prepare(Prepare {
             from: self.cfg.id,
             ballot,
             from_slot: self.chosen + 1,
-            pre_vote: true,
+            pre_vote,
         }));
-        self.maybe_prevoted();
     }
 
     fn maybe_prevoted(&mut self) {
@@ -841,12 +847,7 @@ impl Paxos {
             more: false,
         };
         self.promises.insert(self.cfg.id, own);
-        self.broadcast(Msg::Prepare(Prepare {
-            from: self.cfg.id,
-            ballot,
-            from_slot: self.chosen + 1,
-            pre_vote: false,
-        }));
+        self.broadcast_prepare(ballot, false);
         self.maybe_win();
     }
 
@@ -1990,6 +1991,21 @@ mod tests {
             .collect()
     }
 
+    /// Replica 1 of three, a voter, restarted with slots `1..=chosen` chosen,
+    /// slot `s` holding the batch `batch(s)`.
+    fn voter_with_chosen(chosen: Slot, batch: impl Fn(Slot) -> Vec<WriteRequest>) -> Paxos {
+        let entries = (1..=chosen)
+            .map(|slot| (slot, Ballot { round: 1, id: 1 }, Value::Batch(batch(slot))))
+            .collect();
+        let durable = Durable {
+            chosen,
+            entries,
+            standing: Standing::Voter,
+            ..Durable::default()
+        };
+        Paxos::new(Config::new(1, vec![1, 2, 3]), durable)
+    }
+
     fn big_put(seq: u64, len: usize) -> WriteRequest {
         WriteRequest {
             client_id: 1,
@@ -2234,19 +2250,7 @@ mod tests {
 
     #[test]
     fn fetch_replies_are_bounded_in_bytes() {
-        let entries = (1..=40)
-            .map(|slot| {
-                let v = Value::Batch(vec![big_put(slot, 1 << 20)]);
-                (slot, Ballot { round: 1, id: 1 }, v)
-            })
-            .collect();
-        let durable = Durable {
-            chosen: 40,
-            entries,
-            standing: Standing::Voter,
-            ..Durable::default()
-        };
-        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), durable);
+        let mut p = voter_with_chosen(40, |slot| vec![big_put(slot, 1 << 20)]);
         let Some(Msg::FetchReply(r)) = p.step(Msg::Fetch(Fetch {
             from: 2,
             from_slot: 1,
@@ -2442,19 +2446,9 @@ mod tests {
     /// number of commands or of bytes, whichever comes first.
     #[test]
     fn compaction_keeps_commands_or_bytes_behind_a_snapshot() {
-        let entries = (1..=100)
-            .map(|slot| {
-                let v = Value::Batch(vec![big_put(slot, 1000), big_put(slot + 1000, 1000)]);
-                (slot, Ballot { round: 1, id: 1 }, v)
-            })
-            .collect();
-        let durable = Durable {
-            chosen: 100,
-            entries,
-            standing: Standing::Voter,
-            ..Durable::default()
-        };
-        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), durable);
+        let mut p = voter_with_chosen(100, |slot| {
+            vec![big_put(slot, 1000), big_put(slot + 1000, 1000)]
+        });
         assert_eq!(p.applied(), 100);
         let slot_bytes = value_bytes(&p.log[&1].value);
         // Ten commands: the last five slots (two commands each).

@@ -822,6 +822,15 @@ impl Cluster {
             .expect("build an SDK client")
     }
 
+    /// Changes replica `id`'s failure injection (`set_faults`); panics if it
+    /// does not answer.
+    pub async fn set_faults(&self, id: ReplicaId, spec: kv_api::FaultSpec) -> kv_api::FaultReport {
+        self.client_for(id)
+            .set_faults(self.client_addr(id), spec)
+            .await
+            .unwrap_or_else(|e| panic!("set_faults at replica {id}: {e}"))
+    }
+
     /// An SDK client that talks to replica `id` only (for local reads).
     pub fn client_for(&self, id: ReplicaId) -> kv_client::Client {
         kv_client::Client::builder()

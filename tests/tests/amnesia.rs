@@ -9,15 +9,6 @@ use std::time::{Duration, Instant};
 use kv_api::{FaultSpec, ReplicaId};
 use kv_tests::{wait_for, Cluster};
 
-/// Applies `spec` at replica `id`.
-async fn set_faults(cluster: &Cluster, id: ReplicaId, spec: FaultSpec) {
-    cluster
-        .client_for(id)
-        .set_faults(cluster.client_addr(id), spec)
-        .await
-        .unwrap_or_else(|e| panic!("set_faults at replica {id}: {e}"));
-}
-
 /// Cuts the cluster into `groups`: every replica drops its links with the
 /// replicas outside its own group (a replica in no group is left alone).
 async fn partition(cluster: &Cluster, groups: &[&[ReplicaId]]) {
@@ -28,32 +19,32 @@ async fn partition(cluster: &Cluster, groups: &[&[ReplicaId]]) {
                 .into_iter()
                 .filter(|o| !group.contains(o))
                 .collect();
-            set_faults(
-                cluster,
-                id,
-                FaultSpec {
-                    heal: true,
-                    isolate: Some(outside),
-                    ..FaultSpec::default()
-                },
-            )
-            .await;
+            cluster
+                .set_faults(
+                    id,
+                    FaultSpec {
+                        heal: true,
+                        isolate: Some(outside),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
         }
     }
 }
 
 /// Replica `id` drops its links with `others` (and no other fault).
 async fn isolate_from(cluster: &Cluster, id: ReplicaId, others: &[ReplicaId]) {
-    set_faults(
-        cluster,
-        id,
-        FaultSpec {
-            heal: true,
-            isolate: Some(others.to_vec()),
-            ..FaultSpec::default()
-        },
-    )
-    .await;
+    cluster
+        .set_faults(
+            id,
+            FaultSpec {
+                heal: true,
+                isolate: Some(others.to_vec()),
+                ..FaultSpec::default()
+            },
+        )
+        .await;
 }
 
 async fn standing(cluster: &Cluster, id: ReplicaId) -> Option<String> {

@@ -9,52 +9,43 @@ use std::time::{Duration, Instant};
 use kv_api::{FaultSpec, ReplicaId};
 use kv_tests::{bounded, describe, wait_until, Cluster};
 
-/// Applies `spec` at replica `id` through the SDK.
-async fn set_faults(cluster: &Cluster, id: ReplicaId, spec: FaultSpec) {
-    cluster
-        .client_for(id)
-        .set_faults(cluster.client_addr(id), spec)
-        .await
-        .unwrap_or_else(|e| panic!("set_faults at replica {id}: {e}"));
-}
-
 /// Cuts `alone` off from every other replica, on both sides of each link.
 async fn isolate(cluster: &Cluster, alone: ReplicaId) {
     let others: Vec<ReplicaId> = cluster.ids().into_iter().filter(|&i| i != alone).collect();
-    set_faults(
-        cluster,
-        alone,
-        FaultSpec {
-            isolate: Some(others.clone()),
-            ..FaultSpec::default()
-        },
-    )
-    .await;
-    for id in others {
-        set_faults(
-            cluster,
-            id,
+    cluster
+        .set_faults(
+            alone,
             FaultSpec {
-                isolate: Some(vec![alone]),
+                isolate: Some(others.clone()),
                 ..FaultSpec::default()
             },
         )
         .await;
+    for id in others {
+        cluster
+            .set_faults(
+                id,
+                FaultSpec {
+                    isolate: Some(vec![alone]),
+                    ..FaultSpec::default()
+                },
+            )
+            .await;
     }
 }
 
 /// Removes every fault at every replica.
 async fn heal_all(cluster: &Cluster) {
     for id in cluster.ids() {
-        set_faults(
-            cluster,
-            id,
-            FaultSpec {
-                heal: true,
-                ..FaultSpec::default()
-            },
-        )
-        .await;
+        cluster
+            .set_faults(
+                id,
+                FaultSpec {
+                    heal: true,
+                    ..FaultSpec::default()
+                },
+            )
+            .await;
     }
 }
 
@@ -172,16 +163,16 @@ async fn lossy_slow_peer_links_slow_writes_down_but_replicas_converge() {
         const PUTS: usize = 40;
         const KEYS: usize = 10;
         for id in cluster.ids() {
-            set_faults(
-                &cluster,
-                id,
-                FaultSpec {
-                    drop_rate: Some(0.1),
-                    delay_ms: Some((1, 20)),
-                    ..FaultSpec::default()
-                },
-            )
-            .await;
+            cluster
+                .set_faults(
+                    id,
+                    FaultSpec {
+                        drop_rate: Some(0.1),
+                        delay_ms: Some((1, 20)),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
         }
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -249,26 +240,26 @@ async fn two_three_split_serves_on_the_majority_side_only_and_converges_after_he
         let minority = vec![leader, others[0]];
         let majority: Vec<ReplicaId> = others[1..].to_vec();
         for &id in &minority {
-            set_faults(
-                &cluster,
-                id,
-                FaultSpec {
-                    isolate: Some(majority.clone()),
-                    ..FaultSpec::default()
-                },
-            )
-            .await;
+            cluster
+                .set_faults(
+                    id,
+                    FaultSpec {
+                        isolate: Some(majority.clone()),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
         }
         for &id in &majority {
-            set_faults(
-                &cluster,
-                id,
-                FaultSpec {
-                    isolate: Some(minority.clone()),
-                    ..FaultSpec::default()
-                },
-            )
-            .await;
+            cluster
+                .set_faults(
+                    id,
+                    FaultSpec {
+                        isolate: Some(minority.clone()),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await;
         }
 
         let via = majority[0];
