@@ -48,7 +48,8 @@ processes, prints where each one listens, and stops them all on Ctrl-C or
 SIGTERM. With --chaos it also checks their health and kills, pauses,
 restarts and resumes them at random, to watch the store survive.
 
-Logs go to stderr; set the level with RUST_LOG (default: info).";
+Logs go to stderr; set the level with RUST_LOG (default: info, with the
+RPC library's own events off: RUST_LOG=info,tarpc=debug shows them).";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -305,8 +306,14 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr, level from `RUST_LOG`, `info` by default.
+///
+/// tarpc's own events are off by default: it logs every request whose
+/// deadline passed at ERROR, client and server side, a rate anyone who can
+/// reach a port controls, and our code logs what matters of peer calls
+/// itself. `RUST_LOG=info,tarpc=debug` brings them back.
 fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
