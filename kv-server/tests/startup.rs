@@ -482,7 +482,13 @@ fn cluster_with_exit_on_stdin_eof_stops_its_replicas_when_its_input_closes() {
             pids.push(r.pid);
         }
     }
-    assert!(pids.iter().all(|&p| is_running_kv_server(p)), "{pids:?}");
+    // A child reported a moment ago may still be in the middle of exec
+    // (its command line reads empty then): wait until each one runs.
+    let running = |pids: &[u32]| pids.iter().all(|&p| is_running_kv_server(p));
+    while !running(&pids) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(running(&pids), "{pids:?}");
     drop(input);
     let status = wait_bounded(&mut child, LIFECYCLE_TIMEOUT)
         .expect("the cluster did not stop when its input closed; killed it");
