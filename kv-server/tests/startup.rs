@@ -284,7 +284,18 @@ fn start_cluster(dir: &TempDir, n: usize) -> (Running, Vec<ReplicaLine>) {
             "{line:?}"
         );
     }
+    await_running(&lines.iter().map(|l| l.pid).collect::<Vec<_>>(), deadline);
     (cluster, lines)
+}
+
+/// Waits (until `deadline`) for every one of `pids` to run `kv-server`: a
+/// child the supervisor has just reported may still be in the middle of
+/// exec, its command line reading empty for a moment. Whether they all do
+/// is for the caller to assert.
+fn await_running(pids: &[u32], deadline: Instant) {
+    while !pids.iter().all(|&p| is_running_kv_server(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 // ------------------------------------------------- refused configurations
@@ -482,13 +493,8 @@ fn cluster_with_exit_on_stdin_eof_stops_its_replicas_when_its_input_closes() {
             pids.push(r.pid);
         }
     }
-    // A child reported a moment ago may still be in the middle of exec
-    // (its command line reads empty then): wait until each one runs.
-    let running = |pids: &[u32]| pids.iter().all(|&p| is_running_kv_server(p));
-    while !running(&pids) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(running(&pids), "{pids:?}");
+    await_running(&pids, deadline);
+    assert!(pids.iter().all(|&p| is_running_kv_server(p)), "{pids:?}");
     drop(input);
     let status = wait_bounded(&mut child, LIFECYCLE_TIMEOUT)
         .expect("the cluster did not stop when its input closed; killed it");
