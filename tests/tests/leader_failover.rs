@@ -118,15 +118,21 @@ async fn paused_leader_is_replaced_and_catches_up_after_resume() {
                 .expect("local get on the resumed replica"),
             Some(b"19".to_vec())
         );
-        let leaders: Vec<_> = cluster
-            .statuses()
-            .await
-            .into_values()
-            .flatten()
-            .filter(|s| s.leader)
-            .map(|s| s.id)
-            .collect();
-        eprintln!("replicas claiming leadership after resume: {leaders:?}");
+        // Exactly one replica leads, and every replica follows it: the
+        // resumed one has stepped down (it may take a heartbeat).
+        kv_tests::wait_until(
+            Duration::from_secs(10),
+            "exactly one leader, followed by all",
+            || async {
+                let statuses: Vec<_> = cluster.statuses().await.into_values().flatten().collect();
+                let leaders: Vec<_> = statuses.iter().filter(|s| s.leader).map(|s| s.id).collect();
+                eprintln!("replicas claiming leadership after resume: {leaders:?}");
+                statuses.len() == cluster.ids().len()
+                    && leaders.len() == 1
+                    && statuses.iter().all(|s| s.leader_id == Some(leaders[0]))
+            },
+        )
+        .await;
         client
             .put("after-resume", "r")
             .await
