@@ -123,9 +123,19 @@ async fn unknown_replica_id_is_refused_with_exit_2() {
     .await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(
-        err.contains('9'),
-        "stderr should name the unknown id: {err}"
+    // The exact message: the unknown id, the file, and the ids it holds.
+    let ids: Vec<String> = valid_lines()
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "kv-server: invalid configuration: --id 9 is not in {} (its ids are {})",
+            file.display(),
+            ids.join(", ")
+        ),
+        "stderr should name the unknown id, the file and its ids"
     );
     assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
