@@ -488,7 +488,11 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&server_args)
-            .stdin(Stdio::null())
+            // The replica stops when this pipe closes: when the test
+            // process ends, however it ends (a SIGKILL included), its
+            // clusters do not outlive it.
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
             .stdout(log2)
             .stderr(log)
             .spawn()
