@@ -199,8 +199,9 @@ pub struct GetResponse {
     pub applied: Slot,
 }
 
-/// One replica's view of itself.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// One replica's view of itself. (`Default`: a replica that knows
+/// nothing yet, every count zero.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ReplicaStatus {
     /// The replica's id.
     pub id: ReplicaId,

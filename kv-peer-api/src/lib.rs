@@ -193,8 +193,10 @@ pub struct ProbeReply {
     pub from: ReplicaId,
     /// The sender votes (its log holds all it ever promised and accepted).
     pub voter: bool,
-    /// The sender has promised, pre-voted or accepted something, or knows
-    /// something chosen: the cluster is not new.
+    /// The sender has promised or accepted something, knows something
+    /// chosen, holds a snapshot, or is rejoining: the cluster is not new.
+    /// (A pre-vote granted does not count: voters of a new cluster grant
+    /// each other pre-votes before a majority of them exists.)
     pub history: bool,
     /// The highest election round the sender promised or granted in a
     /// pre-vote.

@@ -989,16 +989,7 @@ mod tests {
             let _ = self.0.acquire().await;
             ReplicaStatus {
                 id: 1,
-                leader: false,
-                leader_id: None,
-                ballot_round: 0,
-                applied: 0,
-                chosen: 0,
-                snapshot: 0,
-                keys: 0,
-                sessions: 0,
-                standing: "voter".into(),
-                snapshots_installed: 0,
+                ..ReplicaStatus::default()
             }
         }
         async fn set_faults(

@@ -152,8 +152,8 @@ pub struct Node {
     reads: HashMap<u64, (Vec<u8>, GetReply)>,
     next_token: u64,
     ticks: u64,
-    /// The last round's log write: bytes, whether it compacted, how long.
-    last_write: (usize, bool, Duration),
+    /// The last round's log write, for the slow-round log line.
+    last_write: WriteStats,
     snapshots: Snapshots,
     /// What this replica writes into the opens it proposes.
     session_ttl_ms: u64,
@@ -186,7 +186,7 @@ impl Node {
             reads: HashMap::new(),
             next_token: 0,
             ticks: 0,
-            last_write: (0, false, Duration::ZERO),
+            last_write: WriteStats::default(),
             session_ttl_ms: DEFAULT_SESSION_TTL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
@@ -215,7 +215,7 @@ impl Node {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.flush(&mut ticker).await?;
         tokio::pin!(shutdown);
-        let mut last_slow_note: Option<std::time::Instant> = None;
+        let mut last_slow_note: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -226,7 +226,7 @@ impl Node {
                     None => break,
                 },
             }
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let mut inputs = 1;
             for _ in 0..MAX_DRAIN {
                 match rx.try_recv() {
@@ -241,16 +241,16 @@ impl Node {
             self.flush(&mut ticker).await?;
             let took = started.elapsed();
             if took >= SLOW_ROUND && last_slow_note.is_none_or(|t| t.elapsed() >= SLOW_NOTE_EVERY) {
-                last_slow_note = Some(std::time::Instant::now());
+                last_slow_note = Some(Instant::now());
                 tracing::warn!(
                     id = self.core.id(),
                     took_ms = took.as_millis() as u64,
                     handling_ms = handled.as_millis() as u64,
                     inputs,
                     leader = self.core.is_leader(),
-                    persisted_bytes = self.last_write.0,
-                    compacted = self.last_write.1,
-                    persist_ms = self.last_write.2.as_millis() as u64,
+                    persisted_bytes = self.last_write.bytes,
+                    compacted = self.last_write.compacts,
+                    persist_ms = self.last_write.took.as_millis() as u64,
                     "a consensus round took long: heartbeats and answers were late meanwhile, \
                      and followers may have started an election (an overloaded machine, \
                      slow disk, or large values)"
@@ -526,15 +526,9 @@ impl Node {
                 ));
             };
             let records = ready.persist;
-            let write_started = std::time::Instant::now();
-            self.last_write = (
-                records.iter().map(record_bytes).sum(),
-                records
-                    .iter()
-                    .any(|r| matches!(r, crate::paxos::Record::Compacted(_))),
-                Duration::ZERO,
-            );
-            let result = if write_inline(&records, sent) {
+            let write_started = Instant::now();
+            self.last_write = WriteStats::of(&records);
+            let result = if self.last_write.inline(&records, sent) {
                 let r = storage.write(&records);
                 self.storage = Some(storage);
                 r
@@ -569,13 +563,13 @@ impl Node {
                     ))),
                 }
             };
-            self.last_write.2 = write_started.elapsed();
+            self.last_write.took = write_started.elapsed();
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
                 return Err(e);
             }
         } else {
-            self.last_write = (0, false, Duration::ZERO);
+            self.last_write = WriteStats::default();
         }
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
@@ -645,32 +639,49 @@ impl Node {
     }
 }
 
-/// Whether to write `records` on the driver's own thread rather than on
-/// the blocking pool. Handing a write to the pool costs two thread wakeups,
-/// which on a small machine cost more than the write itself: measured with
-/// `perf stat -e context-switches` under one put client, they were most of
-/// the CPU a put costs. So the pool is used only where it buys something:
-/// when requests were just handed to the network (`sent`), which must reach
-/// the wire while the leader's own sync runs, and for a compaction, whose
-/// checkpoint rewrites the live log. A follower's accept (nothing is sent
-/// before its sync) and a write that only moves the chosen mark (storage
-/// keeps that in memory until its next synced write: no I/O at all) run
-/// inline.
-///
-/// A large write (big values) also goes to the pool: its sync takes long
-/// enough that the network must be read meanwhile, or heartbeats queue
-/// behind it and followers start elections.
-fn write_inline(records: &[crate::paxos::Record], sent: bool) -> bool {
-    use crate::paxos::Record;
-    let compacts = records.iter().any(|r| matches!(r, Record::Compacted(_)));
-    let bytes: usize = records.iter().map(record_bytes).sum();
-    !(compacts || bytes > INLINE_WRITE_BYTES || (sent && crate::storage::needs_sync(records)))
+/// What one round's log write holds, and (once done) how long it took.
+#[derive(Clone, Copy, Debug, Default)]
+struct WriteStats {
+    /// Bytes of the records, roughly (values counted, others 16 each).
+    bytes: usize,
+    /// Whether it compacts the log (then it starts a new log segment).
+    compacts: bool,
+    took: Duration,
 }
 
-fn record_bytes(r: &crate::paxos::Record) -> usize {
-    match r {
-        crate::paxos::Record::Accepted { value, .. } => crate::paxos::value_bytes(value),
-        _ => 16,
+impl WriteStats {
+    fn of(records: &[crate::paxos::Record]) -> WriteStats {
+        use crate::paxos::Record;
+        let mut stats = WriteStats::default();
+        for r in records {
+            stats.bytes += match r {
+                Record::Accepted { value, .. } => crate::paxos::value_bytes(value),
+                _ => 16,
+            };
+            stats.compacts |= matches!(r, Record::Compacted(_));
+        }
+        stats
+    }
+
+    /// Whether to write `records` on the driver's own thread rather than
+    /// on the blocking pool. Handing a write to the pool costs two thread
+    /// wakeups, which on a small machine cost more than the write itself:
+    /// measured with `perf stat -e context-switches` under one put client,
+    /// they were most of the CPU a put costs. So the pool is used only
+    /// where it buys something: when requests were just handed to the
+    /// network (`sent`), which must reach the wire while the leader's own
+    /// sync runs; for a compaction, which starts a new log segment (file
+    /// creation and directory syncs); and for a large write (big values),
+    /// whose sync takes long enough that the network must be read
+    /// meanwhile, or heartbeats queue behind it and followers start
+    /// elections. A follower's small accept (nothing is sent before its
+    /// sync) and a write that only moves the chosen mark (storage keeps
+    /// that in memory until its next synced write: no I/O at all) run
+    /// inline.
+    fn inline(&self, records: &[crate::paxos::Record], sent: bool) -> bool {
+        !(self.compacts
+            || self.bytes > INLINE_WRITE_BYTES
+            || (sent && crate::storage::needs_sync(records)))
     }
 }
 

@@ -32,11 +32,12 @@ use kv_peer_api::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Default bytes of client commands per slot: four values of the maximum
-/// size (1 MiB). Big enough that batching still pays for small commands
-/// (512 commands of up to 8 KiB), small enough that a slot is synced and
-/// sent in a few milliseconds and every message stays far below the frame
-/// limit (`kv_api::MAX_FRAME`, 64 MiB).
+/// Default bytes of client commands per slot: one value of the maximum
+/// size (a larger command still gets a slot of its own). Big enough that
+/// batching still pays for small commands (512 commands of up to 2 KiB),
+/// small enough that a slot is synced and sent in a few milliseconds even
+/// on a busy machine and every message stays far below the frame limit
+/// (`kv_api::MAX_FRAME`, 64 MiB).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// How far past its chosen prefix an acceptor accepts a slot. A leader
@@ -855,13 +856,11 @@ impl Paxos {
     /// them (at least one); `true` if more follow.
     fn accepted_after(&self, from: Slot, max_bytes: usize) -> (Vec<AcceptedEntry>, bool) {
         let mut out = Vec::new();
-        let mut bytes = 0;
+        let mut budget = Budget::new(usize::MAX, max_bytes);
         for (&slot, e) in self.log.range(from..) {
-            let b = value_bytes(&e.value) + 32;
-            if !out.is_empty() && bytes + b > max_bytes {
+            if !budget.take(value_bytes(&e.value) + 32) {
                 return (out, true);
             }
-            bytes += b;
             out.push(AcceptedEntry {
                 slot,
                 ballot: e.ballot,
@@ -1566,24 +1565,19 @@ impl Paxos {
                     );
                     self.set_standing(Standing::Voter);
                 }
-                Standing::Rejoining { floor } => {
+                // No vote (a zero ballot makes no one step down); a
+                // rejoining replica says which round it waits for.
+                standing => {
                     return HeartbeatAck {
                         from: self.cfg.id,
                         ballot: Ballot::ZERO,
                         ok: false,
                         round: m.round,
                         chosen: self.chosen,
-                        rejoin_floor: Some(floor),
-                    };
-                }
-                _ => {
-                    return HeartbeatAck {
-                        from: self.cfg.id,
-                        ballot: Ballot::ZERO,
-                        ok: false,
-                        round: m.round,
-                        chosen: self.chosen,
-                        rejoin_floor: None,
+                        rejoin_floor: match standing {
+                            Standing::Rejoining { floor } => Some(floor),
+                            _ => None,
+                        },
                     };
                 }
             }
@@ -1685,22 +1679,17 @@ impl Paxos {
             .min(self.cfg.max_entries_per_message)
             .max(1);
         let mut entries = Vec::new();
-        let mut bytes = 0;
+        let mut budget = Budget::new(max, self.cfg.max_message_bytes);
         let mut slot = m.from_slot.max(1);
         if slot <= self.compacted {
             slot = self.chosen + 1; // nothing to send: the caller needs the snapshot
         }
-        while slot <= self.chosen && entries.len() < max {
+        while slot <= self.chosen {
             match self.log.get(&slot) {
-                Some(e) => {
-                    let b = value_bytes(&e.value);
-                    if !entries.is_empty() && bytes + b > self.cfg.max_message_bytes {
-                        break;
-                    }
-                    bytes += b;
+                Some(e) if budget.take(value_bytes(&e.value)) => {
                     entries.push((slot, e.value.clone()));
                 }
-                None => break,
+                _ => break,
             }
             slot += 1;
         }
@@ -1853,7 +1842,7 @@ impl Paxos {
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
             let mut entries = Vec::new();
-            if self.pending.len() < self.cfg.max_inflight {
+            if self.room_in_flight() {
                 if let Some(ms) = self.time.take() {
                     let slot = self.next_slot;
                     self.next_slot += 1;
@@ -1861,18 +1850,13 @@ impl Paxos {
                 }
             }
             while !self.queue.is_empty() && self.room_in_flight() {
-                // As many as fit the count and the bytes, at least one.
-                let mut n = 0;
-                let mut bytes = 0;
-                while n < self.queue.len() && n < self.cfg.max_batch.max(1) {
-                    let b = request_bytes(&self.queue[n]);
-                    if n > 0 && bytes + b > self.cfg.max_batch_bytes {
-                        break;
-                    }
-                    bytes += b;
-                    n += 1;
-                }
-                self.queue_bytes = self.queue_bytes.saturating_sub(bytes);
+                let mut budget = Budget::new(self.cfg.max_batch, self.cfg.max_batch_bytes);
+                let n = self
+                    .queue
+                    .iter()
+                    .take_while(|r| budget.take(request_bytes(r)))
+                    .count();
+                self.queue_bytes = self.queue_bytes.saturating_sub(budget.bytes);
                 let batch: Vec<WriteRequest> = self.queue.drain(..n).collect();
                 let slot = self.next_slot;
                 self.next_slot += 1;
@@ -1892,8 +1876,41 @@ impl Paxos {
     }
 }
 
-/// Splits `items` into runs of at most `max_count` items and `max_bytes`
-/// bytes (as `size` counts them); a run holds at least one item.
+/// What a slot or a message may still take: at most `max_count` items of
+/// at most `max_bytes` together, but always the first, whatever its size
+/// (a single command or entry over the limit must still go somewhere).
+struct Budget {
+    max_count: usize,
+    max_bytes: usize,
+    count: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    fn new(max_count: usize, max_bytes: usize) -> Budget {
+        Budget {
+            max_count: max_count.max(1),
+            max_bytes,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Takes an item of `bytes` if it fits; whether it did.
+    fn take(&mut self, bytes: usize) -> bool {
+        if self.count >= self.max_count
+            || (self.count > 0 && self.bytes.saturating_add(bytes) > self.max_bytes)
+        {
+            return false;
+        }
+        self.count += 1;
+        self.bytes += bytes;
+        true
+    }
+}
+
+/// Splits `items` into runs that each fit a [`Budget`] of `max_count`
+/// items and `max_bytes` bytes (as `size` counts them).
 fn chunks<T>(
     items: &[T],
     max_count: usize,
@@ -1901,20 +1918,13 @@ fn chunks<T>(
     size: impl Fn(&T) -> usize,
 ) -> Vec<&[T]> {
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < items.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < items.len() && end - start < max_count.max(1) {
-            let b = size(&items[end]);
-            if end > start && bytes + b > max_bytes {
-                break;
-            }
-            bytes += b;
-            end += 1;
-        }
-        out.push(&items[start..end]);
-        start = end;
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut budget = Budget::new(max_count, max_bytes);
+        let n = rest.iter().take_while(|i| budget.take(size(i))).count();
+        let (run, tail) = rest.split_at(n);
+        out.push(run);
+        rest = tail;
     }
     out
 }

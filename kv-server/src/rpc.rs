@@ -183,16 +183,8 @@ impl Kv for Handler {
             .await
             .unwrap_or(ReplicaStatus {
                 id,
-                leader: false,
-                leader_id: None,
-                ballot_round: 0,
-                applied: 0,
-                chosen: 0,
-                snapshot: 0,
-                keys: 0,
-                sessions: 0,
                 standing: "unknown".into(),
-                snapshots_installed: 0,
+                ..ReplicaStatus::default()
             })
     }
 }
@@ -217,8 +209,9 @@ impl Peer for Handler {
     }
 
     async fn probe(self, _: Context, req: Probe) -> ProbeReply {
-        // Refused while stopping: a voter with no history, which is what
-        // no one can conclude anything from but a new cluster.
+        // Refused while stopping: not a voter, and with history, so that
+        // the asker concludes nothing from it (neither that the cluster is
+        // new nor a floor to rejoin at).
         let refused = ProbeReply {
             from: self.id,
             voter: false,

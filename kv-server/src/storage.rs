@@ -221,16 +221,10 @@ impl State {
         out
     }
 
+    /// The metadata and every live entry: the whole state, as a log in the
+    /// first format is carried over into this one.
     fn checkpoint(&self) -> Vec<Record> {
-        let mut out = vec![
-            Record::Promised(self.promised),
-            Record::Chosen(self.chosen),
-            Record::Compacted(self.compacted),
-            Record::PreVoted(self.prevoted),
-        ];
-        if let Some(s) = self.standing {
-            out.push(Record::Standing(s));
-        }
+        let mut out = self.metadata();
         out.extend(
             self.entries
                 .iter()
@@ -271,8 +265,6 @@ pub struct Storage {
     /// The number of the next write.
     next_write: u64,
     state: State,
-    /// Compactions since the last checkpoint.
-    compactions: u64,
     /// A chosen mark not yet on disk (see the module documentation).
     pending_chosen: Option<Slot>,
     io: Io,
@@ -650,7 +642,6 @@ impl Storage {
                 seg,
                 next_write,
                 state,
-                compactions: 0,
                 pending_chosen: None,
                 io,
                 cleanup: None,
@@ -662,8 +653,8 @@ impl Storage {
 
     /// Makes `records` durable: appends them as one write, synced, or, if
     /// they only move the chosen mark, keeps that for the next write. After
-    /// a compaction, starts a new segment from a checkpoint and drops the
-    /// old ones.
+    /// a compaction, starts a new segment from a checkpoint of the log's
+    /// metadata and drops the segments compacted past (see `checkpoint`).
     pub fn write(&mut self, records: &[Record]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -682,6 +673,7 @@ impl Storage {
         let all: Vec<&Record> = pending.iter().chain(records).collect();
         self.append(&all)?;
         self.pending_chosen = None;
+        let mut compacts = false;
         for r in records {
             match r {
                 // The entries themselves are not kept here: a segment is
@@ -693,14 +685,13 @@ impl Storage {
                     *max = (*max).max(*slot);
                     self.state.any = true;
                 }
-                Record::Compacted(_) => {
-                    self.compactions += 1;
+                _ => {
+                    compacts |= matches!(r, Record::Compacted(_));
                     self.state.apply(r.clone());
                 }
-                _ => self.state.apply(r.clone()),
             }
         }
-        if self.compactions > 0 {
+        if compacts {
             self.checkpoint()?;
         }
         Ok(())
@@ -795,7 +786,6 @@ impl Storage {
         }));
         self.seg = seg;
         self.next_write += 1;
-        self.compactions = 0;
         Ok(())
     }
 
@@ -1774,8 +1764,6 @@ mod tests {
 
     // ------------------------------------------------- bounded frames
 
-    /// Before: one frame per checkpoint; over the old limit (lowered for
-    /// the test) it was taken for a torn tail and the log replayed empty.
     /// A compaction writes the log's metadata to a new segment and
     /// rewrites none of the entries still live, however many: they stay in
     /// the segment they were written to, which is kept.
