@@ -46,6 +46,9 @@ pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// a snapshot). Bounds what a new leader may have to re-propose.
 pub const MAX_ACCEPT_AHEAD: Slot = 1 << 16;
 
+/// Bytes of accepted entries one promise may report over all its pages.
+pub const MAX_PROMISE_BYTES: usize = 256 << 20;
+
 /// Default bytes of log entries per message: a few full slots.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
@@ -160,6 +163,24 @@ pub enum Msg {
     Probe(Probe),
     /// Answer to a probe.
     ProbeReply(ProbeReply),
+}
+
+impl Msg {
+    /// The replica that sent it.
+    pub fn from(&self) -> ReplicaId {
+        match self {
+            Msg::Prepare(m) => m.from,
+            Msg::Promise(m) => m.from,
+            Msg::Accept(m) => m.from,
+            Msg::Accepted(m) => m.from,
+            Msg::Heartbeat(m) => m.from,
+            Msg::HeartbeatAck(m) => m.from,
+            Msg::Fetch(m) => m.from,
+            Msg::FetchReply(m) => m.from,
+            Msg::Probe(m) => m.from,
+            Msg::ProbeReply(m) => m.from,
+        }
+    }
 }
 
 /// Why a proposal was refused.
@@ -874,7 +895,22 @@ impl Paxos {
     /// Handles a message. For a request (prepare, accept, heartbeat, fetch)
     /// returns the reply, which must be held back until this round's
     /// `ready().persist` is on disk.
+    ///
+    /// A message whose sender is not a member is dropped (`None`): every
+    /// map of answers here is keyed by sender and every quorum counts
+    /// senders, so a stranger must neither be counted nor grow them. (That
+    /// a member is who it says is the transport's to prove: peer
+    /// authentication.)
     pub fn step(&mut self, msg: Msg) -> Option<Msg> {
+        let from = msg.from();
+        if !self.cfg.members.contains(&from) {
+            tracing::debug!(
+                id = self.cfg.id,
+                from,
+                "a message from a non-member, dropped"
+            );
+            return None;
+        }
         match msg {
             Msg::Prepare(m) => Some(Msg::Promise(self.on_prepare(m))),
             Msg::Accept(m) => Some(Msg::Accepted(self.on_accept(m))),
@@ -1083,6 +1119,24 @@ impl Paxos {
             Some(p) => p, // a duplicate of a complete promise
             None => m,
         };
+        // Pages are asked for one at a time, each bounded; so is what they
+        // add up to. No honest acceptor holds that many entries it does not
+        // know chosen; one that claims to is not counted (a quorum of the
+        // others can still elect).
+        let bytes: usize = merged
+            .accepted
+            .iter()
+            .map(|e| value_bytes(&e.value) + 32)
+            .sum();
+        if bytes > MAX_PROMISE_BYTES {
+            tracing::warn!(
+                id = self.cfg.id,
+                from,
+                bytes,
+                "a promise reports more accepted entries than any acceptor holds; not counted"
+            );
+            return;
+        }
         if merged.more {
             let next = merged.accepted.last().map_or(self.chosen, |e| e.slot) + 1;
             self.send(
@@ -2472,5 +2526,26 @@ mod tests {
         assert_eq!(p.compacted(), 100);
         p.compact_keeping(50, 0, 0);
         assert_eq!(p.compacted(), 100);
+    }
+
+    /// Strangers' answers count for nothing: two probe replies from ids
+    /// outside the cluster, both "empty", would otherwise make a replica of
+    /// three decide that the cluster is new (and vote with no memory).
+    #[test]
+    fn messages_from_non_members_are_dropped() {
+        let mut p = Paxos::new(Config::new(1, vec![1, 2, 3]), Durable::default());
+        for from in [7, 8] {
+            let reply = p.step(Msg::ProbeReply(ProbeReply {
+                from,
+                voter: true,
+                history: false,
+                max_round: 0,
+            }));
+            assert!(reply.is_none());
+        }
+        assert_eq!(p.standing(), Standing::Unknown);
+        assert!(p.probes.is_empty());
+        let asked = p.step(Msg::Probe(Probe { from: 9 }));
+        assert!(asked.is_none(), "no answer to a stranger: {asked:?}");
     }
 }
