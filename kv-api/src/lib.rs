@@ -260,6 +260,16 @@ pub enum KvError {
     /// new session for new writes.
     #[error("session {0} is unknown to the cluster (never opened, expired or evicted); this request was not applied")]
     UnknownSession(u64),
+    /// The caller's identity (its TLS client certificate) lacks the role
+    /// this request needs: `read` for reads and status, `write` for writes,
+    /// `admin` for fault injection. Nothing was done.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The request asks for something this replica was not started to do
+    /// (fault injection without `--enable-fault-injection`). Nothing was
+    /// done.
+    #[error("disabled: {0}")]
+    Disabled(String),
 }
 
 /// Size limits on keys and values, checked by the client before sending and

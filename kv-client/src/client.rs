@@ -337,6 +337,12 @@ impl Client {
                     return Err(Error::InvalidArgument(format!("{addr}: {m}")))
                 }
                 Attempt::Refused(KvError::Timeout(m)) => last = m,
+                Attempt::Refused(KvError::PermissionDenied(m)) => {
+                    return Err(Error::PermissionDenied(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Disabled(m)) => {
+                    return Err(Error::Disabled(format!("{addr}: {m}")))
+                }
                 Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
             }
             if Instant::now() >= deadline {

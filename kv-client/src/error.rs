@@ -36,6 +36,15 @@ pub enum Error {
     /// new session and send the write again).
     #[error("session {0} is unknown to the cluster (never opened, expired or evicted); the write was not applied")]
     UnknownSession(u64),
+    /// The cluster refused this client's identity the role the operation
+    /// needs (`read`, `write` or `admin`; see the server's `--help`).
+    /// Nothing was applied. Retrying will not help.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The replica was not started to do this (fault injection without
+    /// `--enable-fault-injection`). Nothing was done.
+    #[error("disabled: {0}")]
+    Disabled(String),
     /// A replica sent an answer that does not fit the request (for example a
     /// delete answered with a compare-and-swap result). This is a bug in the
     /// server or a version mismatch; for a write the outcome is unknown.
@@ -52,7 +61,13 @@ impl Error {
     /// Whether a write that failed with this error may nevertheless have
     /// been applied.
     pub fn outcome_unknown(&self) -> bool {
-        !matches!(self, Error::InvalidArgument(_) | Error::UnknownSession(_))
+        !matches!(
+            self,
+            Error::InvalidArgument(_)
+                | Error::UnknownSession(_)
+                | Error::PermissionDenied(_)
+                | Error::Disabled(_)
+        )
     }
 }
 

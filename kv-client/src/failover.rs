@@ -164,6 +164,14 @@ where
                 last = format!("{addr}: {e}");
             }
             Attempt::Refused(KvError::InvalidArgument(m)) => return Err(Error::InvalidArgument(m)),
+            // Refused before anything was done, and every replica would
+            // refuse the same identity alike.
+            Attempt::Refused(KvError::PermissionDenied(m)) => {
+                return Err(Error::PermissionDenied(format!("{addr}: {m}")))
+            }
+            Attempt::Refused(KvError::Disabled(m)) => {
+                return Err(Error::Disabled(format!("{addr}: {m}")))
+            }
             Attempt::Refused(e @ KvError::UnknownSession(id)) => {
                 return Err(if maybe_applied {
                     Error::OutcomeUnknown(format!(

@@ -9,6 +9,7 @@
 //! | 1 | `get`: no such key; `cas`: not swapped |
 //! | 2 | bad usage or invalid input (arguments, sizes, replica file) |
 //! | 3 | no quorum answered before the timeout, or a retried write's session was dropped; a write's outcome is unknown (unless the message says it was not sent: no replica could be reached, or no session opened) |
+//! | 4 | permission denied: the TLS client certificate's role (`read`, `write`, `admin`) does not allow the command; nothing was done |
 //!
 //! # Layout
 //!
@@ -47,6 +48,9 @@ pub const EXIT_NO: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status: no quorum answered before the timeout.
 pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit status: the cluster refused this identity the role the command
+/// needs (TLS client certificates; `read`, `write`, `admin`).
+pub const EXIT_PERMISSION: u8 = 4;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -67,7 +71,8 @@ Examples:
 
 Exit status: 0 success; 1 get found no such key, or cas did not swap;
 2 bad usage or invalid input; 3 no quorum answered before the timeout
-(for a write: the outcome is unknown).";
+(for a write: the outcome is unknown); 4 permission denied (the client
+certificate's role does not allow the command; nothing was done).";
 
 /// Command-line client for a kvpaxos cluster.
 #[derive(Parser, Debug)]
@@ -332,6 +337,8 @@ impl Failure {
         let kind = error_kind(&e);
         let (code, msg) = match e {
             Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
+            Error::PermissionDenied(_) => (EXIT_PERMISSION, e.to_string()),
+            Error::Disabled(_) => (EXIT_USAGE, e.to_string()),
             // Unavailable means no connection was ever made: nothing was sent.
             Error::Unavailable(_) if write => {
                 (EXIT_UNAVAILABLE, format!("{e}\nthe write was not applied"))
@@ -355,6 +362,8 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::Timeout(_) => "timeout",
         Error::OutcomeUnknown(_) => "outcome_unknown",
         Error::UnknownSession(_) => "unknown_session",
+        Error::PermissionDenied(_) => "permission_denied",
+        Error::Disabled(_) => "disabled",
         Error::Protocol { .. } => "protocol",
     }
 }
