@@ -12,6 +12,7 @@
 //! - [`ReplicaStatus`] — what `status` reports about one replica.
 //! - [`KvError`] — every error a client can see, serializable.
 //! - [`replicas`] — the `replica` file format.
+//! - `tls` (feature `tls`) — the TLS set-up and certificate names both ends share.
 //! - [`Limits`] — key and value size limits, checked by client and server.
 //! - [`FaultSpec`], [`FaultReport`] — failure injection, changeable at run time.
 #![deny(missing_docs)]
@@ -19,6 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 pub mod replicas;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// A replica's identifier, a positive integer from the `replica` file.
 pub type ReplicaId = u64;

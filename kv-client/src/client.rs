@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kv_api::replicas::Replicas;
+use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
     FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus,
     Route, WriteOutcome, WriteRequest,
@@ -82,6 +83,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     limits: Limits,
     follow_hints: bool,
+    tls: Option<TlsFiles>,
 }
 
 impl Default for ClientBuilder {
@@ -91,6 +93,7 @@ impl Default for ClientBuilder {
             timeout: DEFAULT_TIMEOUT,
             limits: Limits::default(),
             follow_hints: true,
+            tls: None,
         }
     }
 }
@@ -143,9 +146,20 @@ impl ClientBuilder {
         self
     }
 
+    /// Talks TLS to the replicas: trusts the CA certificates of
+    /// `files.ca`, verifies each replica by the host it is dialled at, and
+    /// presents `files.cert`/`files.key`, whose role (read, write, admin)
+    /// decides what this client may do. The files are read by
+    /// [`ClientBuilder::build`].
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
+
     /// Builds the client. Does not connect: connections are made on first
-    /// use. Fails with [`Error::InvalidArgument`] if no address was given or
-    /// the timeout is zero.
+    /// use. Fails with [`Error::InvalidArgument`] if no address was given,
+    /// the timeout is zero, or the TLS files cannot be used (the message
+    /// names the file).
     pub fn build(self) -> Result<Client> {
         let mut addrs: Vec<String> = Vec::with_capacity(self.addrs.len());
         for a in self.addrs {
@@ -169,6 +183,14 @@ impl ClientBuilder {
                 "the timeout must be above zero".into(),
             ));
         }
+        let tls = match &self.tls {
+            None => None,
+            Some(files) => Some(
+                Tls::load(files)
+                    .and_then(|t| t.client_config())
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            ),
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 addrs,
@@ -177,7 +199,7 @@ impl ClientBuilder {
                 follow_hints: self.follow_hints,
                 session: Mutex::new(None),
                 opening: tokio::sync::Mutex::new(()),
-                pool: Pool::default(),
+                pool: Pool::new(tls),
                 preferred: Mutex::new(None),
             }),
         })
@@ -449,7 +471,7 @@ impl Client {
             return Ok(s);
         }
         let not_opened = |e: Error| match e {
-            Error::InvalidArgument(_) => e,
+            Error::InvalidArgument(_) | Error::PermissionDenied(_) => e,
             e => Error::Unavailable(format!(
                 "could not open a session, so the write was not sent: {e}"
             )),

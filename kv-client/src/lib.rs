@@ -73,3 +73,4 @@ mod seq;
 pub use client::{CasOutcome, Client, ClientBuilder, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use error::{Error, Result};
 pub use escape::escape_bytes;
+pub use kv_api::tls::{Role, TlsFiles};

@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use kv_api::KvClient;
 use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
 
 /// A connection and the generation number it was stored under, so that a
 /// failure on an old connection does not evict a newer one.
@@ -28,6 +31,9 @@ pub(crate) struct Pool {
     // A std Mutex: held only to look up or store, never across an await.
     conns: Mutex<HashMap<String, Conn>>,
     generation: AtomicU64,
+    /// TLS to every replica, each verified by the host it is dialled at
+    /// (`None`: plain TCP).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -42,6 +48,14 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// A pool dialling with TLS if `tls` is given.
+    pub(crate) fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Pool {
+        Pool {
+            tls,
+            ..Pool::default()
+        }
+    }
+
     /// The cached connection to `addr`, or a new one dialled before
     /// `deadline` (a frozen server may accept TCP and never answer, and a
     /// black-holed address may never refuse, so the dial is bounded too).
@@ -49,7 +63,8 @@ impl Pool {
         if let Some(c) = self.lock().get(addr) {
             return Ok(c.clone());
         }
-        let client = match tokio::time::timeout_at(deadline.into(), dial(addr)).await {
+        let dialled = dial(addr, self.tls.clone());
+        let client = match tokio::time::timeout_at(deadline.into(), dialled).await {
             Ok(r) => r?,
             Err(_) => return Err("timed out connecting".to_string()),
         };
@@ -74,13 +89,27 @@ impl Pool {
     }
 }
 
-/// Opens a connection exactly as the server expects it: tarpc over TCP with
-/// bincode and frames up to [`kv_api::MAX_FRAME`].
-async fn dial(addr: &str) -> Result<KvClient, String> {
-    let mut connect = tarpc::serde_transport::tcp::connect(addr.to_string(), Bincode::default);
-    connect.config_mut().max_frame_length(kv_api::MAX_FRAME);
-    let transport = connect.await.map_err(|e| e.to_string())?;
+/// Opens a connection exactly as the server expects it: tarpc over TCP
+/// (over TLS if `tls` is given, the server verified by the host of `addr`)
+/// with bincode and frames up to [`kv_api::MAX_FRAME`].
+async fn dial(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<KvClient, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     // Small request/response messages: do not let Nagle delay them.
-    let _ = transport.get_ref().set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let stream = match tls {
+        None => kv_api::tls::Stream::Plain(tcp),
+        Some(config) => {
+            let name = kv_api::tls::server_name_of(addr).map_err(|e| e.to_string())?;
+            kv_api::tls::connect(config, name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?
+        }
+    };
+    let framed = LengthDelimitedCodec::builder()
+        .max_frame_length(kv_api::MAX_FRAME)
+        .new_framed(stream);
+    let transport = tarpc::serde_transport::new(framed, Bincode::default());
     Ok(KvClient::new(tarpc::client::Config::default(), transport).spawn())
 }

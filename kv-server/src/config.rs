@@ -38,6 +38,9 @@ pub struct ServerConfig {
     /// Opening a session beyond this many evicts the least recently used
     /// (into the log like `session_ttl`).
     pub max_sessions: u64,
+    /// TLS on both ports (`--tls-ca`, `--tls-cert`, `--tls-key`): the
+    /// certificate must name this replica (`replica-ID`). `None`: plain TCP.
+    pub tls: Option<kv_api::tls::TlsFiles>,
 }
 
 impl ServerConfig {
@@ -55,7 +58,30 @@ impl ServerConfig {
             fault_seed: None,
             session_ttl: Duration::from_millis(crate::state::DEFAULT_SESSION_TTL_MS),
             max_sessions: crate::state::DEFAULT_MAX_SESSIONS,
+            tls: None,
         }
+    }
+
+    /// Loads the TLS files, if configured, and checks that the certificate
+    /// names this replica: a replica presenting another's certificate would
+    /// be refused by every peer.
+    pub fn load_tls(&self) -> Result<Option<kv_api::tls::Tls>> {
+        let Some(files) = &self.tls else {
+            return Ok(None);
+        };
+        let tls = kv_api::tls::Tls::load(files).map_err(|e| ServerError::Config(e.to_string()))?;
+        let name = kv_api::tls::replica_name(self.id);
+        if !kv_api::tls::names(tls.cert(), &name) {
+            return Err(ServerError::Config(format!(
+                "{}: the certificate does not name {name} (a DNS subject alternative name), \
+                 so the other replicas would refuse it; give --tls-cert the one made for \
+                 replica {} (`kv-server certs` writes replica-{}.pem)",
+                files.cert.display(),
+                self.id,
+                self.id
+            )));
+        }
+        Ok(Some(tls))
     }
 
     /// Checks that the id is in the replica list and the tuning is sane.

@@ -50,6 +50,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let tls = config.load_tls()?;
     let me = config
         .replicas
         .get(config.id)
@@ -76,7 +77,7 @@ pub async fn run(
     let (storage, mut durable, snapshot_dir, snapshot_index, sm) = opened?;
     durable.snapshot = snapshot_index;
     let members: Vec<u64> = config.replicas.replicas.iter().map(|r| r.id).collect();
-    let mut core_cfg = paxos::Config::new(config.id, members);
+    let mut core_cfg = paxos::Config::new(config.id, members.clone());
     core_cfg.seed = rand::random();
     tracing::info!(
         id = config.id,
@@ -94,17 +95,26 @@ pub async fn run(
     if !faults.is_healthy() {
         tracing::warn!(id = config.id, fault_seed, faults = ?config.faults, "starting with failure injection");
     }
-    let pool = Arc::new(peers::PeerPool::new(
-        config.id,
-        config
-            .replicas
-            .replicas
-            .iter()
-            .filter(|r| r.id != config.id)
-            .map(|r| (r.id, r.peer_addr.clone())),
-        config.peer_timeout,
-        faults.clone(),
-    ));
+    let pool = Arc::new(
+        peers::PeerPool::new(
+            config.id,
+            config
+                .replicas
+                .replicas
+                .iter()
+                .filter(|r| r.id != config.id)
+                .map(|r| (r.id, r.peer_addr.clone())),
+            config.peer_timeout,
+            faults.clone(),
+        )
+        .with_tls(match &tls {
+            Some(tls) => Some(
+                tls.client_config()
+                    .map_err(|e| ServerError::Config(e.to_string()))?,
+            ),
+            None => None,
+        }),
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
     let handler = rpc::Handler::new(
         config.id,
@@ -114,8 +124,21 @@ pub async fn run(
         snapshot_dir.clone(),
         faults,
     );
-    let (serve_kv, serve_peer) =
-        rpc::listen(me.client_addr.clone(), me.peer_addr.clone(), handler).await?;
+    let server_tls = match &tls {
+        Some(tls) => Some(
+            tls.server_config()
+                .map_err(|e| ServerError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let (serve_kv, serve_peer) = rpc::listen(
+        me.client_addr.clone(),
+        me.peer_addr.clone(),
+        handler,
+        server_tls,
+        members.clone(),
+    )
+    .await?;
     let listeners = Listeners {
         kv: tokio::spawn(serve_kv),
         kv_addr: me.client_addr.clone(),

@@ -14,6 +14,7 @@
 //! - 1: any other failure (data directory not writable, cannot bind, damaged
 //!   storage), with a one-line message on stderr.
 
+mod certs;
 mod cluster;
 
 use std::io::{IsTerminal, Write};
@@ -146,6 +147,24 @@ struct Cli {
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
 
+    /// TLS: the CA certificates (PEM) that sign the cluster's
+    /// certificates. With --tls-cert and --tls-key both ports speak TLS 1.3
+    /// only and demand a certificate signed by one of these CAs: on the
+    /// peer port one naming a replica (`replica-N`), on the client port a
+    /// client's, whose role (read, write, admin) decides what it may do.
+    /// Several CAs in the file are all trusted (for a rotation).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+
+    /// TLS: this replica's certificate (PEM), which must name it
+    /// `replica-ID`; `kv-server certs` makes one for every replica.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS: this replica's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -174,6 +193,54 @@ leader changes; it prints the seed first, one `chaos: ...` line per fault it
 causes (kill, restart, pause, resume), and a summary when stopped. Paused
 replicas are resumed before they are stopped, so none is left stopped.")]
     Cluster(ClusterArgs),
+    /// Write a new cluster CA, a certificate and key for every replica of
+    /// the replica file, and client certificates for the roles admin,
+    /// write and read, ready for --tls-ca/--tls-cert/--tls-key.
+    #[command(after_help = "\
+Example:
+  kv-server certs --replicas replica --out tls
+  kv-server --id 1 --tls-ca tls/ca.pem --tls-cert tls/replica-1.pem --tls-key tls/replica-1.key
+  kv-client --tls-ca tls/ca.pem --tls-cert tls/writer.pem --tls-key tls/writer.key put k v
+
+Writes into DIR (created if missing; an existing file is never overwritten):
+  ca.pem, ca.key                  the cluster CA; every replica and client
+                                  trusts ca.pem. Keep ca.key offline: it
+                                  signs identities, replicas never need it.
+  replica-N.pem, replica-N.key    replica N: names `replica-N` (peers check
+                                  it) and the hosts of its addresses
+                                  (clients check them)
+  admin.pem/.key                  a client with the role admin (everything,
+                                  fault injection included)
+  writer.pem/.key                 role write (reads and writes)
+  reader.pem/.key                 role read (reads and status)
+Keys are 0600. Certificates are valid for --days (the CA for ten years).
+
+Rotating the CA: make a new set in another directory, give every replica
+and client a --tls-ca file holding both CAs (cat old/ca.pem new/ca.pem),
+restarting replicas one at a time; then move each to its new certificate
+and key; then drop the old CA from the file, again one replica at a time.")]
+    Certs(CertsArgs),
+}
+
+/// Arguments of `kv-server certs`.
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line.
+    #[arg(long, value_name = "FILE", default_value = "replica")]
+    replicas: PathBuf,
+
+    /// Where to write the files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+
+    /// How many days the replica and client certificates are valid.
+    #[arg(long, value_name = "N", default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    days: u64,
+
+    /// Move the validity window this many days into the past (tests make
+    /// expired certificates with it).
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    backdate_days: u64,
 }
 
 /// Arguments of `kv-server cluster`.
@@ -329,6 +396,23 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
         || matches!(&cli.command, Some(Command::Cluster(a)) if a.exit_on_stdin_eof);
     let shutdown = Shutdown::listen(on_eof).map_err(Failure::runtime)?;
     match cli.command {
+        Some(Command::Certs(args)) => {
+            let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;
+            const DAY: Duration = Duration::from_secs(24 * 3600);
+            let written = certs::generate(&certs::Request {
+                replicas,
+                out: args.out,
+                valid_for: DAY * u32::try_from(args.days).unwrap_or(u32::MAX),
+                backdate: DAY * u32::try_from(args.backdate_days).unwrap_or(u32::MAX),
+                ca_valid_for: DAY * 3650,
+            })
+            .map_err(Failure::usage)?;
+            let mut out = std::io::stdout().lock();
+            for path in written {
+                let _ = writeln!(out, "{}", path.display());
+            }
+            Ok(())
+        }
         Some(Command::Cluster(args)) => {
             let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;
             let exe = std::env::current_exe()
@@ -366,6 +450,12 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                 fault_seed: cli.fault_seed,
                 session_ttl: cli.session_ttl,
                 max_sessions: cli.max_sessions,
+                tls: match (cli.tls_ca, cli.tls_cert, cli.tls_key) {
+                    (Some(ca), Some(cert), Some(key)) => {
+                        Some(kv_api::tls::TlsFiles { ca, cert, key })
+                    }
+                    _ => None,
+                },
             };
             run_replica(id, cli.replicas, cli.data_dir, tuning, shutdown).await
         }
@@ -379,6 +469,7 @@ struct Tuning {
     fault_seed: Option<u64>,
     session_ttl: Duration,
     max_sessions: u64,
+    tls: Option<kv_api::tls::TlsFiles>,
 }
 
 /// Seconds, fractions allowed, from 1 ms to 30 days.
@@ -427,6 +518,7 @@ async fn run_replica(
     config.fault_seed = tuning.fault_seed;
     config.session_ttl = tuning.session_ttl;
     config.max_sessions = tuning.max_sessions;
+    config.tls = tuning.tls;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         tracing::info!(

@@ -50,6 +50,8 @@ use std::time::{Duration, Instant};
 
 use bincode::Options;
 use futures::{Sink, Stream};
+use kv_api::tls::Stream as Socket;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tarpc::server::limits::requests_per_channel::MaxRequests;
@@ -101,6 +103,15 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// (a compare-and-swap: key, expected and new value) for the request's
 /// framing fields.
 const CLIENT_FRAME_HEADROOM: usize = 64 * 1024;
+
+/// How long a TLS handshake may take before its connection is closed (it
+/// holds a connection slot meanwhile).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failed TLS handshakes logged per [`LOG_INTERVAL`] per listener: each
+/// names who and why, so more than one, but bounded, since whoever can
+/// reach the port controls their rate.
+const HANDSHAKE_LOG_BURST: u32 = 20;
 
 /// After an accept error that means the process is short of a resource
 /// (file descriptors, memory), wait this long before accepting again
@@ -287,16 +298,26 @@ fn decode_request<Req: DeserializeOwned>(
 // ---------------------------------------------------------------------------
 // Rate-limited logging of what remote parties cause.
 
-/// Lets one log line through per [`LOG_INTERVAL`]; counts the others.
+/// Lets `burst` log lines through per [`LOG_INTERVAL`] (one by default);
+/// counts the others.
 pub(crate) struct Throttle {
-    last: Mutex<Option<Instant>>,
+    /// The start of the current interval and the lines let through in it.
+    window: Mutex<Option<(Instant, u32)>>,
+    burst: u32,
     suppressed: AtomicU64,
 }
 
 impl Throttle {
     pub(crate) fn new() -> Throttle {
+        Throttle::with_burst(1)
+    }
+
+    /// Up to `burst` lines per interval: for events where each line names
+    /// a different party worth knowing about (failed TLS handshakes).
+    pub(crate) fn with_burst(burst: u32) -> Throttle {
         Throttle {
-            last: Mutex::new(None),
+            window: Mutex::new(None),
+            burst: burst.max(1),
             suppressed: AtomicU64::new(0),
         }
     }
@@ -305,12 +326,17 @@ impl Throttle {
     /// suppressed since the last one; `None` (and counted) otherwise.
     pub(crate) fn allow(&self) -> Option<u64> {
         let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < LOG_INTERVAL) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *window {
+            Some((start, n)) if now.duration_since(*start) < LOG_INTERVAL => {
+                if *n >= self.burst {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                *n += 1;
+            }
+            w => *w = Some((now, 1)),
         }
-        *last = Some(now);
         Some(self.suppressed.swap(0, Ordering::Relaxed))
     }
 }
@@ -326,6 +352,11 @@ struct ListenerState {
     refusals: Throttle,
     /// Errors from `accept`.
     accept_errors: Throttle,
+    /// TLS on this port, if configured: every connection must complete a
+    /// handshake, with a client certificate signed by the cluster's CA.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Failed TLS handshakes.
+    handshakes: Throttle,
 }
 
 impl ListenerState {
@@ -388,7 +419,7 @@ impl Activity {
 /// decoded ends the stream (tarpc then finishes the requests in flight and
 /// closes the connection); so does a read error.
 pub struct ServerWire<Req, Resp> {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<Socket, LengthDelimitedCodec>,
     from: SocketAddr,
     state: Arc<ListenerState>,
     activity: Arc<Activity>,
@@ -525,21 +556,38 @@ fn encode<T: Serialize>(item: &T, max_frame: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(bytes))
 }
 
-fn framed(stream: TcpStream, max_frame: usize) -> Framed<TcpStream, LengthDelimitedCodec> {
+fn framed(stream: Socket, max_frame: usize) -> Framed<Socket, LengthDelimitedCodec> {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)
         .new_framed(stream)
 }
 
-/// One accepted connection, handed to the listener's serving closure.
+/// One accepted connection (its TLS handshake done, if the port has TLS),
+/// handed to the listener's serving closure.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Socket,
     from: SocketAddr,
     state: Arc<ListenerState>,
     activity: Arc<Activity>,
 }
 
 impl Conn {
+    /// The remote address.
+    pub fn from(&self) -> SocketAddr {
+        self.from
+    }
+
+    /// The certificate the other side presented (verified against the
+    /// cluster's CA), on a TLS port.
+    pub fn peer_cert(&self) -> Option<CertificateDer<'static>> {
+        self.stream.peer_cert()
+    }
+
+    /// Whether this port has TLS.
+    pub fn tls(&self) -> bool {
+        self.state.tls.is_some()
+    }
+
     /// The connection as a tarpc channel with this listener's limit on
     /// requests in flight.
     pub fn channel<Req, Resp>(self) -> MaxRequests<BaseChannel<Req, Resp, ServerWire<Req, Resp>>>
@@ -567,8 +615,13 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `addr` for `port` with `limits`.
-    pub async fn bind(addr: String, port: Port, limits: NetLimits) -> Result<Listener> {
+    /// Binds `addr` for `port` with `limits`, and TLS if `tls` is given.
+    pub async fn bind(
+        addr: String,
+        port: Port,
+        limits: NetLimits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Listener> {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|error| ServerError::Bind {
@@ -584,6 +637,8 @@ impl Listener {
                 bad_frames: Throttle::new(),
                 refusals: Throttle::new(),
                 accept_errors: Throttle::new(),
+                tls,
+                handshakes: Throttle::with_burst(HANDSHAKE_LOG_BURST),
             }),
         })
     }
@@ -595,14 +650,15 @@ impl Listener {
     }
 
     /// Accepts connections for ever, each served by `serve` in its own task
-    /// (closed when idle too long). Returns only if the listening socket
-    /// itself is broken.
+    /// (after its TLS handshake, on a TLS port; closed when idle too long).
+    /// Returns only if the listening socket itself is broken.
     pub async fn run<F, Fut>(self, serve: F) -> io::Error
     where
-        F: Fn(Conn) -> Fut,
+        F: Fn(Conn) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Listener { listener, state } = self;
+        let serve = Arc::new(serve);
         let slots = Arc::new(Semaphore::new(state.limits.connections));
         loop {
             let (stream, from) = match listener.accept().await {
@@ -652,17 +708,22 @@ impl Listener {
             let _ = stream.set_nodelay(true);
             let activity = Arc::new(Activity::new());
             let idle = state.limits.idle;
-            let conn = Conn {
-                stream,
-                from,
-                state: state.clone(),
-                activity: activity.clone(),
-            };
-            let serving = serve(conn);
-            let port = state.port;
+            let state = state.clone();
+            let serve = serve.clone();
             tokio::spawn(async move {
+                let Some(stream) = handshake(&state, stream, from).await else {
+                    drop(slot);
+                    return;
+                };
+                let port = state.port;
+                let conn = Conn {
+                    stream,
+                    from,
+                    state,
+                    activity: activity.clone(),
+                };
                 tokio::select! {
-                    () = serving => {}
+                    () = serve(conn) => {}
                     () = activity.idle_for(idle) => {
                         tracing::debug!(%port, %from, ?idle, "closing an idle connection");
                     }
@@ -671,6 +732,36 @@ impl Listener {
             });
         }
     }
+}
+
+/// The connection as served: plain, or after a TLS handshake bounded by
+/// [`HANDSHAKE_TIMEOUT`]. A failed handshake (plain TCP or garbage on a TLS
+/// port, no certificate, an expired one, one from another CA) closes this
+/// connection only, with a warning that says who and why.
+async fn handshake(state: &ListenerState, stream: TcpStream, from: SocketAddr) -> Option<Socket> {
+    let Some(config) = &state.tls else {
+        return Some(Socket::Plain(stream));
+    };
+    let why = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        kv_api::tls::accept(config.clone(), stream),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+    };
+    if let Some(more) = state.handshakes.allow() {
+        tracing::warn!(
+            port = %state.port,
+            addr = %state.addr,
+            %from,
+            also_since_last_warning = more,
+            "closing a connection whose TLS handshake failed: {why}"
+        );
+    }
+    None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -701,7 +792,7 @@ fn accept_error(e: &io::Error) -> AcceptError {
 /// redials before the next call instead of losing it to a dead connection
 /// (a peer closes idle connections).
 pub struct ClientWire<Req, Resp> {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<Socket, LengthDelimitedCodec>,
     max_frame: usize,
     closed: Arc<AtomicBool>,
     _types: PhantomData<fn() -> (Req, Resp)>,
@@ -782,19 +873,29 @@ impl<Req: Serialize, Resp> Sink<ClientMessage<Req>> for ClientWire<Req, Resp> {
     }
 }
 
-/// Connects to `addr` (bounded by `timeout`), with frames up to
-/// [`kv_api::MAX_FRAME`]. `closed` is set when the connection ends.
+/// Connects to `addr` (bounded by `timeout`, handshake included), with
+/// frames up to [`kv_api::MAX_FRAME`]; over TLS if `tls` is given, the
+/// server's certificate verified against the name given with it. `closed`
+/// is set when the connection ends.
 pub async fn dial<Req, Resp>(
     addr: &str,
     timeout: Duration,
     closed: Arc<AtomicBool>,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 ) -> io::Result<ClientWire<Req, Resp>> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await?;
+        // Small request/response messages: Nagle's algorithm against
+        // delayed ACKs would hold them ~40 ms.
+        tcp.set_nodelay(true)?;
+        match tls {
+            None => Ok(Socket::Plain(tcp)),
+            Some((config, name)) => kv_api::tls::connect(config, name, tcp).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    // Small request/response messages: Nagle's algorithm against delayed
-    // ACKs would hold them ~40 ms.
-    stream.set_nodelay(true)?;
     Ok(ClientWire {
         framed: framed(stream, kv_api::MAX_FRAME),
         max_frame: kv_api::MAX_FRAME,
@@ -1002,7 +1103,7 @@ mod tests {
     }
 
     async fn serve_held(limits: NetLimits) -> (SocketAddr, Arc<tokio::sync::Semaphore>) {
-        let listener = Listener::bind("127.0.0.1:0".into(), Port::Client, limits)
+        let listener = Listener::bind("127.0.0.1:0".into(), Port::Client, limits, None)
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1033,7 +1134,7 @@ mod tests {
     }
 
     async fn kv_client(addr: SocketAddr) -> KvClient {
-        let wire = dial(&addr.to_string(), MINUTE, Arc::default())
+        let wire = dial(&addr.to_string(), MINUTE, Arc::default(), None)
             .await
             .unwrap();
         KvClient::new(tarpc::client::Config::default(), wire).spawn()

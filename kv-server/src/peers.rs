@@ -75,6 +75,10 @@ pub struct PeerPool {
     /// in flight.
     shed: AtomicU64,
     shed_log: net::Throttle,
+    /// TLS to the peers, each verified as `replica-ID` (`None`: plain).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Dials that failed for a TLS reason (a peer with a wrong certificate).
+    tls_log: net::Throttle,
 }
 
 impl PeerPool {
@@ -109,7 +113,17 @@ impl PeerPool {
             timeout,
             shed: AtomicU64::new(0),
             shed_log: net::Throttle::new(),
+            tls: None,
+            tls_log: net::Throttle::new(),
         }
+    }
+
+    /// Dials the peers over TLS with `config`, verifying each one's
+    /// certificate names it (`replica-ID`): a replica also checks whom it
+    /// dialled, not only who dials it.
+    pub fn with_tls(mut self, config: Option<Arc<rustls::ClientConfig>>) -> PeerPool {
+        self.tls = config;
+        self
     }
 
     /// A place for one more message to `to`, unless it has
@@ -163,7 +177,11 @@ impl PeerPool {
         // peer may close it when idle), so a dead one is redialled before
         // a message is lost to it.
         let broken = Arc::new(AtomicBool::new(false));
-        match net::dial(&slot.addr, self.timeout, broken.clone()).await {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|config| (config.clone(), kv_api::tls::replica_server_name(id)));
+        match net::dial(&slot.addr, self.timeout, broken.clone(), tls).await {
             Ok(transport) => {
                 let client = PeerClient::new(tarpc::client::Config::default(), transport).spawn();
                 st.conn = Some(Conn {
@@ -176,7 +194,22 @@ impl PeerPool {
                 Some((client, broken))
             }
             Err(why) => {
-                tracing::debug!(peer = id, addr = %slot.addr, %why, "cannot reach peer");
+                // rustls reports a certificate it refuses as InvalidData:
+                // a misconfiguration worth a warning, not a peer that is down.
+                if why.kind() == std::io::ErrorKind::InvalidData {
+                    if let Some(more) = self.tls_log.allow() {
+                        tracing::warn!(
+                            peer = id,
+                            addr = %slot.addr,
+                            %why,
+                            also_since_last_warning = more,
+                            "TLS with a peer failed (does its certificate name replica-{id}, \
+                             signed by our CA?)"
+                        );
+                    }
+                } else {
+                    tracing::debug!(peer = id, addr = %slot.addr, %why, "cannot reach peer");
+                }
                 st.retry_at = Some(Instant::now() + st.backoff);
                 st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
                 None

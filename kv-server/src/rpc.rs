@@ -3,11 +3,33 @@
 //! are thin: they hand work to the driver task and await its answer, so a
 //! handler dropped at its deadline never interrupts a consensus step or a
 //! disk write.
+//!
+//! # Who may do what
+//!
+//! Each connection's handler knows its [`Caller`], from the certificate the
+//! other side presented on a TLS port (see `kv_api::tls` for the names):
+//! - client port: `read` for `get`, `write` for writes, `admin` for
+//!   `set_faults`; `status` needs only a certificate the cluster's CA
+//!   signed (it shows ids and log positions, no data), so that health
+//!   checks can run with the least role. A refusal is
+//!   [`KvError::PermissionDenied`], logged once per connection.
+//! - peer port: a connection whose certificate names no member
+//!   (`replica-N`) is closed at once; every message must say it is `from`
+//!   the replica the certificate names, or it is refused (answered as a
+//!   stopping replica answers, which no caller acts on) and logged once per
+//!   connection.
+//!
+//! Without TLS every caller is [`Caller::Trusted`]: anyone who reaches a
+//! port may do anything, which is why a replica refuses to bind a
+//! non-loopback address without TLS unless told `--insecure`.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use kv_api::tls::Role;
 use kv_api::{
     FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
     Route, WriteOutcome, WriteRequest,
@@ -32,6 +54,24 @@ use crate::Result;
 /// transfer takes on both sides and stays well under the frame limit.
 pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 
+/// Who is on the other end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A port without TLS: anyone, allowed everything.
+    Trusted,
+    /// A client certificate granting this role (`None`: it names none).
+    Client(Option<Role>),
+    /// A certificate naming this replica.
+    Replica(ReplicaId),
+}
+
+/// One connection's caller, and whether a refusal on it was logged yet.
+struct Connection {
+    caller: Caller,
+    from: SocketAddr,
+    refusal_logged: AtomicBool,
+}
+
 /// What both handlers share.
 #[derive(Clone)]
 pub struct Handler {
@@ -41,6 +81,9 @@ pub struct Handler {
     limits: Limits,
     snapshots: SnapshotDir,
     faults: Arc<Faults>,
+    /// The connection this handler serves (`None` until [`listen`] gives
+    /// it one: only then is it serving anyone).
+    conn: Option<Arc<Connection>>,
 }
 
 fn stopping() -> KvError {
@@ -64,6 +107,64 @@ impl Handler {
             limits,
             snapshots,
             faults,
+            conn: None,
+        }
+    }
+
+    /// This handler for one connection.
+    fn for_conn(&self, caller: Caller, from: SocketAddr) -> Handler {
+        Handler {
+            conn: Some(Arc::new(Connection {
+                caller,
+                from,
+                refusal_logged: AtomicBool::new(false),
+            })),
+            ..self.clone()
+        }
+    }
+
+    fn caller(&self) -> Caller {
+        self.conn.as_ref().map_or(Caller::Trusted, |c| c.caller)
+    }
+
+    /// Logs `why` the first time something is refused on this connection.
+    fn log_refusal(&self, why: &str) {
+        if let Some(c) = &self.conn {
+            if !c.refusal_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(id = self.id, from = %c.from, caller = ?c.caller, "{why} (logged once per connection)");
+            }
+        }
+    }
+
+    /// Whether this connection's client may do what needs `need`.
+    fn allow(&self, need: Role, what: &str) -> std::result::Result<(), KvError> {
+        let has = match self.caller() {
+            Caller::Trusted => return Ok(()),
+            Caller::Client(Some(role)) if role >= need => return Ok(()),
+            Caller::Client(Some(role)) => format!("grants only the `{role}` role"),
+            Caller::Client(None) => "grants no role".to_string(),
+            Caller::Replica(id) => {
+                format!("is replica {id}'s, which grants no client role")
+            }
+        };
+        let why = format!("{what} needs the `{need}` role; this client's certificate {has}");
+        self.log_refusal(&format!("refused: {why}"));
+        Err(KvError::PermissionDenied(why))
+    }
+
+    /// Whether a peer message saying it is `from` that replica may be
+    /// believed: on a TLS port, only if the certificate names `from`.
+    fn peer_may_say(&self, from: ReplicaId) -> bool {
+        match self.caller() {
+            Caller::Trusted => true,
+            Caller::Replica(id) if id == from => true,
+            caller => {
+                self.log_refusal(&format!(
+                    "refused a peer message claiming to come from replica {from}: the \
+                     connection's certificate is {caller:?}'s"
+                ));
+                false
+            }
         }
     }
 
@@ -122,6 +223,9 @@ impl Handler {
         unpack: fn(Msg) -> Option<T>,
         refused: T,
     ) -> T {
+        if !self.peer_may_say(from) {
+            return refused;
+        }
         self.gate(from).await;
         self.ask(|tx| Input::Peer {
             msg,
@@ -140,6 +244,7 @@ impl Kv for Handler {
         req: WriteRequest,
         route: Route,
     ) -> std::result::Result<WriteOutcome, KvError> {
+        self.allow(Role::Write, "writing")?;
         if route == Route::Redirect {
             return self.write_here(req).await;
         }
@@ -158,6 +263,7 @@ impl Kv for Handler {
         mode: ReadMode,
         route: Route,
     ) -> std::result::Result<GetResponse, KvError> {
+        self.allow(Role::Read, "reading")?;
         if route == Route::Redirect {
             return self.get_here(key, mode).await;
         }
@@ -174,6 +280,7 @@ impl Kv for Handler {
         _: Context,
         change: FaultSpec,
     ) -> std::result::Result<FaultReport, KvError> {
+        self.allow(Role::Admin, "fault injection")?;
         self.set_faults_now(change)
     }
 
@@ -278,6 +385,9 @@ impl Peer for Handler {
         _: Context,
         req: SnapshotRequest,
     ) -> std::result::Result<SnapshotChunk, String> {
+        if !self.peer_may_say(req.from) {
+            return Err("refused: the connection's certificate does not name this sender".into());
+        }
         self.gate(req.from).await;
         // Served from the file, off the driver: a transfer never stalls
         // consensus, and memory stays at one chunk.
@@ -302,6 +412,11 @@ impl Peer for Handler {
         from: ReplicaId,
         req: WriteRequest,
     ) -> std::result::Result<WriteOutcome, KvError> {
+        if !self.peer_may_say(from) {
+            return Err(KvError::PermissionDenied(
+                "the connection's certificate does not name this sender".into(),
+            ));
+        }
         self.gate(from).await;
         self.write_here(req).await
     }
@@ -312,31 +427,51 @@ impl Peer for Handler {
         from: ReplicaId,
         key: Vec<u8>,
     ) -> std::result::Result<GetResponse, KvError> {
+        if !self.peer_may_say(from) {
+            return Err(KvError::PermissionDenied(
+                "the connection's certificate does not name this sender".into(),
+            ));
+        }
         self.gate(from).await;
         self.get_here(key, ReadMode::Linearizable).await
     }
 }
 
-/// Binds the client and peer listeners; returns the futures that serve
-/// them. Each connection is served in its own task (see [`crate::net`]);
-/// the futures end only if a listening socket breaks, with its error.
+/// Binds the client and peer listeners, with TLS if `tls` is given (then
+/// the peer port serves only certificates naming one of `members`);
+/// returns the futures that serve them. Each connection is served in its
+/// own task (see [`crate::net`]); the futures end only if a listening
+/// socket breaks, with its error.
 pub async fn listen(
     client_addr: String,
     peer_addr: String,
     handler: Handler,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    members: Vec<ReplicaId>,
 ) -> Result<(
     impl Future<Output = std::io::Error>,
     impl Future<Output = std::io::Error>,
 )> {
     let client_limits = NetLimits::for_port(Port::Client, &handler.limits)?;
     let peer_limits = NetLimits::for_port(Port::Peer, &handler.limits)?;
-    let kv = Listener::bind(client_addr, Port::Client, client_limits).await?;
-    let peer = Listener::bind(peer_addr, Port::Peer, peer_limits).await?;
+    let kv = Listener::bind(client_addr, Port::Client, client_limits, tls.clone()).await?;
+    let peer = Listener::bind(peer_addr, Port::Peer, peer_limits, tls).await?;
     // The service types are named here, not in `net`: spawning a request
     // needs its future to be `Send`, which a generic `Serve` cannot promise.
-    let serve_kv = Kv::serve(handler.clone());
+    let kv_handler = handler.clone();
+    let kv_members = members.clone();
     let kv = kv.run(move |conn| {
-        let serve = serve_kv.clone();
+        let caller = match conn.peer_cert() {
+            Some(cert) if conn.tls() => match kv_api::tls::role_of(&cert) {
+                Some(role) => Caller::Client(Some(role)),
+                None => match kv_api::tls::replica_of(&cert, kv_members.iter().copied()) {
+                    Some(id) => Caller::Replica(id),
+                    None => Caller::Client(None),
+                },
+            },
+            _ => Caller::Trusted,
+        };
+        let serve = Kv::serve(kv_handler.for_conn(caller, conn.from()));
         async move {
             conn.channel()
                 .execute(serve)
@@ -346,17 +481,35 @@ pub async fn listen(
                 .await
         }
     });
-    let serve_peer = Peer::serve(handler);
     let peer = peer.run(move |conn| {
-        let serve = serve_peer.clone();
-        async move {
+        let caller = if conn.tls() {
+            let named = conn
+                .peer_cert()
+                .and_then(|cert| kv_api::tls::replica_of(&cert, members.iter().copied()));
+            match named {
+                Some(id) => Caller::Replica(id),
+                None => {
+                    tracing::warn!(
+                        id = handler.id,
+                        from = %conn.from(),
+                        "closing a peer connection whose certificate names no replica of \
+                         this cluster (a client's certificate on the peer port?)"
+                    );
+                    return futures::future::Either::Left(std::future::ready(()));
+                }
+            }
+        } else {
+            Caller::Trusted
+        };
+        let serve = Peer::serve(handler.for_conn(caller, conn.from()));
+        futures::future::Either::Right(async move {
             conn.channel()
                 .execute(serve)
                 .for_each(|response| async {
                     tokio::spawn(response);
                 })
                 .await
-        }
+        })
     });
     Ok((kv, peer))
 }

@@ -28,6 +28,11 @@
 //!   (default: the profile directory of the running test executable).
 //! - `KV_TEST_KEEP=1`: keep a failed test's directory (logs, data) and print
 //!   its path instead of removing it.
+//! - `KV_TEST_TLS=1`: every cluster runs with TLS (certificates made by
+//!   `kv-server certs` in its directory); the harness's SDK clients and CLI
+//!   runs use the `admin` identity. Tests that speak the wire protocol by
+//!   hand (fuzz, limits) do not apply; CI runs the core and Jepsen-style
+//!   tests this way too.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -335,6 +340,54 @@ pub struct Cluster {
     client_bin: PathBuf,
     /// Passed to every `kv-server` start, restarts included.
     server_args: Vec<String>,
+    /// The directory of the certificates, when the cluster runs with TLS.
+    tls: Option<PathBuf>,
+}
+
+/// Whether `KV_TEST_TLS` asks for TLS clusters.
+pub fn tls_by_env() -> bool {
+    std::env::var("KV_TEST_TLS").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Runs `kv-server certs` for `replicas_file` into `out`; panics on failure.
+pub fn make_certs(replicas_file: &Path, out: &Path) {
+    let output = Command::new(bin_path("kv-server"))
+        .arg("certs")
+        .arg("--replicas")
+        .arg(replicas_file)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run kv-server certs");
+    assert!(
+        output.status.success(),
+        "kv-server certs: {}",
+        describe(&output)
+    );
+}
+
+/// The TLS files of identity `name` (`replica-N`, `admin`, `writer`,
+/// `reader`) in a directory `kv-server certs` wrote.
+pub fn tls_files(dir: &Path, name: &str) -> kv_client::TlsFiles {
+    kv_client::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    }
+}
+
+/// `--tls-ca A --tls-cert B --tls-key C` for identity `name`.
+pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    let f = tls_files(dir, name);
+    let s = |p: PathBuf| p.to_str().expect("utf-8 path").to_string();
+    vec![
+        "--tls-ca".into(),
+        s(f.ca),
+        "--tls-cert".into(),
+        s(f.cert),
+        "--tls-key".into(),
+        s(f.key),
+    ]
 }
 
 impl Cluster {
@@ -356,12 +409,28 @@ impl Cluster {
     /// Like [`Cluster::start_with_args`] but returns as soon as the
     /// processes are spawned.
     pub fn start_without_waiting(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::start_without_waiting_tls(n, server_args, tls_by_env())
+    }
+
+    /// A cluster with TLS on every port whatever `KV_TEST_TLS` says, ready.
+    pub async fn start_tls(n: usize, server_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::start_without_waiting_tls(n, server_args, true);
+        cluster.wait_ready(START_TIMEOUT).await;
+        cluster
+    }
+
+    fn start_without_waiting_tls(n: usize, server_args: &[&str], tls: bool) -> Cluster {
         assert!(n > 0, "a cluster needs at least one replica");
         let server_bin = bin_path("kv-server");
         let client_bin = bin_path("kv-client");
         let dir = temp_dir("cluster");
         let (replicas_file, replicas) = write_replica_file(&dir, n);
         std::fs::create_dir_all(dir.join("logs")).expect("create the log directory");
+        let tls = tls.then(|| {
+            let out = dir.join("tls");
+            make_certs(&replicas_file, &out);
+            out
+        });
         let nodes = replicas
             .replicas
             .iter()
@@ -387,6 +456,7 @@ impl Cluster {
             server_bin,
             client_bin,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            tls,
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -402,6 +472,21 @@ impl Cluster {
     /// The cluster's temporary directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The certificates' directory, if the cluster runs with TLS.
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls.as_deref()
+    }
+
+    /// A client builder with this cluster's TLS (the `admin` identity), if
+    /// it has TLS; no addresses yet.
+    pub fn builder(&self) -> kv_client::ClientBuilder {
+        let b = kv_client::Client::builder();
+        match &self.tls {
+            Some(dir) => b.tls(tls_files(dir, "admin")),
+            None => b,
+        }
     }
 
     /// The replica file.
@@ -472,7 +557,10 @@ impl Cluster {
         );
         let server_bin = self.server_bin.clone();
         let replicas_file = self.replicas_file.clone();
-        let server_args = self.server_args.clone();
+        let mut server_args = self.server_args.clone();
+        if let Some(dir) = &self.tls {
+            server_args.extend(tls_args(dir, &format!("replica-{id}")));
+        }
         let node = self.node_mut(id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -683,7 +771,7 @@ impl Cluster {
 
     /// An SDK client with a short timeout for status polls.
     fn status_client(&self, addrs: Vec<String>) -> kv_client::Client {
-        kv_client::Client::builder()
+        self.builder()
             .addrs(addrs)
             .timeout(STATUS_TIMEOUT)
             .build()
@@ -819,7 +907,7 @@ impl Cluster {
 
     /// An SDK client over every replica with the given per-operation timeout.
     pub fn client_with_timeout(&self, timeout: Duration) -> kv_client::Client {
-        kv_client::Client::builder()
+        self.builder()
             .replicas(self.replicas.clone())
             .timeout(timeout)
             .build()
@@ -837,7 +925,7 @@ impl Cluster {
 
     /// An SDK client that talks to replica `id` only (for local reads).
     pub fn client_for(&self, id: ReplicaId) -> kv_client::Client {
-        kv_client::Client::builder()
+        self.builder()
             .addrs(vec![self.client_addr(id).to_string()])
             .timeout(CLIENT_TIMEOUT)
             .build()
@@ -863,9 +951,19 @@ impl Cluster {
         self.run_cli(&full).await
     }
 
+    /// A `kv-client` command with this cluster's TLS arguments (the
+    /// `admin` identity), if it has TLS; no other argument yet.
+    pub fn cli_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.client_bin);
+        if let Some(dir) = &self.tls {
+            cmd.args(tls_args(dir, "admin"));
+        }
+        cmd
+    }
+
     /// Runs `kv-client ARGS...` as given, bounded by [`CLI_TIMEOUT`].
     pub async fn run_cli(&self, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new(&self.client_bin);
+        let mut cmd = self.cli_command();
         cmd.args(args);
         match run_bin(cmd, CLI_TIMEOUT).await {
             Ok((out, _)) => out,

@@ -82,7 +82,8 @@ async fn a_wiped_replica_cannot_help_a_minority_lose_an_acknowledged_write() {
 
     // A must not vote, so the three cannot elect a leader, and no write can
     // overwrite the slot that holds the acknowledged one.
-    let minority = kv_client::Client::builder()
+    let minority = cluster
+        .builder()
         .addrs(vec![
             cluster.client_addr(d).to_string(),
             cluster.client_addr(e).to_string(),

@@ -158,7 +158,7 @@ async fn binary_keys_and_values_round_trip_and_the_cli_escapes_non_utf8() {
         // A non-UTF-8 key given on the command line reaches the store as bytes.
         let out = {
             let file = cluster.replicas_file().as_os_str().to_owned();
-            let mut cmd = tokio::process::Command::new(kv_tests::bin_path("kv-client"));
+            let mut cmd = cluster.cli_command();
             cmd.arg("--replicas")
                 .arg(&file)
                 .args(["--timeout", "10", "put"])
@@ -197,8 +197,10 @@ async fn largest_allowed_key_and_value_are_accepted() {
         let text = "0123456789abcdef".repeat((1 << 20) / 16);
         let mut put = vec!["--replicas", cluster.replicas_file().to_str().unwrap()];
         put.extend(["--timeout", "20", "put", "big-text", "-"]);
+        let mut cmd = cluster.cli_command();
+        cmd.args(&put);
         let (out, _) = kv_tests::run_bin_with_input(
-            kv_tests::kv_client_cli(&put),
+            cmd,
             Some(text.clone().into_bytes()),
             Duration::from_secs(30),
         )

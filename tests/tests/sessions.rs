@@ -89,7 +89,8 @@ async fn a_write_in_a_session_never_opened_is_refused_and_not_applied_through_an
         for id in cluster.ids() {
             // Made-up ids, as a client that picked its own would send:
             // through each replica (followers forward to the leader).
-            let via = kv_client::Client::builder()
+            let via = cluster
+                .builder()
                 .addrs(vec![cluster.client_addr(id).to_string()])
                 .follow_hints(false)
                 .build()

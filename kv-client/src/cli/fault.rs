@@ -7,8 +7,7 @@ use kv_api::{FaultReport, FaultSpec, ReplicaId};
 use serde::Serialize;
 
 use super::output::Reply;
-use super::{error_kind, Failure, Settings, EXIT_UNAVAILABLE, EXIT_USAGE};
-use crate::{Client, Error};
+use super::{error_kind, Failure, Settings};
 
 pub(crate) const EXAMPLES: &str = "\
 Examples:
@@ -163,9 +162,9 @@ pub(crate) async fn run(settings: &Settings, args: FaultArgs) -> Reply {
     if let Err(e) = spec.validate() {
         return Reply::failed(Failure::usage(e.to_string()));
     }
-    let client = match Client::builder()
+    let client = match settings
+        .base_builder()
         .addrs(targets.iter().map(|(_, a)| a.clone()).collect())
-        .timeout(settings.timeout)
         .build()
     {
         Ok(c) => c,
@@ -189,13 +188,8 @@ pub(crate) async fn run(settings: &Settings, args: FaultArgs) -> Reply {
             },
             Err(e) => {
                 let f = Failure {
-                    code: if matches!(e, Error::InvalidArgument(_)) {
-                        EXIT_USAGE
-                    } else {
-                        EXIT_UNAVAILABLE
-                    },
-                    kind: error_kind(e),
                     msg: format!("fault: {e}"),
+                    ..Failure::from_error(e.clone(), false)
                 };
                 if !matches!(&worst, Some(w) if w.code >= f.code) {
                     worst = Some(f);

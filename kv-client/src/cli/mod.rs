@@ -98,6 +98,22 @@ pub struct Cli {
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = Format::Text, global = true)]
     pub output: Format,
 
+    /// TLS: the CA certificates (PEM) the replicas' certificates are
+    /// checked against (with --tls-cert and --tls-key; a cluster started
+    /// with TLS accepts nothing else).
+    #[arg(long, value_name = "FILE", global = true, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
+    /// TLS: this client's certificate (PEM); its role decides what it may
+    /// do: `read` (get, status), `write` (and put, delete, cas), `admin`
+    /// (and fault). `kv-server certs` writes reader, writer and admin ones.
+    #[arg(long, value_name = "FILE", global = true, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: this client's private key (PEM).
+    #[arg(long, value_name = "FILE", global = true, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -375,6 +391,7 @@ pub(crate) struct Settings {
     pub(crate) server: Option<String>,
     pub(crate) timeout: Duration,
     pub(crate) format: Format,
+    pub(crate) tls: Option<crate::TlsFiles>,
 }
 
 impl Settings {
@@ -384,6 +401,14 @@ impl Settings {
             server: cli.server.clone(),
             timeout: cli.timeout,
             format: cli.output,
+            tls: match (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(crate::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
         }
     }
 
@@ -396,10 +421,19 @@ impl Settings {
         Replicas::load(&path).map_err(|e| Failure::usage(e.to_string()))
     }
 
+    /// A builder with `--timeout` and the TLS files, no addresses yet.
+    pub(crate) fn base_builder(&self) -> ClientBuilder {
+        let builder = Client::builder().timeout(self.timeout);
+        match &self.tls {
+            Some(files) => builder.tls(files.clone()),
+            None => builder,
+        }
+    }
+
     /// A client builder for `--server` or the replica file, and the replica
     /// ids in address order (`None` with `--server`).
     pub(crate) fn builder(&self) -> Result<(ClientBuilder, Vec<Option<u64>>), Failure> {
-        let builder = Client::builder().timeout(self.timeout);
+        let builder = self.base_builder();
         Ok(match &self.server {
             // Only this replica, as the contract says: it forwards to the
             // leader; its hints are shown in errors, not followed.
