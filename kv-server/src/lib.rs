@@ -90,7 +90,17 @@ pub async fn run(
     let core = paxos::Paxos::new(core_cfg, durable);
 
     let fault_seed = config.fault_seed.unwrap_or_else(rand::random);
-    let faults = Arc::new(faults::Faults::new(&config.faults, fault_seed));
+    let faults = Arc::new(
+        faults::Faults::new(&config.faults, fault_seed)
+            .allow_changes(config.enable_fault_injection),
+    );
+    if config.enable_fault_injection {
+        tracing::warn!(
+            id = config.id,
+            "fault injection is enabled: any client can make this replica drop, delay or cut \
+             its peer messages (for tests and demonstrations only)"
+        );
+    }
     if !faults.is_healthy() {
         tracing::warn!(id = config.id, fault_seed, faults = ?config.faults, "starting with failure injection");
     }

@@ -335,6 +335,9 @@ pub struct Cluster {
     client_bin: PathBuf,
     /// Passed to every `kv-server` start, restarts included.
     server_args: Vec<String>,
+    /// Whether starts get `--enable-fault-injection` (they do unless a test
+    /// says otherwise: tests inject faults).
+    fault_injection: bool,
 }
 
 impl Cluster {
@@ -387,6 +390,7 @@ impl Cluster {
             server_bin,
             client_bin,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            fault_injection: true,
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -464,6 +468,12 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether later starts and restarts get `--enable-fault-injection`
+    /// (by default they do).
+    pub fn set_fault_injection(&mut self, on: bool) {
+        self.fault_injection = on;
+    }
+
     /// Starts replica `id`'s process (it must not be running).
     pub fn spawn(&mut self, id: ReplicaId) {
         assert!(
@@ -472,7 +482,10 @@ impl Cluster {
         );
         let server_bin = self.server_bin.clone();
         let replicas_file = self.replicas_file.clone();
-        let server_args = self.server_args.clone();
+        let mut server_args = self.server_args.clone();
+        if self.fault_injection {
+            server_args.push("--enable-fault-injection".into());
+        }
         let node = self.node_mut(id);
         let log = std::fs::OpenOptions::new()
             .create(true)

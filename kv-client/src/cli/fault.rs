@@ -27,8 +27,10 @@ One JSON line per replica, e.g.
 or, for a replica that could not be changed,
   {\"id\":3,\"addr\":\"127.0.0.1:7003\",\"error\":\"...\",\"kind\":\"unavailable\"}
 Options left out keep their current setting; --heal resets every setting
-first. Exit status: 0 if every replica answered, 2 for an invalid change,
-3 if a replica could not be reached.";
+first. A replica started without --enable-fault-injection refuses changes
+(it still reports). Exit status: 0 if every replica answered, 2 for an
+invalid change or one refused as disabled, 3 if a replica could not be
+reached.";
 
 /// The arguments of `kv-client fault`. Options left out keep the replica's
 /// current setting.
@@ -189,7 +191,9 @@ pub(crate) async fn run(settings: &Settings, args: FaultArgs) -> Reply {
             },
             Err(e) => {
                 let f = Failure {
-                    code: if matches!(e, Error::InvalidArgument(_)) {
+                    // Disabled: the replica was started without
+                    // --enable-fault-injection; asking again will not help.
+                    code: if matches!(e, Error::InvalidArgument(_) | Error::Disabled(_)) {
                         EXIT_USAGE
                     } else {
                         EXIT_UNAVAILABLE

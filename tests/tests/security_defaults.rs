@@ -1,0 +1,142 @@
+//! Safe defaults (issue 11): fault injection only on a replica started with
+//! `--enable-fault-injection`; no plain bind on a non-loopback address
+//! without `--insecure`; the data directory 0700 and every file in it 0600.
+
+use std::time::Duration;
+
+use kv_tests::{bounded, describe, free_ports, kv_server_cmd, run_bin, temp_dir, Cluster};
+
+/// A start-up that is refused must be refused at once, not after serving.
+const REFUSAL_BOUND: Duration = Duration::from_secs(15);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `kv-server ARGS` and returns its output; fails the test if it does
+/// not exit by itself within [`REFUSAL_BOUND`].
+async fn server_refusal(args: &[&str]) -> std::process::Output {
+    let (out, _) = run_bin(kv_server_cmd(args), REFUSAL_BOUND)
+        .await
+        .unwrap_or_else(|e| panic!("kv-server {args:?} should have refused to start: {e}"));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_is_refused_unless_the_replica_was_started_with_it() {
+    bounded(
+        Duration::from_secs(120),
+        "the fault injection switch",
+        async {
+            let mut cluster = Cluster::start(3).await;
+            // Replica 1 as in production: restarted without the flag.
+            cluster.set_fault_injection(false);
+            cluster.restart(1).await;
+
+            // A change is refused: exit 2, one clear sentence, kind "disabled".
+            let out = cluster.cli_at(1, &["fault", "--isolate", "2,3"]).await;
+            assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+            let err = stderr(&out);
+            assert!(
+                err.contains("fault injection is off on replica 1")
+                    && err.contains("--enable-fault-injection"),
+                "{}",
+                describe(&out)
+            );
+            let line: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("one JSON line: {e}\n{}", describe(&out)));
+            assert_eq!(line["kind"], "disabled", "{line}");
+
+            // The SDK gets the typed error.
+            let change = kv_api::FaultSpec {
+                drop_rate: Some(1.0),
+                ..Default::default()
+            };
+            let sdk = cluster
+                .client_for(1)
+                .set_faults(cluster.client_addr(1), change)
+                .await;
+            assert!(matches!(sdk, Err(kv_client::Error::Disabled(_))), "{sdk:?}");
+
+            // A report-only call is answered, and shows nothing injected: the
+            // refused changes did not touch the links.
+            let out = cluster.cli_at(1, &["fault"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(
+                report["settings"]["isolate"],
+                serde_json::json!([]),
+                "{report}"
+            );
+            assert_eq!(report["settings"]["drop_rate"], 0.0, "{report}");
+            assert_eq!(report["dropped"], 0, "{report}");
+            assert_eq!(report["refused"], 0, "{report}");
+            // And replica 1 still takes part: a write through it, read back
+            // linearizably through it.
+            let out = cluster.cli_at(1, &["put", "k", "v"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+            let out = cluster.cli_at(1, &["get", "k"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v");
+
+            // Replica 2 was started with the flag (the harness's default): the
+            // same change is made.
+            let out = cluster.cli_at(2, &["fault", "--drop-rate", "0.5"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["settings"]["drop_rate"], 0.5, "{report}");
+            let out = cluster.cli_at(2, &["fault", "--heal"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_flags_at_start_need_enable_fault_injection() {
+    bounded(Duration::from_secs(90), "start-up fault flags", async {
+        let dir = temp_dir("fault-flags");
+        let p = free_ports(2);
+        let file = dir.join("replica");
+        std::fs::write(&file, format!("1 127.0.0.1:{} 127.0.0.1:{}\n", p[0], p[1])).unwrap();
+        let data = dir.join("data");
+        let base = [
+            "--id",
+            "1",
+            "--replicas",
+            file.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        for flag in [
+            &["--drop-rate", "0.1"][..],
+            &["--delay-ms", "1..5"],
+            &["--timeout-rate", "0.1"],
+            &["--isolate", "2"],
+            &["--fault-seed", "7"],
+        ] {
+            let args: Vec<&str> = base.iter().chain(flag).copied().collect();
+            let out = server_refusal(&args).await;
+            assert_eq!(out.status.code(), Some(2), "{flag:?}: {}", describe(&out));
+            let err = stderr(&out);
+            assert!(
+                err.contains(flag[0]) && err.contains("--enable-fault-injection"),
+                "{flag:?}: {}",
+                describe(&out)
+            );
+            assert!(
+                !data.exists(),
+                "{flag:?}: refused, yet it created its data directory"
+            );
+        }
+
+        // `kv-server --help` explains the switch.
+        let (out, _) = run_bin(kv_server_cmd(["--help"]), REFUSAL_BOUND)
+            .await
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("--enable-fault-injection"), "{help}");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
