@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`binds`] — which addresses may be served without TLS (loopback).
 //! - [`config`] — [`ServerConfig`]: what one replica needs to run.
 //! - [`paxos`] — the consensus core: no I/O; messages and ticks in, records
 //!   to persist, messages to send and entries to apply out.
@@ -20,6 +21,7 @@
 //!   fails if a listener stops.
 #![deny(missing_docs)]
 
+pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;

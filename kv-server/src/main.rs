@@ -10,7 +10,9 @@
 //! - 2: bad usage or invalid configuration (malformed replica file, unknown
 //!   `--id`), with `kv-server: <error>` on stderr naming the file and line,
 //!   or a data directory another process is using (`kv-server: data
-//!   directory X is in use by process N ...`);
+//!   directory X is in use by process N ...`), or a plain (non-TLS) address
+//!   that is not loopback without `--insecure`, or a fault option without
+//!   `--enable-fault-injection`;
 //! - 1: any other failure (data directory not writable, cannot bind, damaged
 //!   storage), with a one-line message on stderr.
 
@@ -69,8 +71,9 @@ Examples:
   kv-server --id 1 --enable-fault-injection
 
 Exit status: 0 after a clean shutdown, 2 for bad usage, an invalid replica
-file or id, or a data directory another kv-server is using, 1 for other
-failures (data directory, address in use, storage).";
+file or id, a data directory another kv-server is using, or an address that
+is not loopback without TLS or --insecure, 1 for other failures (data
+directory, address in use, storage).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,6 +155,15 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = kv_server::state::DEFAULT_MAX_SESSIONS, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: u64,
 
+    /// Serve without TLS on client or peer addresses that are not loopback.
+    /// Without TLS or this, a replica refuses to start on such an address
+    /// (anything but 127.0.0.0/8, ::1, or a name resolving only to them,
+    /// such as localhost; 0.0.0.0 and [::] included): anyone who can reach
+    /// a plain port can read and write the store and forge consensus
+    /// messages. Only for a network you trust entirely.
+    #[arg(long)]
+    insecure: bool,
+
     /// Stop when standard input reaches end-of-file. `cluster` passes this
     /// to its children (with a pipe as stdin) so that they stop even if the
     /// supervisor itself is killed with SIGKILL.
@@ -224,6 +236,11 @@ struct ClusterArgs {
     /// `kv-client fault` can make them drop, delay or cut peer messages.
     #[arg(long)]
     enable_fault_injection: bool,
+
+    /// Start the replicas with --insecure: needed to serve a replica file
+    /// whose addresses are not loopback without TLS.
+    #[arg(long)]
+    insecure: bool,
 
     /// Seed of the fault schedule, to repeat a run [default: random,
     /// printed at start]
@@ -359,6 +376,9 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             if args.chaos || args.enable_fault_injection {
                 replica_args.push("--enable-fault-injection".to_string());
             }
+            if args.insecure {
+                replica_args.push("--insecure".to_string());
+            }
             let mut supervisor =
                 cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
                     .with_grace(args.grace_period)
@@ -392,6 +412,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             let tuning = Tuning {
                 snapshot_every: cli.snapshot_every,
                 enable_fault_injection: cli.enable_fault_injection,
+                insecure: cli.insecure,
                 faults,
                 fault_seed: cli.fault_seed,
                 session_ttl: cli.session_ttl,
@@ -426,6 +447,7 @@ fn refuse_fault_flags(cli: &Cli) -> Result<(), String> {
 struct Tuning {
     snapshot_every: u64,
     enable_fault_injection: bool,
+    insecure: bool,
     faults: kv_api::FaultSpec,
     fault_seed: Option<u64>,
     session_ttl: Duration,
@@ -481,6 +503,23 @@ async fn run_replica(
     config.max_sessions = tuning.max_sessions;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
+        // No TLS yet: every port is plain.
+        let tls_configured = false;
+        let addrs = [me.client_addr.as_str(), me.peer_addr.as_str()];
+        kv_server::binds::refuse_plain_public_bind(&addrs, tls_configured, tuning.insecure)
+            .map_err(Failure::usage)?;
+        if tuning.insecure
+            && !tls_configured
+            && kv_server::binds::refuse_plain_public_bind(&addrs, false, false).is_err()
+        {
+            tracing::warn!(
+                id,
+                client_addr = %me.client_addr,
+                peer_addr = %me.peer_addr,
+                "serving without TLS on an address that is not loopback (--insecure): anyone \
+                 who can reach it can read and write the store and forge consensus messages"
+            );
+        }
         tracing::info!(
             id,
             client_addr = %me.client_addr,

@@ -2,9 +2,12 @@
 //! `--enable-fault-injection`; no plain bind on a non-loopback address
 //! without `--insecure`; the data directory 0700 and every file in it 0600.
 
+use std::process::Stdio;
 use std::time::Duration;
 
-use kv_tests::{bounded, describe, free_ports, kv_server_cmd, run_bin, temp_dir, Cluster};
+use kv_tests::{
+    bounded, describe, free_ports, kv_server_cmd, run_bin, temp_dir, Cluster, START_TIMEOUT,
+};
 
 /// A start-up that is refused must be refused at once, not after serving.
 const REFUSAL_BOUND: Duration = Duration::from_secs(15);
@@ -136,6 +139,107 @@ async fn fault_flags_at_start_need_enable_fault_injection() {
             .unwrap();
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.contains("--enable-fault-injection"), "{help}");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_bind_on_a_non_loopback_address_needs_insecure() {
+    bounded(Duration::from_secs(120), "non-loopback binds", async {
+        let dir = temp_dir("public-bind");
+        let p = free_ports(2);
+        let data = dir.join("data");
+        let file = dir.join("replica");
+        let args = |extra: &[&str]| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "--id",
+                "1",
+                "--replicas",
+                file.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let cases = [
+            (
+                format!("1 0.0.0.0:{} 127.0.0.1:{}\n", p[0], p[1]),
+                format!("0.0.0.0:{}", p[0]),
+            ),
+            (
+                format!("1 127.0.0.1:{} [::]:{}\n", p[0], p[1]),
+                format!("[::]:{}", p[1]),
+            ),
+        ];
+        for (text, named) in &cases {
+            std::fs::write(&file, text).unwrap();
+            let a = args(&[]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = server_refusal(&a).await;
+            assert_eq!(out.status.code(), Some(2), "{text}: {}", describe(&out));
+            let err = stderr(&out);
+            for needed in [
+                named.as_str(),
+                "is not a loopback address",
+                "without TLS",
+                "--tls-ca",
+                "--insecure",
+            ] {
+                assert!(
+                    err.contains(needed),
+                    "{text}: no {needed:?} in\n{}",
+                    describe(&out)
+                );
+            }
+            assert!(
+                !data.exists(),
+                "{text}: refused, yet it created its data directory"
+            );
+        }
+
+        // With --insecure it starts, and serves (0.0.0.0 takes loopback
+        // connections too).
+        std::fs::write(&file, &cases[0].0).unwrap();
+        let mut child = kv_server_cmd(args(&["--insecure", "--exit-on-stdin-eof"]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start kv-server");
+        let client = kv_client::Client::builder()
+            .addrs(vec![format!("127.0.0.1:{}", p[0])])
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        while !client.status().await.iter().any(|(_, r)| r.is_ok()) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let out = child.wait_with_output().await.unwrap();
+                panic!(
+                    "kv-server --insecure exited with {status}: {}",
+                    stderr(&out)
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the --insecure replica did not answer within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert!(
+            stderr(&out).contains("--insecure"),
+            "an --insecure start should say so in its log: {}",
+            describe(&out)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
