@@ -324,6 +324,12 @@ fn main() -> ExitCode {
     // Parse before anything else: clap prints its own message and exits 2.
     let cli = Cli::parse();
     init_logging();
+    // Everything a replica creates (log segments, snapshots, temporary
+    // files, LOCK, directories) is for its own user only: 0600 files, 0700
+    // directories. One process-wide setting covers every place a file is
+    // created, now and later, where a mode at each creation could be
+    // forgotten; the data directory itself is made 0700 when it is locked.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -2,11 +2,14 @@
 //! `--enable-fault-injection`; no plain bind on a non-loopback address
 //! without `--insecure`; the data directory 0700 and every file in it 0600.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use kv_tests::{
-    bounded, describe, free_ports, kv_server_cmd, run_bin, temp_dir, Cluster, START_TIMEOUT,
+    bounded, describe, free_ports, kv_server_cmd, run_bin, temp_dir, wait_until, Cluster,
+    START_TIMEOUT,
 };
 
 /// A start-up that is refused must be refused at once, not after serving.
@@ -241,6 +244,104 @@ async fn a_plain_bind_on_a_non_loopback_address_needs_insecure() {
             describe(&out)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+/// Every path under `dir` (itself included) whose mode is not 0700 for a
+/// directory or 0600 for a file, with its mode.
+fn loose_modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut loose = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let meta =
+            std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode != wanted {
+            loose.push((path.clone(), mode));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                todo.push(entry.unwrap().path());
+            }
+        }
+    }
+    loose
+}
+
+fn has_snapshot(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("snapshot-") && name.ends_with(".snap")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_0700_and_its_files_0600() {
+    bounded(Duration::from_secs(120), "data directory modes", async {
+        let mut cluster = Cluster::start_with_args(3, &["--snapshot-every", "10"]).await;
+        let client = cluster.client();
+        for i in 0..40 {
+            client
+                .put(format!("k{i}"), format!("v{i}"))
+                .await
+                .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        }
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(30))
+            .await;
+        for id in cluster.ids() {
+            let dir = cluster.data_dir(id).to_path_buf();
+            wait_until(
+                Duration::from_secs(30),
+                "a snapshot in every data directory",
+                || {
+                    let dir = dir.clone();
+                    async move { has_snapshot(&dir) }
+                },
+            )
+            .await;
+            let loose = loose_modes(&dir);
+            assert!(
+                loose.is_empty(),
+                "replica {id}: {}",
+                loose
+                    .iter()
+                    .map(|(p, m)| format!("{} is {m:o}", p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+
+        // A directory (and files) left looser, e.g. by an older version or
+        // by hand, are tightened at the next start, with a warning.
+        cluster.kill(1);
+        let dir = cluster.data_dir(1).to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wal = dir.join("wal");
+        std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let segment = std::fs::read_dir(&wal)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_file())
+            .expect("a WAL segment");
+        std::fs::set_permissions(&segment, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let log_before = cluster.log_text(1).len();
+        cluster.spawn(1);
+        cluster.wait_answers(1, START_TIMEOUT).await;
+        let loose = loose_modes(&dir);
+        assert!(loose.is_empty(), "after a restart: {loose:?}");
+        let log = cluster.log_text(1)[log_before..].to_string();
+        assert!(
+            log.contains("WARN") && log.contains("were accessible to other users"),
+            "no warning about the loose data directory: {log}"
+        );
     })
     .await;
 }
