@@ -101,6 +101,8 @@ pub struct Supervisor {
     data_dir: PathBuf,
     grace: Duration,
     chaos: Option<ChaosSettings>,
+    /// Passed to every replica after the supervisor's own arguments.
+    replica_args: Vec<String>,
     running: BTreeMap<ReplicaId, Running>,
     exits_tx: mpsc::Sender<Exited>,
     exits: mpsc::Receiver<Exited>,
@@ -156,6 +158,7 @@ impl Supervisor {
             data_dir,
             grace: DEFAULT_GRACE,
             chaos: None,
+            replica_args: Vec::new(),
             running: BTreeMap::new(),
             exits_tx,
             exits,
@@ -165,6 +168,12 @@ impl Supervisor {
     /// Sets how long the replicas get to stop after SIGTERM before SIGKILL.
     pub fn with_grace(mut self, grace: Duration) -> Supervisor {
         self.grace = grace;
+        self
+    }
+
+    /// Passes `args` to every replica (e.g. `--enable-fault-injection`).
+    pub fn with_replica_args(mut self, args: Vec<String>) -> Supervisor {
+        self.replica_args = args;
         self
     }
 
@@ -247,6 +256,7 @@ impl Supervisor {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--exit-on-stdin-eof")
+            .args(&self.replica_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -27,7 +27,13 @@ pub struct ServerConfig {
     /// it is then dropped (one interval of it is kept, so peers slightly
     /// behind can still catch up from the log).
     pub snapshot_every: u64,
-    /// Failure injection at start (changeable at run time).
+    /// Whether failure injection may be used: at start (`faults`) and at
+    /// run time (`set_faults`, refused with `Disabled` otherwise; a
+    /// report-only call is answered either way). Off by default
+    /// (`--enable-fault-injection`).
+    pub enable_fault_injection: bool,
+    /// Failure injection at start (changeable at run time); must be empty
+    /// unless `enable_fault_injection`.
     pub faults: kv_api::FaultSpec,
     /// Seed of the failure injector's random choices (`None`: random, logged).
     pub fault_seed: Option<u64>,
@@ -54,6 +60,7 @@ impl ServerConfig {
             tick: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(500),
             snapshot_every: 10_000,
+            enable_fault_injection: false,
             faults: kv_api::FaultSpec::default(),
             fault_seed: None,
             session_ttl: Duration::from_millis(crate::state::DEFAULT_SESSION_TTL_MS),
@@ -108,6 +115,11 @@ impl ServerConfig {
         self.faults
             .validate()
             .map_err(|e| ServerError::Config(e.to_string()))?;
+        if !self.enable_fault_injection && self.faults != kv_api::FaultSpec::default() {
+            return Err(ServerError::Config(
+                "failure injection at start needs --enable-fault-injection".into(),
+            ));
+        }
         if self.session_ttl < Duration::from_millis(1) || self.max_sessions == 0 {
             return Err(ServerError::Config(
                 "--session-ttl must be at least 1 ms and --max-sessions at least 1".into(),

@@ -4,13 +4,19 @@
 //!
 //! Random choices come from one seeded generator, so a run with the same
 //! seed and the same message order makes the same choices.
+//!
+//! Run-time changes are off unless the replica was started with
+//! `--enable-fault-injection` ([`Faults::allow_changes`]): otherwise anyone
+//! who reaches the client port could partition the cluster with a few
+//! calls. A report-only call (an empty change) is answered either way: it
+//! changes nothing, and tools read the counters with it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kv_api::{FaultReport, FaultSpec, ReplicaId};
+use kv_api::{FaultReport, FaultSpec, KvError, ReplicaId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -64,6 +70,8 @@ pub struct Faults {
     delayed: AtomicU64,
     timed_out: AtomicU64,
     refused: AtomicU64,
+    /// Whether run-time changes are allowed (`--enable-fault-injection`).
+    changes_allowed: bool,
 }
 
 impl Faults {
@@ -75,9 +83,30 @@ impl Faults {
             delayed: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            changes_allowed: false,
         };
         f.change(spec);
         f
+    }
+
+    /// Allows (or not) changes at run time through `set_faults`; they are
+    /// refused by default.
+    pub fn allow_changes(mut self, allowed: bool) -> Faults {
+        self.changes_allowed = allowed;
+        self
+    }
+
+    /// Whether replica `id` may make `change` at run time: an empty change
+    /// (report only) always, any other only if changes are allowed;
+    /// otherwise [`KvError::Disabled`] saying how to allow them.
+    pub fn check_change(&self, id: ReplicaId, change: &FaultSpec) -> Result<(), KvError> {
+        if self.changes_allowed || *change == FaultSpec::default() {
+            return Ok(());
+        }
+        Err(KvError::Disabled(format!(
+            "fault injection is off on replica {id}; start it with --enable-fault-injection \
+             to change its faults (for tests and demonstrations only)"
+        )))
     }
 
     /// Applies a change; reports the settings now in force and the counts.
@@ -190,6 +219,25 @@ mod tests {
         assert_eq!(now.dropped, 2);
         assert_eq!(now.refused, 1);
         assert_eq!(f.fate(2), Fate::Send(Duration::ZERO));
+    }
+
+    #[test]
+    fn run_time_changes_are_refused_unless_allowed_but_reports_are_answered() {
+        let change = FaultSpec {
+            isolate: Some(vec![2]),
+            ..Default::default()
+        };
+        let off = Faults::new(&FaultSpec::default(), 1);
+        match off.check_change(3, &change) {
+            Err(KvError::Disabled(why)) => {
+                assert!(why.contains("replica 3"), "{why}");
+                assert!(why.contains("--enable-fault-injection"), "{why}");
+            }
+            other => panic!("expected Disabled, got {other:?}"),
+        }
+        assert_eq!(off.check_change(3, &FaultSpec::default()), Ok(()));
+        let on = Faults::new(&FaultSpec::default(), 1).allow_changes(true);
+        assert_eq!(on.check_change(3, &change), Ok(()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`binds`] — which addresses may be served without TLS (loopback).
 //! - [`config`] — [`ServerConfig`]: what one replica needs to run.
 //! - [`paxos`] — the consensus core: no I/O; messages and ticks in, records
 //!   to persist, messages to send and entries to apply out.
@@ -20,6 +21,7 @@
 //!   fails if a listener stops.
 #![deny(missing_docs)]
 
+pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
@@ -91,7 +93,17 @@ pub async fn run(
     let core = paxos::Paxos::new(core_cfg, durable);
 
     let fault_seed = config.fault_seed.unwrap_or_else(rand::random);
-    let faults = Arc::new(faults::Faults::new(&config.faults, fault_seed));
+    let faults = Arc::new(
+        faults::Faults::new(&config.faults, fault_seed)
+            .allow_changes(config.enable_fault_injection),
+    );
+    if config.enable_fault_injection {
+        tracing::warn!(
+            id = config.id,
+            "fault injection is enabled: any client can make this replica drop, delay or cut \
+             its peer messages (for tests and demonstrations only)"
+        );
+    }
     if !faults.is_healthy() {
         tracing::warn!(id = config.id, fault_seed, faults = ?config.faults, "starting with failure injection");
     }

@@ -10,7 +10,9 @@
 //! - 2: bad usage or invalid configuration (malformed replica file, unknown
 //!   `--id`), with `kv-server: <error>` on stderr naming the file and line,
 //!   or a data directory another process is using (`kv-server: data
-//!   directory X is in use by process N ...`);
+//!   directory X is in use by process N ...`), or a plain (non-TLS) address
+//!   that is not loopback without `--insecure`, or a fault option without
+//!   `--enable-fault-injection`;
 //! - 1: any other failure (data directory not writable, cannot bind, damaged
 //!   storage), with a one-line message on stderr.
 
@@ -66,9 +68,13 @@ Examples:
   # The same, killing and pausing replicas at random, at most two at a time
   kv-server cluster --chaos
 
+  # Let `kv-client fault` drop, delay or cut replica 1's peer messages
+  kv-server --id 1 --enable-fault-injection
+
 Exit status: 0 after a clean shutdown, 2 for bad usage, an invalid replica
-file or id, or a data directory another kv-server is using, 1 for other
-failures (data directory, address in use, storage).";
+file or id, a data directory another kv-server is using, or an address that
+is not loopback without TLS or --insecure, 1 for other failures (data
+directory, address in use, storage).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,10 +108,19 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
 
+    /// Allow failure injection: the options below, and changes at run time
+    /// with `kv-client fault` (the `set_faults` call), which otherwise
+    /// answers "disabled" (a call that only reports is answered either
+    /// way). Any client that reaches the client port can then cut this
+    /// replica off: for tests and demonstrations, never in production.
+    #[arg(long)]
+    enable_fault_injection: bool,
+
     /// Failure injection: drop each outgoing peer message with probability P
-    /// (0..=1). Changeable at run time with `kv-client fault`.
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    drop_rate: f64,
+    /// (0..=1). Changeable at run time with `kv-client fault`. Needs
+    /// --enable-fault-injection, as do the four options below.
+    #[arg(long, value_name = "P")]
+    drop_rate: Option<f64>,
 
     /// Failure injection: delay each outgoing peer message by a random
     /// number of milliseconds in MIN..MAX.
@@ -114,8 +129,8 @@ struct Cli {
 
     /// Failure injection: hold each outgoing peer call until its deadline
     /// with probability P (a forced timeout).
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    timeout_rate: f64,
+    #[arg(long, value_name = "P")]
+    timeout_rate: Option<f64>,
 
     /// Failure injection: cut the links with these replicas, both ways
     /// (comma-separated ids), as a network partition would.
@@ -140,6 +155,15 @@ struct Cli {
     /// session is opened.
     #[arg(long, value_name = "N", default_value_t = kv_server::state::DEFAULT_MAX_SESSIONS, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: u64,
+
+    /// Serve without TLS on client or peer addresses that are not loopback.
+    /// Without TLS or this, a replica refuses to start on such an address
+    /// (anything but 127.0.0.0/8, ::1, or a name resolving only to them,
+    /// such as localhost; 0.0.0.0 and [::] included): anyone who can reach
+    /// a plain port can read and write the store and forge consensus
+    /// messages. Only for a network you trust entirely.
+    #[arg(long)]
+    insecure: bool,
 
     /// Stop when standard input reaches end-of-file. `cluster` passes this
     /// to its children (with a pipe as stdin) so that they stop even if the
@@ -177,6 +201,9 @@ enum Command {
 Example:
   # Start the five replicas of ./replica, data in data/1 .. data/5
   kv-server cluster
+
+  # The same, letting `kv-client fault` inject faults into them
+  kv-server cluster --enable-fault-injection
 
   # Inject faults: at most 2 replicas down at once, a fault every 1 to 5 s
   kv-server cluster --chaos
@@ -267,9 +294,20 @@ struct ClusterArgs {
 
     /// Chaos mode: check the replicas' health and, at random moments, kill
     /// one (SIGKILL, restarted later with the same data) or pause it
-    /// (SIGSTOP, resumed later with SIGCONT).
+    /// (SIGSTOP, resumed later with SIGCONT). Implies
+    /// --enable-fault-injection.
     #[arg(long)]
     chaos: bool,
+
+    /// Start the replicas with --enable-fault-injection, so that
+    /// `kv-client fault` can make them drop, delay or cut peer messages.
+    #[arg(long)]
+    enable_fault_injection: bool,
+
+    /// Start the replicas with --insecure: needed to serve a replica file
+    /// whose addresses are not loopback without TLS.
+    #[arg(long)]
+    insecure: bool,
 
     /// Seed of the fault schedule, to repeat a run [default: random,
     /// printed at start]
@@ -353,6 +391,12 @@ fn main() -> ExitCode {
     // Parse before anything else: clap prints its own message and exits 2.
     let cli = Cli::parse();
     init_logging();
+    // Everything a replica creates (log segments, snapshots, temporary
+    // files, LOCK, directories) is for its own user only: 0600 files, 0700
+    // directories. One process-wide setting covers every place a file is
+    // created, now and later, where a mode at each creation could be
+    // forgotten; the data directory itself is made 0700 when it is locked.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -418,9 +462,17 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             let exe = std::env::current_exe()
                 .context("cannot find the kv-server executable to start the replicas")
                 .map_err(Failure::runtime)?;
+            let mut replica_args = Vec::new();
+            if args.chaos || args.enable_fault_injection {
+                replica_args.push("--enable-fault-injection".to_string());
+            }
+            if args.insecure {
+                replica_args.push("--insecure".to_string());
+            }
             let mut supervisor =
                 cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
-                    .with_grace(args.grace_period);
+                    .with_grace(args.grace_period)
+                    .with_replica_args(replica_args);
             if args.chaos {
                 supervisor = supervisor.with_chaos(cluster::ChaosSettings {
                     seed: args.chaos_seed.unwrap_or_else(rand::random),
@@ -437,15 +489,20 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
         None => {
             // clap guarantees `--id` when there is no subcommand.
             let id = cli.id.ok_or_else(|| Failure::usage("--id is required"))?;
+            if !cli.enable_fault_injection {
+                refuse_fault_flags(&cli).map_err(Failure::usage)?;
+            }
             let faults = kv_api::FaultSpec {
-                drop_rate: Some(cli.drop_rate),
+                drop_rate: cli.drop_rate,
                 delay_ms: cli.delay_ms,
-                timeout_rate: Some(cli.timeout_rate),
-                isolate: Some(cli.isolate.clone()),
+                timeout_rate: cli.timeout_rate,
+                isolate: (!cli.isolate.is_empty()).then(|| cli.isolate.clone()),
                 heal: false,
             };
             let tuning = Tuning {
                 snapshot_every: cli.snapshot_every,
+                enable_fault_injection: cli.enable_fault_injection,
+                insecure: cli.insecure,
                 faults,
                 fault_seed: cli.fault_seed,
                 session_ttl: cli.session_ttl,
@@ -462,9 +519,31 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Refuses the failure injection options of a replica started without
+/// `--enable-fault-injection`, naming the first one given.
+fn refuse_fault_flags(cli: &Cli) -> Result<(), String> {
+    let given = [
+        ("--drop-rate", cli.drop_rate.is_some()),
+        ("--delay-ms", cli.delay_ms.is_some()),
+        ("--timeout-rate", cli.timeout_rate.is_some()),
+        ("--isolate", !cli.isolate.is_empty()),
+        ("--fault-seed", cli.fault_seed.is_some()),
+    ];
+    match given.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(format!(
+            "{flag} is failure injection, which is off unless kv-server is started with \
+             --enable-fault-injection (for tests and demonstrations only): add that option \
+             or leave out {flag}"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Replica settings beyond where it is and what it stores.
 struct Tuning {
     snapshot_every: u64,
+    enable_fault_injection: bool,
+    insecure: bool,
     faults: kv_api::FaultSpec,
     fault_seed: Option<u64>,
     session_ttl: Duration,
@@ -514,6 +593,7 @@ async fn run_replica(
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("data").join(id.to_string()));
     let mut config = ServerConfig::new(id, replicas, data_dir);
     config.snapshot_every = tuning.snapshot_every;
+    config.enable_fault_injection = tuning.enable_fault_injection;
     config.faults = tuning.faults;
     config.fault_seed = tuning.fault_seed;
     config.session_ttl = tuning.session_ttl;
@@ -521,6 +601,22 @@ async fn run_replica(
     config.tls = tuning.tls;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
+        let tls_configured = config.tls.is_some();
+        let addrs = [me.client_addr.as_str(), me.peer_addr.as_str()];
+        kv_server::binds::refuse_plain_public_bind(&addrs, tls_configured, tuning.insecure)
+            .map_err(Failure::usage)?;
+        if tuning.insecure
+            && !tls_configured
+            && kv_server::binds::refuse_plain_public_bind(&addrs, false, false).is_err()
+        {
+            tracing::warn!(
+                id,
+                client_addr = %me.client_addr,
+                peer_addr = %me.peer_addr,
+                "serving without TLS on an address that is not loopback (--insecure): anyone \
+                 who can reach it can read and write the store and forge consensus messages"
+            );
+        }
         tracing::info!(
             id,
             client_addr = %me.client_addr,

@@ -177,6 +177,7 @@ impl Handler {
     }
 
     fn set_faults_now(&self, change: FaultSpec) -> std::result::Result<FaultReport, KvError> {
+        self.faults.check_change(self.id, &change)?;
         change.validate()?;
         if change != FaultSpec::default() {
             tracing::warn!(

@@ -342,6 +342,9 @@ pub struct Cluster {
     server_args: Vec<String>,
     /// The directory of the certificates, when the cluster runs with TLS.
     tls: Option<PathBuf>,
+    /// Whether starts get `--enable-fault-injection` (they do unless a test
+    /// says otherwise: tests inject faults).
+    fault_injection: bool,
 }
 
 /// Whether `KV_TEST_TLS` asks for TLS clusters.
@@ -457,6 +460,7 @@ impl Cluster {
             client_bin,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
             tls,
+            fault_injection: true,
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -549,6 +553,12 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether later starts and restarts get `--enable-fault-injection`
+    /// (by default they do).
+    pub fn set_fault_injection(&mut self, on: bool) {
+        self.fault_injection = on;
+    }
+
     /// Starts replica `id`'s process (it must not be running).
     pub fn spawn(&mut self, id: ReplicaId) {
         assert!(
@@ -560,6 +570,9 @@ impl Cluster {
         let mut server_args = self.server_args.clone();
         if let Some(dir) = &self.tls {
             server_args.extend(tls_args(dir, &format!("replica-{id}")));
+        }
+        if self.fault_injection {
+            server_args.push("--enable-fault-injection".into());
         }
         let node = self.node_mut(id);
         let log = std::fs::OpenOptions::new()

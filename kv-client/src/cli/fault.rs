@@ -26,8 +26,10 @@ One JSON line per replica, e.g.
 or, for a replica that could not be changed,
   {\"id\":3,\"addr\":\"127.0.0.1:7003\",\"error\":\"...\",\"kind\":\"unavailable\"}
 Options left out keep their current setting; --heal resets every setting
-first. Exit status: 0 if every replica answered, 2 for an invalid change,
-3 if a replica could not be reached.";
+first. A replica started without --enable-fault-injection refuses changes
+(it still reports). Exit status: 0 if every replica answered, 2 for an
+invalid change or one refused as disabled, 3 if a replica could not be
+reached.";
 
 /// The arguments of `kv-client fault`. Options left out keep the replica's
 /// current setting.

@@ -236,6 +236,8 @@ impl Cluster {
                 .arg("--data-dir")
                 .arg(dir.join("data").join(id.to_string()))
                 .arg("--exit-on-stdin-eof")
+                // cli_cluster.rs tests `kv-client fault`.
+                .arg("--enable-fault-injection")
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::piped())
                 .stdout(log.try_clone().unwrap())
