@@ -231,6 +231,7 @@ impl Kv for Fake {
             sessions: 0,
             standing: "voter".into(),
             snapshots_installed: 0,
+            duplicate_writes: 0,
         }
     }
 }
