@@ -230,6 +230,14 @@ pub struct ReplicaStatus {
     pub standing: String,
     /// Snapshots it has received from peers and installed since it started.
     pub snapshots_installed: u64,
+    /// Retried writes it answered, since it started, with the result their
+    /// `(client_id, seq)` already had instead of applying them again: as
+    /// leader before proposing, or on finding one in the log a second time.
+    /// Last, and defaulted: status written without it in a self-describing
+    /// encoding (JSON) still reads. (bincode, which tarpc uses, encodes no
+    /// field names and so cannot default a missing field.)
+    #[serde(default)]
+    pub duplicate_writes: u64,
 }
 
 /// Where the leader can be reached.

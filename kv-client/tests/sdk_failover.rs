@@ -231,6 +231,7 @@ impl Kv for Fake {
             sessions: 0,
             standing: "voter".into(),
             snapshots_installed: 0,
+            duplicate_writes: 0,
         }
     }
 }
@@ -297,12 +298,16 @@ impl Replica {
         }
     }
 
-    /// Stops listening and closes every connection (a crash).
-    fn stop(&self) {
+    /// Stops listening and closes every connection (a crash). Returns
+    /// once the listener is closed, so its address can be bound again.
+    async fn stop(&mut self) {
         self.server.abort();
         for c in self.connections.lock().unwrap().drain(..) {
             c.abort();
         }
+        // An aborted task's future (the listener with it) is dropped by
+        // the time its handle reports the cancellation.
+        let _ = (&mut self.server).await;
     }
 }
 
@@ -318,6 +323,11 @@ fn dead_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }
+
+/// What a loaded machine (two cores, several test binaries at once) may
+/// add to a deadline the SDK keeps. A bound of "budget + SLACK" still
+/// tells a client that gives up at its budget from one that waits on.
+const SLACK: Duration = Duration::from_secs(3);
 
 /// Bounds a test body: no test may hang.
 async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -426,7 +436,8 @@ async fn retry_after_a_frozen_replica_reuses_the_seq_on_another_replica() {
     bounded(async {
         let frozen = Replica::start(1, Mode::Leader).await;
         let leader = Replica::start(2, Mode::Leader).await;
-        let c = client(&[&frozen.addr, &leader.addr], Duration::from_secs(5));
+        let budget = Duration::from_secs(12);
+        let c = client(&[&frozen.addr, &leader.addr], budget);
         // The session is opened, and the first write done, at replica 1,
         // which then freezes.
         c.put("k", "v").await.unwrap();
@@ -437,7 +448,10 @@ async fn retry_after_a_frozen_replica_reuses_the_seq_on_another_replica() {
         // One capped attempt (about 1 s) at the frozen replica, not the
         // whole budget.
         assert!(took >= Duration::from_millis(900), "{took:?}");
-        assert!(took < Duration::from_millis(2500), "{took:?}");
+        assert!(
+            took < Duration::from_secs(1) + SLACK && took < budget,
+            "{took:?}: more than one capped attempt"
+        );
         let (a, b) = (frozen.fake.writes(), leader.fake.writes());
         assert_eq!(a.len(), 2);
         assert_eq!(b.len(), 1);
@@ -658,13 +672,14 @@ async fn a_session_that_cannot_be_opened_means_the_write_was_not_sent() {
 #[tokio::test]
 async fn nobody_listening_is_unavailable_within_the_budget() {
     bounded(async {
-        let c = client(&[&dead_addr(), &dead_addr()], Duration::from_millis(400));
+        let budget = Duration::from_millis(400);
+        let c = client(&[&dead_addr(), &dead_addr()], budget);
         let started = Instant::now();
         let e = c.put("k", "v").await.unwrap_err();
         let took = started.elapsed();
         assert!(matches!(e, Error::Unavailable(_)), "{e}");
-        assert!(took >= Duration::from_millis(400), "{took:?}");
-        assert!(took < Duration::from_millis(900), "{took:?}");
+        assert!(took >= budget, "{took:?}");
+        assert!(took < budget + SLACK, "{took:?}");
     })
     .await
 }
@@ -677,15 +692,17 @@ async fn frozen_replicas_time_out_within_the_budget() {
         let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = frozen.local_addr().unwrap().to_string();
         let hung = Replica::start(2, Mode::Hang).await;
-        let c = client(&[&addr, &hung.addr], Duration::from_millis(1500));
+        let budget = Duration::from_millis(1500);
+        let c = client(&[&addr, &hung.addr], budget);
         let started = Instant::now();
         let e = c.get("k").await.unwrap_err();
         let took = started.elapsed();
         assert!(matches!(e, Error::Timeout(_)), "{e}");
-        assert!(took < Duration::from_millis(2000), "{took:?}");
+        assert!(took < budget + SLACK, "{took:?}");
         let started = Instant::now();
         let status = c.status().await;
-        assert!(started.elapsed() < Duration::from_millis(2000));
+        let took = started.elapsed();
+        assert!(took < budget + SLACK, "{took:?}");
         assert_eq!(status.len(), 2);
         assert!(status.iter().all(|(_, r)| r.is_err()));
     })
@@ -695,12 +712,11 @@ async fn frozen_replicas_time_out_within_the_budget() {
 #[tokio::test]
 async fn reconnects_after_the_replica_restarts() {
     bounded(async {
-        let r = Replica::start(1, Mode::Leader).await;
+        let mut r = Replica::start(1, Mode::Leader).await;
         let addr = r.addr.clone();
         let c = client(&[&addr], Duration::from_secs(5));
         c.put("k", "v").await.unwrap();
-        r.stop();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.stop().await;
         let restarted = Replica::start_at(1, Mode::Leader, &addr).await;
         c.put("k", "w").await.unwrap();
         assert_eq!(restarted.fake.writes().len(), 1);

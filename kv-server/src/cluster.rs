@@ -1414,6 +1414,7 @@ mod tests {
             sessions: 0,
             standing: "voter".into(),
             snapshots_installed: 0,
+            duplicate_writes: 0,
         }
     }
 

@@ -160,6 +160,11 @@ pub struct Node {
     max_sessions: u64,
     /// When this replica last proposed a time reading.
     time_proposed: Option<Instant>,
+    /// Retried writes answered with the result of their first application
+    /// since start: here, before proposing, and by the state machine when
+    /// a retry reached the log too (its count restarts with an installed
+    /// snapshot; this one does not).
+    duplicates: u64,
 }
 
 impl Node {
@@ -190,6 +195,7 @@ impl Node {
             session_ttl_ms: DEFAULT_SESSION_TTL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
+            duplicates: 0,
         }
     }
 
@@ -357,6 +363,7 @@ impl Node {
                 if let Op::OpenSession { .. } = req.op {
                     self.prepare_open(&mut req);
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
+                    self.duplicates += 1;
                     let _ = reply.send(Ok(done));
                     return;
                 }
@@ -408,6 +415,7 @@ impl Node {
                     }
                     .into(),
                     snapshots_installed: self.snapshots.installed,
+                    duplicate_writes: self.duplicates,
                 });
             }
             Input::SnapshotTaken { index, result } => {
@@ -612,7 +620,9 @@ impl Node {
                     // A write of an unknown session is answered with the
                     // refusal: decided here, at its log position, the same
                     // on every replica.
+                    let before = self.sm.duplicates();
                     let outcome = self.sm.apply(slot, req);
+                    self.duplicates += self.sm.duplicates() - before;
                     if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
                         for tx in txs {
                             let _ = tx.send(outcome.clone());

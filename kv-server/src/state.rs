@@ -235,6 +235,12 @@ pub struct StateMachine {
     /// again by [`StateMachine::recount`] when one is read.
     #[serde(skip)]
     bytes: u64,
+    /// Writes found in the log a second time (a retry proposed before the
+    /// first attempt was applied) and answered with the first result.
+    /// Not in snapshots (an old snapshot must still decode): counts what
+    /// this copy applied.
+    #[serde(skip)]
+    duplicates: u64,
 }
 
 /// The state machine as the versions before sessions wrote it in a
@@ -304,6 +310,12 @@ impl StateMachine {
     /// Sessions expired (idle too long) and evicted (over a cap) so far.
     pub fn sessions_dropped(&self) -> (u64, u64) {
         (self.expired, self.evicted)
+    }
+
+    /// Writes this copy found in the log again and answered with the
+    /// result of their first application, not applying them twice.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 
     /// The log's clock: the largest time reading applied, in milliseconds
@@ -394,7 +406,9 @@ impl StateMachine {
                 result: OpResult::Stale,
             })
         } else {
-            session.results.get(&req.seq).cloned()
+            let first = session.results.get(&req.seq).cloned();
+            self.duplicates += u64::from(first.is_some());
+            first
         };
         let outcome = match done {
             Some(done) => done,
@@ -596,7 +610,9 @@ impl StateMachine {
             };
         }
         if let Some(done) = session.results.get(&req.seq) {
-            return done.clone();
+            let done = done.clone();
+            self.duplicates += 1;
+            return done;
         }
         let outcome = WriteOutcome {
             slot,
@@ -675,8 +691,10 @@ mod tests {
         let (a, b) = (open(&mut sm, 1), open(&mut sm, 1));
         let first = ok(&mut sm, 2, req(a, 1, put("k", "a")));
         ok(&mut sm, 3, req(b, 1, put("k", "b")));
+        assert_eq!(sm.duplicates(), 0);
         let retry = ok(&mut sm, 4, req(a, 1, put("k", "a")));
         assert_eq!(retry, first, "the retry gets the first result");
+        assert_eq!(sm.duplicates(), 1, "and is counted as a duplicate");
         assert_eq!(
             sm.get(b"k").unwrap(),
             b"b",

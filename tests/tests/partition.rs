@@ -161,7 +161,10 @@ async fn lossy_slow_peer_links_slow_writes_down_but_replicas_converge() {
     let test = async {
         const WRITERS: usize = 4;
         const PUTS: usize = 40;
-        const KEYS: usize = 10;
+        // Each writer has keys of its own, so the last write it had
+        // acknowledged to a key is what the key must hold in the end.
+        const KEYS_PER_WRITER: usize = 3;
+        let key = |w: usize, k: usize| format!("key-{w}-{k}");
         for id in cluster.ids() {
             cluster
                 .set_faults(
@@ -174,57 +177,75 @@ async fn lossy_slow_peer_links_slow_writes_down_but_replicas_converge() {
                 )
                 .await;
         }
+        let before = fault_counts(&cluster, FaultSpec::default()).await;
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for w in 0..WRITERS {
             let client = cluster.client_with_timeout(Duration::from_secs(15));
             tasks.spawn(async move {
+                let mut acked = BTreeMap::new();
                 for i in 0..PUTS {
-                    let key = format!("key-{}", (w + i) % KEYS);
+                    let key = key(w, i % KEYS_PER_WRITER);
+                    let value = format!("w{w}-{i}");
                     client
-                        .put(key.as_str(), format!("w{w}-{i}").as_str())
+                        .put(key.as_str(), value.as_str())
                         .await
                         .unwrap_or_else(|e| panic!("writer {w} put {i} with lossy links: {e}"));
+                    acked.insert(key, value.into_bytes());
                 }
+                acked
             });
         }
+        let mut acked: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         while let Some(r) = tasks.join_next().await {
-            r.expect("a writer panicked");
+            acked.extend(r.expect("a writer panicked"));
         }
+        let took = started.elapsed();
+        let heal = FaultSpec {
+            heal: true,
+            ..FaultSpec::default()
+        };
+        let after = fault_counts(&cluster, heal).await;
+        let (dropped, delayed) = (after.0 - before.0, after.1 - before.1);
         eprintln!(
-            "{} puts with 10% of peer messages dropped and 1-20 ms delays took {:?}",
+            "{} puts with 10% of peer messages dropped and 1-20 ms delays took {took:?}; the \
+             replicas dropped {dropped} and delayed {delayed} messages meanwhile",
             WRITERS * PUTS,
-            started.elapsed()
         );
+        assert!(dropped > 0, "no peer message was dropped during the writes");
+        assert!(delayed > 0, "no peer message was delayed during the writes");
 
-        heal_all(&cluster).await;
         let applied = cluster.max_applied().await;
         let same = cluster
             .wait_applied_equal(applied, Duration::from_secs(30))
             .await;
-        let mut maps: BTreeMap<ReplicaId, Vec<Option<Vec<u8>>>> = BTreeMap::new();
+        assert_eq!(acked.len(), WRITERS * KEYS_PER_WRITER);
         for id in cluster.ids() {
             let local = cluster.client_for(id);
-            let mut values = Vec::new();
-            for k in 0..KEYS {
-                values.push(
-                    local
-                        .get_local(format!("key-{k}"))
-                        .await
-                        .expect("local get"),
+            for (k, want) in &acked {
+                let got = local.get_local(k.as_str()).await.expect("local get");
+                assert_eq!(
+                    got.as_deref(),
+                    Some(want.as_slice()),
+                    "replica {id} at applied index {same} does not hold the last acknowledged \
+                     write to {k}"
                 );
             }
-            maps.insert(id, values);
-        }
-        let first = maps.values().next().unwrap().clone();
-        for (id, values) in &maps {
-            assert_eq!(
-                values, &first,
-                "replica {id} diverged at applied index {same}"
-            );
         }
     };
     bounded(Duration::from_secs(150), "the test", test).await;
+}
+
+/// Sends `change` to every replica; returns the messages they dropped and
+/// delayed so far, summed.
+async fn fault_counts(cluster: &Cluster, change: FaultSpec) -> (u64, u64) {
+    let mut sum = (0, 0);
+    for id in cluster.ids() {
+        let report = cluster.set_faults(id, change.clone()).await;
+        sum.0 += report.dropped;
+        sum.1 += report.delayed;
+    }
+    sum
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
