@@ -9,7 +9,9 @@
 //! makes the final reads (part of the history) unexplainable.
 //!
 //! CI runs a fixed set of seeds (the nemesis schedule and the operation mix
-//! come from the seed). Longer runs:
+//! come from the seed). Even seeds run on a TLS cluster (certificates made
+//! by `kv-server certs`), odd ones plain; `KV_TEST_TLS=1` makes every seed
+//! TLS. Longer runs:
 //!
 //! ```text
 //! KV_SOAK_SECS=600 KV_JEPSEN_SEEDS=7 cargo test -p kv-tests --release --test jepsen -- --nocapture
@@ -416,7 +418,19 @@ struct RunSummary {
 
 async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
     let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
-    let mut cluster = Cluster::start(5).await;
+    let mut cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
+        Cluster::start_tls(5, &[]).await
+    } else {
+        Cluster::start(5).await
+    };
+    eprintln!(
+        "seed {seed}: {}",
+        if cluster.tls_dir().is_some() {
+            "TLS"
+        } else {
+            "plain TCP"
+        }
+    );
     let rec = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = tokio::task::JoinSet::new();
