@@ -92,7 +92,7 @@ async fn wait_log(cluster: &Cluster, id: ReplicaId, parts: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes() {
-    let mut cluster = Cluster::start_tls(3, &[]).await;
+    let mut cluster = Cluster::start_tls(5, &[]).await;
     let tls = cluster.tls_dir().unwrap().to_path_buf();
     let root = cluster.dir().to_path_buf();
     // Another CA, never trusted; and a CA trusted alongside the cluster's
@@ -132,6 +132,55 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
             .replicas(cluster.replicas().clone())
             .build()
             .unwrap();
+        // The whole CLI over TLS: one-shot commands, the shell, bench.
+        for args in [
+            &["put", "cli", "1"][..],
+            &["cas", "cli", "2", "--expect", "1"],
+            &["get", "--local", "cli"],
+            &["delete", "cli"],
+            &["status"],
+            &["fault", "--all"],
+        ] {
+            let out = cli_as(&cluster, Some(&tls), "admin", args).await;
+            assert!(out.status.success(), "{args:?}: {}", describe(&out));
+        }
+        let mut shell = cluster.cli_command();
+        shell.args([
+            "--replicas",
+            cluster.replicas_file().to_str().unwrap(),
+            "shell",
+        ]);
+        let (out, _) = kv_tests::run_bin_with_input(
+            shell,
+            Some(b"put sh 1\nget sh\n".to_vec()),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains('1'),
+            "{}",
+            describe(&out)
+        );
+        let bench = [
+            "bench",
+            "--secs",
+            "1",
+            "--clients",
+            "2",
+            "--op",
+            "mixed",
+            "--output",
+            "json",
+        ];
+        let out = cli_as(&cluster, Some(&tls), "writer", &bench).await;
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("\"errors\":0"),
+            "{}",
+            describe(&out)
+        );
+
         writer.put("k", "v").await.unwrap();
         cluster.wait_applied_equal(0, Duration::from_secs(10)).await;
         let before = cluster.statuses().await;
