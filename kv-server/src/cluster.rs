@@ -47,6 +47,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,7 +55,6 @@ use kv_api::replicas::{ReplicaAddr, Replicas};
 use kv_api::{KvClient, ReplicaId, ReplicaStatus};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -103,6 +103,9 @@ pub struct Supervisor {
     chaos: Option<ChaosSettings>,
     /// Passed to every replica after the supervisor's own arguments.
     replica_args: Vec<String>,
+    /// Certificates for the replicas (`--tls-dir`), and the admin identity
+    /// the health checks dial with.
+    tls: Option<(PathBuf, Arc<rustls::ClientConfig>)>,
     running: BTreeMap<ReplicaId, Running>,
     exits_tx: mpsc::Sender<Exited>,
     exits: mpsc::Receiver<Exited>,
@@ -159,6 +162,7 @@ impl Supervisor {
             grace: DEFAULT_GRACE,
             chaos: None,
             replica_args: Vec::new(),
+            tls: None,
             running: BTreeMap::new(),
             exits_tx,
             exits,
@@ -175,6 +179,25 @@ impl Supervisor {
     pub fn with_replica_args(mut self, args: Vec<String>) -> Supervisor {
         self.replica_args = args;
         self
+    }
+
+    /// Runs the replicas with the certificates of `dir` (written by
+    /// `kv-server certs`): replica N with `replica-N.pem`/`.key`, health
+    /// checks as `admin`. Fails if the admin identity cannot be loaded.
+    pub fn with_tls_dir(mut self, dir: Option<PathBuf>) -> anyhow::Result<Supervisor> {
+        let Some(dir) = dir else {
+            return Ok(self);
+        };
+        let admin = kv_api::tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("admin.pem"),
+            key: dir.join("admin.key"),
+        };
+        let config = kv_api::tls::Tls::load(&admin)
+            .and_then(|t| t.client_config())
+            .with_context(|| format!("--tls-dir {}", dir.display()))?;
+        self.tls = Some((dir, config));
+        Ok(self)
     }
 
     /// Turns on chaos mode: health checks and fault injection.
@@ -201,10 +224,10 @@ impl Supervisor {
                 return Err(e);
             }
         }
-        let mut chaos = self
-            .chaos
-            .take()
-            .map(|settings| Chaos::start(settings, &self.replicas));
+        let mut chaos = self.chaos.take().map(|settings| {
+            let tls = self.tls.as_ref().map(|(_, config)| config.clone());
+            Chaos::start(settings, &self.replicas, tls)
+        });
 
         tokio::pin!(shutdown);
         let result = loop {
@@ -257,6 +280,17 @@ impl Supervisor {
             .arg(&data_dir)
             .arg("--exit-on-stdin-eof")
             .args(&self.replica_args)
+            .args(self.tls.iter().flat_map(|(dir, _)| {
+                let file = |name: String| dir.join(name).into_os_string();
+                [
+                    "--tls-ca".into(),
+                    file("ca.pem".into()),
+                    "--tls-cert".into(),
+                    file(format!("replica-{id}.pem")),
+                    "--tls-key".into(),
+                    file(format!("replica-{id}.key")),
+                ]
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -841,7 +875,11 @@ struct Chaos {
 impl Chaos {
     /// Prints the settings (the seed first, to repeat the run), starts the
     /// health pollers and schedules the first fault.
-    fn start(settings: ChaosSettings, replicas: &Replicas) -> Chaos {
+    fn start(
+        settings: ChaosSettings,
+        replicas: &Replicas,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Chaos {
         let n = replicas.replicas.len();
         report(format_args!(
             "chaos: seed {} (repeat with --chaos-seed {}); a fault every {}, \
@@ -861,7 +899,14 @@ impl Chaos {
         let pollers = replicas
             .replicas
             .iter()
-            .map(|r| tokio::spawn(poll_health(r.id, r.client_addr.clone(), tx.clone())))
+            .map(|r| {
+                tokio::spawn(poll_health(
+                    r.id,
+                    r.client_addr.clone(),
+                    tls.clone(),
+                    tx.clone(),
+                ))
+            })
             .collect();
         let mut plan = ChaosPlan::new(&settings);
         let next_fault = Instant::now() + plan.next_interval();
@@ -944,13 +989,18 @@ pub struct Observation {
 /// Polls one replica's `status` every [`POLL_EVERY`] until the receiver
 /// goes away, redialling after every failed call (a tarpc client never
 /// reconnects).
-async fn poll_health(id: ReplicaId, addr: String, observations: mpsc::Sender<Observation>) {
+async fn poll_health(
+    id: ReplicaId,
+    addr: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    observations: mpsc::Sender<Observation>,
+) {
     let mut client = None;
     let mut ticks = tokio::time::interval(POLL_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let status = status_of(&addr, &mut client).await;
+        let status = status_of(&addr, tls.as_ref(), &mut client).await;
         if status.is_err() {
             client = None;
         }
@@ -967,20 +1017,30 @@ async fn poll_health(id: ReplicaId, addr: String, observations: mpsc::Sender<Obs
 
 /// Asks the replica at `addr` for its status within [`STATUS_DEADLINE`],
 /// dialling first if `client` is `None`.
-async fn status_of(addr: &str, client: &mut Option<KvClient>) -> Result<ReplicaStatus, String> {
+async fn status_of(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    client: &mut Option<KvClient>,
+) -> Result<ReplicaStatus, String> {
     let deadline = Instant::now() + STATUS_DEADLINE;
     let no_answer = || format!("no answer within {} ms", STATUS_DEADLINE.as_millis());
     let kv = match client {
         Some(kv) => kv,
         None => {
-            let mut connect = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
-            connect.config_mut().max_frame_length(kv_api::MAX_FRAME);
-            let transport = match timeout_at(deadline, connect).await {
-                Ok(Ok(transport)) => transport,
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(no_answer()),
+            let tls = match tls {
+                None => None,
+                Some(config) => Some((
+                    config.clone(),
+                    kv_api::tls::server_name_of(addr).map_err(|e| e.to_string())?,
+                )),
             };
-            let _ = transport.get_ref().set_nodelay(true);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let transport = match kv_server::net::dial(addr, left, closed, tls).await {
+                Ok(transport) => transport,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(no_answer()),
+                Err(e) => return Err(e.to_string()),
+            };
             client.insert(KvClient::new(tarpc::client::Config::default(), transport).spawn())
         }
     };

@@ -26,7 +26,7 @@ pub mod config;
 mod error;
 pub mod faults;
 mod lock;
-mod net;
+pub mod net;
 mod node;
 pub mod paxos;
 mod peers;

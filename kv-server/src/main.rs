@@ -68,6 +68,9 @@ Examples:
   # The same, killing and pausing replicas at random, at most two at a time
   kv-server cluster --chaos
 
+  # All five on TLS, with certificates from `kv-server certs --out tls`
+  kv-server cluster --tls-dir tls
+
   # Let `kv-client fault` drop, delay or cut replica 1's peer messages
   kv-server --id 1 --enable-fault-injection
 
@@ -309,6 +312,12 @@ struct ClusterArgs {
     #[arg(long)]
     insecure: bool,
 
+    /// Run the replicas with TLS, from a directory `kv-server certs` wrote:
+    /// replica N gets DIR/ca.pem, DIR/replica-N.pem and DIR/replica-N.key;
+    /// the health checks of --chaos use DIR/admin.pem and DIR/admin.key.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+
     /// Seed of the fault schedule, to repeat a run [default: random,
     /// printed at start]
     #[arg(long, value_name = "SEED", requires = "chaos")]
@@ -472,7 +481,9 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             let mut supervisor =
                 cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)
                     .with_grace(args.grace_period)
-                    .with_replica_args(replica_args);
+                    .with_replica_args(replica_args)
+                    .with_tls_dir(args.tls_dir)
+                    .map_err(Failure::usage)?;
             if args.chaos {
                 supervisor = supervisor.with_chaos(cluster::ChaosSettings {
                     seed: args.chaos_seed.unwrap_or_else(rand::random),

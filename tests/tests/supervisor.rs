@@ -21,14 +21,27 @@ struct Supervised {
     supervisor: tokio::process::Child,
     replica_pids: Vec<u32>,
     stdout: Vec<String>,
+    /// The certificates (`--tls-dir`), for a TLS cluster.
+    tls: Option<PathBuf>,
 }
 
 impl Supervised {
     /// Starts `kv-server cluster` for five replicas and waits for its five
     /// `replica ID client ADDR peer ADDR pid PID data DIR` lines.
     async fn start() -> Supervised {
+        Supervised::start_with(&[], false).await
+    }
+
+    /// Like [`Supervised::start`], with `args` for `kv-server cluster`, and
+    /// with `--tls-dir` (certificates made by `kv-server certs`) if `tls`.
+    async fn start_with(args: &[&str], tls: bool) -> Supervised {
         let dir = temp_dir("supervisor");
         let (file, replicas) = write_replica_file(&dir, 5);
+        let tls = tls.then(|| {
+            let out = dir.join("tls");
+            kv_tests::make_certs(&file, &out);
+            out
+        });
         let log = std::fs::File::create(dir.join("supervisor.log")).unwrap();
         let mut supervisor = tokio::process::Command::new(bin_path("kv-server"))
             .arg("cluster")
@@ -36,6 +49,11 @@ impl Supervised {
             .arg(&file)
             .arg("--data-dir")
             .arg(dir.join("data"))
+            .args(
+                tls.iter()
+                    .flat_map(|d| [PathBuf::from("--tls-dir"), d.clone()]),
+            )
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -54,6 +72,7 @@ impl Supervised {
             supervisor,
             replica_pids: Vec::new(),
             stdout: Vec::new(),
+            tls,
         };
         let mut lines = BufReader::new(stdout).lines();
         let read = tokio::time::timeout(Duration::from_secs(15), async {
@@ -71,8 +90,16 @@ impl Supervised {
             }
         })
         .await;
-        // Keep draining stdout so that the supervisor never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout so that the supervisor never blocks on it,
+        // into a file the tests can read.
+        let rest = s.dir.join("supervisor.out");
+        tokio::spawn(async move {
+            use std::io::Write as _;
+            let mut out = std::fs::File::create(rest).unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(out, "{line}");
+            }
+        });
         assert!(
             read.is_ok() && s.replica_pids.len() == 5,
             "kv-server cluster did not report five replicas with pids; stdout: {:#?}\n{}",
@@ -113,7 +140,13 @@ impl Supervised {
     }
 
     async fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut full = vec!["--replicas", self.file.to_str().unwrap(), "--timeout", "10"];
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|d| kv_tests::tls_args(d, "admin"))
+            .unwrap_or_default();
+        let mut full: Vec<&str> = tls.iter().map(String::as_str).collect();
+        full.extend(["--replicas", self.file.to_str().unwrap(), "--timeout", "10"]);
         full.extend_from_slice(args);
         run_bin(kv_client_cli(&full), Duration::from_secs(20))
             .await
@@ -123,7 +156,11 @@ impl Supervised {
 
     /// Waits until every replica answers status and one leads.
     async fn wait_ready(&self) {
-        let client = kv_client::Client::builder()
+        let mut builder = kv_client::Client::builder();
+        if let Some(d) = &self.tls {
+            builder = builder.tls(kv_tests::tls_files(d, "admin"));
+        }
+        let client = builder
             .replicas(kv_api::replicas::Replicas::load(&self.file).unwrap())
             .timeout(Duration::from_secs(1))
             .build()
@@ -225,6 +262,50 @@ async fn cluster_mode_replicas_stop_by_themselves_when_the_supervisor_is_killed(
             "replicas stopped {:?} after the supervisor was killed",
             killed_at.elapsed()
         );
+    };
+    bounded(Duration::from_secs(90), "the test", test).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_with_tls_dir_runs_every_replica_on_tls_and_checks_their_health() {
+    // Chaos with faults far apart: the health checks run (over TLS, as
+    // admin) and print a line per replica that answers.
+    let chaos = [
+        "--chaos",
+        "--chaos-seed",
+        "1",
+        "--chaos-interval-ms",
+        "600000..600001",
+    ];
+    let s = Supervised::start_with(&chaos, true).await;
+    let test = async {
+        s.wait_ready().await;
+        let out = s.cli(&["put", "k", "v"]).await;
+        assert!(out.status.success(), "put over TLS: {}", describe(&out));
+        // Without a certificate nothing is served.
+        let plain = [
+            "--replicas",
+            s.file.to_str().unwrap(),
+            "--timeout",
+            "1",
+            "get",
+            "k",
+        ];
+        let (out, _) = run_bin(kv_client_cli(&plain), Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.status.code(), Some(3), "plain get: {}", describe(&out));
+        let s = &s;
+        wait_until(
+            Duration::from_secs(15),
+            "a health line for every replica",
+            || async move {
+                let out = std::fs::read_to_string(s.dir.join("supervisor.out")).unwrap_or_default();
+                let all = [s.stdout.join("\n"), out].join("\n");
+                (1..=5).all(|id| all.contains(&format!("health: replica {id} answers")))
+            },
+        )
+        .await;
     };
     bounded(Duration::from_secs(90), "the test", test).await;
 }
