@@ -291,7 +291,7 @@ async fn cluster_mode_with_tls_dir_runs_every_replica_on_tls_and_checks_their_he
             "get",
             "k",
         ];
-        let (out, _) = run_bin(kv_client_cli(&plain), Duration::from_secs(20))
+        let (out, _) = run_bin(kv_client_cli(plain), Duration::from_secs(20))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.status.code(), Some(3), "plain get: {}", describe(&out));
