@@ -360,16 +360,26 @@ struct ListenerState {
 }
 
 impl ListenerState {
-    fn bad_frame(&self, from: SocketAddr, what: &str) {
-        if let Some(more) = self.bad_frames.allow() {
+    /// Logs, at `throttle`'s rate, that the connection from `from` is
+    /// closed, and why.
+    fn closing(&self, throttle: &Throttle, from: SocketAddr, why: std::fmt::Arguments<'_>) {
+        if let Some(more) = throttle.allow() {
             tracing::warn!(
                 port = %self.port,
                 addr = %self.addr,
                 %from,
                 also_since_last_warning = more,
-                "closing a connection that sent a bad frame: {what}"
+                "closing a connection {why}"
             );
         }
+    }
+
+    fn bad_frame(&self, from: SocketAddr, what: &str) {
+        self.closing(
+            &self.bad_frames,
+            from,
+            format_args!("that sent a bad frame: {what}"),
+        );
     }
 }
 
@@ -752,15 +762,11 @@ async fn handshake(state: &ListenerState, stream: TcpStream, from: SocketAddr) -
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
     };
-    if let Some(more) = state.handshakes.allow() {
-        tracing::warn!(
-            port = %state.port,
-            addr = %state.addr,
-            %from,
-            also_since_last_warning = more,
-            "closing a connection whose TLS handshake failed: {why}"
-        );
-    }
+    state.closing(
+        &state.handshakes,
+        from,
+        format_args!("whose TLS handshake failed: {why}"),
+    );
     None
 }
 
