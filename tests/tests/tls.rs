@@ -267,6 +267,34 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
         )
         .await;
 
+        // Garbage on both TLS ports of replica 4: random bytes, and a TLS
+        // record header announcing more than it sends, on fresh connections.
+        {
+            use rand::{Rng, SeedableRng};
+            use tokio::io::AsyncWriteExt;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+            for round in 0..40 {
+                for addr in [cluster.client_addr(4), cluster.peer_addr(4)] {
+                    let mut bytes: Vec<u8> = (0..rng.random_range(1..512))
+                        .map(|_| rng.random())
+                        .collect();
+                    if round % 2 == 0 {
+                        bytes.splice(0..0, [0x16, 0x03, 0x01, 0xff, 0xff]);
+                    }
+                    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let _ = s.write_all(&bytes).await;
+                }
+            }
+            wait_log(&cluster, 4, &["TLS handshake failed", "port=peer"]).await;
+            let only_4 = cluster
+                .builder()
+                .tls(tls_files(&tls, "reader"))
+                .addrs(vec![cluster.client_addr(4).to_string()])
+                .build()
+                .unwrap();
+            assert_eq!(only_4.get("k").await.unwrap(), Some(b"v".to_vec()));
+        }
+
         // A forged peer: a valid certificate (replica 2's) whose messages
         // claim to come from replica 3. Refused, and logged.
         let forged = peer_client(cluster.peer_addr(1), &tls_files(&tls, "replica-2"), 1).await;
