@@ -631,13 +631,38 @@ where
             // Dropped connection, deadline, aborted request: the connection
             // may be dead or wedged; dial afresh next time.
             pool.evict(addr, &conn);
-            Attempt::CallFailed(e.to_string())
+            let mut why = with_causes(&e);
+            // A TLS replica answers a plain client with an alert record,
+            // whose header reads as a length far beyond any frame.
+            if !pool.tls() && why.contains("frame size too big") {
+                why.push_str(
+                    " (is the replica serving TLS? then give the client --tls-ca, --tls-cert \
+                     and --tls-key)",
+                );
+            }
+            Attempt::CallFailed(why)
         }
         Err(_) => {
             pool.evict(addr, &conn);
             Attempt::CallFailed("no answer before the deadline".into())
         }
     }
+}
+
+/// An error's message followed by its causes' (tarpc's "critical error"
+/// alone does not say that the replica refused this client's certificate,
+/// or spoke TLS to a plain client).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// What a throttled request is reported as: [`KvError::Unavailable`], which

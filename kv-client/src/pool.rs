@@ -76,6 +76,11 @@ impl Pool {
         Ok(c.clone())
     }
 
+    /// Whether this pool dials with TLS.
+    pub(crate) fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Forgets `conn` (if it is still the cached one for `addr`).
     pub(crate) fn evict(&self, addr: &str, conn: &Conn) {
         let mut conns = self.lock();

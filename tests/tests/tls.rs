@@ -232,6 +232,11 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
         ];
         let out = cli_with(&cluster, None, &plain).await;
         assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is the replica serving TLS?"),
+            "{}",
+            describe(&out)
+        );
         wait_log(
             &cluster,
             1,
@@ -257,6 +262,11 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
         };
         let out = cli_with(&cluster, Some(presenting(&stranger)), &at(2)).await;
         assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("received fatal alert: UnknownCA"),
+            "the client is told why: {}",
+            describe(&out)
+        );
         wait_log(&cluster, 2, &["TLS handshake failed", "UnknownIssuer"]).await;
         let out = cli_with(&cluster, Some(presenting(&expired)), &at(3)).await;
         assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
