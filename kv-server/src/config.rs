@@ -77,6 +77,20 @@ impl ServerConfig {
             return Ok(None);
         };
         let tls = kv_api::tls::Tls::load(files).map_err(|e| ServerError::Config(e.to_string()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(&files.key) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        key = %files.key.display(),
+                        mode = format_args!("{mode:o}"),
+                        "the private key is readable by other users; `chmod 600` it \
+                         (whoever reads it can act as this replica)"
+                    );
+                }
+            }
+        }
         let name = kv_api::tls::replica_name(self.id);
         if !kv_api::tls::names(tls.cert(), &name) {
             return Err(ServerError::Config(format!(

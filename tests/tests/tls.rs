@@ -391,7 +391,7 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_given_another_replicas_certificate_refuses_to_start() {
-    let cluster = Cluster::start_tls(1, &[]).await;
+    let mut cluster = Cluster::start_tls(1, &[]).await;
     let tls = cluster.tls_dir().unwrap();
     let dir = cluster.dir().join("other");
     let mut args = vec![
@@ -416,4 +416,16 @@ async fn a_replica_given_another_replicas_certificate_refuses_to_start() {
         err.contains("admin.pem: the certificate does not name replica-1"),
         "{err}"
     );
+
+    // A private key others can read is served, with a warning.
+    use std::os::unix::fs::PermissionsExt;
+    let key = tls.join("replica-1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    cluster.restart(1).await;
+    wait_log(
+        &cluster,
+        1,
+        &["the private key is readable by other users", "mode=644"],
+    )
+    .await;
 }
