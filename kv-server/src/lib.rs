@@ -25,6 +25,7 @@ pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
+mod inbox;
 mod lock;
 pub mod net;
 mod node;
@@ -127,7 +128,7 @@ pub async fn run(
             None => None,
         }),
     );
-    let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel(inbox::INPUT_QUEUE);
     let handler = rpc::Handler::new(
         config.id,
         tx.clone(),
