@@ -71,5 +71,14 @@ impl Error {
     }
 }
 
+/// A replica file that cannot be read or is malformed: an
+/// [`Error::InvalidArgument`] naming the file (and the line), so that
+/// `Replicas::load(path)?` works in a function returning [`Result`].
+impl From<kv_api::replicas::ReplicaFileError> for Error {
+    fn from(e: kv_api::replicas::ReplicaFileError) -> Error {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
 /// `Result` with the SDK's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

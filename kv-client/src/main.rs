@@ -1,5 +1,6 @@
 //! `kv-client`: the command-line front end of the kvpaxos SDK. All the logic
-//! lives in [`kv_client::cli`]; this only parses, runs and exits.
+//! lives in the library's hidden `kv_client::cli` module (feature `cli`);
+//! this only parses, runs and exits.
 
 use std::io::Write;
 

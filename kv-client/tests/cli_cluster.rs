@@ -451,3 +451,66 @@ fn counter_example_ends_at_tasks_times_increments() {
     ok(&r);
     assert!(r.stdout.contains("expected 40"), "{}", r.stdout);
 }
+
+#[test]
+fn watch_example_configured_from_kv_replicas_prints_each_change() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    let bin = common::profile_dir().join("examples").join("watch");
+    assert!(
+        bin.is_file(),
+        "the watch example is missing at {}; `cargo test -p kv-client` builds it",
+        bin.display()
+    );
+    let c = Cluster::start("watch", 3);
+    // Addresses, not the file: KV_REPLICAS as a comma list (spaces allowed).
+    let replicas = c.addrs.join(", ");
+    let mut child = Command::new(&bin)
+        .args(["flag", "--every-ms", "20", "--changes", "3"])
+        .env("KV_REPLICAS", &replicas)
+        .env_remove("KV_TLS_CA")
+        .env_remove("KV_TLS_CERT")
+        .env_remove("KV_TLS_KEY")
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the watch example");
+    let (tx, lines) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no line from the watcher ({what}): {e}"))
+    };
+    // Each change is made only once the previous one was seen, so that no
+    // value comes and goes between two polls.
+    assert_eq!(next("first read"), "(absent)");
+    ok(&c.cli(&["put", "flag", "on"]));
+    assert_eq!(next("after put on"), "on");
+    ok(&c.cli(&["delete", "flag"]));
+    assert_eq!(next("after delete"), "(absent)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the watcher did not exit after --changes 3");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
