@@ -418,7 +418,7 @@ struct RunSummary {
 
 async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
     let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
-    let mut cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
+    let mut cluster = if seed.is_multiple_of(2) || kv_tests::tls_by_env() {
         Cluster::start_tls(5, &[]).await
     } else {
         Cluster::start(5).await
