@@ -23,6 +23,8 @@
 //! promise too big for one message comes in pages, and a candidate counts
 //! it only once it has every page).
 
+mod quorum;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use kv_peer_api::{
@@ -31,6 +33,8 @@ use kv_peer_api::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use quorum::Quorum;
 
 /// Default bytes of client commands per slot: one value of the maximum
 /// size (a larger command still gets a slot of its own). Big enough that
@@ -382,7 +386,8 @@ pub struct Durable {
 /// The Multi-Paxos state machine of one replica.
 pub struct Paxos {
     cfg: Config,
-    quorum: usize,
+    /// Every quorum decision goes through it.
+    quorum: Quorum,
     rng: StdRng,
     now: u64,
 
@@ -451,7 +456,7 @@ pub struct Paxos {
 impl Paxos {
     /// A replica starting from its durable state.
     pub fn new(cfg: Config, durable: Durable) -> Paxos {
-        let quorum = cfg.members.len() / 2 + 1;
+        let quorum = Quorum::new(cfg.id, cfg.members.clone());
         let rng = StdRng::seed_from_u64(cfg.seed);
         // A snapshot received from a peer may be ahead of the log's record
         // of what is chosen (a crash after the snapshot was renamed into
@@ -647,12 +652,7 @@ impl Paxos {
     }
 
     fn others(&self) -> Vec<ReplicaId> {
-        self.cfg
-            .members
-            .iter()
-            .copied()
-            .filter(|&m| m != self.cfg.id)
-            .collect()
+        self.quorum.others()
     }
 
     fn send(&mut self, to: ReplicaId, msg: Msg) {
@@ -770,10 +770,13 @@ impl Paxos {
         }
         let recent = self
             .last_ack_tick
-            .values()
-            .filter(|&&t| t + window >= self.now)
-            .count();
-        if recent + 1 < self.quorum {
+            .iter()
+            .filter(|&(_, &t)| t + window >= self.now)
+            .map(|(&r, _)| r);
+        if !self
+            .quorum
+            .is_majority(std::iter::once(self.cfg.id).chain(recent))
+        {
             tracing::warn!(
                 id = self.cfg.id,
                 "lost contact with a majority; stepping down"
@@ -837,7 +840,8 @@ impl Paxos {
     }
 
     fn maybe_prevoted(&mut self) {
-        if self.role == Role::PreCandidate && self.prevotes.len() >= self.quorum {
+        if self.role == Role::PreCandidate && self.quorum.is_majority(self.prevotes.iter().copied())
+        {
             let ballot = self.prevote_ballot;
             self.start_election(ballot);
         }
@@ -903,7 +907,7 @@ impl Paxos {
     /// authentication.)
     pub fn step(&mut self, msg: Msg) -> Option<Msg> {
         let from = msg.from();
-        if !self.cfg.members.contains(&from) {
+        if !self.quorum.is_member(from) {
             tracing::debug!(
                 id = self.cfg.id,
                 from,
@@ -974,8 +978,9 @@ impl Paxos {
         if self.standing != Standing::Unknown {
             return;
         }
-        let others = self.cfg.members.len().saturating_sub(1);
-        if self.probes.len() >= others && self.probes.values().all(|p| !p.history) {
+        if self.quorum.all_others(self.probes.keys().copied())
+            && self.probes.values().all(|p| !p.history)
+        {
             tracing::info!(
                 id = self.cfg.id,
                 "every replica is empty: a new cluster; voting from now on"
@@ -986,7 +991,9 @@ impl Paxos {
         let voters: Vec<&ProbeReply> = self.probes.values().filter(|p| p.voter).collect();
         // Without any history seen, wait for every answer: it may be a new
         // cluster whose voters have just decided so.
-        if voters.len() >= self.quorum && self.probes.values().any(|p| p.history) {
+        if self.quorum.is_majority(voters.iter().map(|p| p.from))
+            && self.probes.values().any(|p| p.history)
+        {
             let floor = voters
                 .iter()
                 .map(|p| p.max_round)
@@ -1154,8 +1161,8 @@ impl Paxos {
     }
 
     fn maybe_win(&mut self) {
-        let complete = self.promises.values().filter(|p| !p.more).count();
-        if self.role != Role::Candidate || complete < self.quorum {
+        let complete = self.promises.values().filter(|p| !p.more).map(|p| p.from);
+        if self.role != Role::Candidate || !self.quorum.is_majority(complete) {
             return;
         }
         let ballot = self.promised;
@@ -1340,7 +1347,7 @@ impl Paxos {
         if !self.cfg.thrifty {
             return None;
         }
-        let need = self.quorum.saturating_sub(1);
+        let need = self.quorum.others_needed();
         let fresh = u64::from(self.cfg.heartbeat_ticks) * 2;
         let targets: Vec<ReplicaId> = self
             .preferred
@@ -1554,7 +1561,7 @@ impl Paxos {
         let Some(p) = self.pending.get(&slot) else {
             return;
         };
-        if p.acks.len() >= self.quorum {
+        if self.quorum.is_majority(p.acks.iter().copied()) {
             self.pending.remove(&slot);
             if let Some(e) = self.log.get_mut(&slot) {
                 e.chosen = true;
@@ -1696,12 +1703,14 @@ impl Paxos {
         self.last_ack_tick.insert(m.from, self.now);
         let seen = self.hb_acks.entry(m.from).or_insert(0);
         *seen = (*seen).max(m.round);
-        // A round is confirmed when a majority (us included) acked it or a
-        // later one.
-        let mut rounds: Vec<u64> = self.hb_acks.values().copied().collect();
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        if self.quorum >= 2 && rounds.len() + 1 >= self.quorum {
-            let confirmed = rounds[self.quorum - 2];
+        self.confirm_rounds();
+        self.serve_reads();
+    }
+
+    /// A round is confirmed when a majority (us included: we are in our
+    /// latest round) acked it or a later one.
+    fn confirm_rounds(&mut self) {
+        if let Some(confirmed) = self.quorum.majority_reached(self.hb_round, &self.hb_acks) {
             if confirmed > self.confirmed_round {
                 self.confirmed_round = confirmed;
                 if self.round_started.is_some() && confirmed >= self.hb_round {
@@ -1709,7 +1718,6 @@ impl Paxos {
                 }
             }
         }
-        self.serve_reads();
     }
 
     fn start_heartbeat_round(&mut self) {
@@ -1723,8 +1731,10 @@ impl Paxos {
             round: self.hb_round,
             term_start: self.term_start,
         }));
-        if self.quorum <= 1 {
-            self.confirmed_round = self.hb_round;
+        // Alone, a leader is its own majority: the round is confirmed as it
+        // starts. (With others, nothing changes until they answer.)
+        if let Some(confirmed) = self.quorum.majority_reached(self.hb_round, &self.hb_acks) {
+            self.confirmed_round = self.confirmed_round.max(confirmed);
         }
     }
 
