@@ -337,13 +337,78 @@ struct Entry {
     chosen: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What this replica is doing about leadership, with the state only that
+/// role has: leaving a role drops its state.
+#[derive(Debug)]
 enum Role {
     Follower,
     /// Asking for pre-votes: no ballot raised yet.
-    PreCandidate,
-    Candidate,
-    Leader,
+    PreCandidate(PreCandidate),
+    /// Running phase 1 for its promised ballot.
+    Candidate(Candidate),
+    /// Won phase 1 for its promised ballot: runs phase 2.
+    Leader(Box<Leader>),
+}
+
+/// A replica asking for pre-votes.
+#[derive(Debug)]
+struct PreCandidate {
+    /// The ballot it would campaign with.
+    ballot: Ballot,
+    /// Who granted it (itself included).
+    votes: BTreeSet<ReplicaId>,
+}
+
+/// A replica running phase 1.
+#[derive(Debug, Default)]
+struct Candidate {
+    /// Promises for our ballot, by sender (ours included). A promise whose
+    /// `more` is set still lacks pages.
+    promises: BTreeMap<ReplicaId, Promise>,
+}
+
+/// What only a leader holds: dropped when it steps down.
+#[derive(Debug)]
+struct Leader {
+    /// The next slot to propose in.
+    next_slot: Slot,
+    /// The last slot this leader re-proposed when it was elected.
+    term_start: Slot,
+    /// Slots proposed and not yet chosen.
+    pending: BTreeMap<Slot, Pending>,
+    /// Proposals waiting for a slot.
+    queue: VecDeque<WriteRequest>,
+    queue_bytes: usize,
+    /// A time entry to propose (see [`Paxos::propose_time`]).
+    time: Option<u64>,
+    /// The tick the last heartbeat round started.
+    last_heartbeat: u64,
+    /// Per follower, the latest heartbeat round it acknowledged.
+    hb_acks: BTreeMap<ReplicaId, u64>,
+    /// Per follower, the tick it last answered (an accept or a heartbeat).
+    last_ack_tick: BTreeMap<ReplicaId, u64>,
+    /// Followers in the order a thrifty leader prefers them.
+    preferred: Vec<ReplicaId>,
+    /// Slots not yet sent to a follower (thrifty), sent at the next tick.
+    deferred: BTreeMap<ReplicaId, Vec<Slot>>,
+    /// Thrifty targets sent accepts they have not answered yet, with the
+    /// tick of the oldest such send.
+    waiting_since: BTreeMap<ReplicaId, u64>,
+    /// The latest heartbeat round a majority acknowledged.
+    confirmed_round: u64,
+    /// When the heartbeat round not yet confirmed started, if any.
+    round_started: Option<u64>,
+    /// Linearizable reads waiting for their round and for apply.
+    reads: VecDeque<PendingRead>,
+}
+
+impl Leader {
+    /// Whether another slot may start.
+    fn room_in_flight(&self, cfg: &Config) -> bool {
+        let bytes: usize = self.pending.values().map(|p| p.bytes).sum();
+        self.pending.len() < cfg.max_inflight
+            && (self.pending.is_empty() || bytes < cfg.max_inflight_bytes)
+    }
 }
 
 /// A slot a leader proposed and awaits a majority for.
@@ -410,41 +475,17 @@ pub struct Paxos {
     /// Highest slot handed out for apply.
     applied: Slot,
 
-    // Role.
+    // Role: follower, pre-candidate, candidate or leader, each with its
+    // own state.
     role: Role,
+    /// The leader this replica follows, if it knows one.
     leader: Option<ReplicaId>,
     last_heard: u64,
     election_at: u64,
-
-    // Pre-candidate.
-    prevote_ballot: Ballot,
-    prevotes: BTreeSet<ReplicaId>,
-
-    // Candidate. A promise whose `more` is set still lacks pages.
-    promises: BTreeMap<ReplicaId, Promise>,
-
-    // Leader.
-    next_slot: Slot,
-    term_start: Slot,
-    pending: BTreeMap<Slot, Pending>,
-    queue: VecDeque<WriteRequest>,
-    queue_bytes: usize,
-    /// A time entry to propose (see [`Paxos::propose_time`]).
-    time: Option<u64>,
+    /// Heartbeat rounds are numbered over this replica's life, not per
+    /// term: an answer to a round of an earlier term never confirms one of
+    /// a later term.
     hb_round: u64,
-    hb_acks: BTreeMap<ReplicaId, u64>,
-    last_ack_tick: BTreeMap<ReplicaId, u64>,
-    /// Followers in the order a thrifty leader prefers them.
-    preferred: Vec<ReplicaId>,
-    /// Slots not yet sent to a follower (thrifty), sent at the next tick.
-    deferred: BTreeMap<ReplicaId, Vec<Slot>>,
-    /// Thrifty targets sent accepts they have not answered yet, with the
-    /// tick of the oldest such send.
-    waiting_since: BTreeMap<ReplicaId, u64>,
-    confirmed_round: u64,
-    round_started: Option<u64>,
-    last_heartbeat: u64,
-    reads: VecDeque<PendingRead>,
 
     // Learner.
     fetch_started: Option<u64>,
@@ -508,25 +549,7 @@ impl Paxos {
             leader: None,
             last_heard: 0,
             election_at: 0,
-            prevote_ballot: Ballot::ZERO,
-            prevotes: BTreeSet::new(),
-            promises: BTreeMap::new(),
-            next_slot: chosen + 1,
-            term_start: 0,
-            pending: BTreeMap::new(),
-            queue: VecDeque::new(),
-            queue_bytes: 0,
-            time: None,
             hb_round: 0,
-            hb_acks: BTreeMap::new(),
-            last_ack_tick: BTreeMap::new(),
-            preferred: Vec::new(),
-            deferred: BTreeMap::new(),
-            waiting_since: BTreeMap::new(),
-            confirmed_round: 0,
-            round_started: None,
-            last_heartbeat: 0,
-            reads: VecDeque::new(),
             fetch_started: None,
             out: Ready {
                 persist,
@@ -557,13 +580,21 @@ impl Paxos {
 
     /// Whether this replica leads (phase 1 done for its ballot).
     pub fn is_leader(&self) -> bool {
-        self.role == Role::Leader
+        matches!(self.role, Role::Leader(_))
+    }
+
+    /// The leader's state, if this replica leads.
+    fn lead(&mut self) -> Option<&mut Leader> {
+        match &mut self.role {
+            Role::Leader(l) => Some(l),
+            _ => None,
+        }
     }
 
     /// The leader this replica knows of.
     pub fn leader(&self) -> Option<ReplicaId> {
         match self.role {
-            Role::Leader => Some(self.cfg.id),
+            Role::Leader(_) => Some(self.cfg.id),
             _ => self.leader,
         }
     }
@@ -641,8 +672,11 @@ impl Paxos {
             self.chosen = index;
             self.chosen_dirty = true;
         }
-        self.pending = self.pending.split_off(&(index + 1));
-        self.next_slot = self.next_slot.max(self.chosen + 1);
+        let chosen = self.chosen;
+        if let Some(l) = self.lead() {
+            l.pending = l.pending.split_off(&(index + 1));
+            l.next_slot = l.next_slot.max(chosen + 1);
+        }
         self.log = self.log.split_off(&(index + 1));
         self.compacted = self.compacted.max(index);
         self.out.persist.push(Record::Compacted(self.compacted));
@@ -679,37 +713,30 @@ impl Paxos {
         }
     }
 
-    /// Another replica holds a ballot above ours: follow it.
+    /// Another replica holds a ballot above ours: follow it. Whatever the
+    /// role held goes with it; a leader's queued proposals and waiting
+    /// reads are handed back to the driver, refused.
     fn step_down(&mut self, leader: Option<ReplicaId>) {
-        if self.role != Role::Follower {
+        if !matches!(self.role, Role::Follower) {
             tracing::info!(id = self.cfg.id, ballot = %self.promised, ?leader, "stepping down");
         }
-        if self.role == Role::Leader {
-            for req in std::mem::take(&mut self.queue) {
+        if let Role::Leader(l) = std::mem::replace(&mut self.role, Role::Follower) {
+            for req in l.queue {
                 self.out.dropped.push((req, leader));
             }
-            for r in std::mem::take(&mut self.reads) {
+            for r in l.reads {
                 self.out.reads_failed.push((r.token, leader));
             }
-            self.pending.clear();
-            self.deferred.clear();
-            self.waiting_since.clear();
-            self.round_started = None;
-            self.time = None;
-            self.queue_bytes = 0;
         }
-        self.role = Role::Follower;
-        self.promises.clear();
-        self.prevotes.clear();
         self.leader = leader;
     }
 
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
         self.now += 1;
-        match self.role {
-            Role::Leader => {
-                if self.now >= self.last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
+        match &self.role {
+            Role::Leader(l) => {
+                if self.now >= l.last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
                     self.start_heartbeat_round();
                 }
                 self.demote_slow_targets();
@@ -717,7 +744,7 @@ impl Paxos {
                 self.retransmit();
                 self.check_quorum();
             }
-            Role::Follower | Role::PreCandidate | Role::Candidate => {
+            Role::Follower | Role::PreCandidate(_) | Role::Candidate(_) => {
                 if self.votes() && self.now >= self.election_at {
                     self.start_pre_vote();
                 }
@@ -744,11 +771,12 @@ impl Paxos {
     /// of acknowledgements, no retransmits, no demotions). A follower does
     /// nothing: its election timer should not run while it is busy.
     pub fn tick_while_busy(&mut self) {
-        if self.role != Role::Leader {
+        let Role::Leader(l) = &self.role else {
             return;
-        }
+        };
+        let last_heartbeat = l.last_heartbeat;
         self.now += 1;
-        if self.now >= self.last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
+        if self.now >= last_heartbeat + u64::from(self.cfg.heartbeat_ticks) {
             self.start_heartbeat_round();
         }
         self.send_deferred();
@@ -768,7 +796,10 @@ impl Paxos {
         if self.now < window {
             return;
         }
-        let recent = self
+        let Role::Leader(l) = &self.role else {
+            return;
+        };
+        let recent = l
             .last_ack_tick
             .iter()
             .filter(|&(_, &t)| t + window >= self.now)
@@ -820,9 +851,10 @@ impl Paxos {
         }
         tracing::debug!(id = self.cfg.id, %ballot, "asking for pre-votes");
         self.step_down(None);
-        self.role = Role::PreCandidate;
-        self.prevote_ballot = ballot;
-        self.prevotes.insert(self.cfg.id);
+        self.role = Role::PreCandidate(PreCandidate {
+            ballot,
+            votes: BTreeSet::from([self.cfg.id]),
+        });
         self.reset_election_timer();
         self.broadcast_prepare(ballot, true);
         self.maybe_prevoted();
@@ -840,9 +872,11 @@ impl Paxos {
     }
 
     fn maybe_prevoted(&mut self) {
-        if self.role == Role::PreCandidate && self.quorum.is_majority(self.prevotes.iter().copied())
-        {
-            let ballot = self.prevote_ballot;
+        let Role::PreCandidate(pc) = &self.role else {
+            return;
+        };
+        if self.quorum.is_majority(pc.votes.iter().copied()) {
+            let ballot = pc.ballot;
             self.start_election(ballot);
         }
     }
@@ -859,10 +893,8 @@ impl Paxos {
         };
         tracing::info!(id = self.cfg.id, %ballot, from_slot = self.chosen + 1, "starting election");
         self.step_down(None);
-        self.role = Role::Candidate;
         self.promise(ballot);
         self.reset_election_timer();
-        self.promises.clear();
         let own = Promise {
             from: self.cfg.id,
             ballot,
@@ -872,7 +904,9 @@ impl Paxos {
             pre_vote: false,
             more: false,
         };
-        self.promises.insert(self.cfg.id, own);
+        self.role = Role::Candidate(Candidate {
+            promises: BTreeMap::from([(self.cfg.id, own)]),
+        });
         self.broadcast_prepare(ballot, false);
         self.maybe_win();
     }
@@ -1019,13 +1053,13 @@ impl Paxos {
     /// Notes a ballot seen in a rejection: if it is above ours, stop
     /// leading or campaigning.
     fn observe_higher(&mut self, ballot: Ballot) {
-        if ballot > self.promised && self.role != Role::Follower {
+        if ballot > self.promised && !matches!(self.role, Role::Follower) {
             self.step_down(None);
         }
     }
 
     fn heard_from_leader(&mut self, ballot: Ballot) {
-        if self.role != Role::Follower || self.leader != Some(ballot.id) {
+        if !matches!(self.role, Role::Follower) || self.leader != Some(ballot.id) {
             self.step_down(Some(ballot.id));
         }
         self.reset_election_timer();
@@ -1051,7 +1085,7 @@ impl Paxos {
         // keeps a replica that restarted or was cut off from disrupting a
         // working leader.
         let leader_alive = match self.role {
-            Role::Leader => true,
+            Role::Leader(_) => true,
             _ => {
                 self.leader.is_some()
                     && self.now < self.last_heard + u64::from(self.cfg.election_ticks.0)
@@ -1098,9 +1132,11 @@ impl Paxos {
             if !m.ok {
                 // A live leader, or a higher ballot: ask above it next time.
                 self.seen_round = self.seen_round.max(m.ballot.round);
-            } else if self.role == Role::PreCandidate && m.ballot == self.prevote_ballot {
-                self.prevotes.insert(m.from);
-                self.maybe_prevoted();
+            } else if let Role::PreCandidate(pc) = &mut self.role {
+                if m.ballot == pc.ballot {
+                    pc.votes.insert(m.from);
+                    self.maybe_prevoted();
+                }
             }
             return;
         }
@@ -1108,13 +1144,17 @@ impl Paxos {
             self.observe_higher(m.ballot);
             return;
         }
-        if self.role != Role::Candidate || m.ballot != self.promised {
+        let promised = self.promised;
+        let Role::Candidate(c) = &mut self.role else {
+            return;
+        };
+        if m.ballot != promised {
             return;
         }
         // A promise comes in pages when the acceptor holds many accepted
         // entries: gather them; ask for the next page while `more` is set.
         let from = m.from;
-        let merged = match self.promises.remove(&from) {
+        let merged = match c.promises.remove(&from) {
             Some(mut p) if p.more => {
                 let last = p.accepted.last().map_or(0, |e| e.slot);
                 p.accepted
@@ -1156,17 +1196,22 @@ impl Paxos {
                 }),
             );
         }
-        self.promises.insert(from, merged);
+        if let Role::Candidate(c) = &mut self.role {
+            c.promises.insert(from, merged);
+        }
         self.maybe_win();
     }
 
     fn maybe_win(&mut self) {
-        let complete = self.promises.values().filter(|p| !p.more).map(|p| p.from);
-        if self.role != Role::Candidate || !self.quorum.is_majority(complete) {
+        let Role::Candidate(c) = &self.role else {
+            return;
+        };
+        let complete = c.promises.values().filter(|p| !p.more).map(|p| p.from);
+        if !self.quorum.is_majority(complete) {
             return;
         }
         let ballot = self.promised;
-        let max_chosen = self.promises.values().map(|p| p.chosen).max().unwrap_or(0);
+        let max_chosen = c.promises.values().map(|p| p.chosen).max().unwrap_or(0);
         if max_chosen > self.chosen {
             // A promiser knows more slots chosen than we do: we lack their
             // values, so we may not lead yet. Stay a candidate and fetch
@@ -1174,7 +1219,7 @@ impl Paxos {
             // back here (a follower a tick behind, as a thrifty leader
             // leaves some, wins without waiting out another election
             // timeout). The election timer still bounds the wait.
-            let from = self
+            let from = c
                 .promises
                 .values()
                 .find(|p| p.chosen == max_chosen)
@@ -1192,7 +1237,7 @@ impl Paxos {
         // For every slot after our chosen prefix: a value known chosen, else
         // the value of the highest ballot accepted, else a no-op.
         let mut best: BTreeMap<Slot, (bool, Ballot, Value)> = BTreeMap::new();
-        for p in self.promises.values() {
+        for p in c.promises.values() {
             for e in &p.accepted {
                 // No acceptor accepts past its own chosen prefix plus
                 // `MAX_ACCEPT_AHEAD`, and ours is now at least as long as
@@ -1211,26 +1256,33 @@ impl Paxos {
         }
         let last = best.keys().next_back().copied().unwrap_or(self.chosen);
         tracing::info!(id = self.cfg.id, %ballot, chosen = self.chosen, reproposed = last - self.chosen, "elected leader");
-        self.role = Role::Leader;
-        self.leader = Some(self.cfg.id);
-        self.promises.clear();
-        self.pending.clear();
-        self.hb_acks.clear();
-        self.confirmed_round = self.hb_round;
-        self.round_started = None;
-        self.last_ack_tick = self.others().into_iter().map(|o| (o, self.now)).collect();
+        let others = self.others();
         // Prefer the followers after us in id order: leaders elected in turn
         // spread the load of being a target.
-        let others = self.others();
         let split = others.partition_point(|&o| o < self.cfg.id);
-        self.preferred = others[split..]
+        let preferred = others[split..]
             .iter()
             .chain(&others[..split])
             .copied()
             .collect();
-        self.deferred.clear();
-        self.waiting_since.clear();
-        self.next_slot = self.chosen + 1;
+        self.role = Role::Leader(Box::new(Leader {
+            next_slot: last + 1,
+            term_start: last,
+            pending: BTreeMap::new(),
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            time: None,
+            last_heartbeat: 0,
+            hb_acks: BTreeMap::new(),
+            last_ack_tick: others.iter().map(|&o| (o, self.now)).collect(),
+            preferred,
+            deferred: BTreeMap::new(),
+            waiting_since: BTreeMap::new(),
+            confirmed_round: self.hb_round,
+            round_started: None,
+            reads: VecDeque::new(),
+        }));
+        self.leader = Some(self.cfg.id);
         let mut entries = Vec::new();
         for slot in self.chosen + 1..=last {
             let value = match best.remove(&slot) {
@@ -1239,8 +1291,6 @@ impl Paxos {
             };
             entries.push(self.propose_slot(slot, value));
         }
-        self.next_slot = last + 1;
-        self.term_start = last;
         // What a new leader re-proposes goes to everyone: it finishes what
         // an earlier leader left, whoever holds it.
         self.broadcast_accepts(entries);
@@ -1267,15 +1317,18 @@ impl Paxos {
         });
         let mut acks = HashSet::new();
         acks.insert(self.cfg.id);
-        self.pending.insert(
-            slot,
-            Pending {
-                acks,
-                sent_tick: self.now,
-                resent: 0,
-                bytes: value_bytes(&value),
-            },
-        );
+        let now = self.now;
+        if let Some(l) = self.lead() {
+            l.pending.insert(
+                slot,
+                Pending {
+                    acks,
+                    sent_tick: now,
+                    resent: 0,
+                    bytes: value_bytes(&value),
+                },
+            );
+        }
         self.check_chosen(slot);
         (slot, value)
     }
@@ -1283,22 +1336,7 @@ impl Paxos {
     /// `entries` as accept messages of at most `max_entries_per_message`
     /// entries and `max_message_bytes` bytes each.
     fn accept_messages(&self, entries: &[(Slot, Value)]) -> Vec<Msg> {
-        chunks(
-            entries,
-            self.cfg.max_entries_per_message,
-            self.cfg.max_message_bytes,
-            |(_, v)| value_bytes(v),
-        )
-        .into_iter()
-        .map(|chunk| {
-            Msg::Accept(Accept {
-                from: self.cfg.id,
-                ballot: self.promised,
-                entries: chunk.to_vec(),
-                chosen: self.chosen,
-            })
-        })
-        .collect()
+        accept_messages(&self.cfg, self.promised, self.chosen, entries)
     }
 
     fn broadcast_accepts(&mut self, entries: Vec<(Slot, Value)>) {
@@ -1323,16 +1361,21 @@ impl Paxos {
         let Some(targets) = self.thrifty_targets() else {
             return self.broadcast_accepts(entries);
         };
-        for &t in &targets {
-            self.waiting_since.entry(t).or_insert(self.now);
-        }
-        for o in self.others() {
-            if !targets.contains(&o) {
-                let d = self.deferred.entry(o).or_default();
-                d.extend(entries.iter().map(|(slot, _)| *slot));
+        let others = self.others();
+        let msgs = self.accept_messages(&entries);
+        let now = self.now;
+        if let Some(l) = self.lead() {
+            for &t in &targets {
+                l.waiting_since.entry(t).or_insert(now);
+            }
+            for o in others {
+                if !targets.contains(&o) {
+                    let d = l.deferred.entry(o).or_default();
+                    d.extend(entries.iter().map(|(slot, _)| *slot));
+                }
             }
         }
-        for msg in self.accept_messages(&entries) {
+        for msg in msgs {
             for &to in &targets {
                 self.send(to, msg.clone());
             }
@@ -1344,23 +1387,26 @@ impl Paxos {
     /// heartbeat intervals. `None`: send to every follower (not thrifty, or
     /// too few answer).
     fn thrifty_targets(&self) -> Option<Vec<ReplicaId>> {
+        let Role::Leader(l) = &self.role else {
+            return None;
+        };
         if !self.cfg.thrifty {
             return None;
         }
         let need = self.quorum.others_needed();
         let fresh = u64::from(self.cfg.heartbeat_ticks) * 2;
-        let targets: Vec<ReplicaId> = self
+        let targets: Vec<ReplicaId> = l
             .preferred
             .iter()
             .copied()
             .filter(|o| {
-                self.last_ack_tick
+                l.last_ack_tick
                     .get(o)
                     .is_some_and(|&t| t + fresh >= self.now)
             })
             .take(need)
             .collect();
-        (targets.len() == need && need < self.preferred.len()).then_some(targets)
+        (targets.len() == need && need < l.preferred.len()).then_some(targets)
     }
 
     /// A target that has answered nothing for a full tick since it was sent
@@ -1368,7 +1414,11 @@ impl Paxos {
     /// reaches the others through [`Paxos::send_deferred`]).
     fn demote_slow_targets(&mut self) {
         let now = self.now;
-        let slow: Vec<ReplicaId> = self
+        let id = self.cfg.id;
+        let Some(l) = self.lead() else {
+            return;
+        };
+        let slow: Vec<ReplicaId> = l
             .waiting_since
             .iter()
             .filter(|&(_, &since)| since + 1 < now)
@@ -1378,22 +1428,25 @@ impl Paxos {
             return;
         }
         tracing::debug!(
-            id = self.cfg.id,
+            id,
             ?slow,
             "thrifty: followers slow to accept lose their place"
         );
         for t in &slow {
-            self.waiting_since.remove(t);
+            l.waiting_since.remove(t);
         }
-        self.preferred.retain(|o| !slow.contains(o));
-        self.preferred.extend(slow);
+        l.preferred.retain(|o| !slow.contains(o));
+        l.preferred.extend(slow);
     }
 
     /// Sends every follower the accepts deferred for it since the last tick,
     /// batched. Slots chosen since are sent all the same: the follower then
     /// holds them without fetching.
     fn send_deferred(&mut self) {
-        for (to, slots) in std::mem::take(&mut self.deferred) {
+        let Some(l) = self.lead() else {
+            return;
+        };
+        for (to, slots) in std::mem::take(&mut l.deferred) {
             let entries: Vec<(Slot, Value)> = slots
                 .into_iter()
                 .filter_map(|slot| self.log.get(&slot).map(|e| (slot, e.value.clone())))
@@ -1413,7 +1466,10 @@ impl Paxos {
         let mut per_peer: BTreeMap<ReplicaId, Vec<(Slot, Value)>> = BTreeMap::new();
         let others = self.others();
         let base = u64::from(self.cfg.retransmit_ticks);
-        for (&slot, p) in self.pending.iter_mut() {
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        for (&slot, p) in l.pending.iter_mut() {
             if self.now < p.sent_tick + (base << p.resent.min(3)) {
                 continue;
             }
@@ -1543,13 +1599,20 @@ impl Paxos {
             self.observe_higher(m.ballot);
             return;
         }
-        if self.role != Role::Leader || m.ballot != self.promised {
+        if m.ballot != self.promised {
             return;
         }
-        self.last_ack_tick.insert(m.from, self.now);
-        self.waiting_since.remove(&m.from);
+        let now = self.now;
+        let Some(l) = self.lead() else {
+            return;
+        };
+        l.last_ack_tick.insert(m.from, now);
+        l.waiting_since.remove(&m.from);
         for slot in m.slots {
-            if let Some(p) = self.pending.get_mut(&slot) {
+            let Some(l) = self.lead() else {
+                break;
+            };
+            if let Some(p) = l.pending.get_mut(&slot) {
                 p.acks.insert(m.from);
                 self.check_chosen(slot);
             }
@@ -1558,11 +1621,14 @@ impl Paxos {
     }
 
     fn check_chosen(&mut self, slot: Slot) {
-        let Some(p) = self.pending.get(&slot) else {
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        let Some(p) = l.pending.get(&slot) else {
             return;
         };
         if self.quorum.is_majority(p.acks.iter().copied()) {
-            self.pending.remove(&slot);
+            l.pending.remove(&slot);
             if let Some(e) = self.log.get_mut(&slot) {
                 e.chosen = true;
             }
@@ -1667,7 +1733,7 @@ impl Paxos {
     }
 
     fn on_heartbeat_ack(&mut self, m: HeartbeatAck) {
-        if self.role == Role::Leader && m.chosen > self.chosen {
+        if self.is_leader() && m.chosen > self.chosen {
             // A follower learned more chosen than we know (from a snapshot
             // or a peer, after it promised us): fetch it rather than wait
             // for acks on slots it may have compacted away.
@@ -1678,7 +1744,7 @@ impl Paxos {
             // leader of round `floor` or later: run phase 1 again in such
             // a round (we stay the replica the others follow, so they
             // promise at once).
-            if self.role == Role::Leader && floor > self.promised.round {
+            if self.is_leader() && floor > self.promised.round {
                 tracing::info!(
                     id = self.cfg.id,
                     rejoining = m.from,
@@ -1697,11 +1763,15 @@ impl Paxos {
             self.observe_higher(m.ballot);
             return;
         }
-        if self.role != Role::Leader || m.ballot != self.promised {
+        if m.ballot != self.promised {
             return;
         }
-        self.last_ack_tick.insert(m.from, self.now);
-        let seen = self.hb_acks.entry(m.from).or_insert(0);
+        let now = self.now;
+        let Some(l) = self.lead() else {
+            return;
+        };
+        l.last_ack_tick.insert(m.from, now);
+        let seen = l.hb_acks.entry(m.from).or_insert(0);
         *seen = (*seen).max(m.round);
         self.confirm_rounds();
         self.serve_reads();
@@ -1710,32 +1780,41 @@ impl Paxos {
     /// A round is confirmed when a majority (us included: we are in our
     /// latest round) acked it or a later one.
     fn confirm_rounds(&mut self) {
-        if let Some(confirmed) = self.quorum.majority_reached(self.hb_round, &self.hb_acks) {
-            if confirmed > self.confirmed_round {
-                self.confirmed_round = confirmed;
-                if self.round_started.is_some() && confirmed >= self.hb_round {
-                    self.round_started = None;
+        let hb_round = self.hb_round;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if let Some(confirmed) = self.quorum.majority_reached(hb_round, &l.hb_acks) {
+            if confirmed > l.confirmed_round {
+                l.confirmed_round = confirmed;
+                if l.round_started.is_some() && confirmed >= hb_round {
+                    l.round_started = None;
                 }
             }
         }
     }
 
     fn start_heartbeat_round(&mut self) {
+        let now = self.now;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
         self.hb_round += 1;
-        self.last_heartbeat = self.now;
-        self.round_started = Some(self.now);
+        l.last_heartbeat = now;
+        l.round_started = Some(now);
+        let term_start = l.term_start;
+        // Alone, a leader is its own majority: the round is confirmed as it
+        // starts. (With others, nothing changes until they answer.)
+        if let Some(confirmed) = self.quorum.majority_reached(self.hb_round, &l.hb_acks) {
+            l.confirmed_round = l.confirmed_round.max(confirmed);
+        }
         self.broadcast(Msg::Heartbeat(Heartbeat {
             from: self.cfg.id,
             ballot: self.promised,
             chosen: self.chosen,
             round: self.hb_round,
-            term_start: self.term_start,
+            term_start,
         }));
-        // Alone, a leader is its own majority: the round is confirmed as it
-        // starts. (With others, nothing changes until they answer.)
-        if let Some(confirmed) = self.quorum.majority_reached(self.hb_round, &self.hb_acks) {
-            self.confirmed_round = self.confirmed_round.max(confirmed);
-        }
     }
 
     fn on_fetch(&mut self, m: Fetch) -> FetchReply {
@@ -1797,14 +1876,16 @@ impl Paxos {
                     chosen: true,
                 },
             );
-            self.pending.remove(&slot);
+            if let Some(l) = self.lead() {
+                l.pending.remove(&slot);
+            }
             expected += 1;
         }
         self.advance_chosen();
         if m.chosen > self.chosen && expected > self.chosen {
             self.request_fetch(m.from);
         }
-        if self.role == Role::Candidate {
+        if matches!(self.role, Role::Candidate(_)) {
             self.maybe_win();
         }
     }
@@ -1812,51 +1893,57 @@ impl Paxos {
     /// Offers a client write, refused if this replica does not lead or
     /// its queue is full (by count or bytes).
     pub fn propose(&mut self, req: WriteRequest) -> Result<(), Refusal> {
-        if self.role != Role::Leader {
+        let Role::Leader(l) = &mut self.role else {
             return Err(Refusal::NotLeader(
                 self.leader.filter(|&l| l != self.cfg.id),
             ));
-        }
+        };
         let bytes = request_bytes(&req);
-        if self.queue.len() >= self.cfg.max_queue
-            || (!self.queue.is_empty() && self.queue_bytes + bytes > self.cfg.max_queue_bytes)
+        if l.queue.len() >= self.cfg.max_queue
+            || (!l.queue.is_empty() && l.queue_bytes + bytes > self.cfg.max_queue_bytes)
         {
             return Err(Refusal::Busy);
         }
-        self.queue_bytes += bytes;
-        self.queue.push_back(req);
+        l.queue_bytes += bytes;
+        l.queue.push_back(req);
         Ok(())
     }
 
     /// Proposals queued at a leader, waiting for a slot.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        match &self.role {
+            Role::Leader(l) => l.queue.len(),
+            _ => 0,
+        }
     }
 
     /// Keeps only the queued proposals (not yet in a slot) for which `keep`
     /// holds; returns how many were dropped.
     pub fn retain_queued(&mut self, mut keep: impl FnMut(&WriteRequest) -> bool) -> usize {
-        let before = self.queue.len();
+        let Some(l) = self.lead() else {
+            return 0;
+        };
+        let before = l.queue.len();
         let mut bytes = 0;
-        self.queue.retain(|r| {
+        l.queue.retain(|r| {
             let k = keep(r);
             if k {
                 bytes += request_bytes(r);
             }
             k
         });
-        self.queue_bytes = bytes;
-        before - self.queue.len()
+        l.queue_bytes = bytes;
+        before - l.queue.len()
     }
 
     /// Offers the log's clock a reading (`Value::Time`), proposed in a slot
     /// of its own ahead of queued writes. `false` if this replica does not
     /// lead. A reading not yet proposed is replaced by a newer one.
     pub fn propose_time(&mut self, unix_ms: u64) -> bool {
-        if self.role != Role::Leader {
+        let Some(l) = self.lead() else {
             return false;
-        }
-        self.time = Some(unix_ms);
+        };
+        l.time = Some(unix_ms);
         true
     }
 
@@ -1865,16 +1952,17 @@ impl Paxos {
     /// majority after the read arrived and has applied every slot that
     /// could hold a write acknowledged before it.
     pub fn read(&mut self, token: u64) -> Result<(), Option<ReplicaId>> {
-        if self.role != Role::Leader {
+        let (chosen, hb_round) = (self.chosen, self.hb_round);
+        let Role::Leader(l) = &mut self.role else {
             return Err(self.leader);
-        }
-        let index = self.chosen.max(self.term_start);
-        self.reads.push_back(PendingRead {
+        };
+        let index = chosen.max(l.term_start);
+        l.reads.push_back(PendingRead {
             token,
             index,
-            round: self.hb_round + 1,
+            round: hb_round + 1,
         });
-        if self.round_started.is_none() {
+        if l.round_started.is_none() {
             self.start_heartbeat_round();
         }
         self.serve_reads();
@@ -1882,48 +1970,50 @@ impl Paxos {
     }
 
     fn serve_reads(&mut self) {
-        while let Some(r) = self.reads.front() {
-            if r.round > self.confirmed_round || r.index > self.applied {
+        let (applied, hb_round) = (self.applied, self.hb_round);
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        while let Some(r) = l.reads.front() {
+            if r.round > l.confirmed_round || r.index > applied {
                 break;
             }
-            let r = self.reads.pop_front().expect("front exists");
+            let r = l.reads.pop_front().expect("front exists");
             self.out.reads_ready.push(r.token);
         }
         // Reads waiting for a round not yet started start it now.
-        if self.round_started.is_none() && self.reads.iter().any(|r| r.round > self.hb_round) {
+        if l.round_started.is_none() && l.reads.iter().any(|r| r.round > hb_round) {
             self.start_heartbeat_round();
         }
     }
 
-    /// Whether a leader may start another slot.
-    fn room_in_flight(&self) -> bool {
-        let bytes: usize = self.pending.values().map(|p| p.bytes).sum();
-        self.pending.len() < self.cfg.max_inflight
-            && (self.pending.is_empty() || bytes < self.cfg.max_inflight_bytes)
-    }
-
     /// Takes what the driver must do now.
     pub fn ready(&mut self) -> Ready {
-        if self.role == Role::Leader {
+        if self.is_leader() {
             let mut entries = Vec::new();
-            if self.room_in_flight() {
-                if let Some(ms) = self.time.take() {
-                    let slot = self.next_slot;
-                    self.next_slot += 1;
-                    entries.push(self.propose_slot(slot, Value::Time(ms)));
+            if let Role::Leader(l) = &mut self.role {
+                if l.room_in_flight(&self.cfg) {
+                    if let Some(ms) = l.time.take() {
+                        let slot = l.next_slot;
+                        l.next_slot += 1;
+                        entries.push(self.propose_slot(slot, Value::Time(ms)));
+                    }
                 }
             }
-            while !self.queue.is_empty() && self.room_in_flight() {
+            while let Role::Leader(l) = &mut self.role {
+                if l.queue.is_empty() || !l.room_in_flight(&self.cfg) {
+                    break;
+                }
                 let mut budget = Budget::new(self.cfg.max_batch, self.cfg.max_batch_bytes);
-                let n = self
+                let n = l
                     .queue
                     .iter()
                     .take_while(|r| budget.take(request_bytes(r)))
                     .count();
-                self.queue_bytes = self.queue_bytes.saturating_sub(budget.bytes);
-                let batch: Vec<WriteRequest> = self.queue.drain(..n).collect();
-                let slot = self.next_slot;
-                self.next_slot += 1;
+                l.queue_bytes = l.queue_bytes.saturating_sub(budget.bytes);
+                let batch: Vec<WriteRequest> = l.queue.drain(..n).collect();
+                let slot = l.next_slot;
+                l.next_slot += 1;
                 entries.push(self.propose_slot(slot, Value::Batch(batch)));
             }
             if !entries.is_empty() {
@@ -1971,6 +2061,33 @@ impl Budget {
         self.bytes += bytes;
         true
     }
+}
+
+/// `entries` as accept messages of ballot `ballot` (with our chosen prefix
+/// `chosen`), of at most `max_entries_per_message` entries and
+/// `max_message_bytes` bytes each.
+fn accept_messages(
+    cfg: &Config,
+    ballot: Ballot,
+    chosen: Slot,
+    entries: &[(Slot, Value)],
+) -> Vec<Msg> {
+    chunks(
+        entries,
+        cfg.max_entries_per_message,
+        cfg.max_message_bytes,
+        |(_, v)| value_bytes(v),
+    )
+    .into_iter()
+    .map(|chunk| {
+        Msg::Accept(Accept {
+            from: cfg.id,
+            ballot,
+            entries: chunk.to_vec(),
+            chosen,
+        })
+    })
+    .collect()
 }
 
 /// Splits `items` into runs that each fit a [`Budget`] of `max_count`
@@ -2133,6 +2250,16 @@ mod tests {
         assert_eq!(batches, 10);
     }
 
+    impl Paxos {
+        /// The leader's state (this replica must lead).
+        fn leading(&self) -> &Leader {
+            match &self.role {
+                Role::Leader(l) => l,
+                _ => panic!("replica {} does not lead", self.cfg.id),
+            }
+        }
+    }
+
     /// Elects a leader in a 5-replica cluster; returns its index.
     fn elected(nodes: &mut [Paxos], applied: &mut [Vec<(Slot, Value)>]) -> usize {
         run(nodes, applied, 100);
@@ -2217,7 +2344,10 @@ mod tests {
             }
         };
         deliver(&mut nodes, r.messages);
-        assert!(!nodes[l].pending.is_empty(), "one answer is not a majority");
+        assert!(
+            !nodes[l].leading().pending.is_empty(),
+            "one answer is not a majority"
+        );
         // Ticks: the deferred accepts reach the other two, which answer.
         for _ in 0..3 {
             nodes[l].tick();
@@ -2225,11 +2355,11 @@ mod tests {
             deliver(&mut nodes, r.messages);
         }
         assert!(
-            nodes[l].pending.is_empty(),
+            nodes[l].leading().pending.is_empty(),
             "chosen without the lost target"
         );
         assert_eq!(
-            nodes[l].preferred.last(),
+            nodes[l].leading().preferred.last(),
             Some(&gone),
             "the silent target went to the back"
         );
