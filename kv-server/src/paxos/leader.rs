@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use kv_peer_api::{Accept, Accepted, Ballot, ReplicaId, Slot, Value, WriteRequest};
 
+use super::quorum::Tracker;
 use super::read_index::ReadIndex;
 use super::*;
 
@@ -31,15 +32,11 @@ pub(super) struct Leader {
     pub(super) time: Option<u64>,
     /// The tick the last heartbeat round started.
     pub(super) last_heartbeat: u64,
-    /// Per follower, the tick it last answered (an accept or a heartbeat).
-    pub(super) last_ack_tick: BTreeMap<ReplicaId, u64>,
+    /// What it knows of each follower: when it last answered, the
+    /// heartbeat round it acknowledged, thrifty bookkeeping.
+    pub(super) progress: Tracker,
     /// Followers in the order a thrifty leader prefers them.
     pub(super) preferred: Vec<ReplicaId>,
-    /// Slots not yet sent to a follower (thrifty), sent at the next tick.
-    pub(super) deferred: BTreeMap<ReplicaId, Vec<Slot>>,
-    /// Thrifty targets sent accepts they have not answered yet, with the
-    /// tick of the oldest such send.
-    pub(super) waiting_since: BTreeMap<ReplicaId, u64>,
     /// Linearizable reads: heartbeat rounds confirmed, reads waiting.
     pub(super) read_index: ReadIndex,
 }
@@ -90,10 +87,8 @@ impl Paxos {
             queue_bytes: 0,
             time: None,
             last_heartbeat: 0,
-            last_ack_tick: others.iter().map(|&o| (o, self.now)).collect(),
+            progress: Tracker::new(&self.quorum, self.now),
             preferred,
-            deferred: BTreeMap::new(),
-            waiting_since: BTreeMap::new(),
             read_index: ReadIndex::new(self.hb_round),
         }));
         self.leader = Some(self.cfg.id);
@@ -223,11 +218,11 @@ impl Paxos {
         let now = self.now;
         if let Some(l) = self.lead() {
             for &t in &targets {
-                l.waiting_since.entry(t).or_insert(now);
+                l.progress.follower(t).waiting_since.get_or_insert(now);
             }
             for o in others {
                 if !targets.contains(&o) {
-                    let d = l.deferred.entry(o).or_default();
+                    let d = &mut l.progress.follower(o).deferred;
                     d.extend(entries.iter().map(|(slot, _)| *slot));
                 }
             }
@@ -256,10 +251,10 @@ impl Paxos {
             .preferred
             .iter()
             .copied()
-            .filter(|o| {
-                l.last_ack_tick
+            .filter(|&o| {
+                l.progress
                     .get(o)
-                    .is_some_and(|&t| t + fresh >= self.now)
+                    .is_some_and(|p| p.last_ack + fresh >= self.now)
             })
             .take(need)
             .collect();
@@ -276,10 +271,10 @@ impl Paxos {
             return;
         };
         let slow: Vec<ReplicaId> = l
-            .waiting_since
+            .progress
             .iter()
-            .filter(|&(_, &since)| since + 1 < now)
-            .map(|(&t, _)| t)
+            .filter(|(_, p)| p.waiting_since.is_some_and(|since| since + 1 < now))
+            .map(|(t, _)| t)
             .collect();
         if slow.is_empty() {
             return;
@@ -289,8 +284,8 @@ impl Paxos {
             ?slow,
             "thrifty: followers slow to accept lose their place"
         );
-        for t in &slow {
-            l.waiting_since.remove(t);
+        for &t in &slow {
+            l.progress.follower(t).waiting_since = None;
         }
         l.preferred.retain(|o| !slow.contains(o));
         l.preferred.extend(slow);
@@ -303,7 +298,13 @@ impl Paxos {
         let Some(l) = self.lead() else {
             return;
         };
-        for (to, slots) in std::mem::take(&mut l.deferred) {
+        let deferred: Vec<(ReplicaId, Vec<Slot>)> = l
+            .progress
+            .iter_mut()
+            .filter(|(_, p)| !p.deferred.is_empty())
+            .map(|(r, p)| (r, std::mem::take(&mut p.deferred)))
+            .collect();
+        for (to, slots) in deferred {
             let entries: Vec<(Slot, Value)> = slots
                 .into_iter()
                 .filter_map(|slot| self.log.get(&slot).map(|e| (slot, e.value.clone())))
@@ -360,8 +361,7 @@ impl Paxos {
         let Some(l) = self.lead() else {
             return;
         };
-        l.last_ack_tick.insert(m.from, now);
-        l.waiting_since.remove(&m.from);
+        l.progress.heard(m.from, now).waiting_since = None;
         for slot in m.slots {
             let Some(l) = self.lead() else {
                 break;
@@ -400,14 +400,9 @@ impl Paxos {
         let Role::Leader(l) = &self.role else {
             return;
         };
-        let recent = l
-            .last_ack_tick
-            .iter()
-            .filter(|&(_, &t)| t + window >= self.now)
-            .map(|(&r, _)| r);
-        if !self
-            .quorum
-            .is_majority(std::iter::once(self.cfg.id).chain(recent))
+        if !l
+            .progress
+            .majority_heard_within(&self.quorum, self.now, window)
         {
             tracing::warn!(
                 id = self.cfg.id,

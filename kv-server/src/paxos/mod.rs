@@ -36,8 +36,9 @@
 //! - `read_index`: linearizable reads confirmed by heartbeat rounds;
 //! - `learner`: the chosen prefix, apply, catch-up (fetch, snapshots) and
 //!   compaction;
-//! - `quorum`: the one tracker every "is this a majority" question goes
-//!   through.
+//! - `quorum`: every "is this a majority" question goes through its
+//!   `Quorum`; a leader's per-follower progress (`Tracker`) lives there
+//!   too.
 //!
 //! This module holds the messages, records and tuning shared by all, the
 //! `Paxos` struct, the dispatch of input ([`Paxos::step`], [`Paxos::tick`])

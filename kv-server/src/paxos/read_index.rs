@@ -6,7 +6,7 @@
 //! Heartbeats also carry the leader's ballot and chosen prefix to its
 //! followers.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use kv_peer_api::{Ballot, Heartbeat, HeartbeatAck, ReplicaId, Slot};
 
@@ -20,12 +20,11 @@ pub(super) struct PendingRead {
     round: u64,
 }
 
-/// A leader's read index: which heartbeat round a majority has confirmed,
+/// A leader's read index: which heartbeat round a majority has confirmed
+/// (who acknowledged which round is in the leader's progress tracker),
 /// and the reads waiting for a round and for apply.
 #[derive(Debug)]
 pub(super) struct ReadIndex {
-    /// Per follower, the latest heartbeat round it acknowledged.
-    pub(super) acks: BTreeMap<ReplicaId, u64>,
     /// The latest heartbeat round a majority acknowledged.
     pub(super) confirmed: u64,
     /// When the heartbeat round not yet confirmed started, if any.
@@ -39,7 +38,6 @@ impl ReadIndex {
     /// `confirmed` (those of earlier terms) counts as done.
     pub(super) fn new(confirmed: u64) -> ReadIndex {
         ReadIndex {
-            acks: BTreeMap::new(),
             confirmed,
             round_started: None,
             waiting: VecDeque::new(),
@@ -101,10 +99,7 @@ impl Paxos {
         let term_start = l.term_start;
         // Alone, a leader is its own majority: the round is confirmed as it
         // starts. (With others, nothing changes until they answer.)
-        if let Some(confirmed) = self
-            .quorum
-            .majority_reached(self.hb_round, &l.read_index.acks)
-        {
+        if let Some(confirmed) = l.progress.round_confirmed(&self.quorum, self.hb_round) {
             l.read_index.confirmed = l.read_index.confirmed.max(confirmed);
         }
         self.broadcast(Msg::Heartbeat(Heartbeat {
@@ -154,9 +149,8 @@ impl Paxos {
         let Some(l) = self.lead() else {
             return;
         };
-        l.last_ack_tick.insert(m.from, now);
-        let seen = l.read_index.acks.entry(m.from).or_insert(0);
-        *seen = (*seen).max(m.round);
+        let p = l.progress.heard(m.from, now);
+        p.round_acked = Some(p.round_acked.unwrap_or(0).max(m.round));
         self.confirm_rounds();
         self.serve_reads();
     }
@@ -168,7 +162,7 @@ impl Paxos {
         let Role::Leader(l) = &mut self.role else {
             return;
         };
-        if let Some(confirmed) = self.quorum.majority_reached(hb_round, &l.read_index.acks) {
+        if let Some(confirmed) = l.progress.round_confirmed(&self.quorum, hb_round) {
             if confirmed > l.read_index.confirmed {
                 l.read_index.confirmed = confirmed;
                 if l.read_index.round_started.is_some() && confirmed >= hb_round {
