@@ -13,6 +13,8 @@
 //!   expiry by the log's clock).
 //! - `lock` — one replica process per data directory (`LOCK`, flock).
 //! - `node` — the driver task that owns core, storage and state machine.
+//! - `inbox` — what the driver receives (`Input`), from `peers`, `rpc` and
+//!   itself; owned by none of them, so none imports another's.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
 //! - `net` — listening, dialling, framing, and the limits on connections,
@@ -25,6 +27,7 @@ pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
+mod inbox;
 mod lock;
 mod net;
 mod node;
@@ -127,7 +130,7 @@ pub async fn run(
             None => None,
         }),
     );
-    let (tx, rx) = tokio::sync::mpsc::channel(node::INPUT_QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel(inbox::INPUT_QUEUE);
     let handler = rpc::Handler::new(
         config.id,
         tx.clone(),

@@ -14,16 +14,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kv_api::replicas::Replicas;
 use kv_api::{
-    GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteOutcome,
-    WriteRequest,
+    GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteRequest,
 };
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::inbox::{GetReply, Input, WriteReply};
 use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
-use crate::rpc::MAX_SNAPSHOT_CHUNK;
-use crate::snapshot::SnapshotDir;
+use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
 use crate::state::{StateMachine, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS};
 use crate::storage::Storage;
 use crate::{Result, ServerError};
@@ -60,9 +59,6 @@ const MIN_LOG_BYTES: u64 = 64 << 20;
 const SLOW_ROUND: Duration = Duration::from_millis(100);
 const SLOW_NOTE_EVERY: Duration = Duration::from_secs(10);
 
-/// Capacity of the driver's input queue.
-pub const INPUT_QUEUE: usize = 16 * 1024;
-
 /// How often a leader puts its clock into the log (`Value::Time`) while
 /// the state machine holds sessions, which is what session expiry is
 /// decided by. Once a second makes expiry late by at most a second against
@@ -70,55 +66,6 @@ pub const INPUT_QUEUE: usize = 16 * 1024;
 /// a write load — and a cluster without sessions writes none. While no
 /// majority can be reached, no reading is chosen and nothing expires.
 const TIME_EVERY: Duration = Duration::from_secs(1);
-
-/// Replies to a client write.
-pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
-/// Replies to a client read.
-pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
-
-/// What the driver task receives.
-pub enum Input {
-    /// A message from a peer: a request (with where to reply) or a reply.
-    Peer {
-        /// The message.
-        msg: Msg,
-        /// Where the answer goes, for requests.
-        reply: Option<oneshot::Sender<Msg>>,
-    },
-    /// A client write.
-    Write {
-        /// The write.
-        req: WriteRequest,
-        /// Where the result goes.
-        reply: WriteReply,
-    },
-    /// A client read.
-    Get {
-        /// The key.
-        key: Vec<u8>,
-        /// Linearizable or local.
-        mode: ReadMode,
-        /// Where the result goes.
-        reply: GetReply,
-    },
-    /// A status request.
-    Status {
-        /// Where the status goes.
-        reply: oneshot::Sender<ReplicaStatus>,
-    },
-    /// A snapshot this replica took is durable (or failed).
-    SnapshotTaken {
-        /// Its index.
-        index: Slot,
-        /// Whether it was written.
-        result: std::result::Result<(), String>,
-    },
-    /// A snapshot received from a peer is durable and decoded (or failed).
-    SnapshotReceived {
-        /// Its index and the state machine it holds.
-        result: std::result::Result<(Slot, Box<StateMachine>), String>,
-    },
-}
 
 /// Snapshot bookkeeping of the driver.
 pub struct Snapshots {

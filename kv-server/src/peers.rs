@@ -22,8 +22,8 @@ use tarpc::context;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::faults::{Fate, Faults};
+use crate::inbox::Input;
 use crate::net;
-use crate::node::Input;
 use crate::paxos::Msg;
 
 /// Consensus messages to one peer in flight at once: delayed by failure

@@ -43,16 +43,12 @@ use tarpc::server::Channel;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::faults::Faults;
+use crate::inbox::Input;
 use crate::net::{Listener, NetLimits, Port};
-use crate::node::Input;
 use crate::paxos::Msg;
 use crate::peers::PeerPool;
-use crate::snapshot::SnapshotDir;
+use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
 use crate::Result;
-
-/// Largest snapshot chunk served, whatever is asked: bounds the memory a
-/// transfer takes on both sides and stays well under the frame limit.
-pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

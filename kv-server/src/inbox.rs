@@ -1,0 +1,64 @@
+//! The driver's inbox: what the peer layer (`peers`), the RPC services
+//! (`rpc`) and the driver's own helpers send the driver task (`node`).
+//! It belongs to none of them, so that they depend on it and not on each
+//! other: `peers` and `rpc` hand messages and requests to the driver
+//! without importing the driver.
+
+use kv_api::{GetResponse, KvError, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest};
+use kv_peer_api::Slot;
+use tokio::sync::oneshot;
+
+use crate::paxos::Msg;
+use crate::state::StateMachine;
+
+/// Capacity of the driver's input queue.
+pub const INPUT_QUEUE: usize = 16 * 1024;
+
+/// Replies to a client write.
+pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
+/// Replies to a client read.
+pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
+
+/// What the driver task receives.
+pub enum Input {
+    /// A message from a peer: a request (with where to reply) or a reply.
+    Peer {
+        /// The message.
+        msg: Msg,
+        /// Where the answer goes, for requests.
+        reply: Option<oneshot::Sender<Msg>>,
+    },
+    /// A client write.
+    Write {
+        /// The write.
+        req: WriteRequest,
+        /// Where the result goes.
+        reply: WriteReply,
+    },
+    /// A client read.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+        /// Linearizable or local.
+        mode: ReadMode,
+        /// Where the result goes.
+        reply: GetReply,
+    },
+    /// A status request.
+    Status {
+        /// Where the status goes.
+        reply: oneshot::Sender<ReplicaStatus>,
+    },
+    /// A snapshot this replica took is durable (or failed).
+    SnapshotTaken {
+        /// Its index.
+        index: Slot,
+        /// Whether it was written.
+        result: std::result::Result<(), String>,
+    },
+    /// A snapshot received from a peer is durable and decoded (or failed).
+    SnapshotReceived {
+        /// Its index and the state machine it holds.
+        result: std::result::Result<(Slot, Box<StateMachine>), String>,
+    },
+}
