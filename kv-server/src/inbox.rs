@@ -1,8 +1,8 @@
-//! What the driver task receives: the one channel type that the listeners
-//! (`rpc`), the peer layer (`peers`) and the driver (`node`) share. It is
-//! owned by none of them, so none of the three imports another for it:
-//! `node` uses `peers` to send, `rpc` uses `peers` to forward, and all
-//! three hand work to the driver through [`Input`].
+//! The driver's inbox: what the peer layer (`peers`), the RPC services
+//! (`rpc`) and the driver's own helpers send the driver task (`node`).
+//! It belongs to none of them, so that they depend on it and not on each
+//! other: `peers` and `rpc` hand messages and requests to the driver
+//! without importing the driver.
 
 use kv_api::{GetResponse, KvError, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest};
 use kv_peer_api::Slot;

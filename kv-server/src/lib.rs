@@ -13,6 +13,8 @@
 //!   expiry by the log's clock).
 //! - `lock` — one replica process per data directory (`LOCK`, flock).
 //! - `node` — the driver task that owns core, storage and state machine.
+//! - `inbox` — what the driver receives (`Input`), from `peers`, `rpc` and
+//!   itself; owned by none of them, so none imports another's.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
 //! - `net` — listening, dialling, framing, and the limits on connections,

@@ -27,13 +27,15 @@ use kv_api::Slot;
 use crate::state::{LegacyStateMachine, StateMachine};
 use crate::{Result, ServerError};
 
+/// Largest snapshot chunk served, whatever is asked: bounds the memory a
+/// transfer takes on both sides and stays well under the frame limit.
+/// (The `Peer` service serves chunks; the driver asks for them.)
+pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
+
 const MAGIC: &[u8; 8] = b"KVSNAP02";
 /// The format before sessions: read, never written.
 const MAGIC_V1: &[u8; 8] = b"KVSNAP01";
 const HEADER_LEN: u64 = 8 + 8 + 8 + 4;
-/// Largest snapshot chunk served, whatever is asked: bounds the memory a
-/// transfer takes on both sides and stays well under the frame limit.
-pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 /// Snapshots kept on disk: the newest, and the one before it so a transfer
 /// in progress when a new one is taken can finish.
 const KEEP: usize = 2;
