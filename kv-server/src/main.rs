@@ -312,6 +312,16 @@ struct ClusterArgs {
     #[arg(long)]
     insecure: bool,
 
+    /// Passed to every replica: see `kv-server --help` [default: the
+    /// replicas' own, 1800]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    session_ttl: Option<Duration>,
+
+    /// Passed to every replica: see `kv-server --help` [default: the
+    /// replicas' own]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: Option<u64>,
+
     /// Run the replicas with TLS, from a directory `kv-server certs` wrote:
     /// replica N gets DIR/ca.pem, DIR/replica-N.pem and DIR/replica-N.key;
     /// the health checks of --chaos use DIR/admin.pem and DIR/admin.key.
@@ -477,6 +487,14 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             }
             if args.insecure {
                 replica_args.push("--insecure".to_string());
+            }
+            if let Some(ttl) = args.session_ttl {
+                replica_args.push("--session-ttl".to_string());
+                replica_args.push(ttl.as_secs_f64().to_string());
+            }
+            if let Some(n) = args.max_sessions {
+                replica_args.push("--max-sessions".to_string());
+                replica_args.push(n.to_string());
             }
             let mut supervisor =
                 cluster::Supervisor::new(exe, replicas, args.replicas, args.data_dir)

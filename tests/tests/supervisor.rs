@@ -309,3 +309,29 @@ async fn cluster_mode_with_tls_dir_runs_every_replica_on_tls_and_checks_their_he
     };
     bounded(Duration::from_secs(90), "the test", test).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_passes_session_settings_to_every_replica() {
+    let s = Supervised::start_with(&["--session-ttl", "7.5", "--max-sessions", "9"], false).await;
+    for &pid in &s.replica_pids {
+        // A just-forked child's command line reads empty until its exec.
+        let cmdline = kv_tests::wait_for(Duration::from_secs(10), "the replica's exec", || async {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&c)
+                .contains("kv-server")
+                .then_some(c)
+        })
+        .await;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1).cloned())
+        };
+        assert_eq!(after("--session-ttl").as_deref(), Some("7.5"), "{args:?}");
+        assert_eq!(after("--max-sessions").as_deref(), Some("9"), "{args:?}");
+    }
+}
