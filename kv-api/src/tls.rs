@@ -83,19 +83,21 @@ impl fmt::Display for Role {
 /// Whether the end-entity certificate `cert` carries the DNS name `name`.
 /// Unparseable certificates carry nothing.
 pub fn names(cert: &CertificateDer<'_>, name: &str) -> bool {
-    let Ok(name) = ServerName::try_from(name) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(cert)
-        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    webpki::EndEntityCert::try_from(cert).is_ok_and(|c| carries(&c, name))
+}
+
+/// Whether the parsed certificate `cert` carries the DNS name `name`.
+fn carries(cert: &webpki::EndEntityCert<'_>, name: &str) -> bool {
+    ServerName::try_from(name).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
 }
 
 /// The highest role `cert` grants, if any.
 pub fn role_of(cert: &CertificateDer<'_>) -> Option<Role> {
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
     Role::ALL
         .into_iter()
         .rev()
-        .find(|role| names(cert, role.san()))
+        .find(|role| carries(&cert, role.san()))
 }
 
 /// Which of `ids` the certificate names (the first, if it names several).
@@ -103,7 +105,9 @@ pub fn replica_of(
     cert: &CertificateDer<'_>,
     ids: impl IntoIterator<Item = ReplicaId>,
 ) -> Option<ReplicaId> {
-    ids.into_iter().find(|id| names(cert, &replica_name(*id)))
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+    ids.into_iter()
+        .find(|id| carries(&cert, &replica_name(*id)))
 }
 
 /// The name a replica verifies a peer's certificate against when it dials
@@ -292,6 +296,21 @@ pub async fn connect(
         .connect(name, tcp)
         .await?;
     Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
+}
+
+/// Connects to `addr` as a client: TCP with Nagle off (small request and
+/// response messages must not wait for delayed ACKs), then TLS if `tls`
+/// is given, the server verified against the name given with it.
+pub async fn dial(
+    addr: &str,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> io::Result<Stream> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some((config, name)) => connect(config, name, tcp).await,
+    }
 }
 
 /// Completes the server side of a TLS handshake on `tcp`.

@@ -98,20 +98,22 @@ impl Pool {
 /// (over TLS if `tls` is given, the server verified by the host of `addr`)
 /// with bincode and frames up to [`kv_api::MAX_FRAME`].
 async fn dial(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<KvClient, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Small request/response messages: do not let Nagle delay them.
-    let _ = tcp.set_nodelay(true);
-    let stream = match tls {
-        None => kv_api::tls::Stream::Plain(tcp),
+    let tls = match tls {
+        None => None,
         Some(config) => {
             let name = kv_api::tls::server_name_of(addr).map_err(|e| e.to_string())?;
-            kv_api::tls::connect(config, name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?
+            Some((config, name))
         }
     };
+    let secure = tls.is_some();
+    let stream = kv_api::tls::dial(addr, tls).await.map_err(|e| {
+        // rustls reports what it refused as InvalidData.
+        if secure && e.kind() == std::io::ErrorKind::InvalidData {
+            format!("TLS: {e}")
+        } else {
+            e.to_string()
+        }
+    })?;
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(kv_api::MAX_FRAME)
         .new_framed(stream);

@@ -889,17 +889,7 @@ pub async fn dial<Req, Resp>(
     closed: Arc<AtomicBool>,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 ) -> io::Result<ClientWire<Req, Resp>> {
-    let connect = async {
-        let tcp = TcpStream::connect(addr).await?;
-        // Small request/response messages: Nagle's algorithm against
-        // delayed ACKs would hold them ~40 ms.
-        tcp.set_nodelay(true)?;
-        match tls {
-            None => Ok(Socket::Plain(tcp)),
-            Some((config, name)) => kv_api::tls::connect(config, name, tcp).await,
-        }
-    };
-    let stream = tokio::time::timeout(timeout, connect)
+    let stream = tokio::time::timeout(timeout, kv_api::tls::dial(addr, tls))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     Ok(ClientWire {
