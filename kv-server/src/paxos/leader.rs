@@ -349,19 +349,32 @@ impl Paxos {
         }
     }
 
-    pub(super) fn on_accepted(&mut self, m: Accepted) {
-        if !m.ok {
-            self.observe_higher(m.ballot);
-            return;
+    /// An answer from `from` to a leader's message: a refusal makes this
+    /// replica observe the higher ballot it carries; an acceptance of its
+    /// current ballot, while it still leads, marks `from` heard now and
+    /// gives `from`'s progress. `None` for anything else (stale answers).
+    pub(super) fn leader_heard(
+        &mut self,
+        from: ReplicaId,
+        ok: bool,
+        ballot: Ballot,
+    ) -> Option<&mut super::quorum::Progress> {
+        if !ok {
+            self.observe_higher(ballot);
+            return None;
         }
-        if m.ballot != self.promised {
-            return;
+        if ballot != self.promised {
+            return None;
         }
         let now = self.now;
-        let Some(l) = self.lead() else {
+        Some(self.lead()?.progress.heard(from, now))
+    }
+
+    pub(super) fn on_accepted(&mut self, m: Accepted) {
+        let Some(p) = self.leader_heard(m.from, m.ok, m.ballot) else {
             return;
         };
-        l.progress.heard(m.from, now).waiting_since = None;
+        p.waiting_since = None;
         for slot in m.slots {
             let Some(l) = self.lead() else {
                 break;

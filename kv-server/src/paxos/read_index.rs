@@ -138,18 +138,9 @@ impl Paxos {
             }
             return;
         }
-        if !m.ok {
-            self.observe_higher(m.ballot);
-            return;
-        }
-        if m.ballot != self.promised {
-            return;
-        }
-        let now = self.now;
-        let Some(l) = self.lead() else {
+        let Some(p) = self.leader_heard(m.from, m.ok, m.ballot) else {
             return;
         };
-        let p = l.progress.heard(m.from, now);
         p.round_acked = Some(p.round_acked.unwrap_or(0).max(m.round));
         self.confirm_rounds();
         self.serve_reads();
