@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod membership;
 pub mod replicas;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -88,6 +89,19 @@ pub enum Op {
         /// many.
         max_sessions: u64,
     },
+    /// Changes the cluster's configuration (admin only): see
+    /// [`membership`]. Applied like any write, in its place in the log;
+    /// from the next slot on the new configuration decides. Its result is
+    /// [`OpResult::Reconfigured`], or an error naming why the change
+    /// cannot be made.
+    Reconfigure {
+        /// The epoch of the configuration it changes. A client sends
+        /// `None`; the leader fills in its own, and a change applied to any
+        /// other epoch does nothing (see [`membership`]).
+        epoch: Option<u64>,
+        /// The change.
+        change: membership::MemberChange,
+    },
 }
 
 impl Op {
@@ -95,7 +109,7 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
-            Op::OpenSession { .. } => &[],
+            Op::OpenSession { .. } | Op::Reconfigure { .. } => &[],
         }
     }
 
@@ -112,6 +126,14 @@ impl Op {
         let values = match self {
             Op::Put { value, .. } => value.len(),
             Op::Delete { .. } | Op::OpenSession { .. } => 0,
+            Op::Reconfigure { change, .. } => match change {
+                membership::MemberChange::Add {
+                    client_addr,
+                    peer_addr,
+                    ..
+                } => client_addr.len() + peer_addr.len(),
+                _ => 0,
+            },
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
         };
         self.key().len() + values
@@ -170,6 +192,9 @@ pub enum OpResult {
         /// from the log position of the open), never 0.
         session: u64,
     },
+    /// A configuration change: the configuration after it, or why it was
+    /// not made (nothing changed then).
+    Reconfigured(Result<membership::Membership, String>),
 }
 
 /// A write's result and where it sits in the log.
@@ -238,6 +263,14 @@ pub struct ReplicaStatus {
     /// field names and so cannot default a missing field.)
     #[serde(default)]
     pub duplicate_writes: u64,
+    /// The configuration as this replica knows it (the one its chosen
+    /// prefix ends in).
+    #[serde(default)]
+    pub membership: membership::Membership,
+    /// This replica is not a member of that configuration: it was removed
+    /// (it votes in nothing and can be stopped).
+    #[serde(default)]
+    pub removed: bool,
 }
 
 /// Where the leader can be reached.
@@ -281,6 +314,11 @@ pub enum KvError {
     /// done.
     #[error("disabled: {0}")]
     Disabled(String),
+    /// The request conflicts with one in progress (a second membership
+    /// change while the first is not done). Nothing was done; retry once
+    /// the first has finished.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// Size limits on keys and values, checked by the client before sending and
@@ -332,13 +370,33 @@ impl Limits {
 
     /// Checks every key and value an operation carries.
     pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
-        if let Op::OpenSession { .. } = op {
-            return Ok(());
+        match op {
+            Op::OpenSession { .. } => return Ok(()),
+            Op::Reconfigure { change, .. } => {
+                return match change {
+                    membership::MemberChange::Add {
+                        id,
+                        client_addr,
+                        peer_addr,
+                    } => {
+                        if *id == 0 {
+                            return Err(KvError::InvalidArgument(
+                                "replica ids are positive integers; 0 is not one".into(),
+                            ));
+                        }
+                        membership::check_addr(client_addr)
+                            .and_then(|()| membership::check_addr(peer_addr))
+                            .map_err(KvError::InvalidArgument)
+                    }
+                    _ => Ok(()),
+                }
+            }
+            _ => {}
         }
         self.check_key(op.key())?;
         match op {
             Op::Put { value, .. } => self.check_value(value),
-            Op::Delete { .. } | Op::OpenSession { .. } => Ok(()),
+            Op::Delete { .. } | Op::OpenSession { .. } | Op::Reconfigure { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;

@@ -4,11 +4,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use kv_api::membership::{MemberChange, Membership};
 use kv_api::replicas::Replicas;
 use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
-    FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus,
-    Route, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaId,
+    ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -281,6 +282,97 @@ impl Client {
         }
     }
 
+    /// The cluster's configuration: its members (voters and learners) and
+    /// their addresses, the newest any replica reports (every replica
+    /// asked at once; the highest epoch wins, so a replica that is behind
+    /// or was removed does not mislead). [`Error::Unavailable`] if none
+    /// answers.
+    ///
+    /// ```no_run
+    /// # async fn f(client: kv_client::Client) -> kv_client::Result<()> {
+    /// for m in client.members().await?.members {
+    ///     println!("{} {} {}", m.id, m.role(), m.client_addr);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn members(&self) -> Result<Membership> {
+        let mut best: Option<Membership> = None;
+        let mut last = String::new();
+        for (addr, answer) in self.status().await {
+            match answer {
+                Ok(s) if !s.membership.members.is_empty() => {
+                    if best.as_ref().is_none_or(|b| s.membership.epoch > b.epoch) {
+                        best = Some(s.membership);
+                    }
+                }
+                Ok(_) => last = format!("{addr}: it reports no configuration (an older version?)"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        best.ok_or_else(|| {
+            Error::Unavailable(format!("no replica told its configuration ({last})"))
+        })
+    }
+
+    /// Adds replica `id`, reached at `client_addr` and `peer_addr`, as a
+    /// learner: it receives the log and votes once promoted
+    /// ([`Client::promote_member`]). Start it with `kv-server --join`.
+    /// Needs the `admin` role where TLS is on. Returns the new
+    /// configuration. One change at a time: while another is in progress,
+    /// [`Error::Conflict`].
+    ///
+    /// ```no_run
+    /// # async fn f(client: kv_client::Client) -> kv_client::Result<()> {
+    /// client.add_member(6, "10.0.0.6:7001", "10.0.0.6:7101").await?;
+    /// // ... start replica 6 with `kv-server --join`, let it catch up ...
+    /// client.promote_member(6).await?;
+    /// client.remove_member(1).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_member(
+        &self,
+        id: ReplicaId,
+        client_addr: impl Into<String>,
+        peer_addr: impl Into<String>,
+    ) -> Result<Membership> {
+        self.reconfigure(MemberChange::Add {
+            id,
+            client_addr: client_addr.into(),
+            peer_addr: peer_addr.into(),
+        })
+        .await
+    }
+
+    /// Removes replica `id` (voter or learner, up or down). Removing the
+    /// leader makes it step down once the change is chosen; the others
+    /// elect another. Returns the new configuration.
+    pub async fn remove_member(&self, id: ReplicaId) -> Result<Membership> {
+        self.reconfigure(MemberChange::Remove(id)).await
+    }
+
+    /// Makes learner `id` a voter. Refused ([`Error::Conflict`]) until it
+    /// has caught up with the leader. Returns the new configuration.
+    pub async fn promote_member(&self, id: ReplicaId) -> Result<Membership> {
+        self.reconfigure(MemberChange::Promote(id)).await
+    }
+
+    /// Makes one configuration change (see the `member` methods).
+    pub async fn reconfigure(&self, change: MemberChange) -> Result<Membership> {
+        let what = change.to_string();
+        let op = Op::Reconfigure {
+            epoch: None,
+            change,
+        };
+        let (outcome, addr) = self.write_op(op).await?;
+        match outcome.result {
+            OpResult::Reconfigured(Ok(m)) => Ok(m),
+            OpResult::Reconfigured(Err(why)) => {
+                Err(Error::InvalidArgument(format!("cannot {what}: {why}")))
+            }
+            other => Err(unexpected(addr, "membership change", &other)),
+        }
+    }
+
     /// Sends a write exactly as given: the caller picks `client_id` (a
     /// session from [`Client::open_session`], or any number, to see it
     /// refused), `seq` and `acked_below` — for tests of retries and
@@ -364,6 +456,9 @@ impl Client {
                 }
                 Attempt::Refused(KvError::Disabled(m)) => {
                     return Err(Error::Disabled(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Conflict(m)) => {
+                    return Err(Error::Conflict(format!("{addr}: {m}")))
                 }
                 Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
             }

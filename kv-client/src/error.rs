@@ -45,6 +45,11 @@ pub enum Error {
     /// `--enable-fault-injection`). Nothing was done.
     #[error("disabled: {0}")]
     Disabled(String),
+    /// The request conflicts with one in progress: a membership change
+    /// while another is not done, or promoting a learner that has not
+    /// caught up. Nothing was done; retry once the other has finished.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A replica sent an answer that does not fit the request (for example a
     /// delete answered with a compare-and-swap result). This is a bug in the
     /// server or a version mismatch; for a write the outcome is unknown.
@@ -67,6 +72,7 @@ impl Error {
                 | Error::UnknownSession(_)
                 | Error::PermissionDenied(_)
                 | Error::Disabled(_)
+                | Error::Conflict(_)
         )
     }
 }

@@ -172,6 +172,9 @@ where
             Attempt::Refused(KvError::Disabled(m)) => {
                 return Err(Error::Disabled(format!("{addr}: {m}")))
             }
+            Attempt::Refused(KvError::Conflict(m)) => {
+                return Err(Error::Conflict(format!("{addr}: {m}")))
+            }
             Attempt::Refused(e @ KvError::UnknownSession(id)) => {
                 return Err(if maybe_applied {
                     Error::OutcomeUnknown(format!(

@@ -152,6 +152,7 @@ pub use escape::escape_bytes;
 // crate: replica files, limits, TLS files, the raw write and its answer,
 // replica status and failure injection, and what a replica itself answers
 // (`KvError`, which `Limits`' checks return).
+pub use kv_api::membership::{Member, MemberChange, Membership};
 pub use kv_api::replicas::{ReplicaAddr, ReplicaFileError, Replicas};
 pub use kv_api::tls::{Role, TlsFiles};
 pub use kv_api::{

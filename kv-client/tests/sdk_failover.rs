@@ -127,6 +127,7 @@ impl Fake {
                 }
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
+            Op::Reconfigure { .. } => OpResult::Reconfigured(Err("not in this fake".into())),
         };
         let outcome = WriteOutcome {
             slot: s.slot,
@@ -232,6 +233,7 @@ impl Kv for Fake {
             standing: "voter".into(),
             snapshots_installed: 0,
             duplicate_writes: 0,
+            ..ReplicaStatus::default()
         }
     }
 }

@@ -17,7 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use kv_api::{GetResponse, KvError, ReadMode, ReplicaId, Slot, WriteOutcome, WriteRequest};
+pub use kv_api::membership::{Member, MemberChange, Membership};
+pub use kv_api::{GetResponse, KvError, Op, ReadMode, ReplicaId, Slot, WriteOutcome, WriteRequest};
 
 /// A proposal number: totally ordered by round, then replica id, so two
 /// replicas never use the same ballot.
@@ -34,11 +35,38 @@ pub struct Ballot {
 impl Ballot {
     /// The ballot below every real one.
     pub const ZERO: Ballot = Ballot { round: 0, id: 0 };
+
+    /// Bits of `round` below the configuration epoch.
+    pub const EPOCH_SHIFT: u32 = 32;
+
+    /// The configuration epoch the ballot belongs to: the high bits of its
+    /// round. Every ballot of a later configuration is above every ballot
+    /// of an earlier one (see the core's module doc on membership).
+    pub fn epoch(&self) -> u64 {
+        self.round >> Self::EPOCH_SHIFT
+    }
+
+    /// The lowest ballot of configuration epoch `epoch`, above every ballot
+    /// of the epochs before it; no replica campaigns with it (its id is 0).
+    pub fn epoch_floor(epoch: u64) -> Ballot {
+        Ballot {
+            round: epoch.saturating_mul(1 << Self::EPOCH_SHIFT),
+            id: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for Ballot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.round, self.id)
+        match self.epoch() {
+            0 => write!(f, "{}.{}", self.round, self.id),
+            e => write!(
+                f,
+                "{e}:{}.{}",
+                self.round & ((1 << Self::EPOCH_SHIFT) - 1),
+                self.id
+            ),
+        }
     }
 }
 

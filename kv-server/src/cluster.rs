@@ -1475,6 +1475,7 @@ mod tests {
             standing: "voter".into(),
             snapshots_installed: 0,
             duplicate_writes: 0,
+            ..ReplicaStatus::default()
         }
     }
 

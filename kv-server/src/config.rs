@@ -47,6 +47,11 @@ pub struct ServerConfig {
     /// TLS on both ports (`--tls-ca`, `--tls-cert`, `--tls-key`): the
     /// certificate must name this replica (`replica-ID`). `None`: plain TCP.
     pub tls: Option<kv_api::tls::TlsFiles>,
+    /// The configuration a joining replica (`--join`) was given by the
+    /// cluster: its starting point if its data directory holds none (then
+    /// `replicas` lists the same members). `None`: a new cluster's first
+    /// configuration is the replica file.
+    pub join: Option<kv_api::membership::Membership>,
 }
 
 impl ServerConfig {
@@ -66,6 +71,7 @@ impl ServerConfig {
             session_ttl: Duration::from_millis(crate::state::DEFAULT_SESSION_TTL_MS),
             max_sessions: crate::state::DEFAULT_MAX_SESSIONS,
             tls: None,
+            join: None,
         }
     }
 

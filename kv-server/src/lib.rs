@@ -42,6 +42,8 @@ use std::sync::Arc;
 
 pub use config::ServerConfig;
 pub use error::{Result, ServerError};
+use kv_api::membership::Membership;
+use kv_api::replicas::ReplicaAddr;
 
 /// Runs one replica until `shutdown` resolves: opens its data directory,
 /// rebuilds the map from disk, listens on its client and peer addresses, and
@@ -56,11 +58,6 @@ pub async fn run(
 ) -> Result<()> {
     config.validate()?;
     let tls = config.load_tls()?;
-    let me = config
-        .replicas
-        .get(config.id)
-        .expect("validate() checked the id")
-        .clone();
     // Before anything in the directory is read or written; held until
     // this function returns.
     let _lock = lock::lock(&config.data_dir)?;
@@ -79,10 +76,25 @@ pub async fn run(
         path: config.data_dir.clone(),
         message: format!("opening the storage failed: {e}"),
     })?;
-    let (storage, mut durable, snapshot_dir, snapshot_index, sm) = opened?;
+    let (storage, mut durable, snapshot_dir, snapshot_index, mut sm) = opened?;
     durable.snapshot = snapshot_index;
-    let members: Vec<u64> = config.replicas.replicas.iter().map(|r| r.id).collect();
-    let mut core_cfg = paxos::Config::new(config.id, members.clone());
+    let given = config
+        .join
+        .clone()
+        .unwrap_or_else(|| Membership::from_replicas(&config.replicas));
+    // The configuration to start from: the snapshot's, else the first one
+    // this replica recorded, else (a new replica) the one it was given.
+    let in_snapshot = (!sm.membership().members.is_empty()).then(|| sm.membership().clone());
+    let (start, persist_seed) = match (in_snapshot, durable.membership.take()) {
+        (Some(m), _) => (m, false),
+        (None, Some(seed)) => (seed, false),
+        (None, None) => (given.clone(), true),
+    };
+    sm.set_membership(start.clone());
+    durable.membership = Some(start);
+    durable.persist_seed = persist_seed;
+    let members: Vec<u64> = given.members.iter().map(|m| m.id).collect();
+    let mut core_cfg = paxos::Config::new(config.id, members);
     core_cfg.seed = rand::random();
     tracing::info!(
         id = config.id,
@@ -94,6 +106,32 @@ pub async fn run(
         storage.path().display()
     );
     let core = paxos::Paxos::new(core_cfg, durable);
+    let current = core.membership().clone();
+    if !persist_seed && config.join.is_none() && !current.same_members(&given) {
+        tracing::warn!(
+            id = config.id,
+            epoch = current.epoch,
+            "the replica file {} lists other replicas than the configuration this replica \
+             keeps (epoch {}: {}); it follows the one it keeps, which changes only through \
+             `kv-client member`",
+            config.replicas.source.display(),
+            current.epoch,
+            describe(&current)
+        );
+    }
+    // Listen where the configuration says the others reach us.
+    let me = match current.get(config.id) {
+        Some(m) => ReplicaAddr {
+            id: m.id,
+            client_addr: m.client_addr.clone(),
+            peer_addr: m.peer_addr.clone(),
+        },
+        None => config
+            .replicas
+            .get(config.id)
+            .expect("validate() checked the id")
+            .clone(),
+    };
 
     let fault_seed = config.fault_seed.unwrap_or_else(rand::random);
     let faults = Arc::new(
@@ -113,12 +151,11 @@ pub async fn run(
     let pool = Arc::new(
         peers::PeerPool::new(
             config.id,
-            config
-                .replicas
-                .replicas
+            current
+                .members
                 .iter()
-                .filter(|r| r.id != config.id)
-                .map(|r| (r.id, r.peer_addr.clone())),
+                .filter(|m| m.id != config.id)
+                .map(|m| (m.id, m.peer_addr.clone())),
             config.peer_timeout,
             faults.clone(),
         )
@@ -151,7 +188,6 @@ pub async fn run(
         me.peer_addr.clone(),
         handler,
         server_tls,
-        members.clone(),
     )
     .await?;
     let listeners = Listeners {
@@ -176,16 +212,8 @@ pub async fn run(
         receiving: false,
         installed: 0,
     };
-    let node = node::Node::new(
-        core,
-        sm,
-        storage,
-        snapshots,
-        config.replicas.clone(),
-        pool,
-        tx,
-    )
-    .sessions(config.session_ttl, config.max_sessions);
+    let node = node::Node::new(core, sm, storage, snapshots, pool, tx)
+        .sessions(config.session_ttl, config.max_sessions);
     let (listeners_ended, aborts) = listeners.watch();
     let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
     let result = node.run(rx, config.tick, stop).await;
@@ -277,6 +305,16 @@ async fn listener_end(
         Err(e) => format!("its task ended: {e}"),
     };
     format!("the {port} listener on {addr} stopped ({how})")
+}
+
+/// A configuration's members, for a log line: `1 (voter, 127.0.0.1:7001),
+/// ...`.
+pub fn describe(m: &Membership) -> String {
+    m.members
+        .iter()
+        .map(|m| format!("{} ({}, {})", m.id, m.role(), m.client_addr))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

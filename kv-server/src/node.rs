@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kv_api::replicas::Replicas;
 use kv_api::{
     GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteRequest,
 };
@@ -91,7 +90,6 @@ pub struct Node {
     core: Paxos,
     sm: StateMachine,
     storage: Option<Storage>,
-    replicas: Replicas,
     pool: Arc<PeerPool>,
     inputs: mpsc::Sender<Input>,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
@@ -121,7 +119,6 @@ impl Node {
         sm: StateMachine,
         storage: Storage,
         snapshots: Snapshots,
-        replicas: Replicas,
         pool: Arc<PeerPool>,
         inputs: mpsc::Sender<Input>,
     ) -> Node {
@@ -130,7 +127,6 @@ impl Node {
             sm,
             snapshots,
             storage: Some(storage),
-            replicas,
             pool,
             inputs,
             held_replies: Vec::new(),
@@ -290,7 +286,7 @@ impl Node {
         KvError::NotLeader(
             leader
                 .filter(|&l| l != self.core.id())
-                .and_then(|l| self.replicas.get(l))
+                .and_then(|l| self.core.membership().get(l))
                 .map(|r| LeaderHint {
                     id: r.id,
                     addr: r.client_addr.clone(),
@@ -324,6 +320,9 @@ impl Node {
                         let _ = reply.send(Err(KvError::Unavailable(
                             "the leader's proposal queue is full; retry shortly".into(),
                         )));
+                    }
+                    Err(Refusal::Conflict(why)) => {
+                        let _ = reply.send(Err(KvError::Conflict(why)));
                     }
                 }
             }
@@ -363,6 +362,8 @@ impl Node {
                     .into(),
                     snapshots_installed: self.snapshots.installed,
                     duplicate_writes: self.duplicates,
+                    membership: self.core.membership().clone(),
+                    removed: self.core.removed(),
                 });
             }
             Input::SnapshotTaken { index, result } => {
@@ -392,7 +393,9 @@ impl Node {
                         self.snapshots.latest = self.snapshots.latest.max(index);
                         self.snapshots.log_bytes = 0;
                         self.snapshots.installed += 1;
-                        self.core.install_snapshot(index);
+                        let m = self.sm.membership().clone();
+                        self.core
+                            .install_snapshot(index, (!m.members.is_empty()).then_some(m));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -471,6 +474,9 @@ impl Node {
         // Safe: answers to them are handled only after this flush returns,
         // i.e. after our own records are durable.
         let sent = !ready.messages.is_empty();
+        if let Some(m) = &ready.membership {
+            self.pool.set_members(m);
+        }
         for (to, msg) in ready.messages {
             self.pool.send(to, msg, self.inputs.clone());
         }

@@ -49,6 +49,20 @@ struct PeerSlot {
     outgoing: Arc<AtomicUsize>,
 }
 
+impl PeerSlot {
+    fn new(addr: String) -> Arc<PeerSlot> {
+        Arc::new(PeerSlot {
+            addr,
+            state: Mutex::new(SlotState {
+                conn: None,
+                retry_at: None,
+                backoff: MIN_BACKOFF,
+            }),
+            outgoing: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+}
+
 /// One message's place under [`MAX_OUTGOING_PER_PEER`], given back when
 /// its task ends, however it ends.
 struct OutgoingSlot(Arc<AtomicUsize>);
@@ -68,7 +82,13 @@ struct SlotState {
 /// Connections to every other replica.
 pub struct PeerPool {
     me: ReplicaId,
-    peers: HashMap<ReplicaId, PeerSlot>,
+    /// The other members and their addresses: the configuration changes
+    /// ([`PeerPool::set_members`]), so the table does too. Held only to
+    /// look a slot up, never across an await.
+    peers: std::sync::RwLock<HashMap<ReplicaId, Arc<PeerSlot>>>,
+    /// Every replica ever a member as far as this one knows, itself
+    /// included: whose certificates the peer port accepts.
+    known: std::sync::RwLock<std::collections::BTreeSet<ReplicaId>>,
     timeout: Duration,
     faults: Arc<Faults>,
     /// Messages dropped because their peer had [`MAX_OUTGOING_PER_PEER`]
@@ -90,31 +110,54 @@ impl PeerPool {
         timeout: Duration,
         faults: Arc<Faults>,
     ) -> PeerPool {
+        let peers: HashMap<ReplicaId, Arc<PeerSlot>> = peers
+            .into_iter()
+            .map(|(id, addr)| (id, PeerSlot::new(addr)))
+            .collect();
+        let known = peers.keys().copied().chain([me]).collect();
         PeerPool {
             me,
             faults,
-            peers: peers
-                .into_iter()
-                .map(|(id, addr)| {
-                    (
-                        id,
-                        PeerSlot {
-                            addr,
-                            state: Mutex::new(SlotState {
-                                conn: None,
-                                retry_at: None,
-                                backoff: MIN_BACKOFF,
-                            }),
-                            outgoing: Arc::new(AtomicUsize::new(0)),
-                        },
-                    )
-                })
-                .collect(),
+            peers: std::sync::RwLock::new(peers),
+            known: std::sync::RwLock::new(known),
             timeout,
             shed: AtomicU64::new(0),
             shed_log: net::Throttle::new(),
             tls: None,
             tls_log: net::Throttle::new(),
+        }
+    }
+
+    /// Every replica ever a member as far as this one knows.
+    pub fn known_ids(&self) -> Vec<ReplicaId> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        known.iter().copied().collect()
+    }
+
+    fn slot(&self, id: ReplicaId) -> Option<Arc<PeerSlot>> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers.get(&id).cloned()
+    }
+
+    /// The configuration changed: talk to its members (this replica
+    /// aside) at its addresses. A member whose address changed is dialled
+    /// anew; connections to replicas no longer members are dropped.
+    pub fn set_members(&self, members: &kv_api::membership::Membership) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(members.members.iter().map(|m| m.id));
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|id, slot| {
+            members
+                .get(*id)
+                .is_some_and(|m| m.peer_addr == slot.addr || m.peer_addr.is_empty())
+        });
+        for m in &members.members {
+            if m.id != self.me && !m.peer_addr.is_empty() && !peers.contains_key(&m.id) {
+                tracing::info!(peer = m.id, addr = %m.peer_addr, "a new peer");
+                peers.insert(m.id, PeerSlot::new(m.peer_addr.clone()));
+            }
         }
     }
 
@@ -130,7 +173,7 @@ impl PeerPool {
     /// [`MAX_OUTGOING_PER_PEER`] in flight (then the message is counted as
     /// shed).
     fn outgoing_slot(&self, to: ReplicaId) -> Option<OutgoingSlot> {
-        let slot = self.peers.get(&to)?;
+        let slot = self.slot(to)?;
         let taken = slot
             .outgoing
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -161,7 +204,7 @@ impl PeerPool {
     /// A connected client for `id`, dialling if needed; `None` while the
     /// peer is unreachable (then retried after a backoff).
     async fn client(&self, id: ReplicaId) -> Option<(PeerClient, Arc<AtomicBool>)> {
-        let slot = self.peers.get(&id)?;
+        let slot = self.slot(id)?;
         let mut st = slot.state.lock().await;
         if let Some(c) = &st.conn {
             if !c.broken.load(Ordering::Relaxed) {
@@ -383,7 +426,7 @@ mod tests {
 
     impl PeerPool {
         fn outgoing(&self, to: ReplicaId) -> usize {
-            self.peers[&to].outgoing.load(Ordering::Relaxed)
+            self.slot(to).unwrap().outgoing.load(Ordering::Relaxed)
         }
     }
 

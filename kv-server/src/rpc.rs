@@ -435,7 +435,10 @@ impl Peer for Handler {
 }
 
 /// Binds the client and peer listeners, with TLS if `tls` is given (then
-/// the peer port serves only certificates naming one of `members`);
+/// the peer port serves only certificates naming a replica this one has
+/// known as a member: [`PeerPool::known_ids`], which grows as the
+/// configuration changes, and keeps removed replicas so that they can
+/// still learn they were removed);
 /// returns the futures that serve them. Each connection is served in its
 /// own task (see [`crate::net`]); the futures end only if a listening
 /// socket breaks, with its error.
@@ -444,7 +447,6 @@ pub async fn listen(
     peer_addr: String,
     handler: Handler,
     tls: Option<Arc<rustls::ServerConfig>>,
-    members: Vec<ReplicaId>,
 ) -> Result<(
     impl Future<Output = std::io::Error>,
     impl Future<Output = std::io::Error>,
@@ -456,12 +458,11 @@ pub async fn listen(
     // The service types are named here, not in `net`: spawning a request
     // needs its future to be `Send`, which a generic `Serve` cannot promise.
     let kv_handler = handler.clone();
-    let kv_members = members.clone();
     let kv = kv.run(move |conn| {
         let caller = match conn.peer_cert() {
             Some(cert) if conn.tls() => match kv_api::tls::role_of(&cert) {
                 Some(role) => Caller::Client(Some(role)),
-                None => match kv_api::tls::replica_of(&cert, kv_members.iter().copied()) {
+                None => match kv_api::tls::replica_of(&cert, kv_handler.pool.known_ids()) {
                     Some(id) => Caller::Replica(id),
                     None => Caller::Client(None),
                 },
@@ -482,7 +483,7 @@ pub async fn listen(
         let caller = if conn.tls() {
             let named = conn
                 .peer_cert()
-                .and_then(|cert| kv_api::tls::replica_of(&cert, members.iter().copied()));
+                .and_then(|cert| kv_api::tls::replica_of(&cert, handler.pool.known_ids()));
             match named {
                 Some(id) => Caller::Replica(id),
                 None => {

@@ -7,7 +7,17 @@
 //! ```
 //!
 //! where the body is the bincode of the [`StateMachine`]: the map, the
-//! client sessions and the log's clock. Files of the format before sessions
+//! client sessions and the log's clock. After the body comes the cluster's
+//! configuration at that index (see `kv_api::membership`):
+//!
+//! ```text
+//! magic "KVMEMB01" | length u64 LE | CRC-32 u32 LE | bincode(Membership)
+//! ```
+//!
+//! A file without it (written before configurations were replicated) is
+//! read with none; the replica then takes its configuration from its log's
+//! first one or the replica file. The trailer sits outside the body so
+//! that every body format decodes as before. Files of the format before sessions
 //! (`KVSNAP01`, the same header, a body without the clock and with
 //! client-chosen session ids) are still read, into a state machine that
 //! applies the log after them by the old rules until the first entry of a
@@ -35,6 +45,10 @@ pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 const MAGIC: &[u8; 8] = b"KVSNAP02";
 /// The format before sessions: read, never written.
 const MAGIC_V1: &[u8; 8] = b"KVSNAP01";
+/// The configuration trailer's magic.
+const MEMBERSHIP_MAGIC: &[u8; 8] = b"KVMEMB01";
+/// A trailer longer than this is damage, not a configuration.
+const MAX_MEMBERSHIP_LEN: u64 = 1 << 20;
 const HEADER_LEN: u64 = 8 + 8 + 8 + 4;
 /// Snapshots kept on disk: the newest, and the one before it so a transfer
 /// in progress when a new one is taken can finish.
@@ -258,6 +272,13 @@ impl SnapshotDir {
             version: 2,
         };
         let mut w = body.inner;
+        let trailer = bincode::serialize(sm.membership()).map_err(|e| err(&e))?;
+        w.write_all(MEMBERSHIP_MAGIC).map_err(|e| err(&e))?;
+        w.write_all(&(trailer.len() as u64).to_le_bytes())
+            .map_err(|e| err(&e))?;
+        w.write_all(&crc32fast::hash(&trailer).to_le_bytes())
+            .map_err(|e| err(&e))?;
+        w.write_all(&trailer).map_err(|e| err(&e))?;
         w.seek(SeekFrom::Start(0)).map_err(|e| err(&e))?;
         header.write(&mut w).map_err(|e| err(&e))?;
         let file = w.into_inner().map_err(|e| err(&e))?.file;
@@ -298,9 +319,9 @@ impl SnapshotDir {
         let actual_len = file.metadata().map_err(|e| io_err(path, e))?.len();
         let mut r = BufReader::new(file);
         let header = Header::read(&mut r).map_err(|e| damaged(e.to_string()))?;
-        if header.file_len() != actual_len {
+        if header.file_len() > actual_len {
             return Err(damaged(format!(
-                "{actual_len} bytes, the header says {}",
+                "{actual_len} bytes, the header says {} and more",
                 header.file_len()
             )));
         }
@@ -315,6 +336,31 @@ impl SnapshotDir {
         sm.recount();
         if body.len != header.body_len || body.hasher.finalize() != header.crc {
             return Err(damaged("checksum mismatch".into()));
+        }
+        let mut r = body.inner.into_inner();
+        let rest = actual_len - header.file_len();
+        if rest > 0 {
+            let mut head = [0u8; 20];
+            r.read_exact(&mut head)
+                .map_err(|e| damaged(format!("the configuration after the body: {e}")))?;
+            let len = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+            let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+            if &head[..8] != MEMBERSHIP_MAGIC || len > MAX_MEMBERSHIP_LEN || 20 + len != rest {
+                return Err(damaged(format!(
+                    "{rest} bytes after the body that are not a configuration"
+                )));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes)
+                .map_err(|e| damaged(format!("the configuration after the body: {e}")))?;
+            if crc32fast::hash(&bytes) != crc {
+                return Err(damaged(
+                    "the configuration's checksum does not match".into(),
+                ));
+            }
+            let m: kv_api::membership::Membership = bincode::deserialize(&bytes)
+                .map_err(|e| damaged(format!("the configuration: {e}")))?;
+            sm.set_membership(m);
         }
         Ok((header.index, sm))
     }

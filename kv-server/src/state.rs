@@ -241,6 +241,15 @@ pub struct StateMachine {
     /// this copy applied.
     #[serde(skip)]
     duplicates: u64,
+    /// The cluster's configuration after the applied prefix. Kept beside
+    /// the body in snapshot files (see `snapshot`), not in it, so bodies
+    /// of every format still decode.
+    #[serde(skip)]
+    membership: kv_api::membership::Membership,
+    /// The result of the configuration change being applied (see
+    /// [`StateMachine::apply`]).
+    #[serde(skip)]
+    reconfigured: Option<Result<kv_api::membership::Membership, String>>,
 }
 
 /// The state machine as the versions before sessions wrote it in a
@@ -374,6 +383,16 @@ impl StateMachine {
             .and_then(|s| s.results.get(&seq).cloned())
     }
 
+    /// The cluster's configuration after the applied prefix.
+    pub fn membership(&self) -> &kv_api::membership::Membership {
+        &self.membership
+    }
+
+    /// Sets the configuration (from a snapshot, or the first one).
+    pub fn set_membership(&mut self, m: kv_api::membership::Membership) {
+        self.membership = m;
+    }
+
     /// Marks `slot` applied (for no-ops and batches alike).
     pub fn set_applied(&mut self, slot: Slot) {
         self.applied = slot;
@@ -382,7 +401,16 @@ impl StateMachine {
     /// Applies one write from `slot`, at most once per `(client_id, seq)`:
     /// an open, or a write of a known session. A write of an unknown
     /// session is refused and changes nothing.
+    ///
+    /// A configuration change takes effect whatever the session's answer
+    /// (unknown, a retry): the consensus core decides from the log alone
+    /// which slots change the configuration ([`crate::paxos::stop_sign`]),
+    /// and this copy must agree with it at every position.
     pub fn apply(&mut self, slot: Slot, req: &WriteRequest) -> Result<WriteOutcome, KvError> {
+        self.reconfigured = self.membership.apply_op(&req.op);
+        if let Some(Ok(m)) = &self.reconfigured {
+            self.membership = m.clone();
+        }
         if let Op::OpenSession {
             ttl_ms,
             max_sessions,
@@ -587,6 +615,11 @@ impl StateMachine {
             }
             // Handled by `apply` before it gets here.
             Op::OpenSession { .. } => OpResult::Stale,
+            Op::Reconfigure { .. } => OpResult::Reconfigured(
+                self.reconfigured
+                    .take()
+                    .unwrap_or_else(|| Err("not a configuration change".into())),
+            ),
         }
     }
 

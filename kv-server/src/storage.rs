@@ -170,6 +170,8 @@ struct State {
     /// The last standing recorded (`None`: none was, as in logs written
     /// before standings existed).
     standing: Option<Standing>,
+    /// The first configuration recorded, if any.
+    seed: Option<kv_peer_api::Membership>,
     /// Whether any record was replayed or written.
     any: bool,
     /// The highest slot of an accepted entry applied since the caller last
@@ -186,6 +188,7 @@ impl State {
         match r {
             Record::PreVoted(round) => self.prevoted = self.prevoted.max(round),
             Record::Standing(s) => self.standing = Some(s),
+            Record::Seed(m) => self.seed = Some(m),
             Record::Promised(b) => self.promised = self.promised.max(b),
             Record::Accepted {
                 slot,
@@ -217,6 +220,9 @@ impl State {
         ];
         if let Some(s) = self.standing {
             out.push(Record::Standing(s));
+        }
+        if let Some(m) = &self.seed {
+            out.push(Record::Seed(m.clone()));
         }
         out
     }
@@ -621,6 +627,8 @@ impl Storage {
                 (false, _) => Standing::Unknown,
                 (true, s) => s.unwrap_or(Standing::Voter),
             },
+            membership: state.seed.clone(),
+            persist_seed: false,
         };
         if durable.chosen > durable.compacted {
             let missing =
@@ -2279,6 +2287,7 @@ mod tests {
                 entries: std::mem::take(&mut self.state.entries),
                 prevoted: self.state.prevoted,
                 standing: self.state.standing,
+                seed: None,
                 any: true,
                 max_accepted: 0,
             };

@@ -51,6 +51,9 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 /// Exit status: the cluster refused this identity the role the command
 /// needs (TLS client certificates; `read`, `write`, `admin`).
 pub const EXIT_PERMISSION: u8 = 4;
+/// Exit status: refused because it conflicts with a change in progress
+/// (a second membership change, or promoting a learner not caught up).
+pub const EXIT_CONFLICT: u8 = 5;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -213,6 +216,9 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// Prints the resulting report of each replica as one JSON line.
     #[command(after_help = fault::EXAMPLES)]
     Fault(FaultArgs),
+    /// Show or change the cluster's members (voters and learners).
+    #[command(subcommand, after_help = MEMBER_HELP)]
+    Member(MemberCommand),
     /// An interactive prompt running the same commands (put, get, delete,
     /// cas, status, fault, help, quit) over one connection.
     #[command(after_help = shell::EXAMPLES)]
@@ -221,6 +227,50 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// for a fixed time; prints one JSON line at the end.
     #[command(after_help = bench::EXAMPLES)]
     Bench(BenchArgs),
+}
+
+const MEMBER_HELP: &str = "\
+Replacing a dead replica (say 3) with a new one (6):
+  kv-client member add 6 10.0.0.6:7001 10.0.0.6:7101
+  kv-server --id 6 --join 10.0.0.1:7001 --client-addr 10.0.0.6:7001 \\
+            --peer-addr 10.0.0.6:7101 --data-dir /var/lib/kvpaxos
+  kv-client member promote 6     # once it has caught up (retry if refused)
+  kv-client member remove 3
+
+A new replica joins as a learner: it receives the log (or a snapshot) and
+does not vote until promoted; promotion is refused (exit status 5) until it
+has caught up. One change at a time: a change while another is in progress
+is refused (exit status 5). Changes need the admin role where TLS is on.
+Each change prints the new configuration, like `member list`.";
+
+/// `kv-client member ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum MemberCommand {
+    /// Print the configuration: one line a member, `ID ROLE CLIENT_ADDR
+    /// PEER_ADDR` (ROLE is `voter` or `learner`); JSON: one object a line
+    /// with `id`, `role`, `client_addr`, `peer_addr`, `epoch`.
+    List,
+    /// Add replica ID as a learner, reached at CLIENT_ADDR and PEER_ADDR;
+    /// then start it with `kv-server --join`.
+    Add {
+        /// The new replica's id (not in use).
+        id: u64,
+        /// Its client address (`host:port`).
+        client_addr: String,
+        /// Its peer address (`host:port`).
+        peer_addr: String,
+    },
+    /// Remove replica ID (a voter or a learner, up or down; the leader
+    /// too: it steps down once the change is chosen).
+    Remove {
+        /// The replica to remove.
+        id: u64,
+    },
+    /// Make learner ID a voter (refused until it has caught up).
+    Promote {
+        /// The learner to promote.
+        id: u64,
+    },
 }
 
 /// Parses `--timeout`: positive seconds, fractions allowed.
@@ -282,6 +332,11 @@ pub struct StatusLine {
     pub standing: Option<String>,
     /// Snapshots it received from peers and installed since it started.
     pub snapshots_installed: Option<u64>,
+    /// Its place in the configuration it knows: `voter`, `learner` or
+    /// `removed` (not a member any more).
+    pub role: Option<String>,
+    /// The epoch of that configuration.
+    pub epoch: Option<u64>,
     /// Why it did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -306,6 +361,15 @@ impl StatusLine {
                 ballot_round: Some(s.ballot_round),
                 standing: Some(s.standing.clone()),
                 snapshots_installed: Some(s.snapshots_installed),
+                role: Some(
+                    match s.membership.get(s.id) {
+                        Some(m) => m.role(),
+                        None if s.removed => "removed",
+                        None => "unknown",
+                    }
+                    .to_string(),
+                ),
+                epoch: Some(s.membership.epoch),
                 error: None,
             },
             Err(e) => StatusLine {
@@ -322,6 +386,8 @@ impl StatusLine {
                 ballot_round: None,
                 standing: None,
                 snapshots_installed: None,
+                role: None,
+                epoch: None,
                 error: Some(e.to_string()),
             },
         }
@@ -355,6 +421,7 @@ impl Failure {
             Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
             Error::PermissionDenied(_) => (EXIT_PERMISSION, e.to_string()),
             Error::Disabled(_) => (EXIT_USAGE, e.to_string()),
+            Error::Conflict(_) => (EXIT_CONFLICT, e.to_string()),
             // Unavailable means no connection was ever made: nothing was sent.
             Error::Unavailable(_) if write => {
                 (EXIT_UNAVAILABLE, format!("{e}\nthe write was not applied"))
@@ -380,6 +447,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::UnknownSession(_) => "unknown_session",
         Error::PermissionDenied(_) => "permission_denied",
         Error::Disabled(_) => "disabled",
+        Error::Conflict(_) => "conflict",
         Error::Protocol { .. } => "protocol",
     }
 }
@@ -642,6 +710,21 @@ async fn execute_inner(
             Ok(reply)
         }
         Command::Fault(args) => Ok(fault::run(settings, args).await),
+        Command::Member(m) => {
+            let (result, write) = match m {
+                MemberCommand::List => (client.members().await, false),
+                MemberCommand::Add {
+                    id,
+                    client_addr,
+                    peer_addr,
+                } => (client.add_member(id, client_addr, peer_addr).await, true),
+                MemberCommand::Remove { id } => (client.remove_member(id).await, true),
+                MemberCommand::Promote { id } => (client.promote_member(id).await, true),
+            };
+            result
+                .map(|m| Reply::members(&m))
+                .map_err(|e| Failure::from_error(e, write))
+        }
         Command::Shell | Command::Bench(_) => Err(Failure::usage(
             "`shell` and `bench` cannot be run from the shell",
         )),

@@ -88,6 +88,15 @@ pub(crate) fn error_json(f: &Failure) -> String {
     })
 }
 
+#[derive(Serialize)]
+struct MemberJson<'a> {
+    id: u64,
+    role: &'static str,
+    client_addr: &'a str,
+    peer_addr: &'a str,
+    epoch: u64,
+}
+
 fn to_json<T: Serialize>(v: &T) -> String {
     // Serializing these plain structs cannot fail.
     serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -112,6 +121,29 @@ impl Reply {
         let line = to_json(v);
         self.text.push(line.clone());
         self.json.push(line);
+    }
+
+    /// A configuration: one line a member, `ID ROLE CLIENT_ADDR
+    /// PEER_ADDR` (JSON: an object with those fields and `epoch`).
+    pub(crate) fn members(m: &kv_api::membership::Membership) -> Reply {
+        let mut r = Reply::default();
+        for member in &m.members {
+            r.text.push(format!(
+                "{} {} {} {}",
+                member.id,
+                member.role(),
+                member.client_addr,
+                member.peer_addr
+            ));
+            r.json.push(to_json(&MemberJson {
+                id: member.id,
+                role: member.role(),
+                client_addr: &member.client_addr,
+                peer_addr: &member.peer_addr,
+                epoch: m.epoch,
+            }));
+        }
+        r
     }
 
     /// `put` succeeded.

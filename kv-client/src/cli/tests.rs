@@ -61,6 +61,7 @@ fn status_lines_have_the_documented_shape() {
         standing: "voter".into(),
         snapshots_installed: 1,
         duplicate_writes: 0,
+        ..ReplicaStatus::default()
     };
     let up = serde_json::to_string(&StatusLine::new(Some(1), "127.0.0.1:7001", &Ok(s))).unwrap();
     assert_eq!(

@@ -89,8 +89,10 @@ impl Paxos {
         self.standing
     }
 
+    /// Whether this replica votes: a voter of the configuration its
+    /// chosen prefix ends in, and its standing lets it.
     pub(super) fn votes(&self) -> bool {
-        self.standing == Standing::Voter
+        self.standing == Standing::Voter && self.quorum.is_voter(self.cfg.id)
     }
 
     pub(super) fn promise(&mut self, ballot: Ballot) {
@@ -209,7 +211,11 @@ impl Paxos {
         };
         if !self.votes() {
             // Not an acceptor (yet): a refusal that shows no ballot, so
-            // that it makes no one step down.
+            // that it makes no one step down. A campaign in a later
+            // configuration than ours means we are behind: catch up.
+            if m.ballot.epoch() > self.epoch() {
+                self.request_fetch(m.from);
+            }
             return refuse(self, Ballot::ZERO);
         }
         // Leader stickiness: while a live leader is heard from, refuse to
@@ -350,22 +356,25 @@ impl Paxos {
                     );
                     self.set_standing(Standing::Voter);
                 }
-                // No vote (a zero ballot makes no one step down); a
-                // rejoining replica says which round it waits for.
-                standing => {
-                    return HeartbeatAck {
-                        from: self.cfg.id,
-                        ballot: Ballot::ZERO,
-                        ok: false,
-                        round: m.round,
-                        chosen: self.chosen,
-                        rejoin_floor: match standing {
-                            Standing::Rejoining { floor } => Some(floor),
-                            _ => None,
-                        },
-                    };
-                }
+                _ => {}
             }
+        }
+        if !self.votes() {
+            // No vote (a zero ballot makes no one step down): a learner,
+            // or a replica not yet sure it may vote. A rejoining replica
+            // says which round it waits for (a learner too: it must be
+            // ready to vote by the time it is promoted).
+            return HeartbeatAck {
+                from: self.cfg.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                round: m.round,
+                chosen: self.chosen,
+                rejoin_floor: match self.standing {
+                    Standing::Rejoining { floor } => Some(floor),
+                    _ => None,
+                },
+            };
         }
         if m.ballot < self.promised {
             return HeartbeatAck {

@@ -26,6 +26,12 @@ pub(super) struct Candidate {
     /// Promises for our ballot, by sender (ours included). A promise whose
     /// `more` is set still lacks pages.
     promises: BTreeMap<ReplicaId, Promise>,
+    /// Writes a leader had queued when its configuration changed and it
+    /// ran phase 1 again in the new one: proposed if it wins, handed back
+    /// refused if not.
+    pub(super) carried: std::collections::VecDeque<kv_peer_api::WriteRequest>,
+    /// It led in the configuration before: it takes writes meanwhile.
+    pub(super) carrying: bool,
 }
 
 impl Paxos {
@@ -56,11 +62,14 @@ impl Paxos {
     /// others always includes one of the other granters or the candidate
     /// itself, whose real prepare is durable before it answers anyone.
     pub(super) fn start_pre_vote(&mut self) {
-        let round = self
-            .promised
-            .round
-            .max(self.seen_round)
-            .max(self.prevoted)
+        // Above every ballot seen, and at least in our own epoch. A ballot
+        // of a later epoch than ours is allowed (rule 1 of the module
+        // doc): a leader that learned a change chosen may have crashed
+        // before anyone else did, after the acceptors promised its new
+        // epoch's ballot; one of us must then finish the old epoch.
+        let known = self.promised.round.max(self.seen_round).max(self.prevoted);
+        let round = known
+            .max(Ballot::epoch_floor(self.epoch()).round)
             .saturating_add(1);
         let ballot = Ballot {
             round,
@@ -126,12 +135,19 @@ impl Paxos {
         };
         self.role = Role::Candidate(Candidate {
             promises: BTreeMap::from([(self.cfg.id, own)]),
+            carried: Default::default(),
+            carrying: false,
         });
         self.broadcast_prepare(ballot, false);
         self.maybe_win();
     }
 
     pub(super) fn on_promise(&mut self, m: Promise) {
+        if !m.ok && m.chosen > self.chosen {
+            // It knows more chosen: perhaps a configuration change we have
+            // not heard of (we may even have been removed). Catch up.
+            self.request_fetch(m.from);
+        }
         if m.pre_vote {
             if !m.ok {
                 // A live leader, or a higher ballot: ask above it next time.
@@ -207,6 +223,7 @@ impl Paxos {
     }
 
     pub(super) fn maybe_win(&mut self) {
+        let epoch = self.epoch();
         let Role::Candidate(c) = &self.role else {
             return;
         };
@@ -249,6 +266,11 @@ impl Paxos {
                 if e.slot <= self.chosen || e.slot > self.chosen.saturating_add(MAX_ACCEPT_AHEAD) {
                     continue;
                 }
+                // Accepted in an older configuration and not known
+                // chosen: void after the stop sign that ended it.
+                if !e.chosen && e.ballot.epoch() < epoch {
+                    continue;
+                }
                 let replace = match best.get(&e.slot) {
                     None => true,
                     Some((chosen, b, _)) => !*chosen && (e.chosen || e.ballot > *b),
@@ -260,7 +282,11 @@ impl Paxos {
         }
         let last = best.keys().next_back().copied().unwrap_or(self.chosen);
         tracing::info!(id = self.cfg.id, %ballot, chosen = self.chosen, reproposed = last - self.chosen, "elected leader");
-        self.become_leader(best, last);
+        let carried = match &mut self.role {
+            Role::Candidate(c) => std::mem::take(&mut c.carried),
+            _ => Default::default(),
+        };
+        self.become_leader(best, last, carried);
     }
 }
 

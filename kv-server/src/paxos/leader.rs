@@ -39,6 +39,10 @@ pub(super) struct Leader {
     pub(super) preferred: Vec<ReplicaId>,
     /// Linearizable reads: heartbeat rounds confirmed, reads waiting.
     pub(super) read_index: ReadIndex,
+    /// The slot of the configuration change this leader proposed (or
+    /// re-proposed): it proposes nothing after it (rule 2 of the module
+    /// doc), and its term ends once it is chosen.
+    pub(super) stop_at: Option<Slot>,
 }
 
 impl Leader {
@@ -69,6 +73,7 @@ impl Paxos {
         &mut self,
         mut best: BTreeMap<Slot, (bool, Ballot, Value)>,
         last: Slot,
+        carried: VecDeque<WriteRequest>,
     ) {
         let others = self.others();
         // Prefer the followers after us in id order: leaders elected in turn
@@ -90,15 +95,37 @@ impl Paxos {
             progress: Tracker::new(&self.quorum, self.now),
             preferred,
             read_index: ReadIndex::new(self.hb_round),
+            stop_at: None,
         }));
         self.leader = Some(self.cfg.id);
         let mut entries = Vec::new();
+        let mut cur = self.membership.clone();
         for slot in self.chosen + 1..=last {
             let value = match best.remove(&slot) {
                 Some((_, _, v)) => v,
                 None => Value::Noop,
             };
+            let stop = membership::stop_sign(&cur, &value);
             entries.push(self.propose_slot(slot, value));
+            if let Some(next) = stop {
+                // Re-propose up to a configuration change, nothing after
+                // it (rule 2): what lies beyond was accepted in this epoch
+                // and is void once the change is chosen.
+                cur = next;
+                if let Some(l) = self.lead() {
+                    l.stop_at = Some(slot);
+                    l.next_slot = slot + 1;
+                    l.term_start = slot;
+                }
+                break;
+            }
+        }
+        let _ = cur;
+        if let Some(l) = self.lead() {
+            for req in carried {
+                l.queue_bytes += request_bytes(&req);
+                l.queue.push_back(req);
+            }
         }
         // What a new leader re-proposes goes to everyone: it finishes what
         // an earlier leader left, whoever holds it.
@@ -112,7 +139,7 @@ impl Paxos {
     pub(super) fn propose_queued(&mut self) {
         let mut entries = Vec::new();
         if let Role::Leader(l) = &mut self.role {
-            if l.room_in_flight(&self.cfg) {
+            if l.room_in_flight(&self.cfg) && l.stop_at.is_none() {
                 if let Some(ms) = l.time.take() {
                     let slot = l.next_slot;
                     l.next_slot += 1;
@@ -121,20 +148,29 @@ impl Paxos {
             }
         }
         while let Role::Leader(l) = &mut self.role {
-            if l.queue.is_empty() || !l.room_in_flight(&self.cfg) {
+            if l.queue.is_empty() || !l.room_in_flight(&self.cfg) || l.stop_at.is_some() {
                 break;
             }
             let mut budget = Budget::new(self.cfg.max_batch, self.cfg.max_batch_bytes);
-            let n = l
-                .queue
-                .iter()
-                .take_while(|r| budget.take(request_bytes(r)))
-                .count();
+            // A configuration change gets a slot of its own (rule 2).
+            let n = if l.queue.front().is_some_and(membership::is_reconfig) {
+                budget.take(request_bytes(&l.queue[0]));
+                1
+            } else {
+                l.queue
+                    .iter()
+                    .take_while(|r| !membership::is_reconfig(r) && budget.take(request_bytes(r)))
+                    .count()
+            };
             l.queue_bytes = l.queue_bytes.saturating_sub(budget.bytes);
             let batch: Vec<WriteRequest> = l.queue.drain(..n).collect();
             let slot = l.next_slot;
             l.next_slot += 1;
-            entries.push(self.propose_slot(slot, Value::Batch(batch)));
+            let value = Value::Batch(batch);
+            if membership::stop_sign(&self.membership, &value).is_some() {
+                l.stop_at = Some(slot);
+            }
+            entries.push(self.propose_slot(slot, value));
         }
         if !entries.is_empty() {
             self.send_accepts(entries);
@@ -428,15 +464,30 @@ impl Paxos {
 
     /// Offers a client write, refused if this replica does not lead or
     /// its queue is full (by count or bytes).
-    pub fn propose(&mut self, req: WriteRequest) -> Result<(), Refusal> {
+    pub fn propose(&mut self, mut req: WriteRequest) -> Result<(), Refusal> {
+        if membership::is_reconfig(&req) {
+            self.admit_reconfig(&mut req)?;
+        }
+        let (max_queue, max_queue_bytes) = (self.cfg.max_queue, self.cfg.max_queue_bytes);
+        if let Role::Candidate(c) = &mut self.role {
+            // A leader running phase 1 again in a new configuration keeps
+            // taking writes for when it wins.
+            if c.carrying && !membership::is_reconfig(&req) {
+                if c.carried.len() >= max_queue {
+                    return Err(Refusal::Busy);
+                }
+                c.carried.push_back(req);
+                return Ok(());
+            }
+        }
         let Role::Leader(l) = &mut self.role else {
             return Err(Refusal::NotLeader(
                 self.leader.filter(|&l| l != self.cfg.id),
             ));
         };
         let bytes = request_bytes(&req);
-        if l.queue.len() >= self.cfg.max_queue
-            || (!l.queue.is_empty() && l.queue_bytes + bytes > self.cfg.max_queue_bytes)
+        if l.queue.len() >= max_queue
+            || (!l.queue.is_empty() && l.queue_bytes + bytes > max_queue_bytes)
         {
             return Err(Refusal::Busy);
         }

@@ -45,10 +45,19 @@ impl Paxos {
     }
 
     /// The state machine was replaced by a snapshot at `index` (durable):
-    /// everything up to it counts as chosen and applied.
-    pub fn install_snapshot(&mut self, index: Slot) {
+    /// everything up to it counts as chosen and applied. `membership` is
+    /// the configuration the snapshot ends in (`None`: a snapshot written
+    /// before configurations were kept in them).
+    pub fn install_snapshot(&mut self, index: Slot, membership: Option<Membership>) {
         if index <= self.applied {
             return;
+        }
+        if let Some(m) = membership {
+            // Newer than what our chosen prefix ends in only if the
+            // snapshot reaches past it.
+            if index > self.chosen && m.epoch >= self.epoch() {
+                self.adopt(m, index);
+            }
         }
         tracing::info!(
             id = self.cfg.id,
@@ -85,6 +94,10 @@ impl Paxos {
                 Some(e) if e.chosen || e.ballot == ballot => e.chosen = true,
                 _ => break,
             }
+            // One slot at a time: passing a configuration change drops
+            // what was accepted after it in an older epoch, so a leader of
+            // that epoch is not believed about those slots (rule 4).
+            self.advance_chosen();
             slot += 1;
         }
         self.advance_chosen();
@@ -114,7 +127,14 @@ impl Paxos {
             if !e.chosen {
                 break;
             }
+            let stop = membership::stop_sign(&self.membership, &e.value);
             self.chosen += 1;
+            if let Some(next) = stop {
+                let at = self.chosen;
+                self.chosen_dirty = true;
+                self.emit_apply();
+                self.adopt(next, at);
+            }
         }
         if self.chosen > before {
             self.chosen_dirty = true;
@@ -206,6 +226,10 @@ impl Paxos {
             if let Some(l) = self.lead() {
                 l.pending.remove(&slot);
             }
+            // Entry by entry: past a configuration change the entries we
+            // accepted in the old epoch are dropped before the next is
+            // stored (it keeps no void entry's ballot).
+            self.advance_chosen();
             expected += 1;
         }
         self.advance_chosen();

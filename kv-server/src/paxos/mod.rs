@@ -40,14 +40,93 @@
 //!   `Quorum`; a leader's per-follower progress (`Tracker`) lives there
 //!   too.
 //!
+//! - `membership`: configuration changes (see below).
+//!
 //! This module holds the messages, records and tuning shared by all, the
 //! `Paxos` struct, the dispatch of input ([`Paxos::step`], [`Paxos::tick`])
 //! and the output ([`Paxos::ready`]).
+//!
+//! # Membership: stop signs and epochs
+//!
+//! The configuration (voters, learners, their addresses; see
+//! [`kv_peer_api::Membership`]) is replicated state: a change is a write
+//! ([`kv_peer_api::Op::Reconfigure`]) chosen in a slot like any other, and
+//! every replica computes the configuration at each log position from the
+//! log alone (a new cluster's first one comes from the replica file). A
+//! slot whose value changes the configuration is a *stop sign*: the
+//! configuration of epoch `e` decides every slot up to and including it,
+//! and the next one, epoch `e + 1`, decides every slot after it. Of the
+//! three schemes the issue offered (joint consensus, a window of `α` slots,
+//! a stop sign as omnipaxos has), this one needs no quorum of two
+//! configurations at once and lets a change replace any number of voters
+//! in one step.
+//!
+//! Rules, each enforced here:
+//!
+//! 1. **Ballots carry an epoch** in the high bits of the round
+//!    ([`kv_peer_api::Ballot::epoch`]), so every ballot of epoch `e + 1` is
+//!    above every ballot of epoch `e`. A replica runs phase 1 among the
+//!    voters of the epoch its chosen prefix ends in, with a ballot of at
+//!    least that epoch (a later one if it has seen one: a leader that
+//!    learned a change chosen may crash before anyone else learns it,
+//!    after the acceptors promised its new epoch's ballot; the old epoch
+//!    is then finished under a ballot of the new one's range).
+//! 2. **A leader proposes nothing after a stop sign** until it knows the
+//!    stop sign chosen: a change gets a slot of its own, the last the
+//!    leader proposes in its epoch. A new leader that finds a stop sign
+//!    among the values it must re-propose re-proposes up to it and no
+//!    further.
+//! 3. **A replica that learns a stop sign chosen** (its chosen prefix
+//!    passes it) raises its promise to the lowest ballot of the new epoch
+//!    (durably, like any promise), drops every entry after the stop sign it
+//!    accepted in an older epoch, and takes the new configuration for every
+//!    quorum from then on. A leader of the old epoch steps down; if it
+//!    votes in the new one it runs phase 1 there at once, to the new
+//!    voters, from the slot after the stop sign.
+//! 4. **Only values of the right epoch count as chosen** after a stop sign:
+//!    a leader's word that a slot is chosen is taken for an entry accepted
+//!    in that leader's ballot only up to a stop sign of a later epoch.
+//!
+//! Why no two quorums can choose different values for one slot. Take slot
+//! `s`, governed by epoch `e` (the epoch after the last stop sign before
+//! `s`). Within epoch `e` this is single-configuration Paxos: every ballot
+//! of epoch `e` runs phase 1 at a majority of `e`'s voters (rule 1), so
+//! any two of its quorums meet, and a value chosen at `s` in a ballot of
+//! `e` is the only one any later ballot of `e` proposes there. Ballots of
+//! other epochs cannot interfere: one of an earlier epoch `d < e` either
+//! belongs to a leader that knows the stop sign ending `d` chosen (then it
+//! proposes nothing past it, rule 2) or to one that does not; what such a
+//! leader gets accepted at `s` is in `d`'s ballot: rule 4 keeps any
+//! replica from counting it chosen, rule 3 from keeping it once it knows
+//! better, and a candidate of `e` ignores what promises report accepted in
+//! an older epoch and not known chosen (it is void: it would take a
+//! chosen value only if the candidate found it known chosen, which a
+//! replica records only by rules 3 and 4). Ballots of a later epoch's
+//! range do not interfere either: a proposer runs phase 1 among the voters
+//! of the epoch its own chosen prefix ends in, whatever its ballot (rule
+//! 1). One whose prefix ends in `e` uses `e`'s quorums; one whose prefix
+//! ends later knows `s` chosen and proposes only after it; one whose
+//! prefix ends earlier, in `d`, finds the stop sign ending `d` in phase 1
+//! (it is chosen, so `d`'s quorums report it) and proposes nothing after
+//! it (rule 2). Which value is chosen at
+//! `s` therefore depends on epoch `e`'s quorums alone, and those always
+//! intersect. Applying in slot order, every replica applies, for each
+//! slot, the value chosen in the epoch that governs it.
+//!
+//! A replica that is removed learns so as any other: it applies the stop
+//! sign, finds itself out of the configuration, votes in nothing and says
+//! so (also on every start). Members answer a non-member's prepare with a
+//! refusal carrying their chosen prefix, and serve it chosen entries, so a
+//! removed replica that was down during its removal still finds out.
+//! The simulation (`kv-server/tests/simulation.rs`) draws changes per
+//! seed and checks that every replica applies the same value in every
+//! slot.
 
 mod acceptor;
 mod election;
 mod leader;
 mod learner;
+mod membership;
 mod quorum;
 mod read_index;
 #[cfg(test)]
@@ -56,8 +135,8 @@ mod testkit;
 use std::collections::BTreeMap;
 
 use kv_peer_api::{
-    Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Prepare, Probe,
-    ProbeReply, Promise, ReplicaId, Slot, Value, WriteRequest,
+    Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Membership, Prepare,
+    Probe, ProbeReply, Promise, ReplicaId, Slot, Value, WriteRequest,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,6 +144,7 @@ use rand::{Rng, SeedableRng};
 pub use acceptor::Standing;
 use election::{Candidate, PreCandidate};
 use leader::Leader;
+pub use membership::{stop_sign, PROMOTE_LAG};
 use quorum::Quorum;
 
 /// Default bytes of client commands per slot: one value of the maximum
@@ -219,12 +299,15 @@ impl Msg {
 }
 
 /// Why a proposal was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// This replica does not lead; the leader it knows of, if any.
     NotLeader(Option<ReplicaId>),
     /// This replica leads but its proposal queue is full: retry later.
     Busy,
+    /// A configuration change while another is in progress, or one that
+    /// cannot be made now (promoting a learner that has not caught up).
+    Conflict(String),
 }
 
 /// What must reach the disk before a `Ready`'s replies go out.
@@ -252,6 +335,11 @@ pub enum Record {
     PreVoted(u64),
     /// This replica's standing as an acceptor changed.
     Standing(Standing),
+    /// The configuration this replica started from before any snapshot:
+    /// a new cluster's first one (from the replica file), or the one a
+    /// joining replica was given. Written once; the log and snapshots say
+    /// what became of it.
+    Seed(Membership),
 }
 
 /// What the driver must do after a round of input.
@@ -273,6 +361,10 @@ pub struct Ready {
     /// This replica is behind what its peers keep in their logs: fetch the
     /// snapshot from this peer and [`Paxos::install_snapshot`] it.
     pub snapshot_from: Option<ReplicaId>,
+    /// The configuration changed (its chosen prefix passed a change, or a
+    /// snapshot was installed): the peers to talk to are these. Set before
+    /// this `Ready`'s messages, which may already go to new members.
+    pub membership: Option<Membership>,
 }
 
 impl Ready {
@@ -285,6 +377,7 @@ impl Ready {
             && self.reads_failed.is_empty()
             && self.dropped.is_empty()
             && self.snapshot_from.is_none()
+            && self.membership.is_none()
     }
 }
 
@@ -326,6 +419,12 @@ pub struct Durable {
     pub prevoted: u64,
     /// Whether this replica may vote.
     pub standing: Standing,
+    /// The configuration as of the snapshot (or, without one, the first
+    /// configuration); `None`: every replica of [`Config::members`], a
+    /// voter, in epoch 0.
+    pub membership: Option<Membership>,
+    /// `membership` is not on disk yet: record it ([`Record::Seed`]).
+    pub persist_seed: bool,
 }
 
 /// The Multi-Paxos state machine of one replica.
@@ -333,6 +432,8 @@ pub struct Paxos {
     cfg: Config,
     /// Every quorum decision goes through it.
     quorum: Quorum,
+    /// The configuration the chosen prefix ends in.
+    membership: Membership,
     rng: StdRng,
     now: u64,
 
@@ -377,7 +478,11 @@ pub struct Paxos {
 impl Paxos {
     /// A replica starting from its durable state.
     pub fn new(cfg: Config, durable: Durable) -> Paxos {
-        let quorum = Quorum::new(cfg.id, cfg.members.clone());
+        let membership = durable
+            .membership
+            .clone()
+            .unwrap_or_else(|| membership::of_ids(&cfg.members));
+        let quorum = Quorum::of(cfg.id, &membership);
         let rng = StdRng::seed_from_u64(cfg.seed);
         // A snapshot received from a peer may be ahead of the log's record
         // of what is chosen (a crash after the snapshot was renamed into
@@ -391,6 +496,11 @@ impl Paxos {
         if durable.snapshot > durable.chosen && durable.snapshot > compacted {
             compacted = durable.snapshot;
             persist.push(Record::Compacted(compacted));
+        }
+        if durable.persist_seed {
+            if let Some(m) = &durable.membership {
+                persist.push(Record::Seed(m.clone()));
+            }
         }
         if durable.standing == Standing::Unknown {
             // Written before anything else this replica may persist
@@ -414,6 +524,7 @@ impl Paxos {
         }
         let mut p = Paxos {
             quorum,
+            membership,
             rng,
             now: 0,
             standing: durable.standing,
@@ -439,6 +550,7 @@ impl Paxos {
             cfg,
         };
         p.reset_election_timer();
+        p.replay_membership(durable.snapshot);
         p.emit_apply();
         p.decide_standing();
         p
@@ -490,8 +602,16 @@ impl Paxos {
         self.out.messages.push((to, msg));
     }
 
+    /// Sends `msg` to every other voter.
     fn broadcast(&mut self, msg: Msg) {
         for to in self.others() {
+            self.send(to, msg.clone());
+        }
+    }
+
+    /// Sends `msg` to every other member, learners included.
+    fn broadcast_members(&mut self, msg: Msg) {
+        for to in self.others().into_iter().chain(self.quorum.learners()) {
             self.send(to, msg.clone());
         }
     }
@@ -510,13 +630,21 @@ impl Paxos {
         if !matches!(self.role, Role::Follower) {
             tracing::info!(id = self.cfg.id, ballot = %self.promised, ?leader, "stepping down");
         }
-        if let Role::Leader(l) = std::mem::replace(&mut self.role, Role::Follower) {
-            for req in l.queue {
-                self.out.dropped.push((req, leader));
+        match std::mem::replace(&mut self.role, Role::Follower) {
+            Role::Leader(l) => {
+                for req in l.queue {
+                    self.out.dropped.push((req, leader));
+                }
+                for r in l.read_index.waiting {
+                    self.out.reads_failed.push((r.token, leader));
+                }
             }
-            for r in l.read_index.waiting {
-                self.out.reads_failed.push((r.token, leader));
+            Role::Candidate(c) => {
+                for req in c.carried {
+                    self.out.dropped.push((req, leader));
+                }
             }
+            Role::PreCandidate(_) | Role::Follower => {}
         }
         self.leader = leader;
     }
@@ -587,15 +715,15 @@ impl Paxos {
     /// senders, so a stranger must neither be counted nor grow them. (That
     /// a member is who it says is the transport's to prove: peer
     /// authentication.)
+    ///
+    /// A non-member's prepare is refused (showing our chosen prefix, so a
+    /// replica removed while it was down learns it is behind and fetches
+    /// its own removal) and its fetch served: neither changes anything
+    /// here.
     pub fn step(&mut self, msg: Msg) -> Option<Msg> {
         let from = msg.from();
         if !self.quorum.is_member(from) {
-            tracing::debug!(
-                id = self.cfg.id,
-                from,
-                "a message from a non-member, dropped"
-            );
-            return None;
+            return self.step_stranger(msg);
         }
         match msg {
             Msg::Prepare(m) => Some(Msg::Promise(self.on_prepare(m))),

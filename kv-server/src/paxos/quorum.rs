@@ -8,14 +8,17 @@
 //! core never compares a count with a number; it asks the [`Quorum`] about
 //! a set of replicas.
 //!
-//! Today the voters are the members the core was built with
-//! ([`super::Config::members`]), fixed for its lifetime, and a majority is
-//! more than half of them. Membership changes will make the configuration
-//! a value chosen through the log; this is the one place that learns it.
+//! The voters and learners are those of the configuration the replica's
+//! chosen prefix ends in (see the parent module on membership): the core
+//! makes a new `Quorum` whenever its chosen prefix passes a configuration
+//! change, and a majority is more than half of the voters. Learners are
+//! members (their messages are heard, they are sent heartbeats) but count
+//! for nothing in any majority.
 //!
-//! Answers from replicas that are not members are counted for nothing (a
-//! set that holds a stranger does not grow towards a majority); the core
-//! also drops their messages on arrival ([`super::Paxos::step`]).
+//! Answers from replicas that are not voters are counted for nothing (a
+//! set that holds a stranger or a learner does not grow towards a
+//! majority); the core also drops strangers' messages on arrival
+//! ([`super::Paxos::step`]).
 //!
 //! A leader's view of its followers in its term ([`Progress`], gathered
 //! in a [`Tracker`]) lives here too, with the questions a leader asks of
@@ -31,15 +34,45 @@ use kv_peer_api::{ReplicaId, Slot};
 pub(crate) struct Quorum {
     /// This replica.
     id: ReplicaId,
-    /// Every voter, this replica included, in the configured order (the
-    /// order messages are broadcast in).
+    /// Every voter, this replica included if it votes, in the configured
+    /// order (the order messages are broadcast in).
     members: Vec<ReplicaId>,
+    /// Members that do not vote.
+    learners: Vec<ReplicaId>,
 }
 
 impl Quorum {
-    /// The voters `members` (this replica, `id`, among them).
+    /// The voters `members` (this replica, `id`, among them), no learners.
+    #[cfg(test)]
     pub(crate) fn new(id: ReplicaId, members: Vec<ReplicaId>) -> Quorum {
-        Quorum { id, members }
+        Quorum {
+            id,
+            members,
+            learners: Vec::new(),
+        }
+    }
+
+    /// The voters and learners of a configuration, seen from replica `id`.
+    pub(crate) fn of(id: ReplicaId, m: &kv_peer_api::Membership) -> Quorum {
+        Quorum {
+            id,
+            members: m.voters(),
+            learners: m.learners(),
+        }
+    }
+
+    /// Whether `r` votes.
+    pub(crate) fn is_voter(&self, r: ReplicaId) -> bool {
+        self.members.contains(&r)
+    }
+
+    /// The learners, this replica included if it is one.
+    pub(crate) fn learners(&self) -> Vec<ReplicaId> {
+        self.learners
+            .iter()
+            .copied()
+            .filter(|&m| m != self.id)
+            .collect()
     }
 
     /// This replica.
@@ -47,12 +80,12 @@ impl Quorum {
         self.id
     }
 
-    /// Whether `r` is a member.
+    /// Whether `r` is a member (voter or learner).
     pub(crate) fn is_member(&self, r: ReplicaId) -> bool {
-        self.members.contains(&r)
+        self.members.contains(&r) || self.learners.contains(&r)
     }
 
-    /// Every member but this replica, in the configured order.
+    /// Every voter but this replica, in the configured order.
     pub(crate) fn others(&self) -> Vec<ReplicaId> {
         self.members
             .iter()
@@ -69,7 +102,10 @@ impl Quorum {
     /// Whether the replicas `voters` (distinct; strangers not counted) are
     /// a majority of the members.
     pub(crate) fn is_majority(&self, voters: impl IntoIterator<Item = ReplicaId>) -> bool {
-        let members = voters.into_iter().filter(|&r| self.is_member(r)).count();
+        let mut voters: Vec<ReplicaId> = voters.into_iter().filter(|&r| self.is_voter(r)).collect();
+        voters.sort_unstable();
+        voters.dedup();
+        let members = voters.len();
         members >= self.majority()
     }
 
@@ -101,10 +137,13 @@ impl Quorum {
             .chain(
                 reported
                     .into_iter()
-                    .filter(|&(r, _)| r != self.id && self.is_member(r))
+                    .filter(|&(r, _)| r != self.id && self.is_voter(r))
                     .map(|(_, v)| v),
             )
             .collect();
+        if !self.is_voter(self.id) {
+            values.remove(0);
+        }
         values.sort_unstable_by(|a, b| b.cmp(a));
         values.get(self.majority() - 1).copied()
     }
@@ -115,8 +154,14 @@ impl Quorum {
 pub(crate) struct Progress {
     /// The tick it last answered an accept or a heartbeat.
     pub(crate) last_ack: u64,
+    /// Its chosen prefix, as it last reported it (learners too: a learner
+    /// is promoted only once it has caught up).
+    pub(crate) chosen: Slot,
     /// The latest heartbeat round it acknowledged, if any.
     pub(crate) round_acked: Option<u64>,
+    /// It says it does not vote yet because it lost its state (or, a
+    /// learner, started empty) and is rejoining.
+    pub(crate) rejoining: bool,
     /// Thrifty: the tick of the oldest accept sent to it at once that it
     /// has not answered yet.
     pub(crate) waiting_since: Option<u64>,
@@ -132,14 +177,17 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    /// A new leader's: every other member counts as heard from `now`.
+    /// A new leader's: every other voter counts as heard from `now`; the
+    /// learners as not heard yet (a learner is promoted only once it has
+    /// answered).
     pub(crate) fn new(quorum: &Quorum, now: u64) -> Tracker {
-        let followers = quorum
-            .others()
-            .into_iter()
-            .map(|o| {
+        let voters = quorum.others().into_iter().map(|o| (o, now));
+        let learners = quorum.learners().into_iter().map(|o| (o, 0));
+        let followers = voters
+            .chain(learners)
+            .map(|(o, last_ack)| {
                 let p = Progress {
-                    last_ack: now,
+                    last_ack,
                     ..Progress::default()
                 };
                 (o, p)

@@ -102,7 +102,7 @@ impl Paxos {
         if let Some(confirmed) = l.progress.round_confirmed(&self.quorum, self.hb_round) {
             l.read_index.confirmed = l.read_index.confirmed.max(confirmed);
         }
-        self.broadcast(Msg::Heartbeat(Heartbeat {
+        self.broadcast_members(Msg::Heartbeat(Heartbeat {
             from: self.cfg.id,
             ballot: self.promised,
             chosen: self.chosen,
@@ -112,6 +112,17 @@ impl Paxos {
     }
 
     pub(super) fn on_heartbeat_ack(&mut self, m: HeartbeatAck) {
+        let now = self.now;
+        if let Some(l) = self.lead() {
+            // Learners and rejoining replicas too: a learner is promoted
+            // only once it has caught up and may vote.
+            let p = l.progress.follower(m.from);
+            p.chosen = p.chosen.max(m.chosen);
+            p.rejoining = m.rejoin_floor.is_some();
+            if m.ballot == Ballot::ZERO {
+                p.last_ack = now;
+            }
+        }
         if self.is_leader() && m.chosen > self.chosen {
             // A follower learned more chosen than we know (from a snapshot
             // or a peer, after it promised us): fetch it rather than wait

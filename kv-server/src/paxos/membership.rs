@@ -1,0 +1,468 @@
+//! Configuration changes in the core: what a stop sign is, what a replica
+//! does when its chosen prefix passes one, and a leader's rules for
+//! proposing one. The argument for why this is safe is in the parent
+//! module's doc ("Membership: stop signs and epochs").
+
+use kv_peer_api::{Ballot, Membership, Op, Promise, ReplicaId, Slot, Value, WriteRequest};
+
+use super::*;
+
+/// A learner is promoted only if its chosen prefix is at most this many
+/// slots behind the leader's.
+pub const PROMOTE_LAG: Slot = 256;
+
+/// A configuration of `ids`, every one a voter, in epoch 0, with no
+/// addresses (for cores built without a replica file: tests, simulation).
+pub(super) fn of_ids(ids: &[ReplicaId]) -> Membership {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    Membership {
+        epoch: 0,
+        members: ids
+            .into_iter()
+            .map(|id| kv_peer_api::Member {
+                id,
+                client_addr: String::new(),
+                peer_addr: String::new(),
+                voter: true,
+            })
+            .collect(),
+    }
+}
+
+/// The configuration after a slot holding `value`, if it changes the
+/// configuration `cur` (the slot is then a stop sign). Every change in the
+/// slot's batch is applied in order, as the state machine applies them.
+pub fn stop_sign(cur: &Membership, value: &Value) -> Option<Membership> {
+    let Value::Batch(batch) = value else {
+        return None;
+    };
+    let mut next: Option<Membership> = None;
+    for req in batch {
+        let at = next.as_ref().unwrap_or(cur);
+        if let Some(Ok(m)) = at.apply_op(&req.op) {
+            next = Some(m);
+        }
+    }
+    next
+}
+
+/// Whether a write is a configuration change.
+pub(super) fn is_reconfig(req: &WriteRequest) -> bool {
+    matches!(req.op, Op::Reconfigure { .. })
+}
+
+impl Paxos {
+    /// The configuration this replica's chosen prefix ends in.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Whether this replica is no longer a member (it was removed).
+    pub fn removed(&self) -> bool {
+        !self.membership.contains(self.cfg.id)
+    }
+
+    /// The epoch of the configuration the chosen prefix ends in.
+    pub(super) fn epoch(&self) -> u64 {
+        self.membership.epoch
+    }
+
+    /// At start: the configuration after every change in the chosen log
+    /// after the snapshot at `snapshot`; entries accepted in an older
+    /// epoch and not known chosen are dropped (void: see rule 3).
+    pub(super) fn replay_membership(&mut self, snapshot: Slot) {
+        let mut cur = self.membership.clone();
+        let mut changed = false;
+        for (_, e) in self
+            .log
+            .range(snapshot + 1..)
+            .take_while(|(&s, _)| s <= self.chosen)
+        {
+            if let Some(next) = stop_sign(&cur, &e.value) {
+                cur = next;
+                changed = true;
+            }
+        }
+        if changed {
+            self.set_membership(cur);
+        }
+        let epoch = self.epoch();
+        self.log
+            .retain(|_, e| e.chosen || e.ballot == Ballot::ZERO || e.ballot.epoch() >= epoch);
+        self.promise(Ballot::epoch_floor(epoch));
+        self.out.membership = Some(self.membership.clone());
+        if self.removed() {
+            tracing::warn!(
+                id = self.cfg.id,
+                epoch,
+                "this replica was removed from the cluster (it is not in configuration \
+                 epoch {epoch}): it votes in nothing and serves no one; it can be stopped"
+            );
+        }
+    }
+
+    fn set_membership(&mut self, m: Membership) {
+        self.quorum = Quorum::of(self.cfg.id, &m);
+        self.membership = m;
+    }
+
+    /// The chosen prefix passed a stop sign at `at` (or a snapshot of
+    /// index `at` was installed): `next` decides every slot after `at`.
+    /// Rule 3 of the parent module.
+    pub(super) fn adopt(&mut self, next: Membership, at: Slot) {
+        if next == self.membership {
+            return;
+        }
+        let was_voter = self.membership.is_voter(self.cfg.id);
+        tracing::info!(
+            id = self.cfg.id,
+            epoch = next.epoch,
+            at,
+            voters = ?next.voters(),
+            learners = ?next.learners(),
+            "configuration changed"
+        );
+        self.set_membership(next);
+        self.out.membership = Some(self.membership.clone());
+        let epoch = self.epoch();
+        // Entries after the stop sign accepted in an older epoch are void.
+        self.log
+            .retain(|&slot, e| slot <= at || e.ballot == Ballot::ZERO || e.ballot.epoch() >= epoch);
+        self.promise(Ballot::epoch_floor(epoch));
+        self.probes.clear();
+        let me = self.cfg.id;
+        match std::mem::replace(&mut self.role, Role::Follower) {
+            Role::Leader(l) => {
+                for r in l.read_index.waiting {
+                    self.out.reads_failed.push((r.token, None));
+                }
+                if self.votes() {
+                    // Phase 1 in the new epoch at once, to the new voters,
+                    // keeping the queued writes for when it wins.
+                    tracing::info!(id = me, epoch, "leading on into the new configuration");
+                    self.start_election(Ballot::ZERO);
+                    if let Role::Candidate(c) = &mut self.role {
+                        c.carried = l.queue;
+                        c.carrying = true;
+                    } else if let Role::Leader(nl) = &mut self.role {
+                        for req in l.queue {
+                            nl.queue_bytes += request_bytes(&req);
+                            nl.queue.push_back(req);
+                        }
+                    }
+                } else {
+                    tracing::info!(id = me, epoch, "no longer a voter: stepping down as leader");
+                    for req in l.queue {
+                        self.out.dropped.push((req, None));
+                    }
+                    self.leader = None;
+                }
+            }
+            Role::Candidate(c) => {
+                for req in c.carried {
+                    self.out.dropped.push((req, None));
+                }
+                self.leader = None;
+            }
+            Role::PreCandidate(_) | Role::Follower => {}
+        }
+        if !matches!(self.role, Role::Leader(_) | Role::Candidate(_)) {
+            if self.leader.is_some_and(|l| !self.membership.is_voter(l)) {
+                // Our leader was removed or demoted: elect another soon,
+                // without waiting out a full timeout.
+                self.leader = None;
+                let span = self
+                    .rng
+                    .random_range(1..=self.cfg.heartbeat_ticks.max(1) * 2);
+                self.election_at = self.now + u64::from(span);
+            }
+            if was_voter && !self.membership.is_voter(me) {
+                self.leader = self.leader.filter(|&l| l != me);
+            }
+        }
+        if self.removed() {
+            tracing::warn!(
+                id = me,
+                epoch,
+                at,
+                "this replica was removed from the cluster at slot {at} (configuration epoch \
+                 {epoch}): it votes in nothing and serves no one from now on; it can be stopped"
+            );
+        }
+    }
+
+    /// A message from a replica that is not a member: a prepare is
+    /// refused with our chosen prefix (a removed replica learns it is
+    /// behind), a fetch is served (chosen values are facts); anything else
+    /// is dropped. Nothing here changes.
+    pub(super) fn step_stranger(&mut self, msg: Msg) -> Option<Msg> {
+        match msg {
+            Msg::Prepare(m) => Some(Msg::Promise(Promise {
+                from: self.cfg.id,
+                ballot: Ballot::ZERO,
+                ok: false,
+                accepted: vec![],
+                chosen: self.chosen,
+                pre_vote: m.pre_vote,
+                more: false,
+            })),
+            Msg::Fetch(m) => Some(Msg::FetchReply(self.on_fetch(m))),
+            m => {
+                tracing::debug!(
+                    id = self.cfg.id,
+                    from = m.from(),
+                    "a message from a non-member, dropped"
+                );
+                None
+            }
+        }
+    }
+
+    /// Leader: readies a configuration change for the queue. Refused while
+    /// another is queued or proposed and not yet chosen, or (promotion) if
+    /// the learner has not caught up; else it is given our epoch, so that
+    /// it changes the configuration it was checked against or nothing.
+    pub(super) fn admit_reconfig(&self, req: &mut WriteRequest) -> Result<(), Refusal> {
+        let Role::Leader(l) = &self.role else {
+            return Ok(()); // refused as not leader by the caller
+        };
+        let Op::Reconfigure { epoch, change } = &mut req.op else {
+            return Ok(());
+        };
+        if l.stop_at.is_some() || l.queue.iter().any(is_reconfig) {
+            return Err(Refusal::Conflict(
+                "another membership change is in progress; retry once it is done".into(),
+            ));
+        }
+        if let kv_peer_api::MemberChange::Promote(id) = change {
+            if self.membership.get(*id).is_some_and(|m| !m.voter) {
+                let window = u64::from(self.cfg.election_ticks.1);
+                let p = l.progress.get(*id);
+                let heard = p.is_some_and(|p| p.last_ack + window >= self.now);
+                let chosen = p.map_or(0, |p| p.chosen);
+                if !heard || p.is_some_and(|p| p.rejoining) || chosen + PROMOTE_LAG < self.chosen {
+                    return Err(Refusal::Conflict(format!(
+                        "replica {id} has not caught up yet (it knows {chosen} slots chosen, \
+                         the leader {}{}); a learner votes only once it has: retry when it has",
+                        self.chosen,
+                        if heard {
+                            ""
+                        } else {
+                            ", and it has not answered lately"
+                        }
+                    )));
+                }
+            }
+        }
+        *epoch = Some(self.epoch());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kv_peer_api::MemberChange;
+
+    use super::*;
+    use crate::paxos::testkit::*;
+
+    fn change(seq: u64, change: MemberChange) -> WriteRequest {
+        WriteRequest {
+            client_id: 1,
+            seq,
+            acked_below: 0,
+            op: Op::Reconfigure {
+                epoch: None,
+                change,
+            },
+        }
+    }
+
+    fn add(seq: u64, id: ReplicaId) -> WriteRequest {
+        change(
+            seq,
+            MemberChange::Add {
+                id,
+                client_addr: format!("h:{id}"),
+                peer_addr: format!("h:1{id}"),
+            },
+        )
+    }
+
+    fn leader_of(nodes: &[Paxos], up: &[bool]) -> usize {
+        (0..nodes.len())
+            .find(|&i| up[i] && nodes[i].is_leader())
+            .expect("a leader")
+    }
+
+    /// Runs with the replicas not `up` down.
+    fn run_up(nodes: &mut [Paxos], applied: &mut [Vec<(Slot, Value)>], up: &[bool], rounds: usize) {
+        let up = up.to_vec();
+        run_cut(nodes, applied, rounds, &|a, b| {
+            !up[(a - 1) as usize] || !up[(b - 1) as usize]
+        });
+    }
+
+    /// Every pair of replicas applied the same value in every slot both
+    /// applied.
+    fn agree(applied: &[Vec<(Slot, Value)>]) {
+        let mut by_slot: BTreeMap<Slot, &Value> = BTreeMap::new();
+        for a in applied {
+            for (slot, v) in a {
+                if let Some(other) = by_slot.insert(*slot, v) {
+                    assert_eq!(other, v, "two values applied in slot {slot}");
+                }
+            }
+        }
+    }
+
+    /// A replica joining with the configuration it was given (as
+    /// `--join` gives it) and an empty log.
+    fn joiner(id: ReplicaId, m: &Membership) -> Paxos {
+        let cfg = Config::new(id, m.voters());
+        Paxos::new(
+            cfg,
+            Durable {
+                membership: Some(m.clone()),
+                persist_seed: true,
+                ..Durable::default()
+            },
+        )
+    }
+
+    /// Grows 3 -> 5 through learners, then removes the leader and a
+    /// follower: writes keep being chosen, every replica applies the same
+    /// log, and the removed ones know it.
+    #[test]
+    fn grows_through_learners_and_shrinks_removing_the_leader() {
+        let mut nodes = cluster(5);
+        // Replicas 4 and 5 are not started yet; 1-3 are the cluster.
+        for (i, n) in nodes.iter_mut().enumerate().take(3) {
+            *n = Paxos::new(Config::new(i as u64 + 1, vec![1, 2, 3]), Durable::default());
+        }
+        let mut up = vec![true, true, true, false, false];
+        let mut applied = vec![Vec::new(); 5];
+        run_up(&mut nodes, &mut applied, &up, 100);
+        let mut seq = 0;
+        let mut write = |nodes: &mut [Paxos], up: &[bool], applied: &mut [Vec<(Slot, Value)>]| {
+            seq += 1;
+            let l = leader_of(nodes, up);
+            nodes[l].propose(put(seq)).unwrap();
+            run_up(nodes, applied, up, 5);
+            seq
+        };
+        write(&mut nodes, &up, &mut applied);
+        for new in [4u64, 5] {
+            let l = leader_of(&nodes, &up);
+            nodes[l].propose(add(100 + new, new)).unwrap();
+            // A second change while the first is in progress is refused.
+            assert!(matches!(
+                nodes[l].propose(change(200 + new, MemberChange::Remove(2))),
+                Err(Refusal::Conflict(_))
+            ));
+            run_up(&mut nodes, &mut applied, &up, 20);
+            let m = nodes[leader_of(&nodes, &up)].membership().clone();
+            assert!(m.get(new).is_some_and(|m| !m.voter), "{m:?}");
+            // Not caught up (not even started): promotion is refused.
+            let l = leader_of(&nodes, &up);
+            assert!(matches!(
+                nodes[l].propose(change(300 + new, MemberChange::Promote(new))),
+                Err(Refusal::Conflict(_))
+            ));
+            let i = (new - 1) as usize;
+            nodes[i] = joiner(new, &m);
+            up[i] = true;
+            run_up(&mut nodes, &mut applied, &up, 100);
+            write(&mut nodes, &up, &mut applied);
+            let l = leader_of(&nodes, &up);
+            nodes[l]
+                .propose(change(400 + new, MemberChange::Promote(new)))
+                .unwrap();
+            run_up(&mut nodes, &mut applied, &up, 50);
+            assert!(nodes[i].votes(), "replica {new} votes once promoted");
+        }
+        let l = leader_of(&nodes, &up);
+        assert_eq!(nodes[l].membership().voters(), vec![1, 2, 3, 4, 5]);
+        // Remove the leader, then another.
+        let old = nodes[l].id();
+        nodes[l]
+            .propose(change(500, MemberChange::Remove(old)))
+            .unwrap();
+        run_up(&mut nodes, &mut applied, &up, 100);
+        assert!(nodes[l].removed() && !nodes[l].is_leader());
+        let l = leader_of(&nodes, &up);
+        assert_ne!(nodes[l].id(), old);
+        let w = write(&mut nodes, &up, &mut applied);
+        let other = (1..=5).find(|&r| r != old && r != nodes[l].id()).unwrap();
+        nodes[l]
+            .propose(change(501, MemberChange::Remove(other)))
+            .unwrap();
+        run_up(&mut nodes, &mut applied, &up, 100);
+        let l = leader_of(&nodes, &up);
+        assert_eq!(nodes[l].membership().voters().len(), 3);
+        let w2 = write(&mut nodes, &up, &mut applied);
+        run_up(&mut nodes, &mut applied, &up, 20);
+        agree(&applied);
+        for v in nodes[l].membership().voters() {
+            let got = commands(&applied[(v - 1) as usize]);
+            assert!(
+                got.contains(&w) && got.contains(&w2),
+                "replica {v}: {got:?}"
+            );
+        }
+    }
+
+    /// Writes a leader had queued when its configuration changed are
+    /// proposed once it leads in the new one, not dropped.
+    #[test]
+    fn a_leader_keeps_its_queue_across_a_change() {
+        let mut nodes = cluster(4);
+        nodes[3] = Paxos::new(Config::new(4, vec![1, 2, 3]), Durable::default());
+        for (i, n) in nodes.iter_mut().enumerate().take(3) {
+            *n = Paxos::new(Config::new(i as u64 + 1, vec![1, 2, 3]), Durable::default());
+        }
+        let up = [true, true, true, false];
+        let mut applied = vec![Vec::new(); 4];
+        run_up(&mut nodes, &mut applied, &up, 100);
+        let l = leader_of(&nodes, &up);
+        nodes[l].propose(add(50, 4)).unwrap();
+        for seq in 1..=5 {
+            nodes[l].propose(put(seq)).unwrap();
+        }
+        run_up(&mut nodes, &mut applied, &up, 30);
+        assert_eq!(nodes[l].membership().epoch, 1);
+        let got = commands(&applied[l]);
+        for seq in 1..=5 {
+            assert!(got.contains(&seq), "{got:?}");
+        }
+        let r = nodes[l].ready();
+        assert!(r.dropped.is_empty(), "{:?}", r.dropped);
+        agree(&applied);
+    }
+
+    /// A replica removed while it was down learns of it when it comes
+    /// back: it never votes again and says it was removed.
+    #[test]
+    fn a_replica_removed_while_down_finds_out() {
+        let mut nodes = cluster(5);
+        let mut applied = vec![Vec::new(); 5];
+        run(&mut nodes, &mut applied, 100);
+        let mut up = vec![true; 5];
+        let l = leader_of(&nodes, &up);
+        let gone = (l + 2) % 5;
+        up[gone] = false;
+        nodes[l]
+            .propose(change(1, MemberChange::Remove(gone as u64 + 1)))
+            .unwrap();
+        run_up(&mut nodes, &mut applied, &up, 50);
+        assert!(!nodes[l].membership().contains(gone as u64 + 1));
+        assert!(!nodes[gone].removed(), "it was down");
+        up[gone] = true;
+        run_up(&mut nodes, &mut applied, &up, 200);
+        assert!(nodes[gone].removed(), "it found out");
+        assert!(!nodes[gone].votes());
+        agree(&applied);
+    }
+}
