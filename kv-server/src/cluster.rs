@@ -1017,7 +1017,7 @@ async fn poll_health(
 
 /// Asks the replica at `addr` for its status within [`STATUS_DEADLINE`],
 /// dialling first if `client` is `None`.
-async fn status_of(
+pub(crate) async fn status_of(
     addr: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
     client: &mut Option<KvClient>,

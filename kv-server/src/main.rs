@@ -95,9 +95,32 @@ struct Cli {
     #[arg(long, value_name = "ID", required = true, value_parser = clap::value_parser!(u64).range(1..))]
     id: Option<u64>,
 
-    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line.
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line. Only a new
+    /// cluster's first configuration comes from it; after that the cluster
+    /// keeps its own (`kv-client member`), and a replica whose file
+    /// disagrees says so and follows the cluster's.
     #[arg(long, value_name = "FILE", default_value = "replica")]
     replicas: PathBuf,
+
+    /// Join a running cluster instead of reading a replica file: ADDR is
+    /// any member's client address. Add this replica first with `kv-client
+    /// member add ID CLIENT_ADDR PEER_ADDR` (until then it waits, saying
+    /// so); it starts as a learner with an empty data directory, gets the
+    /// log or a snapshot, and votes once promoted (`kv-client member
+    /// promote ID`). Restarted with the same flags, it starts from its
+    /// data directory without asking anyone.
+    #[arg(long, value_name = "ADDR", requires_all = ["client_addr", "peer_addr"], conflicts_with = "replicas")]
+    join: Option<String>,
+
+    /// With --join: where this replica serves clients (as given to
+    /// `member add`).
+    #[arg(long, value_name = "ADDR", requires = "join")]
+    client_addr: Option<String>,
+
+    /// With --join: where this replica serves its peers (as given to
+    /// `member add`).
+    #[arg(long, value_name = "ADDR", requires = "join")]
+    peer_addr: Option<String>,
 
     /// Where this replica keeps its log and snapshots, created if missing
     /// [default: data/ID]
@@ -543,7 +566,15 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                     _ => None,
                 },
             };
-            run_replica(id, cli.replicas, cli.data_dir, tuning, shutdown).await
+            let source = match cli.join {
+                Some(addr) => Source::Join {
+                    addr,
+                    client_addr: cli.client_addr.unwrap_or_default(),
+                    peer_addr: cli.peer_addr.unwrap_or_default(),
+                },
+                None => Source::File(cli.replicas),
+            };
+            run_replica(id, source, cli.data_dir, tuning, shutdown).await
         }
     }
 }
@@ -611,16 +642,132 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((lo, hi))
 }
 
+/// Where a replica learns the cluster's members.
+enum Source {
+    /// A replica file (a new cluster's first configuration).
+    File(PathBuf),
+    /// A running cluster (`--join`), at this member's client address.
+    Join {
+        addr: String,
+        client_addr: String,
+        peer_addr: String,
+    },
+}
+
+/// Whether the data directory holds a replica's state already.
+fn has_state(data_dir: &std::path::Path) -> bool {
+    std::fs::read_dir(data_dir.join("wal")).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// `--join`: asks `addr` for the cluster's configuration until it lists
+/// replica `id` at `client_addr` and `peer_addr` (saying what to run
+/// meanwhile), or the shutdown signal comes.
+async fn fetch_membership(
+    id: u64,
+    addr: &str,
+    client_addr: &str,
+    peer_addr: &str,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    shutdown: &mut Shutdown,
+) -> Result<Option<kv_api::membership::Membership>, Failure> {
+    let mut client = None;
+    let mut said = String::new();
+    loop {
+        let say = match cluster::status_of(addr, tls, &mut client).await {
+            Ok(s) => match s.membership.get(id) {
+                Some(m) if m.client_addr == client_addr && m.peer_addr == peer_addr => {
+                    tracing::info!(
+                        id,
+                        epoch = s.membership.epoch,
+                        members = %kv_server::describe(&s.membership),
+                        "joining the cluster as it is now"
+                    );
+                    return Ok(Some(s.membership));
+                }
+                Some(m) => {
+                    return Err(Failure::usage(format!(
+                        "the cluster lists replica {id} at {} and {}, not {client_addr} and                          {peer_addr}: use those, or another id",
+                        m.client_addr, m.peer_addr
+                    )))
+                }
+                None if s.membership.members.is_empty() => format!(
+                    "{addr} reports no configuration (a version without membership?); retrying"
+                ),
+                None => format!(
+                    "replica {id} is not a member of the cluster yet; add it with                      `kv-client member add {id} {client_addr} {peer_addr}` (waiting)"
+                ),
+            },
+            Err(e) => {
+                client = None;
+                format!("cannot ask {addr} for the cluster's configuration: {e}; retrying")
+            }
+        };
+        if say != said {
+            tracing::warn!(id, "{say}");
+            said = say;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.wait_ref() => return Ok(None),
+        }
+    }
+}
+
 async fn run_replica(
     id: u64,
-    replica_file: PathBuf,
+    source: Source,
     data_dir: Option<PathBuf>,
     tuning: Tuning,
-    shutdown: Shutdown,
+    mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
-    let replicas = Replicas::load(&replica_file).map_err(Failure::usage)?;
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("data").join(id.to_string()));
+    let (replicas, join) = match source {
+        Source::File(file) => (Replicas::load(&file).map_err(Failure::usage)?, None),
+        Source::Join {
+            addr,
+            client_addr,
+            peer_addr,
+        } => {
+            let me = format!("{id} {client_addr} {peer_addr}\n");
+            let own = Replicas::parse(&me, "--join").map_err(Failure::usage)?;
+            if has_state(&data_dir) {
+                // A joined replica restarting: its data directory knows
+                // the configuration.
+                (own, None)
+            } else {
+                let tls = match &tuning.tls {
+                    None => None,
+                    Some(files) => Some(
+                        kv_api::tls::Tls::load(files)
+                            .and_then(|t| t.client_config())
+                            .map_err(|e| Failure::usage(e.to_string()))?,
+                    ),
+                };
+                let Some(m) = fetch_membership(
+                    id,
+                    &addr,
+                    &client_addr,
+                    &peer_addr,
+                    tls.as_ref(),
+                    &mut shutdown,
+                )
+                .await?
+                else {
+                    return Ok(());
+                };
+                let text: String = m
+                    .members
+                    .iter()
+                    .map(|m| format!("{} {} {}\n", m.id, m.client_addr, m.peer_addr))
+                    .collect();
+                let all = Replicas::parse(&text, format!("the configuration of {addr}"))
+                    .map_err(Failure::usage)?;
+                (all, Some(m))
+            }
+        }
+    };
     let mut config = ServerConfig::new(id, replicas, data_dir);
+    config.join = join;
     config.snapshot_every = tuning.snapshot_every;
     config.enable_fault_injection = tuning.enable_fault_injection;
     config.faults = tuning.faults;
@@ -689,6 +836,24 @@ impl Shutdown {
             sigterm,
             stdin_eof,
         })
+    }
+
+    /// Resolves at the first signal, leaving the listener usable (for a
+    /// wait before the replica starts).
+    async fn wait_ref(&mut self) {
+        let stdin_eof = async {
+            match self.stdin_eof.as_mut() {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.sigint.recv() => tracing::info!("received Ctrl-C, shutting down"),
+            _ = self.sigterm.recv() => tracing::info!("received SIGTERM, shutting down"),
+            _ = stdin_eof => tracing::info!("standard input closed, shutting down"),
+        }
     }
 
     /// Resolves at the first signal.

@@ -326,6 +326,9 @@ struct Node {
     log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Started with `--join` at this client address instead of the
+    /// replica file (a replica added to a running cluster).
+    join: Option<String>,
 }
 
 /// A cluster of real `kv-server` processes on loopback, in a temporary
@@ -447,6 +450,7 @@ impl Cluster {
                         log: dir.join("logs").join(format!("replica-{}.log", r.id)),
                         child: None,
                         paused: false,
+                        join: None,
                     },
                 )
             })
@@ -559,6 +563,32 @@ impl Cluster {
         self.fault_injection = on;
     }
 
+    /// A new replica `id` for this cluster, not started: fresh loopback
+    /// ports, its own data directory and log. [`Cluster::spawn`] starts it
+    /// with `--join` at replica `via`'s client address (add it with
+    /// `member add` first). Returns its client and peer addresses.
+    pub fn add_node(&mut self, id: ReplicaId, via: ReplicaId) -> (String, String) {
+        assert!(
+            self.tls.is_none(),
+            "the harness makes no certificates for added replicas"
+        );
+        assert!(!self.nodes.contains_key(&id), "replica {id} exists already");
+        let join = self.node(via).client_addr.clone();
+        let ports = free_ports(2);
+        let node = Node {
+            client_addr: format!("127.0.0.1:{}", ports[0]),
+            peer_addr: format!("127.0.0.1:{}", ports[1]),
+            data_dir: self.dir.join("data").join(id.to_string()),
+            log: self.dir.join("logs").join(format!("replica-{id}.log")),
+            child: None,
+            paused: false,
+            join: Some(join),
+        };
+        let addrs = (node.client_addr.clone(), node.peer_addr.clone());
+        self.nodes.insert(id, node);
+        addrs
+    }
+
     /// Starts replica `id`'s process (it must not be running).
     pub fn spawn(&mut self, id: ReplicaId) {
         assert!(
@@ -581,11 +611,21 @@ impl Cluster {
             .open(&node.log)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", node.log.display()));
         let log2 = log.try_clone().expect("clone the log file handle");
+        let source: Vec<String> = match &node.join {
+            None => vec!["--replicas".into(), replicas_file.display().to_string()],
+            Some(addr) => vec![
+                "--join".into(),
+                addr.clone(),
+                "--client-addr".into(),
+                node.client_addr.clone(),
+                "--peer-addr".into(),
+                node.peer_addr.clone(),
+            ],
+        };
         let child = Command::new(&server_bin)
             .arg("--id")
             .arg(id.to_string())
-            .arg("--replicas")
-            .arg(&replicas_file)
+            .args(&source)
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&server_args)

@@ -208,7 +208,7 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
-        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"sessions\":3,\"ballot_round\":2,\"standing\":\"voter\",\"snapshots_installed\":0}\nor, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
+        after_help = "Example: kv-client status\n\nEach line looks like\n  {\"id\":1,\"addr\":\"127.0.0.1:7001\",\"up\":true,\"leader\":false,\"leader_id\":3,\"applied\":42,\"chosen\":42,\"snapshot\":0,\"keys\":10,\"sessions\":3,\"ballot_round\":2,\"standing\":\"voter\",\"snapshots_installed\":0,\"role\":\"voter\",\"epoch\":0}\n(role: voter, learner, or removed: not a member of the cluster any more; epoch: of the\nconfiguration it knows) or, for a replica that did not answer,\n  {\"id\":2,\"addr\":\"127.0.0.1:7002\",\"up\":false,\"leader\":false,\"leader_id\":null,\"applied\":null,...,\"error\":\"...\"}"
     )]
     Status,
     /// Change (or just show) the failure injection of one replica

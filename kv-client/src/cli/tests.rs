@@ -61,12 +61,21 @@ fn status_lines_have_the_documented_shape() {
         standing: "voter".into(),
         snapshots_installed: 1,
         duplicate_writes: 0,
-        ..ReplicaStatus::default()
+        membership: kv_api::membership::Membership {
+            epoch: 2,
+            members: vec![kv_api::membership::Member {
+                id: 1,
+                client_addr: "127.0.0.1:7001".into(),
+                peer_addr: "127.0.0.1:7101".into(),
+                voter: true,
+            }],
+        },
+        removed: false,
     };
     let up = serde_json::to_string(&StatusLine::new(Some(1), "127.0.0.1:7001", &Ok(s))).unwrap();
     assert_eq!(
         up,
-        r#"{"id":1,"addr":"127.0.0.1:7001","up":true,"leader":false,"leader_id":3,"applied":42,"chosen":42,"snapshot":0,"keys":10,"sessions":3,"ballot_round":2,"standing":"voter","snapshots_installed":1}"#
+        r#"{"id":1,"addr":"127.0.0.1:7001","up":true,"leader":false,"leader_id":3,"applied":42,"chosen":42,"snapshot":0,"keys":10,"sessions":3,"ballot_round":2,"standing":"voter","snapshots_installed":1,"role":"voter","epoch":2}"#
     );
     let down = StatusLine::new(None, "h:2", &Err(Error::Unavailable("refused".into())));
     let v: serde_json::Value = serde_json::to_value(&down).unwrap();

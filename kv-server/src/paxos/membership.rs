@@ -240,7 +240,7 @@ impl Paxos {
             if self.membership.get(*id).is_some_and(|m| !m.voter) {
                 let window = u64::from(self.cfg.election_ticks.1);
                 let p = l.progress.get(*id);
-                let heard = p.is_some_and(|p| p.last_ack + window >= self.now);
+                let heard = p.is_some_and(|p| p.answered && p.last_ack + window >= self.now);
                 let chosen = p.map_or(0, |p| p.chosen);
                 if !heard || p.is_some_and(|p| p.rejoining) || chosen + PROMOTE_LAG < self.chosen {
                     return Err(Refusal::Conflict(format!(

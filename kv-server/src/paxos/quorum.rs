@@ -159,6 +159,9 @@ pub(crate) struct Progress {
     pub(crate) chosen: Slot,
     /// The latest heartbeat round it acknowledged, if any.
     pub(crate) round_acked: Option<u64>,
+    /// It has answered this leader at all (a learner is promoted only
+    /// once it has).
+    pub(crate) answered: bool,
     /// It says it does not vote yet because it lost its state (or, a
     /// learner, started empty) and is rejoining.
     pub(crate) rejoining: bool,

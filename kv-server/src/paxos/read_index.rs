@@ -119,6 +119,7 @@ impl Paxos {
             let p = l.progress.follower(m.from);
             p.chosen = p.chosen.max(m.chosen);
             p.rejoining = m.rejoin_floor.is_some();
+            p.answered = true;
             if m.ballot == Ballot::ZERO {
                 p.last_ack = now;
             }
