@@ -203,6 +203,10 @@ pub struct HeartbeatAck {
     /// it needs a leader whose ballot has at least this round (see
     /// `Probe`). `ok` is then false and `ballot` zero.
     pub rejoin_floor: Option<u64>,
+    /// The sender does not know yet whether it may vote: it started with
+    /// an empty log and is still asking its peers (`Probe`). A learner is
+    /// promoted only once this and `rejoin_floor` are clear.
+    pub unsure: bool,
 }
 
 /// Asked by a replica that started with an empty log: it cannot tell a

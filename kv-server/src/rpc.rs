@@ -353,6 +353,7 @@ impl Peer for Handler {
             round: req.round,
             chosen: 0,
             rejoin_floor: None,
+            unsure: false,
         };
         let unpack = |m| match m {
             Msg::HeartbeatAck(a) => Some(a),

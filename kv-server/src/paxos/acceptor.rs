@@ -374,6 +374,7 @@ impl Paxos {
                     Standing::Rejoining { floor } => Some(floor),
                     _ => None,
                 },
+                unsure: self.standing == Standing::Unknown,
             };
         }
         if m.ballot < self.promised {
@@ -384,6 +385,7 @@ impl Paxos {
                 round: m.round,
                 chosen: self.chosen,
                 rejoin_floor: None,
+                unsure: false,
             };
         }
         self.promise(m.ballot);
@@ -396,6 +398,7 @@ impl Paxos {
             round: m.round,
             chosen: self.chosen,
             rejoin_floor: None,
+            unsure: false,
         }
     }
 }

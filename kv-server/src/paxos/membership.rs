@@ -4,6 +4,7 @@
 //! module's doc ("Membership: stop signs and epochs").
 
 use kv_peer_api::{Ballot, Membership, Op, Promise, ReplicaId, Slot, Value, WriteRequest};
+use rand::Rng;
 
 use super::*;
 
@@ -197,7 +198,29 @@ impl Paxos {
     /// refused with our chosen prefix (a removed replica learns it is
     /// behind), a fetch is served (chosen values are facts); anything else
     /// is dropped. Nothing here changes.
+    ///
+    /// A leader's message in a later epoch than ours, from a replica we do
+    /// not know as a member, means our configuration is behind (it was
+    /// added since, and we were told of it as a learner): fetch the chosen
+    /// log from a member we do know, to learn of it.
     pub(super) fn step_stranger(&mut self, msg: Msg) -> Option<Msg> {
+        let ballot = match &msg {
+            Msg::Heartbeat(m) => Some(m.ballot),
+            Msg::Accept(m) => Some(m.ballot),
+            Msg::Prepare(m) => Some(m.ballot),
+            _ => None,
+        };
+        if ballot.is_some_and(|b| b.epoch() > self.epoch()) {
+            let known: Vec<ReplicaId> = self
+                .others()
+                .into_iter()
+                .chain(self.quorum.learners())
+                .collect();
+            if !known.is_empty() {
+                let peer = known[self.rng.random_range(0..known.len())];
+                self.request_fetch(peer);
+            }
+        }
         match msg {
             Msg::Prepare(m) => Some(Msg::Promise(Promise {
                 from: self.cfg.id,

@@ -118,7 +118,7 @@ impl Paxos {
             // only once it has caught up and may vote.
             let p = l.progress.follower(m.from);
             p.chosen = p.chosen.max(m.chosen);
-            p.rejoining = m.rejoin_floor.is_some();
+            p.rejoining = m.rejoin_floor.is_some() || m.unsure;
             p.answered = true;
             if m.ballot == Ballot::ZERO {
                 p.last_ack = now;
