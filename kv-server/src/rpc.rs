@@ -31,8 +31,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
-    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
-    Route, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, Op, ReadMode, ReplicaId,
+    ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -241,7 +241,10 @@ impl Kv for Handler {
         req: WriteRequest,
         route: Route,
     ) -> std::result::Result<WriteOutcome, KvError> {
-        self.allow(Role::Write, "writing")?;
+        match req.op {
+            Op::Reconfigure { .. } => self.allow(Role::Admin, "changing the cluster's members")?,
+            _ => self.allow(Role::Write, "writing")?,
+        }
         if route == Route::Redirect {
             return self.write_here(req).await;
         }

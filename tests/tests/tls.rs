@@ -213,6 +213,15 @@ async fn strangers_forged_peers_and_lesser_roles_are_refused_and_nothing_changes
             "{}",
             describe(&out)
         );
+        // Nor may it change the cluster's members.
+        let out = cli_as(&cluster, Some(&tls), "writer", &["member", "remove", "5"]).await;
+        assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("changing the cluster's members needs the `admin` role"),
+            "{}",
+            describe(&out)
+        );
         // A replica's certificate is no client's.
         let out = cli_as(&cluster, Some(&tls), "replica-1", &["get", "k"]).await;
         assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
