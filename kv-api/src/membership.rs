@@ -251,7 +251,8 @@ impl Membership {
 }
 
 /// `host:port` with a non-empty host, a port in 1..=65535, and no more than
-/// [`MAX_ADDR_LEN`] bytes.
+/// [`MAX_ADDR_LEN`] bytes: what the replica file and a membership change
+/// both accept.
 pub fn check_addr(addr: &str) -> Result<(), String> {
     if addr.len() > MAX_ADDR_LEN {
         return Err(format!(
@@ -262,8 +263,13 @@ pub fn check_addr(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| format!("the address {addr:?} is not HOST:PORT"))?;
-    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("the address {addr:?} has no valid host"));
+    if host.is_empty() {
+        return Err(format!("the address {addr:?} has no host"));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the address {addr:?} has spaces or control characters in its host"
+        ));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),

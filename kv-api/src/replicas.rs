@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::membership::check_addr;
 use crate::ReplicaId;
 
 /// One line of the replica file.
@@ -146,20 +147,6 @@ impl fmt::Display for Replicas {
             writeln!(f, "{} {} {}", r.id, r.client_addr, r.peer_addr)?;
         }
         Ok(())
-    }
-}
-
-/// `host:port` with a non-empty host and a port in 1..=65535.
-fn check_addr(addr: &str) -> Result<(), String> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("the address {addr:?} is not HOST:PORT"))?;
-    if host.is_empty() {
-        return Err(format!("the address {addr:?} has no host"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("the address {addr:?} has no valid port (1-65535)")),
     }
 }
 

@@ -755,13 +755,18 @@ async fn run_replica(
                 else {
                     return Ok(());
                 };
-                let text: String = m
-                    .members
-                    .iter()
-                    .map(|m| format!("{} {} {}\n", m.id, m.client_addr, m.peer_addr))
-                    .collect();
-                let all = Replicas::parse(&text, format!("the configuration of {addr}"))
-                    .map_err(Failure::usage)?;
+                let all = Replicas {
+                    replicas: m
+                        .members
+                        .iter()
+                        .map(|m| kv_api::replicas::ReplicaAddr {
+                            id: m.id,
+                            client_addr: m.client_addr.clone(),
+                            peer_addr: m.peer_addr.clone(),
+                        })
+                        .collect(),
+                    source: PathBuf::from(format!("the configuration of {addr}")),
+                };
                 (all, Some(m))
             }
         }

@@ -1152,21 +1152,30 @@ impl Sim {
         self.finish_round(i, None, what)
     }
 
+    /// The next write of `client`, recorded as proposed.
+    fn request(&mut self, client: u64, op: Op) -> WriteRequest {
+        let seq = self.next_seq[client as usize];
+        self.next_seq[client as usize] += 1;
+        self.proposed.insert((client, seq), None);
+        WriteRequest {
+            client_id: client,
+            seq,
+            acked_below: 0,
+            op,
+        }
+    }
+
     /// A client write at node `i`; a follower's leader hint is followed
     /// once, as the SDK does. Returns whether some core took it.
     fn propose(&mut self, mut i: usize, client: u64) -> Result<bool, Violation> {
         let seq = self.next_seq[client as usize];
-        self.next_seq[client as usize] += 1;
-        let req = WriteRequest {
-            client_id: client,
-            seq,
-            acked_below: 0,
-            op: Op::Put {
+        let req = self.request(
+            client,
+            Op::Put {
                 key: format!("k{client}").into_bytes(),
                 value: seq.to_be_bytes().to_vec(),
             },
-        };
-        self.proposed.insert((client, seq), None);
+        );
         for attempt in 0..2 {
             let core = self.nodes[i].core.as_mut().expect("live");
             let res = core.propose(req.clone());
@@ -1278,18 +1287,14 @@ impl Sim {
             }
             _ => return Ok(()),
         };
-        let seq = self.next_seq[ADMIN as usize];
-        self.next_seq[ADMIN as usize] += 1;
-        let req = WriteRequest {
-            client_id: ADMIN,
-            seq,
-            acked_below: 0,
-            op: Op::Reconfigure {
+        let req = self.request(
+            ADMIN,
+            Op::Reconfigure {
                 epoch: None,
                 change: change.clone(),
             },
-        };
-        self.proposed.insert((ADMIN, seq), None);
+        );
+        let seq = req.seq;
         self.stats.reconfigs += 1;
         let core = self.nodes[l].core.as_mut().expect("live");
         let res = core.propose(req);

@@ -30,6 +30,8 @@ pub(super) struct Candidate {
     /// ran phase 1 again in the new one: proposed if it wins, handed back
     /// refused if not.
     pub(super) carried: std::collections::VecDeque<kv_peer_api::WriteRequest>,
+    /// Bytes of `carried`, bounded as a leader's queue is.
+    pub(super) carried_bytes: usize,
     /// It led in the configuration before: it takes writes meanwhile.
     pub(super) carrying: bool,
 }
@@ -136,6 +138,7 @@ impl Paxos {
         self.role = Role::Candidate(Candidate {
             promises: BTreeMap::from([(self.cfg.id, own)]),
             carried: Default::default(),
+            carried_bytes: 0,
             carrying: false,
         });
         self.broadcast_prepare(ballot, false);

@@ -46,6 +46,12 @@ pub(super) struct Leader {
 }
 
 impl Leader {
+    /// Queues a proposal (its bytes counted).
+    pub(super) fn enqueue(&mut self, req: WriteRequest) {
+        self.queue_bytes += request_bytes(&req);
+        self.queue.push_back(req);
+    }
+
     /// Whether another slot may start.
     pub(super) fn room_in_flight(&self, cfg: &Config) -> bool {
         let bytes: usize = self.pending.values().map(|p| p.bytes).sum();
@@ -99,19 +105,19 @@ impl Paxos {
         }));
         self.leader = Some(self.cfg.id);
         let mut entries = Vec::new();
-        let mut cur = self.membership.clone();
         for slot in self.chosen + 1..=last {
             let value = match best.remove(&slot) {
                 Some((_, _, v)) => v,
                 None => Value::Noop,
             };
-            let stop = membership::stop_sign(&cur, &value);
+            // Every slot before this one holds no change (we stop at the
+            // first), so ours is the configuration it is proposed in.
+            let stop = membership::stop_sign(&self.membership, &value).is_some();
             entries.push(self.propose_slot(slot, value));
-            if let Some(next) = stop {
+            if stop {
                 // Re-propose up to a configuration change, nothing after
                 // it (rule 2): what lies beyond was accepted in this epoch
                 // and is void once the change is chosen.
-                cur = next;
                 if let Some(l) = self.lead() {
                     l.stop_at = Some(slot);
                     l.next_slot = slot + 1;
@@ -120,12 +126,8 @@ impl Paxos {
                 break;
             }
         }
-        let _ = cur;
         if let Some(l) = self.lead() {
-            for req in carried {
-                l.queue_bytes += request_bytes(&req);
-                l.queue.push_back(req);
-            }
+            carried.into_iter().for_each(|req| l.enqueue(req));
         }
         // What a new leader re-proposes goes to everyone: it finishes what
         // an earlier leader left, whoever holds it.
@@ -468,32 +470,32 @@ impl Paxos {
         if membership::is_reconfig(&req) {
             self.admit_reconfig(&mut req)?;
         }
-        let (max_queue, max_queue_bytes) = (self.cfg.max_queue, self.cfg.max_queue_bytes);
-        if let Role::Candidate(c) = &mut self.role {
-            // A leader running phase 1 again in a new configuration keeps
-            // taking writes for when it wins.
-            if c.carrying && !membership::is_reconfig(&req) {
-                if c.carried.len() >= max_queue {
+        let bytes = request_bytes(&req);
+        let full = |len: usize, held: usize| {
+            len >= self.cfg.max_queue || (len > 0 && held + bytes > self.cfg.max_queue_bytes)
+        };
+        match &mut self.role {
+            Role::Leader(l) => {
+                if full(l.queue.len(), l.queue_bytes) {
                     return Err(Refusal::Busy);
                 }
-                c.carried.push_back(req);
-                return Ok(());
+                l.enqueue(req);
+                Ok(())
             }
-        }
-        let Role::Leader(l) = &mut self.role else {
-            return Err(Refusal::NotLeader(
+            // A leader running phase 1 again in a new configuration keeps
+            // taking writes for when it wins, within the same bounds.
+            Role::Candidate(c) if c.carrying && !membership::is_reconfig(&req) => {
+                if full(c.carried.len(), c.carried_bytes) {
+                    return Err(Refusal::Busy);
+                }
+                c.carried_bytes += bytes;
+                c.carried.push_back(req);
+                Ok(())
+            }
+            _ => Err(Refusal::NotLeader(
                 self.leader.filter(|&l| l != self.cfg.id),
-            ));
-        };
-        let bytes = request_bytes(&req);
-        if l.queue.len() >= max_queue
-            || (!l.queue.is_empty() && l.queue_bytes + bytes > max_queue_bytes)
-        {
-            return Err(Refusal::Busy);
+            )),
         }
-        l.queue_bytes += bytes;
-        l.queue.push_back(req);
-        Ok(())
     }
 
     /// Proposals queued at a leader, waiting for a slot.

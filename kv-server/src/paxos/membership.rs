@@ -75,7 +75,6 @@ impl Paxos {
     /// epoch and not known chosen are dropped (void: see rule 3).
     pub(super) fn replay_membership(&mut self, snapshot: Slot) {
         let mut cur = self.membership.clone();
-        let mut changed = false;
         for (_, e) in self
             .log
             .range(snapshot + 1..)
@@ -83,30 +82,33 @@ impl Paxos {
         {
             if let Some(next) = stop_sign(&cur, &e.value) {
                 cur = next;
-                changed = true;
             }
         }
-        if changed {
-            self.set_membership(cur);
-        }
+        self.enter(cur, self.chosen);
+    }
+
+    /// Takes `m` as the configuration that decides every slot after `at`
+    /// (rule 3): every quorum from now on, entries after `at` accepted in
+    /// an older epoch dropped (void), the promise raised to the epoch's
+    /// floor, the driver told whom to talk to.
+    fn enter(&mut self, m: Membership, at: Slot) {
+        self.quorum = Quorum::of(self.cfg.id, &m);
+        self.membership = m;
+        self.out.membership = Some(self.membership.clone());
         let epoch = self.epoch();
         self.log
-            .retain(|_, e| e.chosen || e.ballot == Ballot::ZERO || e.ballot.epoch() >= epoch);
+            .retain(|&slot, e| slot <= at || e.ballot == Ballot::ZERO || e.ballot.epoch() >= epoch);
         self.promise(Ballot::epoch_floor(epoch));
-        self.out.membership = Some(self.membership.clone());
         if self.removed() {
             tracing::warn!(
                 id = self.cfg.id,
                 epoch,
+                at,
                 "this replica was removed from the cluster (it is not in configuration \
-                 epoch {epoch}): it votes in nothing and serves no one; it can be stopped"
+                 epoch {epoch}, in force after slot {at}): it votes in nothing and serves no \
+                 one; it can be stopped"
             );
         }
-    }
-
-    fn set_membership(&mut self, m: Membership) {
-        self.quorum = Quorum::of(self.cfg.id, &m);
-        self.membership = m;
     }
 
     /// The chosen prefix passed a stop sign at `at` (or a snapshot of
@@ -116,7 +118,6 @@ impl Paxos {
         if next == self.membership {
             return;
         }
-        let was_voter = self.membership.is_voter(self.cfg.id);
         tracing::info!(
             id = self.cfg.id,
             epoch = next.epoch,
@@ -125,13 +126,8 @@ impl Paxos {
             learners = ?next.learners(),
             "configuration changed"
         );
-        self.set_membership(next);
-        self.out.membership = Some(self.membership.clone());
+        self.enter(next, at);
         let epoch = self.epoch();
-        // Entries after the stop sign accepted in an older epoch are void.
-        self.log
-            .retain(|&slot, e| slot <= at || e.ballot == Ballot::ZERO || e.ballot.epoch() >= epoch);
-        self.promise(Ballot::epoch_floor(epoch));
         self.probes.clear();
         let me = self.cfg.id;
         match std::mem::replace(&mut self.role, Role::Follower) {
@@ -146,12 +142,10 @@ impl Paxos {
                     self.start_election(Ballot::ZERO);
                     if let Role::Candidate(c) = &mut self.role {
                         c.carried = l.queue;
+                        c.carried_bytes = l.queue_bytes;
                         c.carrying = true;
-                    } else if let Role::Leader(nl) = &mut self.role {
-                        for req in l.queue {
-                            nl.queue_bytes += request_bytes(&req);
-                            nl.queue.push_back(req);
-                        }
+                    } else if let Some(nl) = self.lead() {
+                        l.queue.into_iter().for_each(|req| nl.enqueue(req));
                     }
                 } else {
                     tracing::info!(id = me, epoch, "no longer a voter: stepping down as leader");
@@ -169,28 +163,16 @@ impl Paxos {
             }
             Role::PreCandidate(_) | Role::Follower => {}
         }
-        if !matches!(self.role, Role::Leader(_) | Role::Candidate(_)) {
-            if self.leader.is_some_and(|l| !self.membership.is_voter(l)) {
-                // Our leader was removed or demoted: elect another soon,
-                // without waiting out a full timeout.
-                self.leader = None;
-                let span = self
-                    .rng
-                    .random_range(1..=self.cfg.heartbeat_ticks.max(1) * 2);
-                self.election_at = self.now + u64::from(span);
-            }
-            if was_voter && !self.membership.is_voter(me) {
-                self.leader = self.leader.filter(|&l| l != me);
-            }
-        }
-        if self.removed() {
-            tracing::warn!(
-                id = me,
-                epoch,
-                at,
-                "this replica was removed from the cluster at slot {at} (configuration epoch \
-                 {epoch}): it votes in nothing and serves no one from now on; it can be stopped"
-            );
+        if !matches!(self.role, Role::Leader(_) | Role::Candidate(_))
+            && self.leader.is_some_and(|l| !self.membership.is_voter(l))
+        {
+            // Our leader was removed or demoted: elect another soon,
+            // without waiting out a full timeout.
+            self.leader = None;
+            let span = self
+                .rng
+                .random_range(1..=self.cfg.heartbeat_ticks.max(1) * 2);
+            self.election_at = self.now + u64::from(span);
         }
     }
 
