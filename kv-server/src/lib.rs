@@ -84,8 +84,7 @@ pub async fn run(
         .unwrap_or_else(|| Membership::from_replicas(&config.replicas));
     // The configuration to start from: the snapshot's, else the first one
     // this replica recorded, else (a new replica) the one it was given.
-    let in_snapshot = (!sm.membership().members.is_empty()).then(|| sm.membership().clone());
-    let (start, persist_seed) = match (in_snapshot, durable.membership.take()) {
+    let (start, persist_seed) = match (sm.known_membership().cloned(), durable.membership.take()) {
         (Some(m), _) => (m, false),
         (None, Some(seed)) => (seed, false),
         (None, None) => (given.clone(), true),

@@ -393,9 +393,8 @@ impl Node {
                         self.snapshots.latest = self.snapshots.latest.max(index);
                         self.snapshots.log_bytes = 0;
                         self.snapshots.installed += 1;
-                        let m = self.sm.membership().clone();
-                        self.core
-                            .install_snapshot(index, (!m.members.is_empty()).then_some(m));
+                        let m = self.sm.known_membership().cloned();
+                        self.core.install_snapshot(index, m);
                     }
                     Ok(_) => {}
                     Err(e) => {

@@ -388,6 +388,13 @@ impl StateMachine {
         &self.membership
     }
 
+    /// The configuration, if this state machine has one: `None` for one
+    /// read from a snapshot written before configurations were kept in
+    /// them (and not yet given one).
+    pub fn known_membership(&self) -> Option<&kv_api::membership::Membership> {
+        (!self.membership.members.is_empty()).then_some(&self.membership)
+    }
+
     /// Sets the configuration (from a snapshot, or the first one).
     pub fn set_membership(&mut self, m: kv_api::membership::Membership) {
         self.membership = m;
