@@ -258,6 +258,12 @@ async fn a_second_change_is_refused_while_the_first_is_in_progress() {
     let cluster = Cluster::start(3).await;
     bounded(Duration::from_secs(120), "the test", async {
         let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+        // Both clients open their sessions first: then the two changes
+        // leave together, not each behind an open of its own.
+        let a = client_of(&cluster, &[leader], Duration::from_secs(10));
+        let b = client_of(&cluster, &[leader], Duration::from_secs(10));
+        a.put("a", "1").await.expect("a write");
+        b.put("b", "1").await.expect("a write");
         // The followers answer 200 ms late: a change takes that long to be
         // chosen, and two sent at once overlap.
         for f in (1..=3).filter(|&id| id != leader) {
@@ -271,8 +277,6 @@ async fn a_second_change_is_refused_while_the_first_is_in_progress() {
                 )
                 .await;
         }
-        let a = client_of(&cluster, &[leader], Duration::from_secs(10));
-        let b = client_of(&cluster, &[leader], Duration::from_secs(10));
         let (x, y) = tokio::join!(
             a.add_member(7, "127.0.0.1:1", "127.0.0.1:2"),
             b.add_member(8, "127.0.0.1:3", "127.0.0.1:4")
