@@ -47,6 +47,9 @@ pub struct ServerConfig {
     /// TLS on both ports (`--tls-ca`, `--tls-cert`, `--tls-key`): the
     /// certificate must name this replica (`replica-ID`). `None`: plain TCP.
     pub tls: Option<kv_api::tls::TlsFiles>,
+    /// Where the admin HTTP listener serves `/metrics`, `/livez`,
+    /// `/readyz` and `/status` (`--admin-addr`; `None`: no listener).
+    pub admin_addr: Option<String>,
 }
 
 impl ServerConfig {
@@ -66,6 +69,7 @@ impl ServerConfig {
             session_ttl: Duration::from_millis(crate::state::DEFAULT_SESSION_TTL_MS),
             max_sessions: crate::state::DEFAULT_MAX_SESSIONS,
             tls: None,
+            admin_addr: None,
         }
     }
 

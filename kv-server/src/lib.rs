@@ -19,16 +19,23 @@
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
 //! - `net` — listening, dialling, framing, and the limits on connections,
 //!   requests in flight, idle time and deadlines.
+//! - [`logging`] — `--log-format json`: one JSON object a line.
+//! - [`metrics`] — the replica's metrics (`kvpaxos_…`), process-wide.
+//! - `admin` — the admin HTTP listener: `/metrics`, `/livez`, `/readyz`,
+//!   `/status` (`--admin-addr`).
 //! - [`run`] — starts one replica and serves until `shutdown` resolves, or
 //!   fails if a listener stops.
 #![deny(missing_docs)]
 
+mod admin;
 pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
 mod inbox;
 mod lock;
+pub mod logging;
+pub mod metrics;
 pub mod net;
 mod node;
 pub mod paxos;
@@ -186,11 +193,41 @@ pub async fn run(
         tx,
     )
     .sessions(config.session_ttl, config.max_sessions);
+    let admin = match &config.admin_addr {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| ServerError::Bind {
+                        addr: addr.clone(),
+                        error,
+                    })?;
+            let admin_tls = match &tls {
+                Some(tls) => Some(
+                    tls.server_config_optional_client()
+                        .map_err(|e| ServerError::Config(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let state = Arc::new(admin::Admin {
+                id: config.id,
+                client_addr: me.client_addr.clone(),
+                health: node.health(),
+                inputs: node.inputs(),
+            });
+            tracing::info!(id = config.id, admin = %addr, tls = admin_tls.is_some(), "admin listener serving /metrics /livez /readyz /status");
+            Some(tokio::spawn(admin::serve(listener, admin_tls, state)))
+        }
+    };
     let (listeners_ended, aborts) = listeners.watch();
     let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
     let result = node.run(rx, config.tick, stop).await;
     for a in aborts {
         a.abort();
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     match failed.await {
         Ok(why) => Err(ServerError::Internal(why)),

@@ -192,6 +192,24 @@ struct Cli {
     #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
     tls_key: Option<PathBuf>,
 
+    /// Serve the admin HTTP endpoints on ADDR (host:port; off unless
+    /// given): /metrics (Prometheus/OpenMetrics text), /livez (200 while
+    /// the replica's loops turn), /readyz (200 when it knows a leader that
+    /// is talking to it and is at most 1,000 entries behind it, else 503
+    /// with the reason) and /status (its `kv-client status` line, JSON).
+    /// With the --tls-* options it speaks TLS; /metrics and /status then
+    /// need a client certificate with the admin role, the probes none.
+    /// Like the other ports, a plain address must be loopback unless
+    /// --insecure.
+    #[arg(long, value_name = "ADDR")]
+    admin_addr: Option<String>,
+
+    /// How log lines are written to stderr: `text` for people, `json` for
+    /// log shippers (one object a line: ts, level, target, replica, msg,
+    /// fields).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = kv_server::logging::LogFormat::Text)]
+    log_format: kv_server::logging::LogFormat,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -214,7 +232,9 @@ Example:
   # Repeat a run's fault schedule, faster, and let a majority go down
   kv-server cluster --chaos --chaos-seed 42 --chaos-interval-ms 300..800 --max-down 3
 
-Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`.
+Prints one line per replica: `replica ID client ADDR peer ADDR admin ADDR pid PID data DIR`
+(each replica gets an admin listener on a free loopback port: /metrics,
+/livez, /readyz, /status).
 The replicas' log lines are copied to stderr prefixed with `[replica ID]`.
 
 With --chaos, it polls every replica's status every 200 ms and prints
@@ -409,7 +429,7 @@ impl From<ServerError> for Failure {
 fn main() -> ExitCode {
     // Parse before anything else: clap prints its own message and exits 2.
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format, cli.id);
     // Everything a replica creates (log segments, snapshots, temporary
     // files, LOCK, directories) is for its own user only: 0600 files, 0700
     // directories. One process-wide setting covers every place a file is
@@ -441,15 +461,22 @@ fn main() -> ExitCode {
 /// deadline passed at ERROR, client and server side, a rate anyone who can
 /// reach a port controls, and our code logs what matters of peer calls
 /// itself. `RUST_LOG=info,tarpc=debug` brings them back.
-fn init_logging() {
+fn init_logging(format: kv_server::logging::LogFormat, replica: Option<u64>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=off"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // No colour codes in files and pipes (e.g. under `cluster`).
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(
+            std::io::stderr().is_terminal() && format == kv_server::logging::LogFormat::Text,
+        );
+    match format {
+        kv_server::logging::LogFormat::Text => builder.init(),
+        kv_server::logging::LogFormat::Json => builder
+            .event_format(kv_server::logging::JsonLines { replica })
+            .init(),
+    }
 }
 
 async fn run_cli(cli: Cli) -> Result<(), Failure> {
@@ -542,6 +569,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                     }
                     _ => None,
                 },
+                admin_addr: cli.admin_addr,
             };
             run_replica(id, cli.replicas, cli.data_dir, tuning, shutdown).await
         }
@@ -578,6 +606,7 @@ struct Tuning {
     session_ttl: Duration,
     max_sessions: u64,
     tls: Option<kv_api::tls::TlsFiles>,
+    admin_addr: Option<String>,
 }
 
 /// Seconds, fractions allowed, from 1 ms to 30 days.
@@ -628,10 +657,12 @@ async fn run_replica(
     config.session_ttl = tuning.session_ttl;
     config.max_sessions = tuning.max_sessions;
     config.tls = tuning.tls;
+    config.admin_addr = tuning.admin_addr;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         let tls_configured = config.tls.is_some();
-        let addrs = [me.client_addr.as_str(), me.peer_addr.as_str()];
+        let mut addrs = vec![me.client_addr.as_str(), me.peer_addr.as_str()];
+        addrs.extend(config.admin_addr.as_deref());
         kv_server::binds::refuse_plain_public_bind(&addrs, tls_configured, tuning.insecure)
             .map_err(Failure::usage)?;
         if tuning.insecure
@@ -642,6 +673,7 @@ async fn run_replica(
                 id,
                 client_addr = %me.client_addr,
                 peer_addr = %me.peer_addr,
+                admin_addr = config.admin_addr.as_deref().unwrap_or("-"),
                 "serving without TLS on an address that is not loopback (--insecure): anyone \
                  who can reach it can read and write the store and forge consensus messages"
             );

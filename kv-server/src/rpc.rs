@@ -234,6 +234,42 @@ impl Handler {
     }
 }
 
+/// Times one client request into `kvpaxos_client_requests_total` and
+/// `kvpaxos_client_request_duration_seconds`. A handler dropped at its
+/// deadline (tarpc drops it at any `.await`) is counted as a timeout.
+struct Timing {
+    op: usize,
+    outcome: usize,
+    started: std::time::Instant,
+}
+
+impl Timing {
+    fn start(op: usize) -> Timing {
+        Timing {
+            op,
+            // Until `finish` says otherwise.
+            outcome: crate::metrics::error_outcome(&KvError::Timeout(String::new())),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn finish<T>(mut self, result: &std::result::Result<T, KvError>, found: bool) {
+        self.outcome = match result {
+            Ok(_) if found => 0,
+            Ok(_) => crate::metrics::NOT_FOUND,
+            Err(e) => crate::metrics::error_outcome(e),
+        };
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        crate::metrics::global()
+            .client
+            .record(self.op, self.outcome, self.started.elapsed());
+    }
+}
+
 impl Kv for Handler {
     async fn write(
         self,
@@ -241,16 +277,10 @@ impl Kv for Handler {
         req: WriteRequest,
         route: Route,
     ) -> std::result::Result<WriteOutcome, KvError> {
-        self.allow(Role::Write, "writing")?;
-        if route == Route::Redirect {
-            return self.write_here(req).await;
-        }
-        match self.write_here(req.clone()).await {
-            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
-                self.pool.forward_write(hint.id, ctx.deadline, req).await
-            }
-            other => other,
-        }
+        let timing = Timing::start(crate::metrics::op_kind(&req.op));
+        let result = self.write_routed(ctx, req, route).await;
+        timing.finish(&result, true);
+        result
     }
 
     async fn get(
@@ -260,16 +290,14 @@ impl Kv for Handler {
         mode: ReadMode,
         route: Route,
     ) -> std::result::Result<GetResponse, KvError> {
-        self.allow(Role::Read, "reading")?;
-        if route == Route::Redirect {
-            return self.get_here(key, mode).await;
-        }
-        match self.get_here(key.clone(), mode).await {
-            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
-                self.pool.forward_get(hint.id, ctx.deadline, key).await
-            }
-            other => other,
-        }
+        let timing = Timing::start(match mode {
+            ReadMode::Local => crate::metrics::GET_LOCAL,
+            _ => crate::metrics::GET,
+        });
+        let result = self.get_routed(ctx, key, mode, route).await;
+        let found = result.as_ref().is_ok_and(|r| r.value.is_some());
+        timing.finish(&result, found);
+        result
     }
 
     async fn set_faults(
@@ -290,6 +318,45 @@ impl Kv for Handler {
                 standing: "unknown".into(),
                 ..ReplicaStatus::default()
             })
+    }
+}
+
+impl Handler {
+    async fn write_routed(
+        self,
+        ctx: Context,
+        req: WriteRequest,
+        route: Route,
+    ) -> std::result::Result<WriteOutcome, KvError> {
+        self.allow(Role::Write, "writing")?;
+        if route == Route::Redirect {
+            return self.write_here(req).await;
+        }
+        match self.write_here(req.clone()).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_write(hint.id, ctx.deadline, req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get_routed(
+        self,
+        ctx: Context,
+        key: Vec<u8>,
+        mode: ReadMode,
+        route: Route,
+    ) -> std::result::Result<GetResponse, KvError> {
+        self.allow(Role::Read, "reading")?;
+        if route == Route::Redirect {
+            return self.get_here(key, mode).await;
+        }
+        match self.get_here(key.clone(), mode).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_get(hint.id, ctx.deadline, key).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -392,12 +459,15 @@ impl Peer for Handler {
         let max = req.max_len.clamp(1, MAX_SNAPSHOT_CHUNK) as usize;
         let read = tokio::task::spawn_blocking(move || dir.read_chunk(req.index, req.offset, max));
         match read.await {
-            Ok(Ok((index, total_len, data))) => Ok(SnapshotChunk {
-                index,
-                total_len,
-                offset: req.offset,
-                data,
-            }),
+            Ok(Ok((index, total_len, data))) => {
+                crate::metrics::global().snapshot_chunks_served.inc();
+                Ok(SnapshotChunk {
+                    index,
+                    total_len,
+                    offset: req.offset,
+                    data,
+                })
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("reading the snapshot failed: {e}")),
         }
