@@ -153,6 +153,7 @@ pub async fn run(
         ),
         None => None,
     };
+    wait_until_resolvable(config.id, &[&me.client_addr, &me.peer_addr]).await;
     let (serve_kv, serve_peer) = rpc::listen(
         me.client_addr.clone(),
         me.peer_addr.clone(),
@@ -232,6 +233,51 @@ pub async fn run(
     match failed.await {
         Ok(why) => Err(ServerError::Internal(why)),
         Err(_) => result,
+    }
+}
+
+/// How long a replica waits at start for its own addresses' names to
+/// resolve before it tries to bind them anyway (and fails, naming them).
+pub const OWN_NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits, up to [`OWN_NAME_WAIT`], until every one of `addrs` resolves.
+/// A replica named by DNS may start before its name is published (a
+/// Kubernetes pod before its Service lists it, a container before its
+/// network's DNS has it); binding at once would fail and crash-loop it.
+/// Peers' names need no such wait: they are resolved at every dial, and
+/// dials are retried with backoff for as long as the replica runs.
+async fn wait_until_resolvable(id: kv_api::ReplicaId, addrs: &[&str]) {
+    let deadline = tokio::time::Instant::now() + OWN_NAME_WAIT;
+    let mut warned = false;
+    for addr in addrs {
+        loop {
+            let result = tokio::net::lookup_host(*addr)
+                .await
+                .map(|mut found| found.next().is_some());
+            match result {
+                Ok(true) => break,
+                result => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    if !warned {
+                        warned = true;
+                        let why = match result {
+                            Ok(_) => "it resolves to no address".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::warn!(
+                            id,
+                            addr,
+                            error = %why,
+                            wait_secs = OWN_NAME_WAIT.as_secs(),
+                            "this replica's own address does not resolve yet; retrying"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 }
 
