@@ -347,7 +347,7 @@ fn dockerfile_is_multi_stage_non_root_with_data_on_a_volume() {
     let user = text
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .next_back()
         .expect("a USER");
     assert!(
         !user.starts_with("root") && !user.starts_with('0'),
@@ -512,10 +512,11 @@ async fn replicas_whose_peer_name_does_not_resolve_start_serve_and_keep_dialling
         }
     };
     let first = dials().await;
-    wait_until(Duration::from_secs(10), "1 and 2 still dialling 3", || {
-        let dials = dials.clone();
-        async move { dials().await > first }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "1 and 2 still dialling 3",
+        || async move { dials().await > first },
+    )
     .await;
     for (i, c) in procs.0.iter_mut().enumerate() {
         let log =
