@@ -23,6 +23,8 @@
 //! - [`metrics`] — the replica's metrics (`kvpaxos_…`), process-wide.
 //! - `admin` — the admin HTTP listener: `/metrics`, `/livez`, `/readyz`,
 //!   `/status` (`--admin-addr`).
+//! - [`restore`] — `kv-server restore`: a new replica's data directory
+//!   from a backup.
 //! - [`run`] — starts one replica and serves until `shutdown` resolves, or
 //!   fails if a listener stops.
 #![deny(missing_docs)]
@@ -40,6 +42,7 @@ pub mod net;
 mod node;
 pub mod paxos;
 mod peers;
+pub mod restore;
 mod rpc;
 pub mod snapshot;
 pub mod state;

@@ -270,6 +270,45 @@ and client a --tls-ca file holding both CAs (cat old/ca.pem new/ca.pem),
 restarting replicas one at a time; then move each to its new certificate
 and key; then drop the old CA from the file, again one replica at a time.")]
     Certs(CertsArgs),
+    /// Prepare one replica's data directory of a new cluster from a backup
+    /// (`kv-client snapshot save`): checks the backup's checksum, then
+    /// writes the snapshot and a log that continues after it. Run it once
+    /// for every replica of the new replica file, from the same backup,
+    /// then start the replicas as usual.
+    #[command(after_help = "\
+Example:
+  kv-client snapshot save backup.snap                   # on the old cluster
+  for id in 1 2 3 4 5; do
+    kv-server restore backup.snap --id $id --replicas new/replica --data-dir new/data/$id
+  done
+  kv-server cluster --replicas new/replica --data-dir new/data
+
+A damaged or truncated backup is refused with the reason (exit 1) and
+nothing is written. DIR must be missing or empty (exit 2 otherwise): restore
+never overwrites a replica's state. The restored replicas vote at once, as
+the replicas of a new cluster: never restore into a cluster that runs.")]
+    Restore(RestoreArgs),
+}
+
+/// Arguments of `kv-server restore`.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The backup: a snapshot file written by `kv-client snapshot save`.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// The id of the replica whose data directory to prepare.
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+
+    /// The new cluster's replica file.
+    #[arg(long, value_name = "FILE", default_value = "replica")]
+    replicas: PathBuf,
+
+    /// The data directory to prepare (created; must be missing or empty)
+    /// [default: data/ID]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Arguments of `kv-server certs`.
@@ -501,6 +540,23 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             for path in written {
                 let _ = writeln!(out, "{}", path.display());
             }
+            Ok(())
+        }
+        Some(Command::Restore(args)) => {
+            let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;
+            let data_dir = args
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("data").join(args.id.to_string()));
+            let restored = kv_server::restore::restore(&args.file, args.id, &replicas, &data_dir)?;
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "restored replica {} from {} at log index {} ({} keys) into {}",
+                args.id,
+                args.file.display(),
+                restored.index,
+                restored.keys,
+                restored.data_dir.display()
+            );
             Ok(())
         }
         Some(Command::Cluster(args)) => {

@@ -121,6 +121,8 @@ pub struct Node {
     seen: Seen,
     /// `kvpaxos_proposals_total` by outcome, resolved once.
     proposals: Proposals,
+    /// Backups waiting for a snapshot covering at least this index.
+    backups: Vec<(Slot, oneshot::Sender<std::result::Result<Slot, String>>)>,
 }
 
 /// The leader and ballot the driver last saw.
@@ -183,6 +185,7 @@ impl Node {
             health: Arc::new(Health::new()),
             seen: Seen::default(),
             proposals: Proposals::new(),
+            backups: Vec::new(),
         }
     }
 
@@ -498,8 +501,39 @@ impl Node {
                     duplicate_writes: self.duplicates,
                 });
             }
+            Input::Backup { reply } => {
+                let applied = self.sm.applied();
+                if applied == 0 {
+                    let _ = reply.send(Err(
+                        "nothing has been written to this cluster yet: no snapshot to back up"
+                            .into(),
+                    ));
+                } else if self.snapshots.latest >= applied {
+                    let _ = reply.send(Ok(self.snapshots.latest));
+                } else {
+                    self.backups.push((applied, reply));
+                    if !self.snapshots.taking {
+                        self.start_snapshot();
+                    }
+                }
+            }
             Input::SnapshotTaken { index, result } => {
                 self.snapshots.taking = false;
+                // Backups this snapshot covers get it; later ones (asked
+                // while it was being written) get the next, started now.
+                let mut later = Vec::new();
+                for (needed, reply) in std::mem::take(&mut self.backups) {
+                    match &result {
+                        Ok(()) if index >= needed => {
+                            let _ = reply.send(Ok(index));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("cannot write a snapshot: {e}")));
+                        }
+                        Ok(()) => later.push((needed, reply)),
+                    }
+                }
+                self.backups = later;
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics::global()
                     .snapshots_taken
@@ -563,9 +597,15 @@ impl Node {
         let applied = self.sm.applied();
         let by_entries = applied >= self.snapshots.latest + self.snapshots.every;
         let by_bytes = self.snapshots.log_bytes >= MIN_LOG_BYTES.max(self.sm.data_bytes() / 2);
-        if self.snapshots.taking || !(by_entries || by_bytes) {
+        if self.snapshots.taking || !(by_entries || by_bytes || !self.backups.is_empty()) {
             return;
         }
+        self.start_snapshot();
+    }
+
+    /// Starts writing a snapshot of the state now.
+    fn start_snapshot(&mut self) {
+        let applied = self.sm.applied();
         self.snapshots.taking = true;
         self.snapshots.log_bytes = 0;
         let copy = self.sm.clone();

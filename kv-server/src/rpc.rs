@@ -31,8 +31,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
-    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
-    Route, WriteOutcome, WriteRequest,
+    BackupChunk, BackupInfo, FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode,
+    ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -307,6 +307,45 @@ impl Kv for Handler {
     ) -> std::result::Result<FaultReport, KvError> {
         self.allow(Role::Admin, "fault injection")?;
         self.set_faults_now(change)
+    }
+
+    async fn backup_begin(self, _: Context) -> std::result::Result<BackupInfo, KvError> {
+        self.allow(Role::Admin, "a backup")?;
+        let index = self
+            .ask(|reply| Input::Backup { reply })
+            .await
+            .unwrap_or_else(|| Err("this replica is shutting down".into()))
+            .map_err(KvError::Unavailable)?;
+        // The length and checksum of the file as it is on disk, read off
+        // the driver; the client checks what it receives against them.
+        let dir = self.snapshots.clone();
+        let summed = tokio::task::spawn_blocking(move || dir.file_crc32(index)).await;
+        match summed {
+            Ok(Ok((len, crc32))) => Ok(BackupInfo { index, len, crc32 }),
+            Ok(Err(e)) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+            Err(e) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+        }
+    }
+
+    async fn backup_chunk(
+        self,
+        _: Context,
+        index: kv_api::Slot,
+        offset: u64,
+        max_len: u32,
+    ) -> std::result::Result<BackupChunk, KvError> {
+        self.allow(Role::Admin, "a backup")?;
+        let dir = self.snapshots.clone();
+        let max = max_len.clamp(1, kv_api::MAX_BACKUP_CHUNK) as usize;
+        let read = tokio::task::spawn_blocking(move || dir.read_chunk(Some(index), offset, max));
+        match read.await {
+            Ok(Ok((_, _, data))) => Ok(BackupChunk { offset, data }),
+            Ok(Err(e)) => Err(KvError::Unavailable(format!(
+                "snapshot {index} cannot be read (newer snapshots replace it: start the \
+                 backup again): {e}"
+            ))),
+            Err(e) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+        }
     }
 
     async fn status(self, _: Context) -> ReplicaStatus {

@@ -488,6 +488,22 @@ impl Cluster {
     }
 
     fn start_inner(n: usize, server_args: &[&str], tls: bool, admin: bool) -> Cluster {
+        let mut cluster = Cluster::build(n, server_args, tls, admin);
+        for id in cluster.ids() {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// A cluster's directory, replica file and (empty) data directories,
+    /// with no replica started: for a test that prepares the data first
+    /// (a restore), then [`Cluster::spawn`]s each replica and waits with
+    /// [`Cluster::wait_ready`].
+    pub fn prepare(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::build(n, server_args, tls_by_env(), false)
+    }
+
+    fn build(n: usize, server_args: &[&str], tls: bool, admin: bool) -> Cluster {
         assert!(n > 0, "a cluster needs at least one replica");
         let mut admin_ports = if admin { free_ports(n) } else { Vec::new() };
         let server_bin = bin_path("kv-server");
@@ -518,7 +534,7 @@ impl Cluster {
                 )
             })
             .collect();
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             replicas_file,
             replicas,
@@ -528,11 +544,7 @@ impl Cluster {
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
             tls,
             fault_injection: true,
-        };
-        for id in cluster.ids() {
-            cluster.spawn(id);
         }
-        cluster
     }
 
     /// The replica ids, ascending.

@@ -18,11 +18,13 @@
 //! - `fault` — `kv-client fault`: failure injection at run time.
 //! - `shell` — `kv-client shell`: the interactive prompt.
 //! - `bench` — `kv-client bench`: the closed-loop load generator.
+//! - `snapshot` — `kv-client snapshot save FILE`: a backup.
 
 mod bench;
 mod fault;
 mod output;
 mod shell;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -39,6 +41,7 @@ use crate::{Client, ClientBuilder, Error};
 pub use bench::{BenchArgs, BenchOp};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
+pub use snapshot::{SnapshotAction, SnapshotArgs};
 
 /// Exit status: success.
 pub const EXIT_OK: u8 = 0;
@@ -68,6 +71,7 @@ Examples:
   kv-client fault --server 127.0.0.1:7003 --drop-rate 0.2 --delay-ms 5..50
   kv-client fault --all --heal
   kv-client bench --clients 16 --secs 10 --op mixed
+  kv-client snapshot save backup.snap
 
 Exit status: 0 success; 1 get found no such key, or cas did not swap;
 2 bad usage or invalid input; 3 no quorum answered before the timeout
@@ -221,6 +225,11 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// for a fixed time; prints one JSON line at the end.
     #[command(after_help = bench::EXAMPLES)]
     Bench(BenchArgs),
+    /// Backups: `snapshot save FILE` streams a consistent snapshot from
+    /// the leader into FILE, checksummed (restore it with `kv-server
+    /// restore`). Needs the admin role with TLS.
+    #[command(after_help = snapshot::EXAMPLES)]
+    Snapshot(SnapshotArgs),
 }
 
 /// Parses `--timeout`: positive seconds, fractions allowed.
@@ -482,6 +491,11 @@ async fn one_shot(settings: &Settings, command: Command) -> Reply {
     if let Command::Fault(args) = command {
         return fault::run(settings, args).await;
     }
+    // Bounded per request, not as a whole: a snapshot takes as long as
+    // its size.
+    if let Command::Snapshot(args) = command {
+        return snapshot::run(settings, args).await;
+    }
     let (builder, ids) = match settings.builder() {
         Ok(b) => b,
         Err(f) => return Reply::failed(f),
@@ -642,6 +656,7 @@ async fn execute_inner(
             Ok(reply)
         }
         Command::Fault(args) => Ok(fault::run(settings, args).await),
+        Command::Snapshot(args) => Ok(snapshot::run(settings, args).await),
         Command::Shell | Command::Bench(_) => Err(Failure::usage(
             "`shell` and `bench` cannot be run from the shell",
         )),
