@@ -340,3 +340,25 @@ async fn with_tls_metrics_need_the_admin_role_and_probes_no_certificate() {
     let (code, _) = https_get(&addr, tls_client(&dir, None), "/livez").await;
     assert_eq!(code, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_are_objects_carrying_the_replica_id() {
+    let cluster = Cluster::start_with_args(3, &["--log-format", "json"]).await;
+    cluster.client().put("k", "v").await.expect("put");
+    for id in cluster.ids() {
+        let text = cluster.log_text(id);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "replica {id} logged nothing");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("replica {id}: not JSON ({e}): {line}"));
+            assert_eq!(v["replica"], id, "{line}");
+            assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+            assert!(v["level"].is_string() && v["msg"].is_string(), "{line}");
+        }
+        assert!(
+            lines.iter().any(|l| l.contains("\"msg\":\"replica serving\"")),
+            "replica {id}: {text}"
+        );
+    }
+}
