@@ -126,7 +126,6 @@ pub struct Node {
 }
 
 /// The leader and ballot the driver last saw.
-#[derive(Default)]
 struct Seen {
     leader: Option<ReplicaId>,
     promised: kv_peer_api::Ballot,
@@ -164,6 +163,12 @@ impl Node {
         pool: Arc<PeerPool>,
         inputs: mpsc::Sender<Input>,
     ) -> Node {
+        // A ballot of its own promised before a restart is not an
+        // election started now.
+        let seen = Seen {
+            leader: None,
+            promised: core.promised(),
+        };
         Node {
             core,
             sm,
@@ -183,7 +188,7 @@ impl Node {
             time_proposed: None,
             duplicates: 0,
             health: Arc::new(Health::new()),
-            seen: Seen::default(),
+            seen,
             proposals: Proposals::new(),
             backups: Vec::new(),
         }

@@ -357,7 +357,9 @@ async fn json_log_lines_are_objects_carrying_the_replica_id() {
             assert!(v["level"].is_string() && v["msg"].is_string(), "{line}");
         }
         assert!(
-            lines.iter().any(|l| l.contains("\"msg\":\"replica serving\"")),
+            lines
+                .iter()
+                .any(|l| l.contains("\"msg\":\"replica serving\"")),
             "replica {id}: {text}"
         );
     }
