@@ -364,3 +364,56 @@ async fn json_log_lines_are_objects_carrying_the_replica_id() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_every_replica_with_its_role_and_rates() {
+    let cluster = Cluster::start_with_admin(3, &[], false).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let admin: Vec<String> = cluster
+        .ids()
+        .iter()
+        .map(|&id| cluster.admin_addr(id).to_string())
+        .collect();
+    let client = cluster.client();
+    let load = tokio::spawn(async move {
+        for i in 0..400 {
+            let _ = client.put(format!("k{i}"), "v").await;
+        }
+    });
+    let admin = admin.join(",");
+    let out = cluster
+        .cli(&[
+            "top",
+            "--iterations",
+            "2",
+            "--interval",
+            "0.5",
+            "--admin",
+            &admin,
+        ])
+        .await;
+    load.await.unwrap();
+    assert!(out.status.success(), "{}", kv_tests::describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // Two frames: a title, a header and a line per replica each.
+    let frames: Vec<&str> = text.split(" kvpaxos: ").skip(1).collect();
+    assert_eq!(frames.len(), 2, "{text}");
+    let last: Vec<&str> = frames[1].lines().collect();
+    assert!(last[0].contains(&format!("leader {leader}")), "{text}");
+    assert!(
+        last[1].contains("ops/s") && last[1].contains("p99"),
+        "{text}"
+    );
+    for id in cluster.ids() {
+        let line = last[2..]
+            .iter()
+            .find(|l| l.contains(cluster.client_addr(id)))
+            .unwrap_or_else(|| panic!("no line for replica {id}: {text}"));
+        let role = if id == leader { "leader" } else { "follower" };
+        assert!(line.contains(role), "{line}");
+        // The second frame has rates: columns after the lag are numbers.
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert!(cols[5].parse::<f64>().is_ok(), "applied/s in {line}");
+        assert!(cols[6].parse::<f64>().is_ok(), "ops/s in {line}");
+    }
+}

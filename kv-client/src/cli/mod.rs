@@ -19,12 +19,14 @@
 //! - `shell` — `kv-client shell`: the interactive prompt.
 //! - `bench` — `kv-client bench`: the closed-loop load generator.
 //! - `snapshot` — `kv-client snapshot save FILE`: a backup.
+//! - `top` — `kv-client top`: the cluster at a glance, refreshed.
 
 mod bench;
 mod fault;
 mod output;
 mod shell;
 mod snapshot;
+mod top;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -42,6 +44,7 @@ pub use bench::{BenchArgs, BenchOp};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
 pub use snapshot::{SnapshotAction, SnapshotArgs};
+pub use top::{render as render_top, ReplicaLine, TopArgs, View as TopView};
 
 /// Exit status: success.
 pub const EXIT_OK: u8 = 0;
@@ -72,6 +75,7 @@ Examples:
   kv-client fault --all --heal
   kv-client bench --clients 16 --secs 10 --op mixed
   kv-client snapshot save backup.snap
+  kv-client top
 
 Exit status: 0 success; 1 get found no such key, or cas did not swap;
 2 bad usage or invalid input; 3 no quorum answered before the timeout
@@ -230,6 +234,10 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// restore`). Needs the admin role with TLS.
     #[command(after_help = snapshot::EXAMPLES)]
     Snapshot(SnapshotArgs),
+    /// The cluster at a glance, refreshed every second: each replica's
+    /// role, applied index, lag, rates, p99 (with --admin) and faults.
+    #[command(after_help = top::EXAMPLES)]
+    Top(TopArgs),
 }
 
 /// Parses `--timeout`: positive seconds, fractions allowed.
@@ -468,6 +476,7 @@ pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Shell => shell::run(settings).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::Top(args) => top::run(settings, args).await,
         command => {
             let reply = one_shot(&settings, command).await;
             reply.emit(settings.format)
@@ -657,8 +666,8 @@ async fn execute_inner(
         }
         Command::Fault(args) => Ok(fault::run(settings, args).await),
         Command::Snapshot(args) => Ok(snapshot::run(settings, args).await),
-        Command::Shell | Command::Bench(_) => Err(Failure::usage(
-            "`shell` and `bench` cannot be run from the shell",
+        Command::Shell | Command::Bench(_) | Command::Top(_) => Err(Failure::usage(
+            "`shell`, `bench` and `top` cannot be run from the shell",
         )),
     }
 }
