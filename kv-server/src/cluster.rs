@@ -336,11 +336,13 @@ impl Supervisor {
         tokio::spawn(watch(id, child, copiers, control_rx, self.exits_tx.clone()));
 
         report(format_args!(
-            "replica {id} client {} peer {} admin {admin} pid {pid} data {}",
+            "replica {id} client {} peer {} pid {pid} data {}",
             replica.client_addr,
             replica.peer_addr,
             data_dir.display()
         ));
+        // On a line of its own: scripts match the line above field by field.
+        report(format_args!("replica {id} admin {admin}"));
         self.running.insert(
             id,
             Running {

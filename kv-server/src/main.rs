@@ -232,9 +232,9 @@ Example:
   # Repeat a run's fault schedule, faster, and let a majority go down
   kv-server cluster --chaos --chaos-seed 42 --chaos-interval-ms 300..800 --max-down 3
 
-Prints one line per replica: `replica ID client ADDR peer ADDR admin ADDR pid PID data DIR`
-(each replica gets an admin listener on a free loopback port: /metrics,
-/livez, /readyz, /status).
+Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`,
+and after it `replica ID admin ADDR`: each replica gets an admin listener
+on a free loopback port (/metrics, /livez, /readyz, /status).
 The replicas' log lines are copied to stderr prefixed with `[replica ID]`.
 
 With --chaos, it polls every replica's status every 200 ms and prints
