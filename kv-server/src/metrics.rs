@@ -1,5 +1,5 @@
 //! The replica's metrics, in the Prometheus/OpenMetrics text format
-//! (served on `/metrics` by [`crate::admin`]).
+//! (served on `/metrics` by the admin listener, `kv-server --admin-addr`).
 //!
 //! Every name starts with `kvpaxos_` and carries its unit (`_seconds`,
 //! `_bytes`; counters end in `_total`). The README's Operations section
