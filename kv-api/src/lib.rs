@@ -499,6 +499,33 @@ pub enum Route {
     Redirect,
 }
 
+/// A snapshot held for a backup ([`Kv::backup_begin`]): read it with
+/// [`Kv::backup_chunk`] and check what was read against `len` and `crc32`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// The log index the snapshot is at: it holds exactly the writes of
+    /// the slots up to it.
+    pub index: Slot,
+    /// The snapshot file's length in bytes.
+    pub len: u64,
+    /// CRC-32 (IEEE) of the whole file.
+    pub crc32: u32,
+}
+
+/// Bytes of a snapshot file, from `offset`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BackupChunk {
+    /// Where in the file they start.
+    pub offset: u64,
+    /// The bytes (empty at the end of the file).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// The largest [`BackupChunk`] a replica sends: well below the client
+/// port's frame limit.
+pub const MAX_BACKUP_CHUNK: u32 = 512 * 1024;
+
 /// The client-facing service every replica serves on its client address.
 #[tarpc::service]
 pub trait Kv {
@@ -518,6 +545,16 @@ pub trait Kv {
     /// far (an empty change just reports). For tests and demonstrations: it
     /// makes the replica drop, delay or cut messages.
     async fn set_faults(change: FaultSpec) -> Result<FaultReport, KvError>;
+    /// Admin: snapshots this replica's state now (unless a snapshot it
+    /// holds already covers every write it has applied) and describes
+    /// that snapshot, which [`Kv::backup_chunk`] then reads. Asked of the
+    /// leader, the snapshot holds every write acknowledged before the
+    /// call. The snapshot file is opaque to the client: `kv-server
+    /// restore` reads it.
+    async fn backup_begin() -> Result<BackupInfo, KvError>;
+    /// Admin: up to `max_len` bytes (at most [`MAX_BACKUP_CHUNK`]) of the
+    /// snapshot at `index`, from `offset`.
+    async fn backup_chunk(index: Slot, offset: u64, max_len: u32) -> Result<BackupChunk, KvError>;
 }
 
 #[cfg(test)]

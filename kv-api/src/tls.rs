@@ -258,6 +258,30 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// A server configuration that asks for a client certificate signed by
+    /// one of the CAs but also serves clients without one (a certificate
+    /// that is presented is still verified): for the admin listener, whose
+    /// health probes come from orchestrators that present none, while its
+    /// other pages check the certificate's role.
+    pub fn server_config_optional_client(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+}
+
 /// A connection that is plain TCP or TLS over TCP, either side.
 #[derive(Debug)]
 pub enum Stream {

@@ -8,8 +8,8 @@ use kv_api::membership::{MemberChange, Membership};
 use kv_api::replicas::Replicas;
 use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
-    FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaId,
-    ReplicaStatus, Route, WriteOutcome, WriteRequest,
+    BackupChunk, BackupInfo, FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult,
+    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -459,6 +459,67 @@ impl Client {
                 }
                 Attempt::Refused(KvError::Conflict(m)) => {
                     return Err(Error::Conflict(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(Error::Timeout(format!("{addr}: {last}")))
+    }
+
+    /// Admin: asks the one replica at `addr` for a snapshot to back up
+    /// (taken now, unless one it holds covers everything it has applied):
+    /// its log index, length and CRC-32. Read it with
+    /// [`Client::backup_chunk`]. Ask the leader: its snapshot then holds
+    /// every write acknowledged before the call. Bounded by the client's
+    /// timeout, which must leave the replica time to write the snapshot.
+    pub async fn backup_begin(&self, addr: &str) -> Result<BackupInfo> {
+        self.call_one(addr, |c, ctx| async move { c.backup_begin(ctx).await })
+            .await
+    }
+
+    /// Admin: up to [`kv_api::MAX_BACKUP_CHUNK`] bytes of snapshot `index`
+    /// of the replica at `addr`, from `offset` (empty at the end).
+    pub async fn backup_chunk(
+        &self,
+        addr: &str,
+        index: kv_api::Slot,
+        offset: u64,
+    ) -> Result<BackupChunk> {
+        self.call_one(addr, move |c, ctx| async move {
+            c.backup_chunk(ctx, index, offset, kv_api::MAX_BACKUP_CHUNK)
+                .await
+        })
+        .await
+    }
+
+    /// One call to the replica at `addr` only (two tries: a cached
+    /// connection may have died), errors mapped as for `set_faults`.
+    async fn call_one<T, F, Fut>(&self, addr: &str, f: F) -> Result<T>
+    where
+        F: Fn(KvClient, Context) -> Fut,
+        Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
+    {
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut last = String::new();
+        for _ in 0..2 {
+            match attempt(&self.inner.pool, addr, deadline, &f).await {
+                Attempt::Done(r) => return Ok(r),
+                Attempt::NoConnection(e) => {
+                    return Err(Error::Unavailable(format!("{addr}: cannot connect: {e}")))
+                }
+                Attempt::CallFailed(e) => last = e,
+                Attempt::Refused(KvError::InvalidArgument(m)) => {
+                    return Err(Error::InvalidArgument(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Timeout(m)) => last = m,
+                Attempt::Refused(KvError::PermissionDenied(m)) => {
+                    return Err(Error::PermissionDenied(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Disabled(m)) => {
+                    return Err(Error::Disabled(format!("{addr}: {m}")))
                 }
                 Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
             }

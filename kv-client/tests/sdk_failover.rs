@@ -214,6 +214,24 @@ impl Kv for Fake {
         ))
     }
 
+    async fn backup_begin(self, _: Context) -> Result<kv_api::BackupInfo, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no snapshots".into(),
+        ))
+    }
+
+    async fn backup_chunk(
+        self,
+        _: Context,
+        _: u64,
+        _: u64,
+        _: u32,
+    ) -> Result<kv_api::BackupChunk, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no snapshots".into(),
+        ))
+    }
+
     async fn status(self, _: Context) -> ReplicaStatus {
         let mode = self.mode();
         if let Mode::Hang = mode {

@@ -107,6 +107,9 @@ pub struct Supervisor {
     /// the health checks dial with.
     tls: Option<(PathBuf, Arc<rustls::ClientConfig>)>,
     running: BTreeMap<ReplicaId, Running>,
+    /// Each replica's admin listener (`--admin-addr`), on a loopback port
+    /// chosen free at its first start and kept across restarts.
+    admin: BTreeMap<ReplicaId, String>,
     exits_tx: mpsc::Sender<Exited>,
     exits: mpsc::Receiver<Exited>,
 }
@@ -164,6 +167,7 @@ impl Supervisor {
             replica_args: Vec::new(),
             tls: None,
             running: BTreeMap::new(),
+            admin: BTreeMap::new(),
             exits_tx,
             exits,
         }
@@ -271,6 +275,16 @@ impl Supervisor {
     fn start(&mut self, replica: &ReplicaAddr) -> anyhow::Result<()> {
         let id = replica.id;
         let data_dir = self.data_dir.join(id.to_string());
+        let admin = match self.admin.get(&id) {
+            Some(addr) => addr.clone(),
+            None => {
+                let addr = free_loopback_addr().with_context(|| {
+                    format!("cannot find a free loopback port for replica {id}'s admin listener")
+                })?;
+                self.admin.insert(id, addr.clone());
+                addr
+            }
+        };
         let mut child = Command::new(&self.exe)
             .arg("--id")
             .arg(id.to_string())
@@ -279,6 +293,8 @@ impl Supervisor {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--exit-on-stdin-eof")
+            .arg("--admin-addr")
+            .arg(&admin)
             .args(&self.replica_args)
             .args(self.tls.iter().flat_map(|(dir, _)| {
                 let file = |name: String| dir.join(name).into_os_string();
@@ -325,6 +341,8 @@ impl Supervisor {
             replica.peer_addr,
             data_dir.display()
         ));
+        // On a line of its own: scripts match the line above field by field.
+        report(format_args!("replica {id} admin {admin}"));
         self.running.insert(
             id,
             Running {
@@ -1243,6 +1261,13 @@ impl HealthTracker {
         }
         events
     }
+}
+
+/// `127.0.0.1:PORT` with a port nothing listens on now (bound, then
+/// released: the window for another process to take it is small).
+fn free_loopback_addr() -> std::io::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// `replicas` lists the same members). `None`: a new cluster's first
     /// configuration is the replica file.
     pub join: Option<kv_api::membership::Membership>,
+    /// Where the admin HTTP listener serves `/metrics`, `/livez`,
+    /// `/readyz` and `/status` (`--admin-addr`; `None`: no listener).
+    pub admin_addr: Option<String>,
 }
 
 impl ServerConfig {
@@ -72,6 +75,7 @@ impl ServerConfig {
             max_sessions: crate::state::DEFAULT_MAX_SESSIONS,
             tls: None,
             join: None,
+            admin_addr: None,
         }
     }
 

@@ -157,6 +157,7 @@ impl Faults {
         let cut = g.0.isolated.contains(&peer);
         if cut {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().fault("refuse");
         }
         cut
     }
@@ -164,13 +165,14 @@ impl Faults {
     /// Decides the fate of one message to `to`, and counts it.
     pub fn fate(&self, to: ReplicaId) -> Fate {
         let fate = self.choose(to);
-        let counter = match fate {
-            Fate::Drop => &self.dropped,
-            Fate::Timeout => &self.timed_out,
-            Fate::Send(d) if !d.is_zero() => &self.delayed,
+        let (counter, kind) = match fate {
+            Fate::Drop => (&self.dropped, "drop"),
+            Fate::Timeout => (&self.timed_out, "timeout"),
+            Fate::Send(d) if !d.is_zero() => (&self.delayed, "delay"),
             Fate::Send(_) => return fate,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().fault(kind);
         fate
     }
 

@@ -49,6 +49,12 @@ pub enum Input {
         /// Where the status goes.
         reply: oneshot::Sender<ReplicaStatus>,
     },
+    /// A backup wants a snapshot covering everything applied now: answered
+    /// with its index once one is durable.
+    Backup {
+        /// Where the index (or why there is none) goes.
+        reply: oneshot::Sender<std::result::Result<Slot, String>>,
+    },
     /// A snapshot this replica took is durable (or failed).
     SnapshotTaken {
         /// Its index.

@@ -19,20 +19,30 @@
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
 //! - `net` — listening, dialling, framing, and the limits on connections,
 //!   requests in flight, idle time and deadlines.
+//! - [`logging`] — `--log-format json`: one JSON object a line.
+//! - [`metrics`] — the replica's metrics (`kvpaxos_…`), process-wide.
+//! - `admin` — the admin HTTP listener: `/metrics`, `/livez`, `/readyz`,
+//!   `/status` (`--admin-addr`).
+//! - [`restore`] — `kv-server restore`: a new replica's data directory
+//!   from a backup.
 //! - [`run`] — starts one replica and serves until `shutdown` resolves, or
 //!   fails if a listener stops.
 #![deny(missing_docs)]
 
+mod admin;
 pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
 mod inbox;
 mod lock;
+pub mod logging;
+pub mod metrics;
 pub mod net;
 mod node;
 pub mod paxos;
 mod peers;
+pub mod restore;
 mod rpc;
 pub mod snapshot;
 pub mod state;
@@ -182,6 +192,7 @@ pub async fn run(
         ),
         None => None,
     };
+    wait_until_resolvable(config.id, &[&me.client_addr, &me.peer_addr]).await;
     let (serve_kv, serve_peer) = rpc::listen(
         me.client_addr.clone(),
         me.peer_addr.clone(),
@@ -213,15 +224,90 @@ pub async fn run(
     };
     let node = node::Node::new(core, sm, storage, snapshots, pool, tx)
         .sessions(config.session_ttl, config.max_sessions);
+    let admin = match &config.admin_addr {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| ServerError::Bind {
+                        addr: addr.clone(),
+                        error,
+                    })?;
+            let admin_tls = match &tls {
+                Some(tls) => Some(
+                    tls.server_config_optional_client()
+                        .map_err(|e| ServerError::Config(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let state = Arc::new(admin::Admin {
+                id: config.id,
+                client_addr: me.client_addr.clone(),
+                health: node.health(),
+                inputs: node.inputs(),
+            });
+            tracing::info!(id = config.id, admin = %addr, tls = admin_tls.is_some(), "admin listener serving /metrics /livez /readyz /status");
+            Some(tokio::spawn(admin::serve(listener, admin_tls, state)))
+        }
+    };
     let (listeners_ended, aborts) = listeners.watch();
     let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
     let result = node.run(rx, config.tick, stop).await;
     for a in aborts {
         a.abort();
     }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     match failed.await {
         Ok(why) => Err(ServerError::Internal(why)),
         Err(_) => result,
+    }
+}
+
+/// How long a replica waits at start for its own addresses' names to
+/// resolve before it tries to bind them anyway (and fails, naming them).
+pub const OWN_NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits, up to [`OWN_NAME_WAIT`], until every one of `addrs` resolves.
+/// A replica named by DNS may start before its name is published (a
+/// Kubernetes pod before its Service lists it, a container before its
+/// network's DNS has it); binding at once would fail and crash-loop it.
+/// Peers' names need no such wait: they are resolved at every dial, and
+/// dials are retried with backoff for as long as the replica runs.
+async fn wait_until_resolvable(id: kv_api::ReplicaId, addrs: &[&str]) {
+    let deadline = tokio::time::Instant::now() + OWN_NAME_WAIT;
+    let mut warned = false;
+    for addr in addrs {
+        loop {
+            let result = tokio::net::lookup_host(*addr)
+                .await
+                .map(|mut found| found.next().is_some());
+            match result {
+                Ok(true) => break,
+                result => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    if !warned {
+                        warned = true;
+                        let why = match result {
+                            Ok(_) => "it resolves to no address".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::warn!(
+                            id,
+                            addr,
+                            error = %why,
+                            wait_secs = OWN_NAME_WAIT.as_secs(),
+                            "this replica's own address does not resolve yet; retrying"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 }
 

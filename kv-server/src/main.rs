@@ -215,6 +215,24 @@ struct Cli {
     #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
     tls_key: Option<PathBuf>,
 
+    /// Serve the admin HTTP endpoints on ADDR (host:port; off unless
+    /// given): /metrics (Prometheus/OpenMetrics text), /livez (200 while
+    /// the replica's loops turn), /readyz (200 when it knows a leader that
+    /// is talking to it and is at most 1,000 entries behind it, else 503
+    /// with the reason) and /status (its `kv-client status` line, JSON).
+    /// With the --tls-* options it speaks TLS; /metrics and /status then
+    /// need a client certificate with the admin role, the probes none.
+    /// Like the other ports, a plain address must be loopback unless
+    /// --insecure.
+    #[arg(long, value_name = "ADDR")]
+    admin_addr: Option<String>,
+
+    /// How log lines are written to stderr: `text` for people, `json` for
+    /// log shippers (one object a line: ts, level, target, replica, msg,
+    /// fields).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = kv_server::logging::LogFormat::Text)]
+    log_format: kv_server::logging::LogFormat,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -237,7 +255,9 @@ Example:
   # Repeat a run's fault schedule, faster, and let a majority go down
   kv-server cluster --chaos --chaos-seed 42 --chaos-interval-ms 300..800 --max-down 3
 
-Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`.
+Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`,
+and after it `replica ID admin ADDR`: each replica gets an admin listener
+on a free loopback port (/metrics, /livez, /readyz, /status).
 The replicas' log lines are copied to stderr prefixed with `[replica ID]`.
 
 With --chaos, it polls every replica's status every 200 ms and prints
@@ -273,6 +293,45 @@ and client a --tls-ca file holding both CAs (cat old/ca.pem new/ca.pem),
 restarting replicas one at a time; then move each to its new certificate
 and key; then drop the old CA from the file, again one replica at a time.")]
     Certs(CertsArgs),
+    /// Prepare one replica's data directory of a new cluster from a backup
+    /// (`kv-client snapshot save`): checks the backup's checksum, then
+    /// writes the snapshot and a log that continues after it. Run it once
+    /// for every replica of the new replica file, from the same backup,
+    /// then start the replicas as usual.
+    #[command(after_help = "\
+Example:
+  kv-client snapshot save backup.snap                   # on the old cluster
+  for id in 1 2 3 4 5; do
+    kv-server restore backup.snap --id $id --replicas new/replica --data-dir new/data/$id
+  done
+  kv-server cluster --replicas new/replica --data-dir new/data
+
+A damaged or truncated backup is refused with the reason (exit 1) and
+nothing is written. DIR must be missing or empty (exit 2 otherwise): restore
+never overwrites a replica's state. The restored replicas vote at once, as
+the replicas of a new cluster: never restore into a cluster that runs.")]
+    Restore(RestoreArgs),
+}
+
+/// Arguments of `kv-server restore`.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The backup: a snapshot file written by `kv-client snapshot save`.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// The id of the replica whose data directory to prepare.
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+
+    /// The new cluster's replica file.
+    #[arg(long, value_name = "FILE", default_value = "replica")]
+    replicas: PathBuf,
+
+    /// The data directory to prepare (created; must be missing or empty)
+    /// [default: data/ID]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Arguments of `kv-server certs`.
@@ -432,7 +491,7 @@ impl From<ServerError> for Failure {
 fn main() -> ExitCode {
     // Parse before anything else: clap prints its own message and exits 2.
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format, cli.id);
     // Everything a replica creates (log segments, snapshots, temporary
     // files, LOCK, directories) is for its own user only: 0600 files, 0700
     // directories. One process-wide setting covers every place a file is
@@ -464,15 +523,22 @@ fn main() -> ExitCode {
 /// deadline passed at ERROR, client and server side, a rate anyone who can
 /// reach a port controls, and our code logs what matters of peer calls
 /// itself. `RUST_LOG=info,tarpc=debug` brings them back.
-fn init_logging() {
+fn init_logging(format: kv_server::logging::LogFormat, replica: Option<u64>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=off"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // No colour codes in files and pipes (e.g. under `cluster`).
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(
+            std::io::stderr().is_terminal() && format == kv_server::logging::LogFormat::Text,
+        );
+    match format {
+        kv_server::logging::LogFormat::Text => builder.init(),
+        kv_server::logging::LogFormat::Json => builder
+            .event_format(kv_server::logging::JsonLines { replica })
+            .init(),
+    }
 }
 
 async fn run_cli(cli: Cli) -> Result<(), Failure> {
@@ -497,6 +563,23 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             for path in written {
                 let _ = writeln!(out, "{}", path.display());
             }
+            Ok(())
+        }
+        Some(Command::Restore(args)) => {
+            let replicas = Replicas::load(&args.replicas).map_err(Failure::usage)?;
+            let data_dir = args
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("data").join(args.id.to_string()));
+            let restored = kv_server::restore::restore(&args.file, args.id, &replicas, &data_dir)?;
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "restored replica {} from {} at log index {} ({} keys) into {}",
+                args.id,
+                args.file.display(),
+                restored.index,
+                restored.keys,
+                restored.data_dir.display()
+            );
             Ok(())
         }
         Some(Command::Cluster(args)) => {
@@ -565,6 +648,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                     }
                     _ => None,
                 },
+                admin_addr: cli.admin_addr,
             };
             let source = match cli.join {
                 Some(addr) => Source::Join {
@@ -609,6 +693,7 @@ struct Tuning {
     session_ttl: Duration,
     max_sessions: u64,
     tls: Option<kv_api::tls::TlsFiles>,
+    admin_addr: Option<String>,
 }
 
 /// Seconds, fractions allowed, from 1 ms to 30 days.
@@ -780,10 +865,12 @@ async fn run_replica(
     config.session_ttl = tuning.session_ttl;
     config.max_sessions = tuning.max_sessions;
     config.tls = tuning.tls;
+    config.admin_addr = tuning.admin_addr;
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         let tls_configured = config.tls.is_some();
-        let addrs = [me.client_addr.as_str(), me.peer_addr.as_str()];
+        let mut addrs = vec![me.client_addr.as_str(), me.peer_addr.as_str()];
+        addrs.extend(config.admin_addr.as_deref());
         kv_server::binds::refuse_plain_public_bind(&addrs, tls_configured, tuning.insecure)
             .map_err(Failure::usage)?;
         if tuning.insecure
@@ -794,6 +881,7 @@ async fn run_replica(
                 id,
                 client_addr = %me.client_addr,
                 peer_addr = %me.peer_addr,
+                admin_addr = config.admin_addr.as_deref().unwrap_or("-"),
                 "serving without TLS on an address that is not loopback (--insecure): anyone \
                  who can reach it can read and write the store and forge consensus messages"
             );

@@ -1096,6 +1096,23 @@ mod tests {
         ) -> std::result::Result<FaultReport, KvError> {
             Err(KvError::Unavailable("test".into()))
         }
+
+        async fn backup_begin(
+            self,
+            _: tarpc::context::Context,
+        ) -> std::result::Result<kv_api::BackupInfo, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
+
+        async fn backup_chunk(
+            self,
+            _: tarpc::context::Context,
+            _: u64,
+            _: u64,
+            _: u32,
+        ) -> std::result::Result<kv_api::BackupChunk, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
     }
 
     async fn serve_held(limits: NetLimits) -> (SocketAddr, Arc<tokio::sync::Semaphore>) {

@@ -18,7 +18,9 @@ use kv_api::{
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admin::Health;
 use crate::inbox::{GetReply, Input, WriteReply};
+use crate::metrics::{self, gauge_value, OutcomeLabel};
 use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
@@ -110,6 +112,42 @@ pub struct Node {
     /// a retry reached the log too (its count restarts with an installed
     /// snapshot; this one does not).
     duplicates: u64,
+    /// What the admin listener's probes read.
+    health: Arc<Health>,
+    /// What the driver saw at the end of its last round, to count leader
+    /// changes and elections from (the core does not report them).
+    seen: Seen,
+    /// `kvpaxos_proposals_total` by outcome, resolved once.
+    proposals: Proposals,
+    /// Backups waiting for a snapshot covering at least this index.
+    backups: Vec<(Slot, oneshot::Sender<std::result::Result<Slot, String>>)>,
+}
+
+/// The leader and ballot the driver last saw.
+struct Seen {
+    leader: Option<ReplicaId>,
+    promised: kv_peer_api::Ballot,
+}
+
+/// Handles of `kvpaxos_proposals_total`.
+struct Proposals {
+    accepted: prometheus_client::metrics::counter::Counter,
+    not_leader: prometheus_client::metrics::counter::Counter,
+    busy: prometheus_client::metrics::counter::Counter,
+    duplicate: prometheus_client::metrics::counter::Counter,
+}
+
+impl Proposals {
+    fn new() -> Proposals {
+        let m = &metrics::global().proposals;
+        let get = |outcome| m.get_or_create(&OutcomeLabel { outcome }).clone();
+        Proposals {
+            accepted: get("accepted"),
+            not_leader: get("not_leader"),
+            busy: get("busy"),
+            duplicate: get("duplicate"),
+        }
+    }
 }
 
 impl Node {
@@ -122,6 +160,12 @@ impl Node {
         pool: Arc<PeerPool>,
         inputs: mpsc::Sender<Input>,
     ) -> Node {
+        // A ballot of its own promised before a restart is not an
+        // election started now.
+        let seen = Seen {
+            leader: None,
+            promised: core.promised(),
+        };
         Node {
             core,
             sm,
@@ -139,7 +183,77 @@ impl Node {
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
             duplicates: 0,
+            health: Arc::new(Health::new()),
+            seen,
+            proposals: Proposals::new(),
+            backups: Vec::new(),
         }
+    }
+
+    /// What this driver tells the admin listener's probes.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// A sender into this driver's inbox.
+    pub fn inputs(&self) -> mpsc::Sender<Input> {
+        self.inputs.clone()
+    }
+
+    /// Counts leader changes and elections from what the round changed:
+    /// the leader this replica knows of, and its promised ballot raised to
+    /// one of its own (phase 1 started here).
+    fn observe_round(&mut self) {
+        let leader = self.core.leader();
+        let promised = self.core.promised();
+        let m = metrics::global();
+        if leader.is_some() && leader != self.seen.leader {
+            m.leader_changes.inc();
+            tracing::info!(
+                id = self.core.id(),
+                leader = leader.unwrap_or(0),
+                previous = self.seen.leader.unwrap_or(0),
+                ballot = %promised,
+                "leader changed"
+            );
+        }
+        if promised > self.seen.promised && promised.id == self.core.id() {
+            m.elections.inc();
+        }
+        if leader.is_some() {
+            self.seen.leader = leader;
+        }
+        self.seen.promised = promised;
+    }
+
+    /// Sets the gauges that mirror the driver's state and the probes'
+    /// view (once a tick).
+    fn publish(&self) {
+        let m = metrics::global();
+        let leader = self.core.leader();
+        let is_leader = self.core.is_leader();
+        let applied = self.sm.applied();
+        let chosen = self.core.chosen();
+        let standing = match self.core.standing() {
+            Standing::Voter => crate::admin::Standing::Voter,
+            Standing::Rejoining { .. } => crate::admin::Standing::Rejoining,
+            Standing::Unknown => crate::admin::Standing::Unknown,
+        };
+        self.health
+            .tick(leader, is_leader, chosen, applied, standing);
+        let leader_chosen = self.health.leader_chosen().max(chosen);
+        m.chosen.set(gauge_value(chosen));
+        m.applied.set(gauge_value(applied));
+        m.leader_chosen.set(gauge_value(leader_chosen));
+        m.apply_lag
+            .set(gauge_value(leader_chosen.saturating_sub(applied)));
+        m.is_leader.set(i64::from(is_leader));
+        m.leader_id.set(gauge_value(leader.unwrap_or(0)));
+        m.ballot_round.set(gauge_value(self.core.promised().round));
+        m.keys.set(gauge_value(self.sm.len() as u64));
+        m.data_bytes.set(gauge_value(self.sm.data_bytes()));
+        m.sessions.set(gauge_value(self.sm.session_count() as u64));
+        m.snapshot_index.set(gauge_value(self.snapshots.latest));
     }
 
     /// The idle timeout and the session cap this replica writes into the
@@ -188,7 +302,9 @@ impl Node {
             }
             let handled = started.elapsed();
             self.flush(&mut ticker).await?;
+            self.observe_round();
             let took = started.elapsed();
+            metrics::global().round.observe(took.as_secs_f64());
             if took >= SLOW_ROUND && last_slow_note.is_none_or(|t| t.elapsed() >= SLOW_NOTE_EVERY) {
                 last_slow_note = Some(Instant::now());
                 tracing::warn!(
@@ -214,6 +330,7 @@ impl Node {
         self.core.tick();
         self.propose_time();
         self.ticks += 1;
+        self.publish();
         // Often while writes are queued (a backlog nobody waits for must
         // not hold up the next client), rarely otherwise.
         let every = if self.core.queued() > 0 {
@@ -297,7 +414,25 @@ impl Node {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Peer { msg, reply } => {
+                // What the leader says it has chosen, for readiness and
+                // the apply lag; believed once the core accepts the
+                // heartbeat (a stale leader's is refused).
+                let heartbeat = match &msg {
+                    Msg::Heartbeat(h) => Some(h.chosen),
+                    Msg::FetchReply(r) => {
+                        let m = metrics::global();
+                        m.catchup_fetches.inc();
+                        m.catchup_entries.inc_by(r.entries.len() as u64);
+                        None
+                    }
+                    _ => None,
+                };
                 let answer = self.core.step(msg);
+                if let (Some(chosen), Some(Msg::HeartbeatAck(ack))) = (heartbeat, &answer) {
+                    if ack.ok {
+                        self.health.heard_leader(chosen);
+                    }
+                }
                 if let (Some(answer), Some(tx)) = (answer, reply) {
                     self.held_replies.push((tx, answer));
                 }
@@ -307,16 +442,22 @@ impl Node {
                     self.prepare_open(&mut req);
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
                     self.duplicates += 1;
+                    self.proposals.duplicate.inc();
                     let _ = reply.send(Ok(done));
                     return;
                 }
                 let key = (req.client_id, req.seq);
                 match self.core.propose(req) {
-                    Ok(()) => self.waiters.entry(key).or_default().push(reply),
+                    Ok(()) => {
+                        self.proposals.accepted.inc();
+                        self.waiters.entry(key).or_default().push(reply)
+                    }
                     Err(Refusal::NotLeader(leader)) => {
+                        self.proposals.not_leader.inc();
                         let _ = reply.send(Err(self.hint(leader)));
                     }
                     Err(Refusal::Busy) => {
+                        self.proposals.busy.inc();
                         let _ = reply.send(Err(KvError::Unavailable(
                             "the leader's proposal queue is full; retry shortly".into(),
                         )));
@@ -366,8 +507,44 @@ impl Node {
                     removed: self.core.removed(),
                 });
             }
+            Input::Backup { reply } => {
+                let applied = self.sm.applied();
+                if applied == 0 {
+                    let _ = reply.send(Err(
+                        "nothing has been written to this cluster yet: no snapshot to back up"
+                            .into(),
+                    ));
+                } else if self.snapshots.latest >= applied {
+                    let _ = reply.send(Ok(self.snapshots.latest));
+                } else {
+                    self.backups.push((applied, reply));
+                    if !self.snapshots.taking {
+                        self.start_snapshot();
+                    }
+                }
+            }
             Input::SnapshotTaken { index, result } => {
                 self.snapshots.taking = false;
+                // Backups this snapshot covers get it; later ones (asked
+                // while it was being written) get the next, started now.
+                let mut later = Vec::new();
+                for (needed, reply) in std::mem::take(&mut self.backups) {
+                    match &result {
+                        Ok(()) if index >= needed => {
+                            let _ = reply.send(Ok(index));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("cannot write a snapshot: {e}")));
+                        }
+                        Ok(()) => later.push((needed, reply)),
+                    }
+                }
+                self.backups = later;
+                let outcome = if result.is_ok() { "ok" } else { "failed" };
+                metrics::global()
+                    .snapshots_taken
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .inc();
                 match result {
                     Ok(()) => {
                         self.snapshots.latest = self.snapshots.latest.max(index);
@@ -378,7 +555,12 @@ impl Node {
                             KEEP_BEHIND_SNAPSHOT,
                             KEEP_BEHIND_SNAPSHOT_BYTES,
                         );
-                        tracing::debug!(index, compacted = self.core.compacted(), "snapshot taken");
+                        tracing::info!(
+                            id = self.core.id(),
+                            index,
+                            compacted = self.core.compacted(),
+                            "snapshot taken"
+                        );
                     }
                     Err(e) => {
                         tracing::warn!(index, error = %e, "cannot write a snapshot; the log keeps growing until one succeeds");
@@ -387,6 +569,11 @@ impl Node {
             }
             Input::SnapshotReceived { result } => {
                 self.snapshots.receiving = false;
+                let outcome = if result.is_ok() { "ok" } else { "failed" };
+                metrics::global()
+                    .snapshot_transfers
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .inc();
                 match result {
                     Ok((index, sm)) if index > self.sm.applied() => {
                         self.sm = *sm;
@@ -395,6 +582,12 @@ impl Node {
                         self.snapshots.installed += 1;
                         let m = self.sm.known_membership().cloned();
                         self.core.install_snapshot(index, m);
+                        tracing::info!(
+                            id = self.core.id(),
+                            index,
+                            ballot = %self.core.promised(),
+                            "installed a snapshot from a peer"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -411,16 +604,34 @@ impl Node {
         let applied = self.sm.applied();
         let by_entries = applied >= self.snapshots.latest + self.snapshots.every;
         let by_bytes = self.snapshots.log_bytes >= MIN_LOG_BYTES.max(self.sm.data_bytes() / 2);
-        if self.snapshots.taking || !(by_entries || by_bytes) {
+        if self.snapshots.taking || !(by_entries || by_bytes || !self.backups.is_empty()) {
             return;
         }
+        self.start_snapshot();
+    }
+
+    /// Starts writing a snapshot of the state now.
+    fn start_snapshot(&mut self) {
+        let applied = self.sm.applied();
         self.snapshots.taking = true;
         self.snapshots.log_bytes = 0;
         let copy = self.sm.clone();
         let dir = self.snapshots.dir.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            let written = tokio::task::spawn_blocking(move || dir.write(applied, &copy)).await;
+            let written = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let r = dir.write(applied, &copy);
+                if r.is_ok() {
+                    let m = metrics::global();
+                    m.snapshot_duration.observe(started.elapsed().as_secs_f64());
+                    if let Ok(meta) = std::fs::metadata(dir.path(applied)) {
+                        m.snapshot_size.set(gauge_value(meta.len()));
+                    }
+                }
+                r
+            })
+            .await;
             let result = match written {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
@@ -452,7 +663,13 @@ impl Node {
         let inputs = self.inputs.clone();
         let me = self.core.id();
         tokio::spawn(async move {
+            let started = Instant::now();
             let result = download(pool, peer, me, dir).await;
+            if result.is_ok() {
+                metrics::global()
+                    .snapshot_transfer_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let _ = inputs.send(Input::SnapshotReceived { result }).await;
         });
     }
@@ -524,6 +741,9 @@ impl Node {
                 }
             };
             self.last_write.took = write_started.elapsed();
+            if self.last_write.compacts {
+                metrics::global().compactions.inc();
+            }
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
                 return Err(e);
@@ -567,7 +787,12 @@ impl Node {
         }
         match value {
             Value::Batch(reqs) => {
+                let m = metrics::global();
+                m.batches.inc();
+                m.batch_commands.observe(reqs.len() as f64);
+                let mut bytes = 0u64;
                 for req in &reqs {
+                    bytes += req.op.payload_len() as u64;
                     self.snapshots.log_bytes += crate::paxos::request_bytes(req) as u64;
                     // A write of an unknown session is answered with the
                     // refusal: decided here, at its log position, the same
@@ -581,6 +806,7 @@ impl Node {
                         }
                     }
                 }
+                m.batch_bytes.observe(bytes as f64);
             }
             Value::Time(ms) => {
                 let before = self.sm.sessions_dropped().0;
@@ -686,6 +912,9 @@ async fn download(
             .await
             .map_err(|e| format!("{}: {e}", partial.display()))?;
         offset += chunk.data.len() as u64;
+        metrics::global()
+            .snapshot_transfer_bytes
+            .inc_by(chunk.data.len() as u64);
         if offset >= chunk.total_len {
             break;
         }

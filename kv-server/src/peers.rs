@@ -183,6 +183,7 @@ impl PeerPool {
             return Some(OutgoingSlot(slot.outgoing.clone()));
         }
         let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::metrics::global().peer_error(to, "shed");
         if let Some(more) = self.shed_log.allow() {
             tracing::warn!(
                 peer = to,
@@ -214,6 +215,7 @@ impl PeerPool {
             st.conn = None;
         }
         if st.retry_at.is_some_and(|t| Instant::now() < t) {
+            crate::metrics::global().peer_error(id, "unreachable");
             return None;
         }
         // The transport sets `broken` itself when the connection ends (the
@@ -253,6 +255,7 @@ impl PeerPool {
                 } else {
                     tracing::debug!(peer = id, addr = %slot.addr, %why, "cannot reach peer");
                 }
+                crate::metrics::global().peer_error(id, "unreachable");
                 st.retry_at = Some(Instant::now() + st.backoff);
                 st.backoff = (st.backoff * 2).min(MAX_BACKOFF);
                 None
@@ -397,6 +400,11 @@ fn unreachable(to: ReplicaId) -> KvError {
 }
 
 fn note_failure(broken: &AtomicBool, to: ReplicaId, e: RpcError) {
+    let kind = match e {
+        RpcError::DeadlineExceeded => "timeout",
+        _ => "error",
+    };
+    crate::metrics::global().peer_error(to, kind);
     match e {
         RpcError::DeadlineExceeded | RpcError::Server(_) => {}
         other => {

@@ -31,8 +31,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
-    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, Op, ReadMode, ReplicaId,
-    ReplicaStatus, Route, WriteOutcome, WriteRequest,
+    BackupChunk, BackupInfo, FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, Op,
+    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -234,8 +234,134 @@ impl Handler {
     }
 }
 
+/// Times one client request into `kvpaxos_client_requests_total` and
+/// `kvpaxos_client_request_duration_seconds`. A handler dropped at its
+/// deadline (tarpc drops it at any `.await`) is counted as a timeout.
+struct Timing {
+    op: usize,
+    outcome: usize,
+    started: std::time::Instant,
+}
+
+impl Timing {
+    fn start(op: usize) -> Timing {
+        Timing {
+            op,
+            // Until `finish` says otherwise.
+            outcome: crate::metrics::error_outcome(&KvError::Timeout(String::new())),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn finish<T>(mut self, result: &std::result::Result<T, KvError>, found: bool) {
+        self.outcome = match result {
+            Ok(_) if found => 0,
+            Ok(_) => crate::metrics::NOT_FOUND,
+            Err(e) => crate::metrics::error_outcome(e),
+        };
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        crate::metrics::global()
+            .client
+            .record(self.op, self.outcome, self.started.elapsed());
+    }
+}
+
 impl Kv for Handler {
     async fn write(
+        self,
+        ctx: Context,
+        req: WriteRequest,
+        route: Route,
+    ) -> std::result::Result<WriteOutcome, KvError> {
+        let timing = Timing::start(crate::metrics::op_kind(&req.op));
+        let result = self.write_routed(ctx, req, route).await;
+        timing.finish(&result, true);
+        result
+    }
+
+    async fn get(
+        self,
+        ctx: Context,
+        key: Vec<u8>,
+        mode: ReadMode,
+        route: Route,
+    ) -> std::result::Result<GetResponse, KvError> {
+        let timing = Timing::start(match mode {
+            ReadMode::Local => crate::metrics::GET_LOCAL,
+            _ => crate::metrics::GET,
+        });
+        let result = self.get_routed(ctx, key, mode, route).await;
+        let found = result.as_ref().is_ok_and(|r| r.value.is_some());
+        timing.finish(&result, found);
+        result
+    }
+
+    async fn set_faults(
+        self,
+        _: Context,
+        change: FaultSpec,
+    ) -> std::result::Result<FaultReport, KvError> {
+        self.allow(Role::Admin, "fault injection")?;
+        self.set_faults_now(change)
+    }
+
+    async fn backup_begin(self, _: Context) -> std::result::Result<BackupInfo, KvError> {
+        self.allow(Role::Admin, "a backup")?;
+        let index = self
+            .ask(|reply| Input::Backup { reply })
+            .await
+            .unwrap_or_else(|| Err("this replica is shutting down".into()))
+            .map_err(KvError::Unavailable)?;
+        // The length and checksum of the file as it is on disk, read off
+        // the driver; the client checks what it receives against them.
+        let dir = self.snapshots.clone();
+        let summed = tokio::task::spawn_blocking(move || dir.file_crc32(index)).await;
+        match summed {
+            Ok(Ok((len, crc32))) => Ok(BackupInfo { index, len, crc32 }),
+            Ok(Err(e)) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+            Err(e) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+        }
+    }
+
+    async fn backup_chunk(
+        self,
+        _: Context,
+        index: kv_api::Slot,
+        offset: u64,
+        max_len: u32,
+    ) -> std::result::Result<BackupChunk, KvError> {
+        self.allow(Role::Admin, "a backup")?;
+        let dir = self.snapshots.clone();
+        let max = max_len.clamp(1, kv_api::MAX_BACKUP_CHUNK) as usize;
+        let read = tokio::task::spawn_blocking(move || dir.read_chunk(Some(index), offset, max));
+        match read.await {
+            Ok(Ok((_, _, data))) => Ok(BackupChunk { offset, data }),
+            Ok(Err(e)) => Err(KvError::Unavailable(format!(
+                "snapshot {index} cannot be read (newer snapshots replace it: start the \
+                 backup again): {e}"
+            ))),
+            Err(e) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+        }
+    }
+
+    async fn status(self, _: Context) -> ReplicaStatus {
+        let id = self.id;
+        self.ask(|reply| Input::Status { reply })
+            .await
+            .unwrap_or(ReplicaStatus {
+                id,
+                standing: "unknown".into(),
+                ..ReplicaStatus::default()
+            })
+    }
+}
+
+impl Handler {
+    async fn write_routed(
         self,
         ctx: Context,
         req: WriteRequest,
@@ -256,7 +382,7 @@ impl Kv for Handler {
         }
     }
 
-    async fn get(
+    async fn get_routed(
         self,
         ctx: Context,
         key: Vec<u8>,
@@ -273,26 +399,6 @@ impl Kv for Handler {
             }
             other => other,
         }
-    }
-
-    async fn set_faults(
-        self,
-        _: Context,
-        change: FaultSpec,
-    ) -> std::result::Result<FaultReport, KvError> {
-        self.allow(Role::Admin, "fault injection")?;
-        self.set_faults_now(change)
-    }
-
-    async fn status(self, _: Context) -> ReplicaStatus {
-        let id = self.id;
-        self.ask(|reply| Input::Status { reply })
-            .await
-            .unwrap_or(ReplicaStatus {
-                id,
-                standing: "unknown".into(),
-                ..ReplicaStatus::default()
-            })
     }
 }
 
@@ -396,12 +502,15 @@ impl Peer for Handler {
         let max = req.max_len.clamp(1, MAX_SNAPSHOT_CHUNK) as usize;
         let read = tokio::task::spawn_blocking(move || dir.read_chunk(req.index, req.offset, max));
         match read.await {
-            Ok(Ok((index, total_len, data))) => Ok(SnapshotChunk {
-                index,
-                total_len,
-                offset: req.offset,
-                data,
-            }),
+            Ok(Ok((index, total_len, data))) => {
+                crate::metrics::global().snapshot_chunks_served.inc();
+                Ok(SnapshotChunk {
+                    index,
+                    total_len,
+                    offset: req.offset,
+                    data,
+                })
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("reading the snapshot failed: {e}")),
         }

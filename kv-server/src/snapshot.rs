@@ -326,12 +326,23 @@ impl SnapshotDir {
             )));
         }
         let mut body = Crc::new(r.take(header.body_len));
+        // bincode's top-level options (fixed-size integers, trailing bytes
+        // allowed), limited to the body's length: a damaged length prefix
+        // must be refused, not allocated (it aborted the process with a
+        // failed allocation of hundreds of gigabytes before the checksum
+        // was ever compared).
+        use bincode::Options;
+        let options = bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .allow_trailing_bytes()
+            .with_limit(header.body_len);
+        let undecodable = |e: bincode::Error| damaged(format!("undecodable body: {e}"));
         let mut sm: StateMachine = if header.version == 1 {
             let old: LegacyStateMachine =
-                bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?;
+                options.deserialize_from(&mut body).map_err(undecodable)?;
             old.into()
         } else {
-            bincode::deserialize_from(&mut body).map_err(|e| damaged(e.to_string()))?
+            options.deserialize_from(&mut body).map_err(undecodable)?
         };
         sm.recount();
         if body.len != header.body_len || body.hasher.finalize() != header.crc {
@@ -380,6 +391,25 @@ impl SnapshotDir {
                 Ok((index, sm))
             }
         }
+    }
+
+    /// The length and CRC-32 of the whole file of the snapshot at `index`
+    /// (for backups: what a client checks the bytes it read against).
+    pub fn file_crc32(&self, index: Slot) -> Result<(u64, u32)> {
+        let path = self.path(index);
+        let mut file = File::open(&path).map_err(|e| io_err(&path, e))?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| io_err(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        Ok((len, hasher.finalize()))
     }
 
     /// Reads up to `max` bytes at `offset` of the snapshot at `index` (or the

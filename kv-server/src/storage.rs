@@ -728,12 +728,16 @@ impl Storage {
                 seg.len
             )
         })?;
+        let started = std::time::Instant::now();
         seg.file
             .write_all_at(&buf, seg.end)
             .map_err(|e| err(path, e))?;
         self.io.before_sync(path)?;
         seg.file.sync_data().map_err(|e| err(path, e))?;
         self.io.synced()?;
+        let m = crate::metrics::global();
+        m.log_sync.observe(started.elapsed().as_secs_f64());
+        m.log_bytes.inc_by(buf.len() as u64);
         seg.end = end;
         self.next_write += 1;
         Ok(())

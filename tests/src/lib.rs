@@ -302,6 +302,56 @@ pub fn write_replica_file(dir: &Path, n: usize) -> (PathBuf, Replicas) {
     (file, replicas)
 }
 
+/// One HTTP/1.1 `GET path` to `addr` over plain TCP, bounded by 10 s:
+/// the status code and the body. (The admin listener answers one request
+/// a connection and closes it, so reading to the end is the whole answer.)
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let raw = http_exchange(addr, request.as_bytes()).await;
+    parse_http_response(&raw)
+}
+
+/// Writes `request` to `addr` and reads until the server closes, within
+/// 10 s; panics on a connection error.
+pub async fn http_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(Duration::from_secs(10), "an HTTP exchange", async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        s.write_all(request).await.expect("send the request");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read the answer");
+        out
+    })
+    .await
+}
+
+/// `(status code, body)` of a raw HTTP/1.1 response; panics if it is not one.
+pub fn parse_http_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let code = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head:?}"));
+    let length: Option<usize> = head.lines().find_map(|l| {
+        l.strip_prefix("Content-Length: ")
+            .and_then(|n| n.trim().parse().ok())
+    });
+    if let Some(n) = length {
+        assert_eq!(
+            n,
+            body.len(),
+            "Content-Length and the body disagree: {head}"
+        );
+    }
+    (code, body.to_string())
+}
+
 /// Sends signal `sig` to process `pid`.
 ///
 /// The caller must know that `pid` is a process of this test (its own
@@ -322,6 +372,8 @@ pub fn signal_pid(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
 struct Node {
     client_addr: String,
     peer_addr: String,
+    /// Its `--admin-addr`, if the cluster runs admin listeners.
+    admin_addr: Option<String>,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -425,8 +477,38 @@ impl Cluster {
         cluster
     }
 
+    /// Like [`Cluster::start_with_args`] (with TLS if `tls`), every replica
+    /// also serving its admin HTTP endpoints on a free loopback port
+    /// ([`Cluster::admin_addr`]).
+    pub async fn start_with_admin(n: usize, server_args: &[&str], tls: bool) -> Cluster {
+        let mut cluster = Cluster::start_inner(n, server_args, tls, true);
+        cluster.wait_ready(START_TIMEOUT).await;
+        cluster
+    }
+
     fn start_without_waiting_tls(n: usize, server_args: &[&str], tls: bool) -> Cluster {
+        Cluster::start_inner(n, server_args, tls, false)
+    }
+
+    fn start_inner(n: usize, server_args: &[&str], tls: bool, admin: bool) -> Cluster {
+        let mut cluster = Cluster::build(n, server_args, tls, admin);
+        for id in cluster.ids() {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// A cluster's directory, replica file and (empty) data directories,
+    /// with no replica started: for a test that prepares the data first
+    /// (a restore), then [`Cluster::spawn`]s each replica and waits with
+    /// [`Cluster::wait_ready`].
+    pub fn prepare(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::build(n, server_args, tls_by_env(), false)
+    }
+
+    fn build(n: usize, server_args: &[&str], tls: bool, admin: bool) -> Cluster {
         assert!(n > 0, "a cluster needs at least one replica");
+        let mut admin_ports = if admin { free_ports(n) } else { Vec::new() };
         let server_bin = bin_path("kv-server");
         let client_bin = bin_path("kv-client");
         let dir = temp_dir("cluster");
@@ -446,6 +528,7 @@ impl Cluster {
                     Node {
                         client_addr: r.client_addr.clone(),
                         peer_addr: r.peer_addr.clone(),
+                        admin_addr: admin_ports.pop().map(|p| format!("127.0.0.1:{p}")),
                         data_dir: dir.join("data").join(r.id.to_string()),
                         log: dir.join("logs").join(format!("replica-{}.log", r.id)),
                         child: None,
@@ -455,7 +538,7 @@ impl Cluster {
                 )
             })
             .collect();
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             replicas_file,
             replicas,
@@ -465,16 +548,21 @@ impl Cluster {
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
             tls,
             fault_injection: true,
-        };
-        for id in cluster.ids() {
-            cluster.spawn(id);
         }
-        cluster
     }
 
     /// The replica ids, ascending.
     pub fn ids(&self) -> Vec<ReplicaId> {
         self.nodes.keys().copied().collect()
+    }
+
+    /// Replica `id`'s admin listener (`host:port`); panics unless the
+    /// cluster was started with [`Cluster::start_with_admin`].
+    pub fn admin_addr(&self, id: ReplicaId) -> &str {
+        self.node(id)
+            .admin_addr
+            .as_deref()
+            .expect("the cluster was started with admin listeners")
     }
 
     /// The cluster's temporary directory.
@@ -583,6 +671,7 @@ impl Cluster {
             child: None,
             paused: false,
             join: Some(join),
+            admin_addr: None,
         };
         let addrs = (node.client_addr.clone(), node.peer_addr.clone());
         self.nodes.insert(id, node);
@@ -603,6 +692,10 @@ impl Cluster {
         }
         if self.fault_injection {
             server_args.push("--enable-fault-injection".into());
+        }
+        if let Some(addr) = &self.node(id).admin_addr {
+            server_args.push("--admin-addr".into());
+            server_args.push(addr.clone());
         }
         let node = self.node_mut(id);
         let log = std::fs::OpenOptions::new()

@@ -18,11 +18,15 @@
 //! - `fault` — `kv-client fault`: failure injection at run time.
 //! - `shell` — `kv-client shell`: the interactive prompt.
 //! - `bench` — `kv-client bench`: the closed-loop load generator.
+//! - `snapshot` — `kv-client snapshot save FILE`: a backup.
+//! - `top` — `kv-client top`: the cluster at a glance, refreshed.
 
 mod bench;
 mod fault;
 mod output;
 mod shell;
+mod snapshot;
+mod top;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -39,6 +43,8 @@ use crate::{Client, ClientBuilder, Error};
 pub use bench::{BenchArgs, BenchOp};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
+pub use snapshot::{SnapshotAction, SnapshotArgs};
+pub use top::{render as render_top, ReplicaLine, TopArgs, View as TopView};
 
 /// Exit status: success.
 pub const EXIT_OK: u8 = 0;
@@ -71,6 +77,8 @@ Examples:
   kv-client fault --server 127.0.0.1:7003 --drop-rate 0.2 --delay-ms 5..50
   kv-client fault --all --heal
   kv-client bench --clients 16 --secs 10 --op mixed
+  kv-client snapshot save backup.snap
+  kv-client top
 
 Exit status: 0 success; 1 get found no such key, or cas did not swap;
 2 bad usage or invalid input; 3 no quorum answered before the timeout
@@ -227,6 +235,15 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// for a fixed time; prints one JSON line at the end.
     #[command(after_help = bench::EXAMPLES)]
     Bench(BenchArgs),
+    /// Backups: `snapshot save FILE` streams a consistent snapshot from
+    /// the leader into FILE, checksummed (restore it with `kv-server
+    /// restore`). Needs the admin role with TLS.
+    #[command(after_help = snapshot::EXAMPLES)]
+    Snapshot(SnapshotArgs),
+    /// The cluster at a glance, refreshed every second: each replica's
+    /// role, applied index, lag, rates, p99 (with --admin) and faults.
+    #[command(after_help = top::EXAMPLES)]
+    Top(TopArgs),
 }
 
 const MEMBER_HELP: &str = "\
@@ -527,6 +544,7 @@ pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Shell => shell::run(settings).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::Top(args) => top::run(settings, args).await,
         command => {
             let reply = one_shot(&settings, command).await;
             reply.emit(settings.format)
@@ -549,6 +567,11 @@ async fn one_shot(settings: &Settings, command: Command) -> Reply {
     };
     if let Command::Fault(args) = command {
         return fault::run(settings, args).await;
+    }
+    // Bounded per request, not as a whole: a snapshot takes as long as
+    // its size.
+    if let Command::Snapshot(args) = command {
+        return snapshot::run(settings, args).await;
     }
     let (builder, ids) = match settings.builder() {
         Ok(b) => b,
@@ -725,8 +748,9 @@ async fn execute_inner(
                 .map(|m| Reply::members(&m))
                 .map_err(|e| Failure::from_error(e, write))
         }
-        Command::Shell | Command::Bench(_) => Err(Failure::usage(
-            "`shell` and `bench` cannot be run from the shell",
+        Command::Snapshot(args) => Ok(snapshot::run(settings, args).await),
+        Command::Shell | Command::Bench(_) | Command::Top(_) => Err(Failure::usage(
+            "`shell`, `bench` and `top` cannot be run from the shell",
         )),
     }
 }

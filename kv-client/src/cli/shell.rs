@@ -189,9 +189,9 @@ pub(crate) async fn run(settings: Settings) -> u8 {
                 .emit(settings.format);
                 continue;
             }
-            LineCommand::Kv(Command::Shell | Command::Bench(_)) => {
+            LineCommand::Kv(Command::Shell | Command::Bench(_) | Command::Top(_)) => {
                 Reply::failed(Failure::usage(
-                    "`shell` and `bench` cannot be run from the shell",
+                    "`shell`, `bench` and `top` cannot be run from the shell",
                 ))
                 .emit(settings.format);
                 continue;
