@@ -19,6 +19,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use data::{
+    prefix_end, range_token, CmpOp, Compare, KeyValue, RangeRequest, RangeResponse, Target, Txn,
+    TxnOp, TxnOpResult, TxnResult, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS,
+};
+
+pub mod data;
 pub mod replicas;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -88,6 +94,20 @@ pub enum Op {
         /// many.
         max_sessions: u64,
     },
+    /// A transaction: comparisons, then one of two lists of writes
+    /// (see [`Txn`]). Answered with [`OpResult::Txn`].
+    Txn(Txn),
+    /// Written by a replica into the log when it becomes leader, before any
+    /// client write it proposes; refused from clients. Applying the first
+    /// one starts the counting of revisions (see [`data`]): an entry only a
+    /// leader of this version writes, so that every replica, whatever
+    /// snapshot of an older version it started from, starts counting at
+    /// the same place in the log. `now_ms` is the leader's clock, which
+    /// becomes the log's (if ahead of it).
+    NewLeader {
+        /// The new leader's clock, milliseconds since the Unix epoch.
+        now_ms: u64,
+    },
 }
 
 impl Op {
@@ -95,7 +115,7 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
-            Op::OpenSession { .. } => &[],
+            Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } => &[],
         }
     }
 
@@ -111,8 +131,9 @@ impl Op {
     pub fn payload_len(&self) -> usize {
         let values = match self {
             Op::Put { value, .. } => value.len(),
-            Op::Delete { .. } | Op::OpenSession { .. } => 0,
+            Op::Delete { .. } | Op::OpenSession { .. } | Op::NewLeader { .. } => 0,
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
+            Op::Txn(t) => t.payload_len(),
         };
         self.key().len() + values
     }
@@ -170,6 +191,10 @@ pub enum OpResult {
         /// from the log position of the open), never 0.
         session: u64,
     },
+    /// A transaction was evaluated.
+    Txn(TxnResult),
+    /// A leader's [`Op::NewLeader`] entry was applied.
+    NewLeader,
 }
 
 /// A write's result and where it sits in the log.
@@ -332,13 +357,23 @@ impl Limits {
 
     /// Checks every key and value an operation carries.
     pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
-        if let Op::OpenSession { .. } = op {
-            return Ok(());
+        match op {
+            Op::OpenSession { .. } => return Ok(()),
+            Op::Txn(t) => return t.validate(self),
+            Op::NewLeader { .. } => {
+                return Err(KvError::InvalidArgument(
+                    "a new-leader entry is written by a replica becoming leader, never sent by                      a client"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
         self.check_key(op.key())?;
         match op {
             Op::Put { value, .. } => self.check_value(value),
-            Op::Delete { .. } | Op::OpenSession { .. } => Ok(()),
+            Op::Delete { .. } | Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } => {
+                Ok(())
+            }
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;
@@ -460,6 +495,17 @@ pub trait Kv {
     /// far (an empty change just reports). For tests and demonstrations: it
     /// makes the replica drop, delay or cut messages.
     async fn set_faults(change: FaultSpec) -> Result<FaultReport, KvError>;
+    // Methods are appended, never inserted: tarpc numbers them in order,
+    // and older clients must keep reaching the ones they know.
+    /// Reads the keys of a range in key order, with their revisions,
+    /// linearizably (through the leader, as for `get`) or locally; at most
+    /// [`MAX_RANGE_LIMIT`] keys and about [`MAX_RANGE_BYTES`] an answer,
+    /// the rest through its continuation token.
+    async fn range(
+        req: RangeRequest,
+        mode: ReadMode,
+        route: Route,
+    ) -> Result<RangeResponse, KvError>;
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use kv_api::replicas::Replicas;
 use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
-    FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult, ReadMode, ReplicaStatus,
-    Route, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, KeyValue, KvClient, KvError, Limits, Op, OpResult, RangeRequest,
+    RangeResponse, ReadMode, ReplicaStatus, Route, Txn, TxnResult, WriteOutcome, WriteRequest,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -278,6 +278,119 @@ impl Client {
         match outcome.result {
             OpResult::Cas { swapped, current } => Ok(CasOutcome { swapped, current }),
             other => Err(unexpected(addr, "compare-and-swap", &other)),
+        }
+    }
+
+    /// Reads `key` with its revisions, linearizably. `None` if absent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// client.put("color", "blue").await?;
+    /// let kv = client.get_kv("color").await?.expect("just written");
+    /// println!("version {} at revision {}", kv.version, kv.mod_revision);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_kv(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>> {
+        let key = key.into();
+        self.inner.limits.check_key(&key).map_err(invalid)?;
+        let resp = self
+            .range_with(RangeRequest::key(key), ReadMode::Linearizable)
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// Reads one page of a range, linearizably: the keys of
+    /// `[req.start, req.end)` in key order, at most `req.limit` of them
+    /// (and at most [`kv_api::MAX_RANGE_LIMIT`] and about
+    /// [`kv_api::MAX_RANGE_BYTES`]). If `more`, ask again with the
+    /// answer's `token` for the next page. Bounds that make no sense and
+    /// tokens no answer gave are refused ([`Error::InvalidArgument`]).
+    ///
+    /// ```no_run
+    /// use kv_client::RangeRequest;
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let mut req = RangeRequest::prefix("config/");
+    /// loop {
+    ///     let page = client.range(req.clone()).await?;
+    ///     for kv in &page.kvs {
+    ///         println!("{:?} = {:?} (rev {})", kv.key, kv.value, kv.mod_revision);
+    ///     }
+    ///     if !page.more {
+    ///         break;
+    ///     }
+    ///     req.token = page.token;
+    /// }
+    /// // How many keys, without reading them.
+    /// let count = RangeRequest { count_only: true, ..RangeRequest::prefix("config/") };
+    /// println!("{} keys", client.range(count).await?.count);
+    /// # Ok(()) }
+    /// ```
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.range_with(req, ReadMode::Linearizable).await
+    }
+
+    /// [`Client::range`] from the first replica that answers, from its own
+    /// state: fast, possibly stale.
+    pub async fn range_local(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.range_with(req, ReadMode::Local).await
+    }
+
+    async fn range_with(&self, req: RangeRequest, mode: ReadMode) -> Result<RangeResponse> {
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        let route = self.route();
+        let (resp, addr) = self
+            .call(move |c, ctx| {
+                let req = req.clone();
+                async move { c.range(ctx, req, mode, route).await }
+            })
+            .await?;
+        if mode == ReadMode::Linearizable {
+            self.set_preferred(&addr);
+        }
+        Ok(resp)
+    }
+
+    /// Runs a transaction: if every comparison holds, the `success`
+    /// writes, otherwise the `failure` writes, atomically and at most once
+    /// (a retry is answered with the first result). Checked against the
+    /// limits first ([`kv_api::MAX_TXN_COMPARES`], [`kv_api::MAX_TXN_OPS`],
+    /// key and value sizes).
+    ///
+    /// ```no_run
+    /// use kv_client::{CmpOp, Compare, Target, Txn, TxnOp};
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// // Move 10 from a to b, only if neither changed since it was read.
+    /// let a = client.get_kv("a").await?.expect("a exists");
+    /// let b = client.get_kv("b").await?.expect("b exists");
+    /// let txn = Txn {
+    ///     compares: vec![
+    ///         Compare { key: a.key.clone(), op: CmpOp::Equal, target: Target::ModRevision(a.mod_revision) },
+    ///         Compare { key: b.key.clone(), op: CmpOp::Equal, target: Target::ModRevision(b.mod_revision) },
+    ///     ],
+    ///     success: vec![
+    ///         TxnOp::Put { key: a.key, value: b"90".to_vec(), lease: 0 },
+    ///         TxnOp::Put { key: b.key, value: b"110".to_vec(), lease: 0 },
+    ///     ],
+    ///     failure: vec![],
+    /// };
+    /// let done = client.txn(txn).await?;
+    /// if !done.succeeded {
+    ///     println!("someone else wrote first; read again and retry");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        Ok(self.txn_outcome(txn).await?.0)
+    }
+
+    /// [`Client::txn`], with the log slot that holds it.
+    pub(crate) async fn txn_outcome(&self, txn: Txn) -> Result<(TxnResult, u64)> {
+        let (outcome, addr) = self.write_op(Op::Txn(txn)).await?;
+        match outcome.result {
+            OpResult::Txn(t) => Ok((t, outcome.slot)),
+            other => Err(unexpected(addr, "transaction", &other)),
         }
     }
 

@@ -158,3 +158,8 @@ pub use kv_api::{
     FaultReport, FaultSpec, KvError, LeaderHint, Limits, Op, OpResult, ReplicaId, ReplicaStatus,
     Slot, WriteOutcome, WriteRequest, MAX_FAULT_DELAY_MS,
 };
+// The data model: revisions, ranges and transactions.
+pub use kv_api::{
+    prefix_end, CmpOp, Compare, KeyValue, RangeRequest, RangeResponse, Target, Txn, TxnOp,
+    TxnOpResult, TxnResult, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS,
+};

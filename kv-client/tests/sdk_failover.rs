@@ -127,6 +127,11 @@ impl Fake {
                 }
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
+            Op::Txn(_) | Op::NewLeader { .. } => {
+                return Err(KvError::InvalidArgument(
+                    "the fake replica has no transactions".into(),
+                ))
+            }
         };
         let outcome = WriteOutcome {
             slot: s.slot,
@@ -210,6 +215,18 @@ impl Kv for Fake {
     ) -> Result<kv_api::FaultReport, KvError> {
         Err(KvError::InvalidArgument(
             "the fake replica injects no faults".into(),
+        ))
+    }
+
+    async fn range(
+        self,
+        _: Context,
+        _: kv_api::RangeRequest,
+        _: ReadMode,
+        _: Route,
+    ) -> Result<kv_api::RangeResponse, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no ranges".into(),
         ))
     }
 

@@ -4,7 +4,10 @@
 //! other: `peers` and `rpc` hand messages and requests to the driver
 //! without importing the driver.
 
-use kv_api::{GetResponse, KvError, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest};
+use kv_api::{
+    GetResponse, KvError, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, WriteOutcome,
+    WriteRequest,
+};
 use kv_peer_api::Slot;
 use tokio::sync::oneshot;
 
@@ -18,6 +21,8 @@ pub const INPUT_QUEUE: usize = 16 * 1024;
 pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
 /// Replies to a client read.
 pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
+/// Replies to a client range read.
+pub type RangeReply = oneshot::Sender<std::result::Result<RangeResponse, KvError>>;
 
 /// What the driver task receives.
 pub enum Input {
@@ -43,6 +48,15 @@ pub enum Input {
         mode: ReadMode,
         /// Where the result goes.
         reply: GetReply,
+    },
+    /// A client range read (checked for bounds before it is sent here).
+    Range {
+        /// The range.
+        req: RangeRequest,
+        /// Linearizable or local.
+        mode: ReadMode,
+        /// Where the result goes.
+        reply: RangeReply,
     },
     /// A status request.
     Status {

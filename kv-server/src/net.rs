@@ -1096,6 +1096,15 @@ mod tests {
         ) -> std::result::Result<FaultReport, KvError> {
             Err(KvError::Unavailable("test".into()))
         }
+        async fn range(
+            self,
+            _: tarpc::context::Context,
+            _: kv_api::RangeRequest,
+            _: ReadMode,
+            _: Route,
+        ) -> std::result::Result<kv_api::RangeResponse, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
     }
 
     async fn serve_held(limits: NetLimits) -> (SocketAddr, Arc<tokio::sync::Semaphore>) {

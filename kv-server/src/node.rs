@@ -14,12 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kv_api::replicas::Replicas;
 use kv_api::{
-    GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteRequest,
+    GetResponse, KvError, LeaderHint, Limits, Op, RangeRequest, ReadMode, ReplicaId, ReplicaStatus,
+    WriteRequest,
 };
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::inbox::{GetReply, Input, WriteReply};
+use crate::inbox::{GetReply, Input, RangeReply, WriteReply};
 use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
@@ -67,6 +68,32 @@ const SLOW_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// majority can be reached, no reading is chosen and nothing expires.
 const TIME_EVERY: Duration = Duration::from_secs(1);
 
+/// Limits for ranges in the driver: their bounds and tokens were checked
+/// against the replica's own limits by the RPC handler already.
+const CHECKED: Limits = Limits {
+    max_key: usize::MAX,
+    max_value: usize::MAX,
+};
+
+/// A linearizable read waiting for its read index.
+enum PendingRead {
+    Get(Vec<u8>, GetReply),
+    Range(RangeRequest, RangeReply),
+}
+
+impl PendingRead {
+    fn fail(self, e: KvError) {
+        match self {
+            PendingRead::Get(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+            PendingRead::Range(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Snapshot bookkeeping of the driver.
 pub struct Snapshots {
     /// The data directory's snapshot files.
@@ -96,7 +123,7 @@ pub struct Node {
     inputs: mpsc::Sender<Input>,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
-    reads: HashMap<u64, (Vec<u8>, GetReply)>,
+    reads: HashMap<u64, PendingRead>,
     next_token: u64,
     ticks: u64,
     /// The last round's log write, for the slow-round log line.
@@ -107,6 +134,9 @@ pub struct Node {
     max_sessions: u64,
     /// When this replica last proposed a time reading.
     time_proposed: Option<Instant>,
+    /// Whether this replica, leading, has proposed its new-leader entry
+    /// (`Op::NewLeader`) for the current leadership.
+    leadership_marked: bool,
     /// Retried writes answered with the result of their first application
     /// since start: here, before proposing, and by the state machine when
     /// a retry reached the log too (its count restarts with an installed
@@ -142,6 +172,7 @@ impl Node {
             session_ttl_ms: DEFAULT_SESSION_TTL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
+            leadership_marked: false,
             duplicates: 0,
         }
     }
@@ -216,6 +247,7 @@ impl Node {
 
     fn tick(&mut self) {
         self.core.tick();
+        self.mark_leadership();
         self.propose_time();
         self.ticks += 1;
         // Often while writes are queued (a backlog nobody waits for must
@@ -236,9 +268,9 @@ impl Node {
             // (session, seq) if it wants it. Under overload this keeps the
             // leader from working through a backlog nobody waits for.
             let waiters = &self.waiters;
-            let dropped = self
-                .core
-                .retain_queued(|r| waiters.contains_key(&(r.client_id, r.seq)));
+            let dropped = self.core.retain_queued(|r| {
+                matches!(r.op, Op::NewLeader { .. }) || waiters.contains_key(&(r.client_id, r.seq))
+            });
             if dropped > 0 {
                 tracing::debug!(dropped, "dropped queued writes nobody waits for");
             }
@@ -264,6 +296,30 @@ impl Node {
         if self.core.propose_time(ms) {
             self.time_proposed = Some(Instant::now());
         }
+    }
+
+    /// As a new leader, proposes its new-leader entry ([`Op::NewLeader`],
+    /// with this replica's clock) before any client write, once per
+    /// leadership: revisions are counted from the first one in the log
+    /// (see `kv_api::data`). Nobody waits for its answer.
+    fn mark_leadership(&mut self) {
+        if !self.core.is_leader() {
+            self.leadership_marked = false;
+            return;
+        }
+        if self.leadership_marked {
+            return;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let req = WriteRequest {
+            client_id: 0,
+            seq: rand::random::<u64>(),
+            acked_below: 0,
+            op: Op::NewLeader { now_ms },
+        };
+        self.leadership_marked = self.core.propose(req).is_ok();
     }
 
     /// Prepares an open for the log: the limits this replica was given,
@@ -307,6 +363,7 @@ impl Node {
                 }
             }
             Input::Write { mut req, reply } => {
+                self.mark_leadership();
                 if let Op::OpenSession { .. } = req.op {
                     self.prepare_open(&mut req);
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
@@ -336,7 +393,24 @@ impl Node {
                     let token = self.next_token;
                     match self.core.read(token) {
                         Ok(()) => {
-                            self.reads.insert(token, (key, reply));
+                            self.reads.insert(token, PendingRead::Get(key, reply));
+                        }
+                        Err(leader) => {
+                            let _ = reply.send(Err(self.hint(leader)));
+                        }
+                    }
+                }
+            },
+            Input::Range { req, mode, reply } => match mode {
+                ReadMode::Local => {
+                    let _ = reply.send(self.sm.range(&req, &CHECKED));
+                }
+                ReadMode::Linearizable => {
+                    self.next_token += 1;
+                    let token = self.next_token;
+                    match self.core.read(token) {
+                        Ok(()) => {
+                            self.reads.insert(token, PendingRead::Range(req, reply));
                         }
                         Err(leader) => {
                             let _ = reply.send(Err(self.hint(leader)));
@@ -533,13 +607,19 @@ impl Node {
             self.apply(slot, value);
         }
         for token in ready.reads_ready {
-            if let Some((key, tx)) = self.reads.remove(&token) {
-                let _ = tx.send(Ok(self.read_local(&key)));
+            match self.reads.remove(&token) {
+                Some(PendingRead::Get(key, tx)) => {
+                    let _ = tx.send(Ok(self.read_local(&key)));
+                }
+                Some(PendingRead::Range(req, tx)) => {
+                    let _ = tx.send(self.sm.range(&req, &CHECKED));
+                }
+                None => {}
             }
         }
         for (token, leader) in ready.reads_failed {
-            if let Some((_, tx)) = self.reads.remove(&token) {
-                let _ = tx.send(Err(self.hint(leader)));
+            if let Some(read) = self.reads.remove(&token) {
+                read.fail(self.hint(leader));
             }
         }
         if let Some(peer) = ready.snapshot_from {

@@ -31,8 +31,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
-    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, ReadMode, ReplicaId, ReplicaStatus,
-    Route, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, RangeRequest, RangeResponse,
+    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -209,6 +209,18 @@ impl Handler {
             .unwrap_or_else(|| Err(stopping()))
     }
 
+    async fn range_here(
+        &self,
+        req: RangeRequest,
+        mode: ReadMode,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        req.validate(&self.limits)?;
+        req.resume_key(&self.limits)?;
+        self.ask(|reply| Input::Range { req, mode, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
+    }
+
     /// A consensus request from peer `from`: through the fault gate to the
     /// driver, whose answer `unpack` takes out of its `Msg`. A replica that
     /// is stopping answers `refused` (built with `Ballot::ZERO`, which never
@@ -279,6 +291,25 @@ impl Kv for Handler {
     ) -> std::result::Result<FaultReport, KvError> {
         self.allow(Role::Admin, "fault injection")?;
         self.set_faults_now(change)
+    }
+
+    async fn range(
+        self,
+        ctx: Context,
+        req: RangeRequest,
+        mode: ReadMode,
+        route: Route,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        self.allow(Role::Read, "reading")?;
+        if route == Route::Redirect {
+            return self.range_here(req, mode).await;
+        }
+        match self.range_here(req.clone(), mode).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_range(hint.id, ctx.deadline, req).await
+            }
+            other => other,
+        }
     }
 
     async fn status(self, _: Context) -> ReplicaStatus {
@@ -431,6 +462,21 @@ impl Peer for Handler {
         }
         self.gate(from).await;
         self.get_here(key, ReadMode::Linearizable).await
+    }
+
+    async fn forward_range(
+        self,
+        _: Context,
+        from: ReplicaId,
+        req: RangeRequest,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        if !self.peer_may_say(from) {
+            return Err(KvError::PermissionDenied(
+                "the connection's certificate does not name this sender".into(),
+            ));
+        }
+        self.gate(from).await;
+        self.range_here(req, ReadMode::Linearizable).await
     }
 }
 

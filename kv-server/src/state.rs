@@ -39,8 +39,12 @@
 //! writes is refused as an unknown session — not applied — which is safe.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 
-use kv_api::{KvError, Op, OpResult, Slot, WriteOutcome, WriteRequest};
+use kv_api::{
+    range_token, KeyValue, KvError, Limits, Op, OpResult, RangeRequest, RangeResponse, Slot, Txn,
+    TxnOp, TxnOpResult, TxnResult, WriteOutcome, WriteRequest, MAX_RANGE_BYTES,
+};
 use serde::{Deserialize, Serialize};
 
 /// How long a session may stay idle (no write applied) before it expires,
@@ -148,32 +152,21 @@ fn result_bytes(o: &WriteOutcome) -> u64 {
         OpResult::Cas {
             current: Some(v), ..
         } => v.len(),
+        OpResult::Txn(t) => 16 * t.results.len(),
         _ => 0,
     };
     held as u64 + 64
 }
 
-/// The map's keys and values as byte strings: the same bytes in a snapshot
-/// as sequences of `u8` (so every snapshot ever written still reads), but
-/// copied whole instead of one call per byte.
+/// The map's keys and values as byte strings, as the formats before
+/// revisions wrote them (read, never written): the same bytes as sequences
+/// of `u8`, but copied whole instead of one call per byte.
 mod byte_map {
     use std::collections::HashMap;
 
     use serde::de::{MapAccess, Visitor};
-    use serde::ser::SerializeMap;
-    use serde::{Deserializer, Serializer};
-    use serde_bytes::{ByteBuf, Bytes};
-
-    pub fn serialize<S: Serializer>(
-        map: &HashMap<Vec<u8>, Vec<u8>>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        let mut out = s.serialize_map(Some(map.len()))?;
-        for (k, v) in map {
-            out.serialize_entry(Bytes::new(k), Bytes::new(v))?;
-        }
-        out.end()
-    }
+    use serde::Deserializer;
+    use serde_bytes::ByteBuf;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
@@ -199,12 +192,101 @@ mod byte_map {
     }
 }
 
+/// One key's value and metadata in the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+    /// Revision of the write that created the key (0: before revisions).
+    create: u64,
+    /// Revision of the write that last changed it (0: before revisions).
+    modified: u64,
+    /// Writes since creation, 1 on creation.
+    version: u64,
+    /// The lease it is attached to (0: none).
+    lease: u64,
+}
+
+impl Entry {
+    /// A key as a version that did not count revisions left it.
+    fn legacy(value: Vec<u8>) -> Entry {
+        Entry {
+            value,
+            create: 0,
+            modified: 0,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    fn to_kv(&self, key: &[u8], with_value: bool) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: if with_value {
+                self.value.clone()
+            } else {
+                Vec::new()
+            },
+            create_revision: self.create,
+            mod_revision: self.modified,
+            version: self.version,
+            lease: self.lease,
+        }
+    }
+}
+
+/// The ordered map with its keys as byte strings (one copy, not one call
+/// per byte), written in key order, so that decoding appends.
+mod entry_map {
+    use std::collections::BTreeMap;
+
+    use serde::de::{MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    use super::Entry;
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<Vec<u8>, Entry>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut out = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            out.serialize_entry(Bytes::new(k), v)?;
+        }
+        out.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<Vec<u8>, Entry>, D::Error> {
+        struct Pairs;
+        impl<'de> Visitor<'de> for Pairs {
+            type Value = BTreeMap<Vec<u8>, Entry>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of byte strings to entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                let mut map = BTreeMap::new();
+                while let Some((k, v)) = a.next_entry::<ByteBuf, Entry>()? {
+                    map.insert(k.into_vec(), v);
+                }
+                Ok(map)
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
+}
+
 /// The key-value map and the client sessions. Serializable: a snapshot is
 /// this structure as of `applied`.
 #[derive(Default, Debug, Clone, Serialize, Deserialize)]
 pub struct StateMachine {
-    #[serde(with = "byte_map")]
-    map: HashMap<Vec<u8>, Vec<u8>>,
+    /// Ordered, for ranges. (A `HashMap` before; see `put_throughput` in
+    /// the README for what the order costs.)
+    #[serde(with = "entry_map")]
+    map: BTreeMap<Vec<u8>, Entry>,
     sessions: HashMap<u64, Session>,
     applied: Slot,
     /// The log's clock, in milliseconds since the Unix epoch: the largest
@@ -222,6 +304,15 @@ pub struct StateMachine {
     /// within the caps. Like everything here, a function of the log.
     expired: u64,
     evicted: u64,
+    /// The store's revision: that of the last write that changed the map
+    /// (0: none since revisions are counted).
+    revision: u64,
+    /// Whether revisions are counted: from the first [`Op::NewLeader`]
+    /// on (see `kv_api::data`). Before, every write has revision 0 and a
+    /// key's version stays 1, so that replicas that started from
+    /// snapshots of an older version, at different places in the log,
+    /// still agree key for key.
+    revisions: bool,
     /// `(expires_at, id)` of every session (in sessions-required mode).
     #[serde(skip)]
     by_expiry: BTreeSet<(u64, u64)>,
@@ -260,12 +351,56 @@ struct LegacySession {
     results: BTreeMap<u64, WriteOutcome>,
 }
 
+/// The state machine as the versions with sessions but before revisions
+/// wrote it in a snapshot (`KVSNAP02`): field for field the same shape.
+#[derive(Deserialize)]
+pub(crate) struct V2StateMachine {
+    #[serde(with = "byte_map")]
+    map: HashMap<Vec<u8>, Vec<u8>>,
+    sessions: HashMap<u64, Session>,
+    applied: Slot,
+    now_ms: u64,
+    sessions_required: bool,
+    uses: u64,
+    opens_in_slot: (Slot, u64),
+    expired: u64,
+    evicted: u64,
+}
+
+/// Keys of a snapshot written before revisions: revision 0, version 1.
+fn legacy_map(map: HashMap<Vec<u8>, Vec<u8>>) -> BTreeMap<Vec<u8>, Entry> {
+    map.into_iter()
+        .map(|(k, v)| (k, Entry::legacy(v)))
+        .collect()
+}
+
+impl From<V2StateMachine> for StateMachine {
+    /// Everything as it was; revisions are counted from the first
+    /// [`Op::NewLeader`] in the log after it.
+    fn from(old: V2StateMachine) -> StateMachine {
+        let mut sm = StateMachine {
+            map: legacy_map(old.map),
+            sessions: old.sessions,
+            applied: old.applied,
+            now_ms: old.now_ms,
+            sessions_required: old.sessions_required,
+            uses: old.uses,
+            opens_in_slot: old.opens_in_slot,
+            expired: old.expired,
+            evicted: old.evicted,
+            ..StateMachine::default()
+        };
+        sm.recount();
+        sm
+    }
+}
+
 impl From<LegacyStateMachine> for StateMachine {
     /// Keeps the sessions, in legacy mode: the log after the snapshot was
     /// written by the same rules, and must be applied by them.
     fn from(old: LegacyStateMachine) -> StateMachine {
         let mut sm = StateMachine {
-            map: old.map,
+            map: legacy_map(old.map),
             applied: old.applied,
             sessions: old
                 .sessions
@@ -335,7 +470,7 @@ impl StateMachine {
     /// bytes of cached results, the session indexes) from scratch, after
     /// decoding.
     pub fn recount(&mut self) {
-        self.bytes = self.map.iter().map(|(k, v)| pair_len(k, v)).sum();
+        self.bytes = self.map.iter().map(|(k, e)| pair_len(k, &e.value)).sum();
         self.result_bytes = 0;
         self.by_expiry.clear();
         self.by_use.clear();
@@ -349,11 +484,106 @@ impl StateMachine {
         }
     }
 
-    fn insert(&mut self, key: &[u8], value: &[u8]) {
+    /// Sets `key` to `value` as the write of revision `rev` (0 before
+    /// revisions are counted).
+    fn insert(&mut self, key: &[u8], value: &[u8], rev: u64, lease: u64) {
         self.bytes += pair_len(key, value);
-        if let Some(old) = self.map.insert(key.to_vec(), value.to_vec()) {
-            self.bytes -= pair_len(key, &old);
+        match self.map.get_mut(key) {
+            Some(e) => {
+                self.bytes -= pair_len(key, &e.value);
+                e.value = value.to_vec();
+                e.modified = rev;
+                e.lease = lease;
+                if self.revisions {
+                    e.version += 1;
+                }
+            }
+            None => {
+                let e = Entry {
+                    value: value.to_vec(),
+                    create: rev,
+                    modified: rev,
+                    version: 1,
+                    lease,
+                };
+                self.map.insert(key.to_vec(), e);
+            }
         }
+    }
+
+    /// Removes `key`; whether it was there.
+    fn remove(&mut self, key: &[u8]) -> bool {
+        match self.map.remove(key) {
+            Some(old) => {
+                self.bytes -= pair_len(key, &old.value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The revision the next write that changes the map takes (0 while
+    /// revisions are not counted).
+    fn next_revision(&self) -> u64 {
+        if self.revisions {
+            self.revision + 1
+        } else {
+            0
+        }
+    }
+
+    /// The store's revision: that of the last write that changed the map.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Whether revisions are counted yet (see `kv_api::data`).
+    pub fn revisions_counted(&self) -> bool {
+        self.revisions
+    }
+
+    /// `key` with its revisions.
+    pub fn get_kv(&self, key: &[u8]) -> Option<KeyValue> {
+        self.map.get(key).map(|e| e.to_kv(key, true))
+    }
+
+    /// Reads a range (see [`RangeRequest`]): at most its limit of keys and
+    /// about [`MAX_RANGE_BYTES`], with a continuation token for the rest.
+    /// Bad bounds or a token no answer gave are refused.
+    pub fn range(&self, req: &RangeRequest, limits: &Limits) -> Result<RangeResponse, KvError> {
+        req.validate(limits)?;
+        let from = req.resume_key(limits)?;
+        let end = if req.end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(req.end.as_slice())
+        };
+        let keys = self
+            .map
+            .range::<[u8], _>((Bound::Included(from.as_slice()), end));
+        let mut resp = RangeResponse {
+            revision: self.revision,
+            applied: self.applied,
+            ..RangeResponse::default()
+        };
+        if req.count_only {
+            resp.count = keys.count() as u64;
+            return Ok(resp);
+        }
+        let limit = req.effective_limit();
+        let mut bytes = 0usize;
+        for (k, e) in keys {
+            let size = k.len() + if req.keys_only { 0 } else { e.value.len() };
+            if resp.kvs.len() >= limit || (bytes + size > MAX_RANGE_BYTES && !resp.kvs.is_empty()) {
+                resp.more = true;
+                resp.token = Some(range_token(k));
+                break;
+            }
+            bytes += size;
+            resp.kvs.push(e.to_kv(k, !req.keys_only));
+        }
+        resp.count = resp.kvs.len() as u64;
+        Ok(resp)
     }
 
     /// Whether the map is empty.
@@ -363,7 +593,7 @@ impl StateMachine {
 
     /// Reads a key.
     pub fn get(&self, key: &[u8]) -> Option<&Vec<u8>> {
-        self.map.get(key)
+        self.map.get(key).map(|e| &e.value)
     }
 
     /// The result of `(client_id, seq)` if it was already applied and is
@@ -390,6 +620,13 @@ impl StateMachine {
         {
             self.require_sessions();
             return self.open(slot, ttl_ms, max_sessions);
+        }
+        if let Op::NewLeader { now_ms } = req.op {
+            self.new_leader(now_ms);
+            return Ok(WriteOutcome {
+                slot,
+                result: OpResult::NewLeader,
+            });
         }
         if !self.sessions_required {
             return Ok(self.apply_legacy(slot, req));
@@ -456,6 +693,15 @@ impl StateMachine {
             self.remove_session(id);
             self.expired += 1;
         }
+    }
+
+    /// A leader's first entry: its clock reading, and from the first one on,
+    /// revisions are counted.
+    fn new_leader(&mut self, now_ms: u64) {
+        if now_ms > 0 {
+            self.apply_time(now_ms);
+        }
+        self.revisions = true;
     }
 
     /// The first open or time reading: from here on the log is written by
@@ -556,37 +802,85 @@ impl StateMachine {
     }
 
     fn execute(&mut self, op: &Op) -> OpResult {
-        match op {
+        let rev = self.next_revision();
+        let (result, changed) = match op {
             Op::Put { key, value } => {
-                self.insert(key, value);
-                OpResult::Put
+                self.insert(key, value, rev, 0);
+                (OpResult::Put, true)
             }
             Op::Delete { key } => {
-                let old = self.map.remove(key);
-                if let Some(old) = &old {
-                    self.bytes -= pair_len(key, old);
-                }
-                OpResult::Deleted {
-                    existed: old.is_some(),
-                }
+                let existed = self.remove(key);
+                (OpResult::Deleted { existed }, existed)
             }
             Op::Cas { key, expected, new } => {
-                let current = self.map.get(key);
+                let current = self.map.get(key).map(|e| &e.value);
                 if current == expected.as_ref() {
-                    self.insert(key, new);
-                    OpResult::Cas {
-                        swapped: true,
-                        current: Some(new.clone()),
-                    }
+                    self.insert(key, new, rev, 0);
+                    let current = Some(new.clone());
+                    (
+                        OpResult::Cas {
+                            swapped: true,
+                            current,
+                        },
+                        true,
+                    )
                 } else {
-                    OpResult::Cas {
-                        swapped: false,
-                        current: current.cloned(),
-                    }
+                    let current = current.cloned();
+                    (
+                        OpResult::Cas {
+                            swapped: false,
+                            current,
+                        },
+                        false,
+                    )
                 }
             }
+            Op::Txn(txn) => return OpResult::Txn(self.txn(txn)),
             // Handled by `apply` before it gets here.
-            Op::OpenSession { .. } => OpResult::Stale,
+            Op::OpenSession { .. } | Op::NewLeader { .. } => (OpResult::Stale, false),
+        };
+        if changed && self.revisions {
+            self.revision = rev;
+        }
+        result
+    }
+
+    /// Evaluates a transaction: every comparison against the map as it is,
+    /// then one branch's writes, all at one revision.
+    fn txn(&mut self, txn: &Txn) -> TxnResult {
+        let succeeded = txn
+            .compares
+            .iter()
+            .all(|c| c.holds(self.get_kv(&c.key).as_ref()));
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let rev = self.next_revision();
+        let mut changed = false;
+        let results = ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { key, value, lease } => {
+                    self.insert(key, value, rev, *lease);
+                    changed = true;
+                    TxnOpResult::Put
+                }
+                TxnOp::Delete { key } => {
+                    let existed = self.remove(key);
+                    changed |= existed;
+                    TxnOpResult::Deleted { existed }
+                }
+            })
+            .collect();
+        if changed && self.revisions {
+            self.revision = rev;
+        }
+        TxnResult {
+            succeeded,
+            revision: self.revision,
+            results,
         }
     }
 
@@ -683,6 +977,301 @@ mod tests {
     fn ok(sm: &mut StateMachine, slot: Slot, r: WriteRequest) -> WriteOutcome {
         sm.apply(slot, &r)
             .unwrap_or_else(|e| panic!("{r:?} refused: {e}"))
+    }
+
+    fn new_leader(sm: &mut StateMachine, slot: Slot) {
+        let r = sm.apply(slot, &req(0, 7, Op::NewLeader { now_ms: 0 }));
+        assert_eq!(r.map(|o| o.result), Ok(OpResult::NewLeader));
+    }
+
+    fn meta(sm: &StateMachine, key: &str) -> (u64, u64, u64) {
+        let kv = sm.get_kv(key.as_bytes()).expect("present");
+        (kv.create_revision, kv.mod_revision, kv.version)
+    }
+
+    fn txn(compares: Vec<kv_api::Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>) -> Op {
+        Op::Txn(Txn {
+            compares,
+            success,
+            failure,
+        })
+    }
+
+    fn tput(k: &str, v: &str) -> TxnOp {
+        TxnOp::Put {
+            key: k.into(),
+            value: v.into(),
+            lease: 0,
+        }
+    }
+
+    fn cmp(k: &str, op: kv_api::CmpOp, target: kv_api::Target) -> kv_api::Compare {
+        kv_api::Compare {
+            key: k.into(),
+            op,
+            target,
+        }
+    }
+
+    #[test]
+    fn writes_take_revisions_in_log_order_from_the_first_new_leader_entry() {
+        let mut sm = StateMachine::default();
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("early", "x")));
+        assert_eq!(meta(&sm, "early"), (0, 0, 1), "before any leader entry");
+        ok(&mut sm, 2, req(s, 2, put("early", "y")));
+        assert_eq!(
+            meta(&sm, "early"),
+            (0, 0, 1),
+            "versions are not counted yet"
+        );
+        new_leader(&mut sm, 3);
+        assert!(sm.revisions_counted());
+        assert_eq!(sm.revision(), 0);
+        ok(&mut sm, 4, req(s, 3, put("a", "1")));
+        ok(&mut sm, 4, req(s, 4, put("b", "1")));
+        assert_eq!(meta(&sm, "a"), (1, 1, 1));
+        assert_eq!(meta(&sm, "b"), (2, 2, 1));
+        ok(&mut sm, 5, req(s, 5, put("a", "2")));
+        assert_eq!(meta(&sm, "a"), (1, 3, 2));
+        ok(&mut sm, 5, req(s, 6, put("early", "z")));
+        assert_eq!(meta(&sm, "early"), (0, 4, 2));
+        // A delete of an absent key and a failed swap change nothing and
+        // take no revision; a retry takes none either.
+        ok(&mut sm, 6, req(s, 7, Op::Delete { key: "nope".into() }));
+        let failed = Op::Cas {
+            key: "a".into(),
+            expected: Some("0".into()),
+            new: "9".into(),
+        };
+        ok(&mut sm, 6, req(s, 8, failed));
+        ok(&mut sm, 6, req(s, 6, put("early", "z")));
+        assert_eq!(sm.revision(), 4);
+        ok(&mut sm, 7, req(s, 9, Op::Delete { key: "a".into() }));
+        assert_eq!(sm.revision(), 5);
+        ok(&mut sm, 8, req(s, 10, put("a", "new")));
+        assert_eq!(meta(&sm, "a"), (6, 6, 1), "created again");
+        // Another leader entry does not restart the count.
+        new_leader(&mut sm, 9);
+        assert_eq!(sm.revision(), 6);
+    }
+
+    #[test]
+    fn replicas_from_different_old_snapshots_agree_on_every_key() {
+        // Two replicas of a version before revisions, one snapshotted
+        // before slot 3, the other after: each loads its snapshot (an
+        // old-format body) and applies the rest of the same log.
+        let log: Vec<(Slot, WriteRequest)> = vec![
+            (3, req(1 << OPEN_BITS, 1, put("k", "a"))),
+            (4, req(1 << OPEN_BITS, 2, put("k", "b"))),
+            (5, req(0, 9, Op::NewLeader { now_ms: T0 })),
+            (6, req(1 << OPEN_BITS, 3, put("k", "c"))),
+            (6, req(1 << OPEN_BITS, 4, put("j", "c"))),
+        ];
+        let mut base = StateMachine::default();
+        open(&mut base, 1);
+        ok(&mut base, 2, req(1 << OPEN_BITS, 0, put("old", "v")));
+        let old_format = |sm: &StateMachine| {
+            StateMachine::from(V2StateMachine {
+                map: sm
+                    .map
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.value.clone()))
+                    .collect(),
+                sessions: sm.sessions.clone(),
+                applied: sm.applied,
+                now_ms: sm.now_ms,
+                sessions_required: sm.sessions_required,
+                uses: sm.uses,
+                opens_in_slot: sm.opens_in_slot,
+                expired: sm.expired,
+                evicted: sm.evicted,
+            })
+        };
+        let mut early = old_format(&base);
+        let mut later_base = base.clone();
+        for (slot, r) in &log[..2] {
+            later_base.apply(*slot, r).unwrap();
+        }
+        let mut later = old_format(&later_base);
+        for (slot, r) in &log {
+            early.apply(*slot, r).unwrap();
+        }
+        for (slot, r) in &log[2..] {
+            later.apply(*slot, r).unwrap();
+        }
+        for key in ["old", "k", "j"] {
+            assert_eq!(
+                early.get_kv(key.as_bytes()),
+                later.get_kv(key.as_bytes()),
+                "{key}"
+            );
+        }
+        assert_eq!(meta(&early, "k"), (0, 1, 2));
+        assert_eq!(early.revision(), later.revision());
+    }
+
+    #[test]
+    fn a_txn_applies_one_branch_atomically_at_one_revision() {
+        use kv_api::{CmpOp, Target};
+        let mut sm = StateMachine::default();
+        new_leader(&mut sm, 1);
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("a", "10")));
+        ok(&mut sm, 2, req(s, 2, put("b", "0")));
+        let (_, a_rev, _) = meta(&sm, "a");
+        let transfer = txn(
+            vec![
+                cmp("a", CmpOp::Equal, Target::ModRevision(a_rev)),
+                cmp("b", CmpOp::Equal, Target::Value("0".into())),
+                cmp("c", CmpOp::Equal, Target::Exists(false)),
+            ],
+            vec![
+                tput("a", "5"),
+                tput("b", "5"),
+                TxnOp::Delete { key: "z".into() },
+            ],
+            vec![tput("failed", "1")],
+        );
+        let r = ok(&mut sm, 3, req(s, 3, transfer.clone()));
+        let OpResult::Txn(t) = r.result else {
+            panic!("{r:?}")
+        };
+        assert!(t.succeeded);
+        assert_eq!(t.revision, 3);
+        assert_eq!(
+            t.results,
+            [
+                TxnOpResult::Put,
+                TxnOpResult::Put,
+                TxnOpResult::Deleted { existed: false }
+            ]
+        );
+        assert_eq!(meta(&sm, "a"), (1, 3, 2));
+        assert_eq!(meta(&sm, "b"), (2, 3, 2));
+        // The same comparisons no longer hold: the other branch runs.
+        let r = ok(&mut sm, 4, req(s, 4, transfer.clone()));
+        assert!(matches!(
+            r.result,
+            OpResult::Txn(TxnResult {
+                succeeded: false,
+                revision: 4,
+                ..
+            })
+        ));
+        assert_eq!(sm.get(b"a").unwrap(), b"5");
+        assert_eq!(sm.get(b"failed").unwrap(), b"1");
+        // A retry of the first is answered from the session, not run again.
+        let again = ok(&mut sm, 5, req(s, 3, transfer));
+        assert!(matches!(
+            again.result,
+            OpResult::Txn(TxnResult {
+                succeeded: true,
+                revision: 3,
+                ..
+            })
+        ));
+        assert_eq!(sm.revision(), 4);
+        // A branch that changes nothing takes no revision.
+        let noop = txn(vec![], vec![TxnOp::Delete { key: "zz".into() }], vec![]);
+        let r = ok(&mut sm, 6, req(s, 5, noop));
+        assert!(matches!(
+            r.result,
+            OpResult::Txn(TxnResult { revision: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn ranges_are_ordered_bounded_and_resumable() {
+        let mut sm = StateMachine::default();
+        new_leader(&mut sm, 1);
+        let s = open(&mut sm, 1);
+        for (i, k) in ["b", "a", "c/2", "c/1", "c/10", "d"].iter().enumerate() {
+            ok(&mut sm, 2, req(s, i as u64 + 1, put(k, k)));
+        }
+        let l = Limits::default();
+        let keys = |r: &RangeResponse| -> Vec<String> {
+            r.kvs
+                .iter()
+                .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+                .collect()
+        };
+        let all = sm.range(&RangeRequest::between("", ""), &l).unwrap();
+        assert_eq!(keys(&all), ["a", "b", "c/1", "c/10", "c/2", "d"]);
+        assert!(!all.more);
+        assert_eq!(all.revision, 6);
+        let prefix = sm.range(&RangeRequest::prefix("c/"), &l).unwrap();
+        assert_eq!(keys(&prefix), ["c/1", "c/10", "c/2"]);
+        assert_eq!(prefix.kvs[0].value, b"c/1");
+        assert_eq!(prefix.kvs[0].mod_revision, 4);
+        let mut page = RangeRequest {
+            limit: 2,
+            ..RangeRequest::between("a", "d")
+        };
+        let mut seen = Vec::new();
+        loop {
+            let r = sm.range(&page, &l).unwrap();
+            seen.extend(keys(&r));
+            if !r.more {
+                break;
+            }
+            page.token = r.token;
+        }
+        assert_eq!(seen, ["a", "b", "c/1", "c/10", "c/2"]);
+        let count = RangeRequest {
+            count_only: true,
+            ..RangeRequest::prefix("c/")
+        };
+        let r = sm.range(&count, &l).unwrap();
+        assert_eq!((r.count, r.kvs.len()), (3, 0));
+        let keys_only = RangeRequest {
+            keys_only: true,
+            ..RangeRequest::prefix("c/")
+        };
+        assert!(sm
+            .range(&keys_only, &l)
+            .unwrap()
+            .kvs
+            .iter()
+            .all(|kv| kv.value.is_empty()));
+        let single = sm.range(&RangeRequest::key("b"), &l).unwrap();
+        assert_eq!(keys(&single), ["b"]);
+        let bogus = RangeRequest {
+            token: Some(b"not a token".to_vec()),
+            ..RangeRequest::between("a", "d")
+        };
+        assert!(matches!(
+            sm.range(&bogus, &l),
+            Err(KvError::InvalidArgument(_))
+        ));
+        let backwards = RangeRequest::between("d", "a");
+        assert!(matches!(
+            sm.range(&backwards, &l),
+            Err(KvError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_range_answer_is_bounded_in_bytes_but_holds_at_least_one_key() {
+        let mut sm = StateMachine::default();
+        let s = open(&mut sm, 1);
+        let big = "v".repeat(700 << 10);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            ok(&mut sm, 2, req(s, i as u64 + 1, put(k, &big)));
+        }
+        let l = Limits::default();
+        let mut r = RangeRequest::between("", "");
+        let mut pages = 0;
+        loop {
+            let a = sm.range(&r, &l).unwrap();
+            assert_eq!(a.kvs.len(), 1, "one 700 KiB value an answer");
+            pages += 1;
+            if !a.more {
+                break;
+            }
+            r.token = a.token;
+        }
+        assert_eq!(pages, 3);
     }
 
     #[test]
