@@ -150,7 +150,7 @@ impl RangeRequest {
     /// Checks the bounds: keys within the limit, `start` not after `end`.
     pub fn validate(&self, limits: &Limits) -> Result<(), KvError> {
         for (what, k) in [("start", &self.start), ("end", &self.end)] {
-            if k.len() > limits.max_key + 1 {
+            if k.len() > limits.max_key.saturating_add(1) {
                 return Err(KvError::InvalidArgument(format!(
                     "the range's {what} is {} bytes, over the key limit of {} bytes",
                     k.len(),
@@ -164,7 +164,7 @@ impl RangeRequest {
             ));
         }
         if let Some(t) = &self.token {
-            if t.len() > limits.max_key + TOKEN_TAG.len() {
+            if t.len() > limits.max_key.saturating_add(TOKEN_TAG.len()) {
                 return Err(KvError::InvalidArgument(
                     "the continuation token is longer than any a range answer gives".into(),
                 ));

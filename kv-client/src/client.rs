@@ -299,6 +299,17 @@ impl Client {
         Ok(resp.kvs.into_iter().next())
     }
 
+    /// [`Client::get_kv`] from the first replica that answers, from its
+    /// own state: fast, possibly stale.
+    pub async fn get_kv_local(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>> {
+        let key = key.into();
+        self.inner.limits.check_key(&key).map_err(invalid)?;
+        let resp = self
+            .range_with(RangeRequest::key(key), ReadMode::Local)
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
     /// Reads one page of a range, linearizably: the keys of
     /// `[req.start, req.end)` in key order, at most `req.limit` of them
     /// (and at most [`kv_api::MAX_RANGE_LIMIT`] and about

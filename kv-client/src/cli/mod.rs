@@ -20,6 +20,7 @@
 //! - `bench` — `kv-client bench`: the closed-loop load generator.
 
 mod bench;
+mod data;
 mod fault;
 mod output;
 mod shell;
@@ -37,6 +38,7 @@ use serde::Serialize;
 use crate::{Client, ClientBuilder, Error};
 
 pub use bench::{BenchArgs, BenchOp};
+pub use data::{RangeArgs, TxnArgs};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
 
@@ -62,6 +64,8 @@ Examples:
   kv-client delete color
   kv-client cas color green --expect blue
   kv-client cas lock me --expect-absent
+  kv-client range --prefix config/
+  kv-client txn --if 'value lock = free' --then 'put lock me'
   kv-client --server 127.0.0.1:7002 --timeout 0.5 get color
   kv-client status
   kv-client shell
@@ -159,7 +163,8 @@ Examples:
   kv-client get --local color
   kv-client --output json get color
 
-JSON: {\"key\":\"color\",\"value\":\"blue\",\"found\":true}; for an absent key
+JSON: {\"key\":\"color\",\"value\":\"blue\",\"found\":true,\"create_revision\":3,
+\"mod_revision\":7,\"version\":2}; for an absent key
 {\"key\":\"color\",\"value\":null,\"found\":false} (exit status 1). A value
 that is not UTF-8 is shown escaped in \"value\" and exactly in
 \"value_base64\" (standard base64, with padding).")]
@@ -202,6 +207,16 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
         #[arg(long)]
         expect_absent: bool,
     },
+    /// Print the keys of [START, END) or of --prefix PREFIX in key order,
+    /// one `KEY VALUE` line each (JSON: one object a line with the key's
+    /// revisions).
+    #[command(alias = "scan", after_help = data::RANGE_EXAMPLES)]
+    Range(RangeArgs),
+    /// Run a transaction: comparisons (--if), then writes if all hold
+    /// (--then), else other writes (--else), atomically. Exit status 0 if
+    /// the comparisons held, 1 if not.
+    #[command(after_help = data::TXN_EXAMPLES)]
+    Txn(TxnArgs),
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
@@ -593,13 +608,13 @@ async fn execute_inner(
         }
         Command::Get { local, key } => {
             let key = bytes(key);
-            let v = if local {
-                client.get_local(key.clone()).await
+            let kv = if local {
+                client.get_kv_local(key.clone()).await
             } else {
-                client.get(key.clone()).await
+                client.get_kv(key.clone()).await
             }
             .map_err(|e| Failure::from_error(e, false))?;
-            Ok(Reply::get(&key, v.as_deref()))
+            Ok(Reply::get_kv(&key, kv.as_ref()))
         }
         Command::Delete { key } => match write(client, Op::Delete { key: bytes(key) }).await? {
             (OpResult::Deleted { existed }, slot) => Ok(Reply::deleted(existed, slot)),
@@ -642,6 +657,8 @@ async fn execute_inner(
             Ok(reply)
         }
         Command::Fault(args) => Ok(fault::run(settings, args).await),
+        Command::Range(args) => data::range(client, args).await,
+        Command::Txn(args) => data::txn(client, args).await,
         Command::Shell | Command::Bench(_) => Err(Failure::usage(
             "`shell` and `bench` cannot be run from the shell",
         )),

@@ -1,0 +1,542 @@
+//! `kv-client range` (alias `scan`) and `kv-client txn`: the data model's
+//! commands, their arguments, the transaction language and their output.
+
+use std::ffi::OsString;
+use std::io::Read;
+
+use clap::{ArgGroup, Args};
+use kv_api::{CmpOp, Compare, KeyValue, RangeRequest, Target, Txn, TxnOp, TxnOpResult};
+use serde::Serialize;
+
+use super::output::{Reply, Shown};
+use super::{bytes, Failure, EXIT_NO};
+use crate::Client;
+
+/// `range --help`, after the options.
+pub const RANGE_EXAMPLES: &str = "\
+Examples:
+  kv-client range a c              # keys from a (inclusive) to c (exclusive)
+  kv-client range --prefix config/ # keys that start with config/
+  kv-client range ''               # every key
+  kv-client range --prefix app/ --keys-only --limit 10
+  kv-client range --prefix app/ --count-only
+  kv-client --output json range --prefix app/
+
+Text: one `KEY VALUE` line per key, in key order (bytes that are not UTF-8
+shown as \\xNN, and so are spaces, tabs and newlines in a key and newlines
+in a value, so that a line splits at its first space);
+with --keys-only just KEY; with --count-only the number of keys. JSON: one
+object a line, {\"key\":..,\"value\":..,\"create_revision\":N,\"mod_revision\":N,
+\"version\":N,\"lease\":N} (and key_base64/value_base64 for bytes that are not
+UTF-8); with --count-only {\"count\":N,\"revision\":N}.
+
+The range is read in pages of at most --page-size keys (each page a
+linearizable read, or a local one with --local); with several pages, keys
+written between pages may or may not show.";
+
+/// `range` arguments.
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("bounds").required(true).args(["start", "prefix"])))]
+pub struct RangeArgs {
+    /// The first key (inclusive; '' for the first key of all).
+    #[arg(allow_hyphen_values = true)]
+    pub start: Option<OsString>,
+    /// The end (exclusive; default: to the last key).
+    #[arg(allow_hyphen_values = true, requires = "start")]
+    pub end: Option<OsString>,
+    /// Every key that starts with PREFIX, instead of START and END.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        allow_hyphen_values = true,
+        conflicts_with = "start"
+    )]
+    pub prefix: Option<OsString>,
+    /// At most this many keys in all (default: every key in the range).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Keys per request (at most 10000).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub page_size: u64,
+    /// Print the keys only.
+    #[arg(long, conflicts_with = "count_only")]
+    pub keys_only: bool,
+    /// Print only how many keys the range holds.
+    #[arg(long)]
+    pub count_only: bool,
+    /// Read the first answering replica's own state: fast, possibly stale.
+    #[arg(long)]
+    pub local: bool,
+}
+
+/// `txn --help`, after the options.
+pub const TXN_EXAMPLES: &str = "\
+Examples:
+  kv-client txn --if 'value lock = free' --then 'put lock me' --else 'put waiting me'
+  kv-client txn --if 'absent lock' --then 'put lock me'
+  kv-client txn --if 'mod a = 12' --if 'mod b = 13' --then 'put a 90' --then 'put b 110'
+  printf 'if version config = 3\\nthen put config new\\nthen del config.old\\n' | kv-client txn -
+
+Comparisons (--if; all must hold for the --then writes to run, otherwise the
+--else writes run):
+  value KEY OP VALUE     the key's value (an absent key fails every one)
+  version KEY OP N       writes since the key was created (0: absent)
+  mod KEY OP N           the revision of the key's last write (0: absent)
+  create KEY OP N        the revision that created the key (0: absent)
+  exists KEY / absent KEY
+where OP is one of = != < >.
+Writes (--then, --else):
+  put KEY VALUE
+  del KEY
+
+Words are separated by spaces; a word with spaces, or an empty one, goes in
+double quotes, inside which \\\" \\\\ \\n \\t and \\xNN are escapes. With `-`
+the transaction is read from stdin, one `if ...`, `then ...` or `else ...` a
+line (blank lines and lines starting with # are skipped).
+
+All of it is applied atomically, at one revision, at most once. Exit status 0
+if the comparisons held, 1 if not (the --else branch ran). Text output: the
+word `succeeded` or `failed`; JSON: {\"succeeded\":BOOL,\"revision\":N,
+\"results\":[{\"op\":\"put\"},{\"op\":\"delete\",\"existed\":BOOL}],\"slot\":N}.
+At most 128 comparisons and 128 writes a branch, and 2 MiB of keys and values.";
+
+/// `txn` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct TxnArgs {
+    /// A comparison (repeatable), e.g. 'value KEY = VALUE'.
+    #[arg(long = "if", value_name = "COMPARE", allow_hyphen_values = true)]
+    pub compares: Vec<String>,
+    /// A write if every comparison holds (repeatable): 'put KEY VALUE',
+    /// 'del KEY'.
+    #[arg(long = "then", value_name = "WRITE", allow_hyphen_values = true)]
+    pub success: Vec<String>,
+    /// A write if not (repeatable).
+    #[arg(long = "else", value_name = "WRITE", allow_hyphen_values = true)]
+    pub failure: Vec<String>,
+    /// `-`: read the transaction from stdin instead, one `if ...`,
+    /// `then ...` or `else ...` a line.
+    #[arg(value_name = "-", conflicts_with_all = ["compares", "success", "failure"])]
+    pub stdin: Option<String>,
+}
+
+/// Most bytes of a transaction read from stdin (twice the largest
+/// transaction's payload, for quoting).
+const MAX_TXN_INPUT: u64 = 5 << 20;
+
+impl TxnArgs {
+    /// The transaction the arguments (or stdin) describe.
+    pub(crate) fn parse(&self) -> Result<Txn, Failure> {
+        let mut txn = Txn::default();
+        match self.stdin.as_deref() {
+            Some("-") => {
+                let mut text = String::new();
+                std::io::stdin()
+                    .lock()
+                    .take(MAX_TXN_INPUT)
+                    .read_to_string(&mut text)
+                    .map_err(|e| {
+                        Failure::usage(format!("cannot read the transaction from stdin: {e}"))
+                    })?;
+                parse_lines(&text, &mut txn)?;
+            }
+            Some(other) => {
+                return Err(Failure::usage(format!(
+                    "unexpected argument {other:?}: give the transaction with --if/--then/--else, \
+                     or `-` to read it from stdin"
+                )))
+            }
+            None => {
+                for c in &self.compares {
+                    txn.compares.push(parse_compare(c)?);
+                }
+                for w in &self.success {
+                    txn.success.push(parse_write(w)?);
+                }
+                for w in &self.failure {
+                    txn.failure.push(parse_write(w)?);
+                }
+            }
+        }
+        if txn.compares.is_empty() && txn.success.is_empty() && txn.failure.is_empty() {
+            return Err(Failure::usage(
+                "the transaction is empty: give --if, --then or --else (see --help)",
+            ));
+        }
+        Ok(txn)
+    }
+}
+
+/// Parses a transaction written one `if`/`then`/`else` a line.
+pub(crate) fn parse_lines(text: &str, txn: &mut Txn) -> Result<(), Failure> {
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |f: Failure| Failure::usage(format!("line {}: {}", n + 1, f.msg));
+        let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        match word {
+            "if" => txn.compares.push(parse_compare(rest).map_err(at)?),
+            "then" => txn.success.push(parse_write(rest).map_err(at)?),
+            "else" => txn.failure.push(parse_write(rest).map_err(at)?),
+            other => {
+                return Err(at(Failure::usage(format!(
+                    "{other:?}: a line starts with if, then or else"
+                ))))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits a line into words: spaces separate, double quotes group, with
+/// escapes inside quotes.
+pub(crate) fn words(s: &str) -> Result<Vec<Vec<u8>>, Failure> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else {
+            return Ok(out);
+        };
+        let mut word = Vec::new();
+        if first == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err(Failure::usage(format!("unclosed quote in {s:?}"))),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some('n') => word.push(b'\n'),
+                        Some('t') => word.push(b'\t'),
+                        Some('\\') => word.push(b'\\'),
+                        Some('"') => word.push(b'"'),
+                        Some('x') => {
+                            let hex: String = chars.by_ref().take(2).collect();
+                            let b = u8::from_str_radix(&hex, 16).map_err(|_| {
+                                Failure::usage(format!("\\x{hex} is not a byte in {s:?}"))
+                            })?;
+                            word.push(b);
+                        }
+                        other => {
+                            return Err(Failure::usage(format!(
+                                "unknown escape \\{} in {s:?}",
+                                other.map(String::from).unwrap_or_default()
+                            )))
+                        }
+                    },
+                    Some(c) => {
+                        let mut buf = [0; 4];
+                        word.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
+                }
+            }
+            if chars.peek().is_some_and(|c| !c.is_whitespace()) {
+                return Err(Failure::usage(format!(
+                    "a closing quote must end its word in {s:?}"
+                )));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                let mut buf = [0; 4];
+                word.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                chars.next();
+            }
+        }
+        out.push(word);
+    }
+}
+
+fn text(w: &[u8]) -> String {
+    String::from_utf8_lossy(w).into_owned()
+}
+
+/// Parses one comparison, e.g. `value KEY = VALUE` or `absent KEY`.
+pub(crate) fn parse_compare(s: &str) -> Result<Compare, Failure> {
+    let w = words(s)?;
+    let bad = || {
+        Failure::usage(format!(
+            "{s:?} is not a comparison: expected `value|version|mod|create KEY OP ARG` or \
+             `exists|absent KEY`, OP one of = != < >"
+        ))
+    };
+    let kind = w.first().map(|k| text(k)).ok_or_else(bad)?;
+    match (kind.as_str(), w.len()) {
+        ("exists" | "absent", 2) => Ok(Compare {
+            key: w[1].clone(),
+            op: CmpOp::Equal,
+            target: Target::Exists(kind == "exists"),
+        }),
+        ("value" | "version" | "mod" | "create", 4) => {
+            let op = match text(&w[2]).as_str() {
+                "=" | "==" => CmpOp::Equal,
+                "!=" => CmpOp::NotEqual,
+                "<" => CmpOp::Less,
+                ">" => CmpOp::Greater,
+                _ => return Err(bad()),
+            };
+            let num = || {
+                text(&w[3]).parse::<u64>().map_err(|_| {
+                    Failure::usage(format!("{s:?}: {:?} is not a number", text(&w[3])))
+                })
+            };
+            let target = match kind.as_str() {
+                "value" => Target::Value(w[3].clone()),
+                "version" => Target::Version(num()?),
+                "mod" => Target::ModRevision(num()?),
+                _ => Target::CreateRevision(num()?),
+            };
+            Ok(Compare {
+                key: w[1].clone(),
+                op,
+                target,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Parses one write, `put KEY VALUE` or `del KEY`.
+pub(crate) fn parse_write(s: &str) -> Result<TxnOp, Failure> {
+    let w = words(s)?;
+    let kind = w.first().map(|k| text(k)).unwrap_or_default();
+    match (kind.as_str(), w.len()) {
+        ("put", 3) => Ok(TxnOp::Put {
+            key: w[1].clone(),
+            value: w[2].clone(),
+            lease: 0,
+        }),
+        ("del" | "delete", 2) => Ok(TxnOp::Delete { key: w[1].clone() }),
+        _ => Err(Failure::usage(format!(
+            "{s:?} is not a write: expected `put KEY VALUE` or `del KEY`"
+        ))),
+    }
+}
+
+#[derive(Serialize)]
+struct KvJson {
+    key: String,
+    value: String,
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+    lease: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CountJson {
+    count: u64,
+    revision: u64,
+}
+
+/// A key as the text form shows it: escaped, and with the separators a
+/// `KEY VALUE` line uses escaped too, so a line splits at its first space.
+fn key_text(k: &[u8]) -> String {
+    let mut out = String::new();
+    for c in crate::escape_bytes(k).chars() {
+        match c {
+            ' ' => out.push_str("\\x20"),
+            '\t' => out.push_str("\\x09"),
+            '\n' => out.push_str("\\x0a"),
+            '\r' => out.push_str("\\x0d"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn add_kv(reply: &mut Reply, kv: &KeyValue, keys_only: bool) {
+    let k = Shown::of(&kv.key);
+    let v = Shown::of(&kv.value);
+    let line = if keys_only {
+        key_text(&kv.key)
+    } else {
+        format!("{} {}", key_text(&kv.key), v.text().replace('\n', "\\x0a"))
+    };
+    reply.line(
+        line,
+        &KvJson {
+            key: k.text().to_string(),
+            value: v.text().to_string(),
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+            lease: kv.lease,
+            key_base64: k.base64().map(str::to_string),
+            value_base64: v.base64().map(str::to_string),
+        },
+    );
+}
+
+/// Runs `range`: page after page until the range or `--limit` ends.
+pub(crate) async fn range(client: &Client, args: RangeArgs) -> Result<Reply, Failure> {
+    let mut req = match (args.prefix, args.start) {
+        (Some(p), _) => RangeRequest::prefix(bytes(p)),
+        (None, Some(start)) => {
+            RangeRequest::between(bytes(start), args.end.map(bytes).unwrap_or_default())
+        }
+        (None, None) => return Err(Failure::usage("give START [END] or --prefix PREFIX")),
+    };
+    req.keys_only = args.keys_only;
+    req.count_only = args.count_only;
+    let mut left = args.limit.unwrap_or(u64::MAX);
+    let mut reply = Reply::default();
+    loop {
+        req.limit = args.page_size.min(left);
+        if req.limit == 0 {
+            break;
+        }
+        let page = if args.local {
+            client.range_local(req.clone()).await
+        } else {
+            client.range(req.clone()).await
+        }
+        .map_err(|e| Failure::from_error(e, false))?;
+        if args.count_only {
+            reply.line(
+                page.count.to_string(),
+                &CountJson {
+                    count: page.count,
+                    revision: page.revision,
+                },
+            );
+            break;
+        }
+        for kv in &page.kvs {
+            add_kv(&mut reply, kv, args.keys_only);
+        }
+        left = left.saturating_sub(page.kvs.len() as u64);
+        if !page.more {
+            break;
+        }
+        req.token = page.token;
+    }
+    Ok(reply)
+}
+
+#[derive(Serialize)]
+struct TxnJson {
+    succeeded: bool,
+    revision: u64,
+    results: Vec<OpJson>,
+    slot: u64,
+}
+
+#[derive(Serialize)]
+struct OpJson {
+    op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    existed: Option<bool>,
+}
+
+/// Runs `txn`.
+pub(crate) async fn txn(client: &Client, args: TxnArgs) -> Result<Reply, Failure> {
+    let txn = args.parse()?;
+    let (done, slot) = client
+        .txn_outcome(txn)
+        .await
+        .map_err(|e| Failure::from_error(e, true))?;
+    let results = done
+        .results
+        .iter()
+        .map(|r| match r {
+            TxnOpResult::Put => OpJson {
+                op: "put",
+                existed: None,
+            },
+            TxnOpResult::Deleted { existed } => OpJson {
+                op: "delete",
+                existed: Some(*existed),
+            },
+        })
+        .collect();
+    let mut reply = Reply::default();
+    reply.line(
+        if done.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        }
+        .to_string(),
+        &TxnJson {
+            succeeded: done.succeeded,
+            revision: done.revision,
+            results,
+            slot,
+        },
+    );
+    if !done.succeeded {
+        reply.code = EXIT_NO;
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_split_on_spaces_and_group_quotes_with_escapes() {
+        assert_eq!(
+            words(r#"put "a key" "line\none\x00" plain"#).unwrap(),
+            [
+                b"put".to_vec(),
+                b"a key".to_vec(),
+                b"line\none\x00".to_vec(),
+                b"plain".to_vec()
+            ]
+        );
+        assert_eq!(words(r#"put k """#).unwrap()[2], b"");
+        assert!(words(r#"put "open"#).is_err());
+        assert!(words(r#"put "a"b"#).is_err());
+        assert!(words(r#"put "\q""#).is_err());
+    }
+
+    #[test]
+    fn comparisons_and_writes_parse_and_nonsense_is_refused() {
+        let c = parse_compare("mod a < 12").unwrap();
+        assert_eq!(
+            (c.key, c.op, c.target),
+            (b"a".to_vec(), CmpOp::Less, Target::ModRevision(12))
+        );
+        let c = parse_compare("absent lock").unwrap();
+        assert_eq!(c.target, Target::Exists(false));
+        let c = parse_compare("value k != \"x y\"").unwrap();
+        assert_eq!(
+            (c.op, c.target),
+            (CmpOp::NotEqual, Target::Value(b"x y".to_vec()))
+        );
+        for bad in ["", "value k", "mod a ~ 1", "version k = x", "size k = 1"] {
+            assert!(parse_compare(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_write("del k").unwrap(),
+            TxnOp::Delete { key: b"k".to_vec() }
+        );
+        for bad in ["", "put k", "get k", "del"] {
+            assert!(parse_write(bad).is_err(), "{bad}");
+        }
+        let mut t = Txn::default();
+        parse_lines("# move\nif exists a\n\nthen put a 1\nelse del a\n", &mut t).unwrap();
+        assert_eq!(
+            (t.compares.len(), t.success.len(), t.failure.len()),
+            (1, 1, 1)
+        );
+        let e = parse_lines("if exists a\nwhen put a 1\n", &mut t).unwrap_err();
+        assert!(e.msg.contains("line 2"), "{}", e.msg);
+    }
+
+    #[test]
+    fn range_lines_split_at_the_first_space() {
+        assert_eq!(key_text(b"a b\tc\n"), "a\\x20b\\x09c\\x0a");
+    }
+}
