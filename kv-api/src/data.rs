@@ -430,6 +430,74 @@ pub struct TxnResult {
     pub results: Vec<TxnOpResult>,
 }
 
+/// Shortest lease a grant may ask for, in milliseconds: below it, the log's
+/// clock (a leader's reading about once a second) could not tell the
+/// lease's end from its start.
+pub const MIN_LEASE_TTL_MS: u64 = 1_000;
+
+/// Longest lease, in milliseconds (one day).
+pub const MAX_LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1_000;
+
+/// An operation on a lease. A lease is a time-to-live that keys can be
+/// attached to (`put --lease`): when it expires or is revoked, its keys
+/// are deleted. Expiry is decided through the log, by the log's clock (the
+/// leaders' readings): every replica deletes the same keys at the same
+/// place in the log, and no replica acts on its own clock. A new leader
+/// renews every lease to its full TTL from its own first reading, so a
+/// change of leader never makes a lease end early.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// A new lease of `ttl_ms`, answered with its id.
+    Grant {
+        /// Its time to live, in milliseconds.
+        ttl_ms: u64,
+        /// Filled in by the leader that proposes it (its clock); whatever a
+        /// client sends is ignored.
+        now_ms: u64,
+    },
+    /// Starts the lease's TTL again from now.
+    KeepAlive {
+        /// The lease.
+        id: u64,
+        /// Filled in by the proposing leader, as for `Grant`.
+        now_ms: u64,
+    },
+    /// Ends the lease now and deletes its keys.
+    Revoke {
+        /// The lease.
+        id: u64,
+    },
+}
+
+impl LeaseOp {
+    /// Checks the TTL of a grant.
+    pub fn validate(&self) -> Result<(), KvError> {
+        if let LeaseOp::Grant { ttl_ms, .. } = self {
+            if !(MIN_LEASE_TTL_MS..=MAX_LEASE_TTL_MS).contains(ttl_ms) {
+                return Err(KvError::InvalidArgument(format!(
+                    "a lease's TTL must be between {} s and {} s, not {} ms",
+                    MIN_LEASE_TTL_MS / 1000,
+                    MAX_LEASE_TTL_MS / 1000,
+                    ttl_ms
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of a lease operation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LeaseResult {
+    /// The lease.
+    pub id: u64,
+    /// Its TTL in milliseconds (0: it does not exist, e.g. a keepalive of
+    /// an expired lease, or after a revoke).
+    pub ttl_ms: u64,
+    /// Keys deleted (by a revoke).
+    pub deleted: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

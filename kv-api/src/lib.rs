@@ -20,8 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 pub use data::{
-    prefix_end, range_token, CmpOp, Compare, KeyValue, RangeRequest, RangeResponse, Target, Txn,
-    TxnOp, TxnOpResult, TxnResult, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS,
+    prefix_end, range_token, CmpOp, Compare, KeyValue, LeaseOp, LeaseResult, RangeRequest,
+    RangeResponse, Target, Txn, TxnOp, TxnOpResult, TxnResult, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES,
+    MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS, MIN_LEASE_TTL_MS,
 };
 
 pub mod data;
@@ -108,6 +109,9 @@ pub enum Op {
         /// The new leader's clock, milliseconds since the Unix epoch.
         now_ms: u64,
     },
+    /// Grants, renews or revokes a lease (see [`LeaseOp`]). Answered with
+    /// [`OpResult::Lease`].
+    Lease(LeaseOp),
 }
 
 impl Op {
@@ -115,7 +119,7 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
-            Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } => &[],
+            Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) => &[],
         }
     }
 
@@ -131,7 +135,7 @@ impl Op {
     pub fn payload_len(&self) -> usize {
         let values = match self {
             Op::Put { value, .. } => value.len(),
-            Op::Delete { .. } | Op::OpenSession { .. } | Op::NewLeader { .. } => 0,
+            Op::Delete { .. } | Op::OpenSession { .. } | Op::NewLeader { .. } | Op::Lease(_) => 0,
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
             Op::Txn(t) => t.payload_len(),
         };
@@ -195,6 +199,8 @@ pub enum OpResult {
     Txn(TxnResult),
     /// A leader's [`Op::NewLeader`] entry was applied.
     NewLeader,
+    /// A lease operation was applied.
+    Lease(LeaseResult),
 }
 
 /// A write's result and where it sits in the log.
@@ -360,6 +366,7 @@ impl Limits {
         match op {
             Op::OpenSession { .. } => return Ok(()),
             Op::Txn(t) => return t.validate(self),
+            Op::Lease(l) => return l.validate(),
             Op::NewLeader { .. } => {
                 return Err(KvError::InvalidArgument(
                     "a new-leader entry is written by a replica becoming leader, never sent by                      a client"
@@ -371,9 +378,11 @@ impl Limits {
         self.check_key(op.key())?;
         match op {
             Op::Put { value, .. } => self.check_value(value),
-            Op::Delete { .. } | Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } => {
-                Ok(())
-            }
+            Op::Delete { .. }
+            | Op::OpenSession { .. }
+            | Op::Txn(_)
+            | Op::NewLeader { .. }
+            | Op::Lease(_) => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;

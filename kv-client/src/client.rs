@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use kv_api::replicas::Replicas;
 use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
-    FaultReport, FaultSpec, KeyValue, KvClient, KvError, Limits, Op, OpResult, RangeRequest,
-    RangeResponse, ReadMode, ReplicaStatus, Route, Txn, TxnResult, WriteOutcome, WriteRequest,
+    FaultReport, FaultSpec, KeyValue, KvClient, KvError, LeaseOp, LeaseResult, Limits, Op,
+    OpResult, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, Route, Txn, TxnOp, TxnResult,
+    WriteOutcome, WriteRequest,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -403,6 +404,86 @@ impl Client {
             OpResult::Txn(t) => Ok((t, outcome.slot)),
             other => Err(unexpected(addr, "transaction", &other)),
         }
+    }
+
+    /// Grants a lease of `ttl` (1 s to 1 day, whole milliseconds) and
+    /// returns its id. Keys put with it ([`Client::put_with_lease`]) are
+    /// deleted when it ends: `ttl` after the last keepalive, as the
+    /// cluster's log counts time (a new leader gives every lease its full
+    /// TTL again), or at a revoke.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let lease = client.lease_grant(Duration::from_secs(10)).await?;
+    /// client.put_with_lease("service/web-1", "10.0.0.7:80", lease).await?;
+    /// loop {
+    ///     tokio::time::sleep(Duration::from_secs(3)).await;
+    ///     if client.lease_keepalive(lease).await?.is_none() {
+    ///         break; // expired: the key is gone
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<u64> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let r = self.lease(LeaseOp::Grant { ttl_ms, now_ms: 0 }).await?;
+        if r.id == 0 {
+            return Err(Error::Unavailable(
+                "the cluster holds as many leases as it may; revoke some or retry later".into(),
+            ));
+        }
+        Ok(r.id)
+    }
+
+    /// Starts lease `id`'s TTL again; its TTL, or `None` if the lease no
+    /// longer exists (expired or revoked: its keys are gone).
+    pub async fn lease_keepalive(&self, id: u64) -> Result<Option<Duration>> {
+        let r = self.lease(LeaseOp::KeepAlive { id, now_ms: 0 }).await?;
+        Ok((r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)))
+    }
+
+    /// Ends lease `id` now and deletes its keys; how many were deleted (0
+    /// also if the lease did not exist).
+    pub async fn lease_revoke(&self, id: u64) -> Result<u64> {
+        Ok(self.lease(LeaseOp::Revoke { id }).await?.deleted)
+    }
+
+    async fn lease(&self, op: LeaseOp) -> Result<LeaseResult> {
+        let (outcome, addr) = self.write_op(Op::Lease(op)).await?;
+        match outcome.result {
+            OpResult::Lease(r) => Ok(r),
+            other => Err(unexpected(addr, "lease operation", &other)),
+        }
+    }
+
+    /// Sets `key` to `value`, attached to lease `lease`: deleted when the
+    /// lease ends. A lease that does not exist is refused
+    /// ([`Error::InvalidArgument`]; nothing is written).
+    pub async fn put_with_lease(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: u64,
+    ) -> Result<()> {
+        self.put_with_lease_outcome(key.into(), value.into(), lease)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Client::put_with_lease`], with the log slot that holds it.
+    pub(crate) async fn put_with_lease_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: u64,
+    ) -> Result<u64> {
+        let txn = Txn {
+            success: vec![TxnOp::Put { key, value, lease }],
+            ..Txn::default()
+        };
+        Ok(self.txn_outcome(txn).await?.1)
     }
 
     /// Sends a write exactly as given: the caller picks `client_id` (a

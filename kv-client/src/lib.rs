@@ -160,6 +160,7 @@ pub use kv_api::{
 };
 // The data model: revisions, ranges and transactions.
 pub use kv_api::{
-    prefix_end, CmpOp, Compare, KeyValue, RangeRequest, RangeResponse, Target, Txn, TxnOp,
-    TxnOpResult, TxnResult, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS,
+    prefix_end, CmpOp, Compare, KeyValue, LeaseOp, LeaseResult, RangeRequest, RangeResponse,
+    Target, Txn, TxnOp, TxnOpResult, TxnResult, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT,
+    MAX_TXN_COMPARES, MAX_TXN_OPS, MIN_LEASE_TTL_MS,
 };

@@ -127,7 +127,7 @@ impl Fake {
                 }
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
-            Op::Txn(_) | Op::NewLeader { .. } => {
+            Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) => {
                 return Err(KvError::InvalidArgument(
                     "the fake replica has no transactions".into(),
                 ))

@@ -137,6 +137,12 @@ pub struct Node {
     /// Whether this replica, leading, has proposed its new-leader entry
     /// (`Op::NewLeader`) for the current leadership.
     leadership_marked: bool,
+    /// The token (`seq`) of that entry, and whether it has been applied:
+    /// until then this leader puts no time reading into the log, which
+    /// could otherwise be chosen ahead of it and expire leases the entry
+    /// would have renewed.
+    leadership_entry: Option<u64>,
+    leadership_applied: bool,
     /// Retried writes answered with the result of their first application
     /// since start: here, before proposing, and by the state machine when
     /// a retry reached the log too (its count restarts with an installed
@@ -173,6 +179,8 @@ impl Node {
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
             leadership_marked: false,
+            leadership_entry: None,
+            leadership_applied: false,
             duplicates: 0,
         }
     }
@@ -284,15 +292,15 @@ impl Node {
     /// decide anything; this clock is never consulted elsewhere.
     fn propose_time(&mut self) {
         if !self.core.is_leader()
+            || !self.leadership_applied
             || self.time_proposed.is_some_and(|t| t.elapsed() < TIME_EVERY)
-            || (self.sm.session_count() == 0 && self.sm.sessions_required())
+            || (self.sm.session_count() == 0
+                && self.sm.lease_count() == 0
+                && self.sm.sessions_required())
         {
             return;
         }
-        let Ok(since_epoch) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else {
-            return;
-        };
-        let ms = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+        let ms = now_ms();
         if self.core.propose_time(ms) {
             self.time_proposed = Some(Instant::now());
         }
@@ -305,21 +313,24 @@ impl Node {
     fn mark_leadership(&mut self) {
         if !self.core.is_leader() {
             self.leadership_marked = false;
+            self.leadership_applied = false;
+            self.leadership_entry = None;
             return;
         }
         if self.leadership_marked {
             return;
         }
-        let now_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let seq = rand::random::<u64>();
         let req = WriteRequest {
             client_id: 0,
-            seq: rand::random::<u64>(),
+            seq,
             acked_below: 0,
-            op: Op::NewLeader { now_ms },
+            op: Op::NewLeader { now_ms: now_ms() },
         };
         self.leadership_marked = self.core.propose(req).is_ok();
+        if self.leadership_marked {
+            self.leadership_entry = Some(seq);
+        }
     }
 
     /// Prepares an open for the log: the limits this replica was given,
@@ -364,6 +375,15 @@ impl Node {
             }
             Input::Write { mut req, reply } => {
                 self.mark_leadership();
+                // A lease's time counts from this leader's clock (the log's
+                // may be up to a reading behind).
+                if let Op::Lease(
+                    kv_api::LeaseOp::Grant { now_ms: at, .. }
+                    | kv_api::LeaseOp::KeepAlive { now_ms: at, .. },
+                ) = &mut req.op
+                {
+                    *at = now_ms();
+                }
                 if let Op::OpenSession { .. } = req.op {
                     self.prepare_open(&mut req);
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
@@ -643,6 +663,11 @@ impl Node {
         match value {
             Value::Batch(reqs) => {
                 for req in &reqs {
+                    if matches!(req.op, Op::NewLeader { .. })
+                        && self.leadership_entry == Some(req.seq)
+                    {
+                        self.leadership_applied = true;
+                    }
                     self.snapshots.log_bytes += crate::paxos::request_bytes(req) as u64;
                     // A write of an unknown session is answered with the
                     // refusal: decided here, at its log position, the same
@@ -674,6 +699,15 @@ impl Node {
         }
         self.sm.set_applied(slot);
     }
+}
+
+/// This replica's clock, in milliseconds since the Unix epoch (0 if it is
+/// before 1970). Only ever written into the log by a leader; nothing is
+/// decided by it directly.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What one round's log write holds, and (once done) how long it took.

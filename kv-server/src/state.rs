@@ -42,8 +42,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use kv_api::{
-    range_token, KeyValue, KvError, Limits, Op, OpResult, RangeRequest, RangeResponse, Slot, Txn,
-    TxnOp, TxnOpResult, TxnResult, WriteOutcome, WriteRequest, MAX_RANGE_BYTES,
+    range_token, KeyValue, KvError, LeaseOp, LeaseResult, Limits, Op, OpResult, RangeRequest,
+    RangeResponse, Slot, Txn, TxnOp, TxnOpResult, TxnResult, WriteOutcome, WriteRequest,
+    MAX_RANGE_BYTES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -192,6 +193,21 @@ mod byte_map {
     }
 }
 
+/// A lease: keys attached to it are deleted when it expires (by the log's
+/// clock) or is revoked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    ttl_ms: u64,
+    /// The log's time after which it expires.
+    expires_at: u64,
+    /// The keys attached to it.
+    keys: BTreeSet<Vec<u8>>,
+}
+
+/// Most leases held at once: a grant beyond it is refused (each holds a
+/// set of keys, and expiring them is work on every replica).
+const MAX_LEASES: usize = 100_000;
+
 /// One key's value and metadata in the map.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
@@ -313,6 +329,12 @@ pub struct StateMachine {
     /// snapshots of an older version, at different places in the log,
     /// still agree key for key.
     revisions: bool,
+    /// The leases, by id (numbered like sessions, from the grant's log
+    /// position).
+    leases: BTreeMap<u64, Lease>,
+    /// `(expires_at, id)` of every lease.
+    #[serde(skip)]
+    lease_deadlines: BTreeSet<(u64, u64)>,
     /// `(expires_at, id)` of every session (in sessions-required mode).
     #[serde(skip)]
     by_expiry: BTreeSet<(u64, u64)>,
@@ -482,17 +504,166 @@ impl StateMachine {
                 self.by_use.insert((s.last_use, id));
             }
         }
+        self.lease_deadlines = self
+            .leases
+            .iter()
+            .map(|(&id, l)| (l.expires_at, id))
+            .collect();
+    }
+
+    /// Number of leases held.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// The lease `id`'s TTL and the log time it expires at, if it exists.
+    pub fn lease(&self, id: u64) -> Option<(u64, u64)> {
+        self.leases.get(&id).map(|l| (l.ttl_ms, l.expires_at))
+    }
+
+    /// A lease a write names that does not exist (0 names none).
+    fn missing_lease(&self, op: &Op) -> Option<u64> {
+        let Op::Txn(t) = op else { return None };
+        t.success.iter().chain(&t.failure).find_map(|op| match op {
+            TxnOp::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => {
+                Some(*lease)
+            }
+            _ => None,
+        })
+    }
+
+    /// The next id numbered from log position `slot`: `slot << 20 | n`
+    /// for the n-th session or lease of the slot.
+    fn number_in_slot(&mut self, slot: Slot) -> Option<u64> {
+        if self.opens_in_slot.0 != slot {
+            self.opens_in_slot = (slot, 0);
+        }
+        let n = self.opens_in_slot.1;
+        let id = slot
+            .checked_mul(1 << OPEN_BITS)
+            .filter(|_| n < 1 << OPEN_BITS)
+            .map(|base| base | n)
+            .filter(|id| !self.sessions.contains_key(id) && !self.leases.contains_key(id))?;
+        self.opens_in_slot.1 += 1;
+        Some(id)
+    }
+
+    /// Applies a lease operation from `slot`.
+    fn lease_op(&mut self, slot: Slot, op: &LeaseOp) -> LeaseResult {
+        match *op {
+            LeaseOp::Grant { ttl_ms, now_ms } => {
+                let ttl_ms = ttl_ms.clamp(kv_api::MIN_LEASE_TTL_MS, kv_api::MAX_LEASE_TTL_MS);
+                let id = if self.leases.len() < MAX_LEASES {
+                    self.number_in_slot(slot)
+                } else {
+                    None
+                };
+                let Some(id) = id else {
+                    return LeaseResult {
+                        id: 0,
+                        ttl_ms: 0,
+                        deleted: 0,
+                    };
+                };
+                let expires_at = now_ms.max(self.now_ms).saturating_add(ttl_ms);
+                self.leases.insert(
+                    id,
+                    Lease {
+                        ttl_ms,
+                        expires_at,
+                        keys: BTreeSet::new(),
+                    },
+                );
+                self.lease_deadlines.insert((expires_at, id));
+                LeaseResult {
+                    id,
+                    ttl_ms,
+                    deleted: 0,
+                }
+            }
+            LeaseOp::KeepAlive { id, now_ms } => {
+                let ttl_ms = match self.leases.get(&id) {
+                    Some(l) => l.ttl_ms,
+                    None => 0,
+                };
+                if ttl_ms > 0 {
+                    let at = now_ms.max(self.now_ms).saturating_add(ttl_ms);
+                    self.renew(id, at);
+                }
+                LeaseResult {
+                    id,
+                    ttl_ms,
+                    deleted: 0,
+                }
+            }
+            LeaseOp::Revoke { id } => LeaseResult {
+                id,
+                ttl_ms: 0,
+                deleted: self.end_lease(id),
+            },
+        }
+    }
+
+    /// Moves lease `id`'s end to `at`, if later.
+    fn renew(&mut self, id: u64, at: u64) {
+        if let Some(l) = self.leases.get_mut(&id) {
+            if at > l.expires_at {
+                self.lease_deadlines.remove(&(l.expires_at, id));
+                l.expires_at = at;
+                self.lease_deadlines.insert((at, id));
+            }
+        }
+    }
+
+    /// Ends lease `id` and deletes its keys, at one revision; how many.
+    fn end_lease(&mut self, id: u64) -> u64 {
+        let Some(lease) = self.leases.remove(&id) else {
+            return 0;
+        };
+        self.lease_deadlines.remove(&(lease.expires_at, id));
+        let rev = self.next_revision();
+        let mut deleted = 0;
+        for key in &lease.keys {
+            if self.map.get(key).is_some_and(|e| e.lease == id) {
+                self.remove(key);
+                deleted += 1;
+            }
+        }
+        if deleted > 0 && self.revisions {
+            self.revision = rev;
+        }
+        deleted
+    }
+
+    /// Ends every lease whose time is up by the log's clock.
+    fn expire_leases(&mut self) {
+        while let Some(&(at, id)) = self.lease_deadlines.first() {
+            if at >= self.now_ms {
+                break;
+            }
+            self.end_lease(id);
+        }
     }
 
     /// Sets `key` to `value` as the write of revision `rev` (0 before
     /// revisions are counted).
     fn insert(&mut self, key: &[u8], value: &[u8], rev: u64, lease: u64) {
         self.bytes += pair_len(key, value);
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.insert(key.to_vec());
+            }
+        }
         match self.map.get_mut(key) {
             Some(e) => {
                 self.bytes -= pair_len(key, &e.value);
                 e.value = value.to_vec();
                 e.modified = rev;
+                if e.lease != lease && e.lease != 0 {
+                    if let Some(l) = self.leases.get_mut(&e.lease) {
+                        l.keys.remove(key);
+                    }
+                }
                 e.lease = lease;
                 if self.revisions {
                     e.version += 1;
@@ -516,6 +687,11 @@ impl StateMachine {
         match self.map.remove(key) {
             Some(old) => {
                 self.bytes -= pair_len(key, &old.value);
+                if old.lease != 0 {
+                    if let Some(l) = self.leases.get_mut(&old.lease) {
+                        l.keys.remove(key);
+                    }
+                }
                 true
             }
             None => false,
@@ -628,6 +804,14 @@ impl StateMachine {
                 result: OpResult::NewLeader,
             });
         }
+        if self.cached(req.client_id, req.seq).is_none() {
+            if let Some(lease) = self.missing_lease(&req.op) {
+                return Err(KvError::InvalidArgument(format!(
+                    "lease {lease} does not exist (never granted, expired or revoked); nothing \
+                     was applied"
+                )));
+            }
+        }
         if !self.sessions_required {
             return Ok(self.apply_legacy(slot, req));
         }
@@ -652,7 +836,7 @@ impl StateMachine {
             None => {
                 let outcome = WriteOutcome {
                     slot,
-                    result: self.execute(&req.op),
+                    result: self.execute(slot, &req.op),
                 };
                 if let Some(session) = self.sessions.get_mut(&id) {
                     session.remember(req.seq, outcome.clone());
@@ -693,15 +877,29 @@ impl StateMachine {
             self.remove_session(id);
             self.expired += 1;
         }
+        self.expire_leases();
     }
 
     /// A leader's first entry: its clock reading, and from the first one on,
     /// revisions are counted.
     fn new_leader(&mut self, now_ms: u64) {
+        self.revisions = true;
+        // Every lease gets its full TTL again, from the new leader's
+        // reading, before that reading can expire anything: the old
+        // leader may have died long enough ago for its leases' ends to
+        // have passed while nobody could keep them alive.
+        let from = now_ms.max(self.now_ms);
+        let renewals: Vec<(u64, u64)> = self
+            .leases
+            .iter()
+            .map(|(&id, l)| (id, from.saturating_add(l.ttl_ms)))
+            .collect();
+        for (id, at) in renewals {
+            self.renew(id, at);
+        }
         if now_ms > 0 {
             self.apply_time(now_ms);
         }
-        self.revisions = true;
     }
 
     /// The first open or time reading: from here on the log is written by
@@ -722,21 +920,11 @@ impl StateMachine {
         ttl_ms: u64,
         max_sessions: u64,
     ) -> Result<WriteOutcome, KvError> {
-        if self.opens_in_slot.0 != slot {
-            self.opens_in_slot = (slot, 0);
-        }
-        let n = self.opens_in_slot.1;
-        let id = slot
-            .checked_mul(1 << OPEN_BITS)
-            .filter(|_| n < 1 << OPEN_BITS)
-            .map(|base| base | n)
-            .filter(|id| !self.sessions.contains_key(id))
-            .ok_or_else(|| {
-                KvError::Unavailable(format!(
-                    "cannot number another session opened in log slot {slot}; open again"
-                ))
-            })?;
-        self.opens_in_slot.1 += 1;
+        let id = self.number_in_slot(slot).ok_or_else(|| {
+            KvError::Unavailable(format!(
+                "cannot number another session opened in log slot {slot}; open again"
+            ))
+        })?;
         let session = Session {
             // A raw client may send zeros; the proposing replica fills
             // these in, but the state machine must not trust that.
@@ -801,7 +989,7 @@ impl StateMachine {
         }
     }
 
-    fn execute(&mut self, op: &Op) -> OpResult {
+    fn execute(&mut self, slot: Slot, op: &Op) -> OpResult {
         let rev = self.next_revision();
         let (result, changed) = match op {
             Op::Put { key, value } => {
@@ -836,6 +1024,7 @@ impl StateMachine {
                 }
             }
             Op::Txn(txn) => return OpResult::Txn(self.txn(txn)),
+            Op::Lease(l) => return OpResult::Lease(self.lease_op(slot, l)),
             // Handled by `apply` before it gets here.
             Op::OpenSession { .. } | Op::NewLeader { .. } => (OpResult::Stale, false),
         };
@@ -910,7 +1099,7 @@ impl StateMachine {
         }
         let outcome = WriteOutcome {
             slot,
-            result: self.execute(&req.op),
+            result: self.execute(slot, &req.op),
         };
         let session = self.sessions.entry(req.client_id).or_default();
         session.results.insert(req.seq, outcome.clone());
@@ -1179,6 +1368,153 @@ mod tests {
             r.result,
             OpResult::Txn(TxnResult { revision: 4, .. })
         ));
+    }
+
+    fn grant(sm: &mut StateMachine, slot: Slot, s: u64, seq: u64, ttl_ms: u64, now_ms: u64) -> u64 {
+        let r = ok(
+            sm,
+            slot,
+            req(s, seq, Op::Lease(LeaseOp::Grant { ttl_ms, now_ms })),
+        );
+        match r.result {
+            OpResult::Lease(l) if l.id != 0 => l.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn lease_put(k: &str, lease: u64) -> Op {
+        txn(
+            vec![],
+            vec![TxnOp::Put {
+                key: k.into(),
+                value: "v".into(),
+                lease,
+            }],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn keys_of_a_lease_go_when_the_log_clock_passes_its_end_not_before() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(0, 1, Op::NewLeader { now_ms: T0 }))
+            .unwrap();
+        let s = open(&mut sm, 1);
+        let lease = grant(&mut sm, 2, s, 1, 5_000, T0);
+        assert_ne!(lease, s, "numbered apart from sessions");
+        ok(&mut sm, 3, req(s, 2, lease_put("a", lease)));
+        ok(&mut sm, 3, req(s, 3, lease_put("b", lease)));
+        ok(&mut sm, 3, req(s, 4, put("c", "plain")));
+        // Overwritten without the lease: no longer attached.
+        ok(&mut sm, 4, req(s, 5, put("b", "kept")));
+        assert_eq!(sm.get_kv(b"a").unwrap().lease, lease);
+        sm.apply_time(T0 + 5_000);
+        assert!(sm.get(b"a").is_some(), "not before the TTL");
+        let rev = sm.revision();
+        sm.apply_time(T0 + 5_001);
+        assert!(sm.get(b"a").is_none(), "gone after it");
+        assert_eq!(sm.get(b"b").unwrap(), b"kept");
+        assert!(sm.get(b"c").is_some());
+        assert_eq!(sm.revision(), rev + 1, "one revision for the expiry");
+        assert_eq!(sm.lease_count(), 0);
+        // A write to the expired lease is refused and does nothing.
+        let e = sm.apply(5, &req(s, 6, lease_put("d", lease))).unwrap_err();
+        assert!(matches!(e, KvError::InvalidArgument(ref m) if m.contains("does not exist")));
+        assert!(sm.get(b"d").is_none());
+    }
+
+    #[test]
+    fn keepalive_restarts_the_ttl_and_revoke_deletes_at_once() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(0, 1, Op::NewLeader { now_ms: T0 }))
+            .unwrap();
+        let s = open(&mut sm, 1);
+        let lease = grant(&mut sm, 2, s, 1, 2_000, T0);
+        ok(&mut sm, 3, req(s, 2, lease_put("a", lease)));
+        sm.apply_time(T0 + 1_500);
+        let keep = Op::Lease(LeaseOp::KeepAlive {
+            id: lease,
+            now_ms: T0 + 1_600,
+        });
+        let r = ok(&mut sm, 4, req(s, 3, keep));
+        assert!(matches!(
+            r.result,
+            OpResult::Lease(LeaseResult { ttl_ms: 2_000, .. })
+        ));
+        sm.apply_time(T0 + 3_000);
+        assert!(sm.get(b"a").is_some(), "kept alive until T0 + 3,600");
+        sm.apply_time(T0 + 3_601);
+        assert!(sm.get(b"a").is_none());
+        let gone = ok(
+            &mut sm,
+            5,
+            req(
+                s,
+                4,
+                Op::Lease(LeaseOp::KeepAlive {
+                    id: lease,
+                    now_ms: 0,
+                }),
+            ),
+        );
+        assert!(matches!(
+            gone.result,
+            OpResult::Lease(LeaseResult { ttl_ms: 0, .. })
+        ));
+        let other = grant(&mut sm, 6, s, 5, 60_000, T0 + 4_000);
+        ok(&mut sm, 7, req(s, 6, lease_put("x", other)));
+        ok(&mut sm, 7, req(s, 7, lease_put("y", other)));
+        let r = ok(
+            &mut sm,
+            8,
+            req(s, 8, Op::Lease(LeaseOp::Revoke { id: other })),
+        );
+        assert!(matches!(
+            r.result,
+            OpResult::Lease(LeaseResult { deleted: 2, .. })
+        ));
+        assert!(sm.is_empty());
+    }
+
+    #[test]
+    fn a_new_leader_gives_every_lease_its_full_ttl_again() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(0, 1, Op::NewLeader { now_ms: T0 }))
+            .unwrap();
+        let s = open(&mut sm, 1);
+        let lease = grant(&mut sm, 2, s, 1, 3_000, T0);
+        ok(&mut sm, 3, req(s, 2, lease_put("a", lease)));
+        sm.apply_time(T0 + 1_000);
+        // The leader dies; the next one is elected 5 s later, long past the
+        // lease's end by the old count.
+        sm.apply(4, &req(0, 2, Op::NewLeader { now_ms: T0 + 6_000 }))
+            .unwrap();
+        assert!(
+            sm.get(b"a").is_some(),
+            "not expired by the new leader's reading"
+        );
+        sm.apply_time(T0 + 9_000);
+        assert!(sm.get(b"a").is_some());
+        sm.apply_time(T0 + 9_001);
+        assert!(sm.get(b"a").is_none());
+    }
+
+    #[test]
+    fn leases_survive_a_snapshot_and_expire_the_same_after_it() {
+        let mut sm = StateMachine::default();
+        sm.apply(1, &req(0, 1, Op::NewLeader { now_ms: T0 }))
+            .unwrap();
+        let s = open(&mut sm, 1);
+        let lease = grant(&mut sm, 2, s, 1, 2_000, T0);
+        ok(&mut sm, 3, req(s, 2, lease_put("a", lease)));
+        let mut copy: StateMachine =
+            bincode::deserialize(&bincode::serialize(&sm).unwrap()).unwrap();
+        copy.recount();
+        for m in [&mut sm, &mut copy] {
+            m.apply_time(T0 + 2_001);
+            assert!(m.get(b"a").is_none());
+        }
+        assert_eq!(sm.revision(), copy.revision());
     }
 
     #[test]

@@ -4,12 +4,12 @@
 use std::ffi::OsString;
 use std::io::Read;
 
-use clap::{ArgGroup, Args};
+use clap::{ArgGroup, Args, Subcommand};
 use kv_api::{CmpOp, Compare, KeyValue, RangeRequest, Target, Txn, TxnOp, TxnOpResult};
 use serde::Serialize;
 
 use super::output::{Reply, Shown};
-use super::{bytes, Failure, EXIT_NO};
+use super::{bytes, Failure, Settings, EXIT_NO};
 use crate::Client;
 
 /// `range --help`, after the options.
@@ -478,6 +478,171 @@ pub(crate) async fn txn(client: &Client, args: TxnArgs) -> Result<Reply, Failure
         reply.code = EXIT_NO;
     }
     Ok(reply)
+}
+
+/// `lease --help`, after the options.
+pub const LEASE_EXAMPLES: &str = "\
+Examples:
+  id=$(kv-client lease grant 10)        # a 10 s lease; prints its id
+  kv-client put --lease $id service/web-1 10.0.0.7:80
+  kv-client lease keepalive $id          # renews every TTL/3 until Ctrl-C
+  kv-client lease keepalive --once $id   # renews once
+  kv-client lease revoke $id             # ends it now: its keys are deleted
+
+A lease ends TTL after its last keepalive as the cluster's log counts time
+(the leader's clock, put into the log about once a second), never by one
+replica's own clock; a new leader gives every lease its full TTL again, so
+a change of leader never ends one early. JSON: grant {\"id\":N,\"ttl_secs\":S};
+keepalive {\"id\":N,\"ttl_secs\":S} each renewal (exit 1 once the lease is
+gone); revoke {\"id\":N,\"deleted\":N}.";
+
+/// `lease` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LeaseCommand,
+}
+
+/// The `lease` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum LeaseCommand {
+    /// Grant a lease of TTL_SECS seconds (1 to 86400, fractions allowed);
+    /// prints its id alone on a line.
+    Grant {
+        /// The time to live in seconds.
+        #[arg(value_name = "TTL_SECS", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// Start the lease's TTL again, every TTL/3 until interrupted (or once
+    /// with --once); exit status 1 once it no longer exists.
+    Keepalive {
+        /// The lease id.
+        id: u64,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// End the lease now and delete its keys.
+    Revoke {
+        /// The lease id.
+        id: u64,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let ms = kv_api::MIN_LEASE_TTL_MS as f64..=kv_api::MAX_LEASE_TTL_MS as f64;
+    if !ms.contains(&(secs * 1000.0)) {
+        return Err(format!(
+            "a lease's TTL must be between {} and {} seconds, not {s}",
+            kv_api::MIN_LEASE_TTL_MS / 1000,
+            kv_api::MAX_LEASE_TTL_MS / 1000
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[derive(Serialize)]
+struct LeaseJson {
+    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<u64>,
+}
+
+fn gone(id: u64) -> Failure {
+    Failure {
+        code: EXIT_NO,
+        kind: "not_found",
+        msg: format!("lease {id} does not exist (expired or revoked; its keys are gone)"),
+    }
+}
+
+/// Runs a one-shot `lease` command.
+pub(crate) async fn lease(client: &Client, args: LeaseArgs) -> Result<Reply, Failure> {
+    let mut reply = Reply::default();
+    match args.command {
+        LeaseCommand::Grant { ttl } => {
+            let id = client
+                .lease_grant(ttl)
+                .await
+                .map_err(|e| Failure::from_error(e, true))?;
+            reply.line(
+                id.to_string(),
+                &LeaseJson {
+                    id,
+                    ttl_secs: Some(ttl.as_secs_f64()),
+                    deleted: None,
+                },
+            );
+        }
+        LeaseCommand::Keepalive { id, .. } => {
+            match client
+                .lease_keepalive(id)
+                .await
+                .map_err(|e| Failure::from_error(e, true))?
+            {
+                Some(ttl) => keepalive_line(&mut reply, id, ttl),
+                None => return Err(gone(id)),
+            }
+        }
+        LeaseCommand::Revoke { id } => {
+            let deleted = client
+                .lease_revoke(id)
+                .await
+                .map_err(|e| Failure::from_error(e, true))?;
+            reply.line(
+                format!("lease {id} revoked; {deleted} keys deleted"),
+                &LeaseJson {
+                    id,
+                    ttl_secs: None,
+                    deleted: Some(deleted),
+                },
+            );
+        }
+    }
+    Ok(reply)
+}
+
+fn keepalive_line(reply: &mut Reply, id: u64, ttl: std::time::Duration) {
+    reply.line(
+        format!("lease {id} kept alive for {} s", ttl.as_secs_f64()),
+        &LeaseJson {
+            id,
+            ttl_secs: Some(ttl.as_secs_f64()),
+            deleted: None,
+        },
+    );
+}
+
+/// `lease keepalive ID` without --once: renews every TTL/3, printing a
+/// line each time, until the lease is gone (exit 1), a renewal fails for
+/// longer than the lease could survive (exit 3), or the process is
+/// interrupted.
+pub(crate) async fn keepalive_forever(settings: &Settings, id: u64) -> u8 {
+    let client = match settings
+        .builder()
+        .and_then(|(b, _)| b.build().map_err(|e| Failure::from_error(e, false)))
+    {
+        Ok(c) => c,
+        Err(f) => return Reply::failed(f).emit(settings.format),
+    };
+    loop {
+        let mut reply = Reply::default();
+        let ttl = match client.lease_keepalive(id).await {
+            Ok(Some(ttl)) => ttl,
+            Ok(None) => return Reply::failed(gone(id)).emit(settings.format),
+            Err(e) => return Reply::failed(Failure::from_error(e, true)).emit(settings.format),
+        };
+        keepalive_line(&mut reply, id, ttl);
+        reply.emit(settings.format);
+        tokio::time::sleep(ttl / 3).await;
+    }
 }
 
 #[cfg(test)]

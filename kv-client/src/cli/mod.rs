@@ -38,7 +38,7 @@ use serde::Serialize;
 use crate::{Client, ClientBuilder, Error};
 
 pub use bench::{BenchArgs, BenchOp};
-pub use data::{RangeArgs, TxnArgs};
+pub use data::{LeaseArgs, LeaseCommand, RangeArgs, TxnArgs};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
 
@@ -66,6 +66,7 @@ Examples:
   kv-client cas lock me --expect-absent
   kv-client range --prefix config/
   kv-client txn --if 'value lock = free' --then 'put lock me'
+  kv-client lease grant 10
   kv-client --server 127.0.0.1:7002 --timeout 0.5 get color
   kv-client status
   kv-client shell
@@ -142,6 +143,7 @@ pub enum Command {
 Examples:
   kv-client put color blue
   kv-client put config.json - < config.json
+  kv-client put --lease 1048576 service/web-1 10.0.0.7:80
 
 With VALUE `-` the value is every byte of stdin, exactly: nothing is
 stripped, not even a trailing newline (use `printf`, not `echo`, for a value
@@ -154,6 +156,11 @@ without one). To store the one-character value `-`, pipe it in:
         /// The value (at most 1 MiB); `-` reads it from stdin.
         #[arg(allow_hyphen_values = true)]
         value: OsString,
+        /// Attach the key to this lease (from `lease grant`): it is deleted
+        /// when the lease ends. A lease that does not exist is refused
+        /// (exit 2).
+        #[arg(long, value_name = "ID")]
+        lease: Option<u64>,
     },
     /// Print the value of KEY and a newline (UTF-8 as is, other bytes as
     /// \xNN). Exit status 1 if there is no such key.
@@ -217,6 +224,10 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// the comparisons held, 1 if not.
     #[command(after_help = data::TXN_EXAMPLES)]
     Txn(TxnArgs),
+    /// Leases: grant one (prints its id alone on a line), keep it alive,
+    /// revoke it. Keys put with `put --lease ID` are deleted when it ends.
+    #[command(after_help = data::LEASE_EXAMPLES)]
+    Lease(LeaseArgs),
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
@@ -474,6 +485,9 @@ pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Shell => shell::run(settings).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::Lease(LeaseArgs {
+            command: LeaseCommand::Keepalive { id, once: false },
+        }) => data::keepalive_forever(&settings, id).await,
         command => {
             let reply = one_shot(&settings, command).await;
             reply.emit(settings.format)
@@ -485,10 +499,11 @@ pub async fn run(cli: Cli) -> u8 {
 async fn one_shot(settings: &Settings, command: Command) -> Reply {
     // `put KEY -` reads its value before the clock starts.
     let command = match command {
-        Command::Put { key, value } if value == "-" => match read_stdin_value() {
+        Command::Put { key, value, lease } if value == "-" => match read_stdin_value() {
             Ok(v) => Command::Put {
                 key,
                 value: os_from_bytes(v),
+                lease,
             },
             Err(f) => return Reply::failed(f),
         },
@@ -596,7 +611,22 @@ async fn execute_inner(
     command: Command,
 ) -> Result<Reply, Failure> {
     match command {
-        Command::Put { key, value } => {
+        Command::Put {
+            key,
+            value,
+            lease: Some(lease),
+        } => {
+            let slot = client
+                .put_with_lease_outcome(bytes(key), bytes(value), lease)
+                .await
+                .map_err(|e| Failure::from_error(e, true))?;
+            Ok(Reply::put(slot))
+        }
+        Command::Put {
+            key,
+            value,
+            lease: None,
+        } => {
             let op = Op::Put {
                 key: bytes(key),
                 value: bytes(value),
@@ -659,6 +689,7 @@ async fn execute_inner(
         Command::Fault(args) => Ok(fault::run(settings, args).await),
         Command::Range(args) => data::range(client, args).await,
         Command::Txn(args) => data::txn(client, args).await,
+        Command::Lease(args) => data::lease(client, args).await,
         Command::Shell | Command::Bench(_) => Err(Failure::usage(
             "`shell` and `bench` cannot be run from the shell",
         )),
