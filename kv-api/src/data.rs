@@ -92,6 +92,11 @@ pub struct RangeRequest {
     /// Continue where an earlier answer stopped: its `token`.
     #[serde(with = "serde_bytes")]
     pub token: Option<Vec<u8>>,
+    /// Read the range as it was at this revision (0: as it is now), if the
+    /// history still holds it: otherwise [`KvError::Compacted`]. Give the
+    /// first page's `revision` to every later page for one consistent
+    /// view.
+    pub revision: u64,
 }
 
 impl RangeRequest {
@@ -428,6 +433,133 @@ pub struct TxnResult {
     pub revision: u64,
     /// One result per write of the branch that ran, in order.
     pub results: Vec<TxnOpResult>,
+}
+
+/// Most events one watch answer holds.
+pub const MAX_WATCH_EVENTS: u64 = 1_000;
+
+/// Longest a watch waits for an event before it answers with none (a
+/// progress notification): below the SDK's one-second cap on one attempt,
+/// so a long poll is never taken for a dead replica.
+pub const MAX_WATCH_WAIT_MS: u64 = 800;
+
+/// A long poll for the changes of a range from a revision on.
+///
+/// # Why a long poll
+///
+/// tarpc answers each request once; it has no server streams. A stream
+/// beside it would need a listener of its own, and with it TLS, roles,
+/// framing limits and connection limits a second time. A long poll reuses
+/// all of it, and the revision cursor makes it resumable by construction:
+/// after a disconnect, a leader's death or a replica's restart the client
+/// asks again from the revision after the last event it saw, at any
+/// replica — every replica applies the same log and keeps the same
+/// history, so each answers the same events in the same order. A watcher
+/// that cannot keep up holds nothing on a replica between polls; if it
+/// falls behind the history, it is told so ([`KvError::Compacted`]) and
+/// where the history now starts. The cost is one request per batch of
+/// events, or per [`MAX_WATCH_WAIT_MS`] while nothing happens (and that
+/// answer is the progress notification: the range is unchanged up to its
+/// `revision`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct WatchRequest {
+    /// The first key (inclusive).
+    #[serde(with = "serde_bytes")]
+    pub start: Vec<u8>,
+    /// The end (exclusive; empty: to the last key).
+    #[serde(with = "serde_bytes")]
+    pub end: Vec<u8>,
+    /// Answer events from this revision on (at least 1).
+    pub from_revision: u64,
+    /// Skip this many events of `from_revision` (in the range), already
+    /// seen: a revision's events may come in more than one answer.
+    pub skip: u64,
+    /// Include each event's previous key-value.
+    pub prev_kv: bool,
+    /// Most events in the answer (0 or over [`MAX_WATCH_EVENTS`]: that).
+    pub limit: u64,
+    /// How long to wait for an event, in milliseconds (at most
+    /// [`MAX_WATCH_WAIT_MS`]; 0 answers at once).
+    pub wait_ms: u64,
+}
+
+impl WatchRequest {
+    /// Watches the keys starting with `prefix` from revision `from`.
+    pub fn prefix(prefix: impl Into<Vec<u8>>, from: u64) -> WatchRequest {
+        let start = prefix.into();
+        WatchRequest {
+            end: prefix_end(&start),
+            start,
+            from_revision: from,
+            ..WatchRequest::default()
+        }
+    }
+
+    /// Watches `key` alone from revision `from`.
+    pub fn key(key: impl Into<Vec<u8>>, from: u64) -> WatchRequest {
+        let start: Vec<u8> = key.into();
+        let mut end = start.clone();
+        end.push(0);
+        WatchRequest {
+            start,
+            end,
+            from_revision: from,
+            ..WatchRequest::default()
+        }
+    }
+
+    /// Whether `key` is in the watched range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Checks the bounds, as for a range.
+    pub fn validate(&self, limits: &Limits) -> Result<(), KvError> {
+        RangeRequest::between(self.start.clone(), self.end.clone()).validate(limits)?;
+        if self.from_revision == 0 {
+            return Err(KvError::InvalidArgument(
+                "a watch starts at revision 1 or later".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What happened to a key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// It was set.
+    Put,
+    /// It was deleted.
+    Delete,
+}
+
+/// One change of one key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WatchEvent {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change (for a delete: the key, no value, and the
+    /// delete's revision as `mod_revision`).
+    pub kv: KeyValue,
+    /// The key before it, if asked for and it existed.
+    pub prev: Option<KeyValue>,
+}
+
+/// The answer to a watch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct WatchResponse {
+    /// The events, in revision order.
+    pub events: Vec<WatchEvent>,
+    /// Where to go on: the next request's `from_revision`...
+    pub next_revision: u64,
+    /// ... and `skip`.
+    pub next_skip: u64,
+    /// The store's revision at the serving replica: nothing in the range
+    /// changed between the last event (or the request's start) and it.
+    pub revision: u64,
+    /// The history starts after this revision.
+    pub compacted: u64,
 }
 
 /// Shortest lease a grant may ask for, in milliseconds: below it, the log's

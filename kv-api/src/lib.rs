@@ -20,9 +20,10 @@
 use serde::{Deserialize, Serialize};
 
 pub use data::{
-    prefix_end, range_token, CmpOp, Compare, KeyValue, LeaseOp, LeaseResult, RangeRequest,
-    RangeResponse, Target, Txn, TxnOp, TxnOpResult, TxnResult, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES,
-    MAX_RANGE_LIMIT, MAX_TXN_COMPARES, MAX_TXN_OPS, MIN_LEASE_TTL_MS,
+    prefix_end, range_token, CmpOp, Compare, EventKind, KeyValue, LeaseOp, LeaseResult,
+    RangeRequest, RangeResponse, Target, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent,
+    WatchRequest, WatchResponse, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT,
+    MAX_TXN_COMPARES, MAX_TXN_OPS, MAX_WATCH_EVENTS, MAX_WATCH_WAIT_MS, MIN_LEASE_TTL_MS,
 };
 
 pub mod data;
@@ -112,6 +113,14 @@ pub enum Op {
     /// Grants, renews or revokes a lease (see [`LeaseOp`]). Answered with
     /// [`OpResult::Lease`].
     Lease(LeaseOp),
+    /// Drops the history of changes up to and including `revision` (cut
+    /// to the store's revision): ranges at those revisions and watches
+    /// from them are then refused as [`KvError::Compacted`]. Answered with
+    /// [`OpResult::Compacted`].
+    Compact {
+        /// The last revision to forget.
+        revision: u64,
+    },
 }
 
 impl Op {
@@ -119,7 +128,11 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
-            Op::OpenSession { .. } | Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) => &[],
+            Op::OpenSession { .. }
+            | Op::Txn(_)
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. } => &[],
         }
     }
 
@@ -135,7 +148,11 @@ impl Op {
     pub fn payload_len(&self) -> usize {
         let values = match self {
             Op::Put { value, .. } => value.len(),
-            Op::Delete { .. } | Op::OpenSession { .. } | Op::NewLeader { .. } | Op::Lease(_) => 0,
+            Op::Delete { .. }
+            | Op::OpenSession { .. }
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. } => 0,
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
             Op::Txn(t) => t.payload_len(),
         };
@@ -201,6 +218,11 @@ pub enum OpResult {
     NewLeader,
     /// A lease operation was applied.
     Lease(LeaseResult),
+    /// The history was compacted.
+    Compacted {
+        /// The history now starts after this revision.
+        compacted: u64,
+    },
 }
 
 /// A write's result and where it sits in the log.
@@ -312,6 +334,12 @@ pub enum KvError {
     /// done.
     #[error("disabled: {0}")]
     Disabled(String),
+    /// A range at a revision, or a watch from one, asked for history that
+    /// was dropped (by compaction, or to stay within its bound): the
+    /// history starts after the revision given. Read the current state and
+    /// watch from its revision on.
+    #[error("revision compacted: the history starts after revision {0}; read the current state and watch from its revision + 1")]
+    Compacted(u64),
 }
 
 /// Size limits on keys and values, checked by the client before sending and
@@ -364,7 +392,7 @@ impl Limits {
     /// Checks every key and value an operation carries.
     pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
         match op {
-            Op::OpenSession { .. } => return Ok(()),
+            Op::OpenSession { .. } | Op::Compact { .. } => return Ok(()),
             Op::Txn(t) => return t.validate(self),
             Op::Lease(l) => return l.validate(),
             Op::NewLeader { .. } => {
@@ -382,7 +410,8 @@ impl Limits {
             | Op::OpenSession { .. }
             | Op::Txn(_)
             | Op::NewLeader { .. }
-            | Op::Lease(_) => Ok(()),
+            | Op::Lease(_)
+            | Op::Compact { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;
@@ -515,6 +544,10 @@ pub trait Kv {
         mode: ReadMode,
         route: Route,
     ) -> Result<RangeResponse, KvError>;
+    /// A long poll for the changes of a range (see [`WatchRequest`]),
+    /// served from this replica's own state: every replica keeps the same
+    /// history, so any one answers the same events.
+    async fn watch(req: WatchRequest) -> Result<WatchResponse, KvError>;
 }
 
 #[cfg(test)]

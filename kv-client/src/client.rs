@@ -9,7 +9,7 @@ use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
     FaultReport, FaultSpec, KeyValue, KvClient, KvError, LeaseOp, LeaseResult, Limits, Op,
     OpResult, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, Route, Txn, TxnOp, TxnResult,
-    WriteOutcome, WriteRequest,
+    WatchEvent, WatchRequest, WatchResponse, WriteOutcome, WriteRequest, MAX_WATCH_WAIT_MS,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -486,6 +486,72 @@ impl Client {
         Ok(self.txn_outcome(txn).await?.1)
     }
 
+    /// One long poll of a watch (see [`WatchRequest`]): the changes of its
+    /// range from its cursor on, waiting up to `wait_ms` for one; the
+    /// answer says where to go on. [`Client::watcher`] keeps the cursor
+    /// for you. Served by any replica (each keeps the same history); a
+    /// cursor before the history gives [`Error::Compacted`].
+    pub async fn watch_poll(&self, req: WatchRequest) -> Result<WatchResponse> {
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        let (resp, _) = self
+            .call(move |c, ctx| {
+                let req = req.clone();
+                async move { c.watch(ctx, req).await }
+            })
+            .await?;
+        Ok(resp)
+    }
+
+    /// Watches the range of `req` from `req.from_revision` on (0: from the
+    /// next change, by the store's revision now): every change exactly
+    /// once, in revision order, across disconnects, a leader's death and
+    /// replica restarts (the cursor is a revision, which any replica
+    /// understands).
+    ///
+    /// ```no_run
+    /// use kv_client::{EventKind, WatchRequest};
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let mut w = client.watcher(WatchRequest::prefix("config/", 0)).await?;
+    /// loop {
+    ///     for e in w.next().await? {
+    ///         match e.kind {
+    ///             EventKind::Put => println!("{:?} = {:?}", e.kv.key, e.kv.value),
+    ///             EventKind::Delete => println!("{:?} deleted", e.kv.key),
+    ///         }
+    ///     }
+    ///     // No events: nothing changed up to w.revision().
+    /// }
+    /// # }
+    /// ```
+    pub async fn watcher(&self, mut req: WatchRequest) -> Result<Watcher> {
+        if req.from_revision == 0 {
+            let now = RangeRequest {
+                count_only: true,
+                ..RangeRequest::between(req.start.clone(), req.end.clone())
+            };
+            req.from_revision = self.range(now).await?.revision + 1;
+        }
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        req.wait_ms = MAX_WATCH_WAIT_MS;
+        Ok(Watcher {
+            client: self.clone(),
+            revision: req.from_revision - 1,
+            req,
+        })
+    }
+
+    /// Compacts the history up to and including `revision` (cut to the
+    /// store's revision); returns where the history now starts. Ranges at
+    /// and watches from older revisions are then refused.
+    pub async fn compact(&self, revision: u64) -> Result<u64> {
+        let (outcome, addr) = self.write_op(Op::Compact { revision }).await?;
+        match outcome.result {
+            OpResult::Compacted { compacted } => Ok(compacted),
+            other => Err(unexpected(addr, "compaction", &other)),
+        }
+    }
+
     /// Sends a write exactly as given: the caller picks `client_id` (a
     /// session from [`Client::open_session`], or any number, to see it
     /// refused), `seq` and `acked_below` — for tests of retries and
@@ -806,6 +872,39 @@ impl Client {
         if p.as_deref() != Some(addr) {
             *p = Some(addr.to_string());
         }
+    }
+}
+
+/// A watch with its cursor: see [`Client::watcher`].
+#[derive(Debug)]
+pub struct Watcher {
+    client: Client,
+    req: WatchRequest,
+    revision: u64,
+}
+
+impl Watcher {
+    /// The next changes, in revision order (none: nothing changed up to
+    /// [`Watcher::revision`] within about a second — a progress
+    /// notification). An error leaves the cursor where it was: calling
+    /// again resumes with no change missed or repeated.
+    pub async fn next(&mut self) -> Result<Vec<WatchEvent>> {
+        let resp = self.client.watch_poll(self.req.clone()).await?;
+        self.req.from_revision = resp.next_revision;
+        self.req.skip = resp.next_skip;
+        self.revision = self.revision.max(resp.revision);
+        Ok(resp.events)
+    }
+
+    /// The store's revision as of the last answer: every change up to it
+    /// has been returned.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The cursor: the next answer starts at this revision...
+    pub fn next_revision(&self) -> u64 {
+        self.req.from_revision
     }
 }
 

@@ -172,6 +172,8 @@ where
             Attempt::Refused(KvError::Disabled(m)) => {
                 return Err(Error::Disabled(format!("{addr}: {m}")))
             }
+            // The history is the same on every replica.
+            Attempt::Refused(KvError::Compacted(rev)) => return Err(Error::Compacted(rev)),
             Attempt::Refused(e @ KvError::UnknownSession(id)) => {
                 return Err(if maybe_applied {
                     Error::OutcomeUnknown(format!(

@@ -127,7 +127,7 @@ impl Fake {
                 }
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
-            Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) => {
+            Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) | Op::Compact { .. } => {
                 return Err(KvError::InvalidArgument(
                     "the fake replica has no transactions".into(),
                 ))
@@ -227,6 +227,16 @@ impl Kv for Fake {
     ) -> Result<kv_api::RangeResponse, KvError> {
         Err(KvError::InvalidArgument(
             "the fake replica has no ranges".into(),
+        ))
+    }
+
+    async fn watch(
+        self,
+        _: Context,
+        _: kv_api::WatchRequest,
+    ) -> Result<kv_api::WatchResponse, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no watches".into(),
         ))
     }
 

@@ -5,8 +5,8 @@
 //! without importing the driver.
 
 use kv_api::{
-    GetResponse, KvError, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, WriteOutcome,
-    WriteRequest,
+    GetResponse, KvError, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, WatchRequest,
+    WatchResponse, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::Slot;
 use tokio::sync::oneshot;
@@ -21,6 +21,8 @@ pub const INPUT_QUEUE: usize = 16 * 1024;
 pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
 /// Replies to a client read.
 pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
+/// Replies to a watch.
+pub type WatchReply = oneshot::Sender<std::result::Result<WatchResponse, KvError>>;
 /// Replies to a client range read.
 pub type RangeReply = oneshot::Sender<std::result::Result<RangeResponse, KvError>>;
 
@@ -57,6 +59,17 @@ pub enum Input {
         mode: ReadMode,
         /// Where the result goes.
         reply: RangeReply,
+    },
+    /// A watch (checked before it is sent here): answered at once if
+    /// there are events (or an error), else when some are applied, or at
+    /// `until` with none.
+    Watch {
+        /// The watch.
+        req: WatchRequest,
+        /// When to answer with no events.
+        until: std::time::Instant,
+        /// Where the answer goes.
+        reply: WatchReply,
     },
     /// A status request.
     Status {

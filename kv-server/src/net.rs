@@ -1105,6 +1105,13 @@ mod tests {
         ) -> std::result::Result<kv_api::RangeResponse, KvError> {
             Err(KvError::Unavailable("test".into()))
         }
+        async fn watch(
+            self,
+            _: tarpc::context::Context,
+            _: kv_api::WatchRequest,
+        ) -> std::result::Result<kv_api::WatchResponse, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
     }
 
     async fn serve_held(limits: NetLimits) -> (SocketAddr, Arc<tokio::sync::Semaphore>) {

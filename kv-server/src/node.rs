@@ -20,7 +20,7 @@ use kv_api::{
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::inbox::{GetReply, Input, RangeReply, WriteReply};
+use crate::inbox::{GetReply, Input, RangeReply, WatchReply, WriteReply};
 use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
@@ -75,6 +75,19 @@ const CHECKED: Limits = Limits {
     max_value: usize::MAX,
 };
 
+/// Watches waiting for an event at once, at most: beyond, a watch is
+/// answered `unavailable` (retry shortly). Each holds its request and a
+/// reply channel, and every applied round looks at each.
+const MAX_PARKED_WATCHES: usize = 10_000;
+
+/// A watch waiting for an event. Its cursor moves on as rounds apply
+/// changes outside its range, so each round looks only at new changes.
+struct ParkedWatch {
+    req: kv_api::WatchRequest,
+    until: Instant,
+    reply: WatchReply,
+}
+
 /// A linearizable read waiting for its read index.
 enum PendingRead {
     Get(Vec<u8>, GetReply),
@@ -124,6 +137,7 @@ pub struct Node {
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
     reads: HashMap<u64, PendingRead>,
+    watches: Vec<ParkedWatch>,
     next_token: u64,
     ticks: u64,
     /// The last round's log write, for the slow-round log line.
@@ -172,6 +186,7 @@ impl Node {
             held_replies: Vec::new(),
             waiters: HashMap::new(),
             reads: HashMap::new(),
+            watches: Vec::new(),
             next_token: 0,
             ticks: 0,
             last_write: WriteStats::default(),
@@ -255,6 +270,7 @@ impl Node {
 
     fn tick(&mut self) {
         self.core.tick();
+        self.answer_watches(false);
         self.mark_leadership();
         self.propose_time();
         self.ticks += 1;
@@ -438,6 +454,19 @@ impl Node {
                     }
                 }
             },
+            Input::Watch { req, until, reply } => {
+                let parked = ParkedWatch { req, until, reply };
+                if let Some(parked) = self.try_watch(parked, Instant::now()) {
+                    if self.watches.len() >= MAX_PARKED_WATCHES {
+                        let _ = parked.reply.send(Err(KvError::Unavailable(format!(
+                            "this replica already holds {MAX_PARKED_WATCHES} waiting watches; \
+                             retry shortly or at another replica"
+                        ))));
+                    } else {
+                        self.watches.push(parked);
+                    }
+                }
+            }
             Input::Status { reply } => {
                 let _ = reply.send(ReplicaStatus {
                     id: self.core.id(),
@@ -494,6 +523,43 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Answers a watch if it has events, an error, or its time is up;
+    /// otherwise moves its cursor past what it has seen and hands it back.
+    fn try_watch(&self, mut w: ParkedWatch, now: Instant) -> Option<ParkedWatch> {
+        if w.reply.is_closed() {
+            return None;
+        }
+        if !self.sm.watch_ready(&w.req) && now < w.until {
+            return Some(w);
+        }
+        match self.sm.watch(&w.req) {
+            Ok(resp) if resp.events.is_empty() && now < w.until => {
+                w.req.from_revision = resp.next_revision;
+                w.req.skip = resp.next_skip;
+                Some(w)
+            }
+            answer => {
+                let _ = w.reply.send(answer);
+                None
+            }
+        }
+    }
+
+    /// Looks at every parked watch: after a round applied changes
+    /// (`applied`), or at a tick for those whose time is up.
+    fn answer_watches(&mut self, applied: bool) {
+        if self.watches.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let parked = std::mem::take(&mut self.watches);
+        for w in parked {
+            let due = applied || now >= w.until || w.reply.is_closed();
+            let kept = if due { self.try_watch(w, now) } else { Some(w) };
+            self.watches.extend(kept);
         }
     }
 
@@ -623,9 +689,11 @@ impl Node {
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
         }
+        let applied = !ready.apply.is_empty();
         for (slot, value) in ready.apply {
             self.apply(slot, value);
         }
+        self.answer_watches(applied);
         for token in ready.reads_ready {
             match self.reads.remove(&token) {
                 Some(PendingRead::Get(key, tx)) => {

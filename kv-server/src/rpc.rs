@@ -27,12 +27,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
     FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, RangeRequest, RangeResponse,
-    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
+    ReadMode, ReplicaId, ReplicaStatus, Route, WatchRequest, WatchResponse, WriteOutcome,
+    WriteRequest, MAX_WATCH_WAIT_MS,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -291,6 +293,23 @@ impl Kv for Handler {
     ) -> std::result::Result<FaultReport, KvError> {
         self.allow(Role::Admin, "fault injection")?;
         self.set_faults_now(change)
+    }
+
+    async fn watch(
+        self,
+        ctx: Context,
+        req: WatchRequest,
+    ) -> std::result::Result<WatchResponse, KvError> {
+        self.allow(Role::Read, "watching")?;
+        req.validate(&self.limits)?;
+        // Answer with no events a little before the caller gives up.
+        let wait = Duration::from_millis(req.wait_ms.min(MAX_WATCH_WAIT_MS));
+        let margin = Duration::from_millis(50);
+        let until =
+            (Instant::now() + wait).min(ctx.deadline.checked_sub(margin).unwrap_or(ctx.deadline));
+        self.ask(|reply| Input::Watch { req, until, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
     }
 
     async fn range(

@@ -38,13 +38,14 @@
 //! new one anyway (it never opens a session); a late retry of one of its
 //! writes is refused as an unknown session — not applied — which is safe.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::iter::Peekable;
 use std::ops::Bound;
 
 use kv_api::{
-    range_token, KeyValue, KvError, LeaseOp, LeaseResult, Limits, Op, OpResult, RangeRequest,
-    RangeResponse, Slot, Txn, TxnOp, TxnOpResult, TxnResult, WriteOutcome, WriteRequest,
-    MAX_RANGE_BYTES,
+    range_token, EventKind, KeyValue, KvError, LeaseOp, LeaseResult, Limits, Op, OpResult,
+    RangeRequest, RangeResponse, Slot, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent,
+    WatchRequest, WatchResponse, WriteOutcome, WriteRequest, MAX_RANGE_BYTES, MAX_WATCH_EVENTS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -204,6 +205,36 @@ struct Lease {
     keys: BTreeSet<Vec<u8>>,
 }
 
+/// One change of one key in the history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Change {
+    rev: u64,
+    #[serde(with = "serde_bytes")]
+    key: Vec<u8>,
+    /// The key after (`None`: deleted).
+    new: Option<Entry>,
+    /// The key before (`None`: absent).
+    prev: Option<Entry>,
+}
+
+impl Change {
+    fn bytes(&self) -> u64 {
+        let v = |e: &Option<Entry>| e.as_ref().map_or(0, |e| e.value.len());
+        (self.key.len() + v(&self.new) + v(&self.prev) + 96) as u64
+    }
+}
+
+/// Most changes the history keeps (whole revisions are dropped from its
+/// start beyond it): what ranges at a revision and watches can reach back.
+/// In every snapshot, so it is the same on every replica.
+#[cfg(not(test))]
+const MAX_HISTORY_CHANGES: usize = 100_000;
+#[cfg(test)]
+const MAX_HISTORY_CHANGES: usize = 50;
+
+/// Most bytes of keys and values the history keeps.
+const MAX_HISTORY_BYTES: u64 = 32 << 20;
+
 /// Most leases held at once: a grant beyond it is refused (each holds a
 /// set of keys, and expiring them is work on every replica).
 const MAX_LEASES: usize = 100_000;
@@ -295,6 +326,42 @@ mod entry_map {
     }
 }
 
+/// The map as it was at a revision: the keys of `now` (the map), except
+/// those in `then` (changed since), which are as `then` says (`None`:
+/// absent then). Both in key order.
+struct AtRevision<'a> {
+    now: Peekable<btree_map::Range<'a, Vec<u8>, Entry>>,
+    then: Peekable<btree_map::Range<'a, Vec<u8>, Option<Entry>>>,
+}
+
+impl<'a> Iterator for AtRevision<'a> {
+    type Item = (&'a Vec<u8>, &'a Entry);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let take_then = match (self.now.peek(), self.then.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((n, _)), Some((t, _))) => {
+                    if n == t {
+                        self.now.next();
+                        true
+                    } else {
+                        t < n
+                    }
+                }
+            };
+            if !take_then {
+                return self.now.next();
+            }
+            if let Some((k, Some(e))) = self.then.next() {
+                return Some((k, e));
+            }
+        }
+    }
+}
+
 /// The key-value map and the client sessions. Serializable: a snapshot is
 /// this structure as of `applied`.
 #[derive(Default, Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +402,15 @@ pub struct StateMachine {
     /// `(expires_at, id)` of every lease.
     #[serde(skip)]
     lease_deadlines: BTreeSet<(u64, u64)>,
+    /// The recent changes, in revision order: every change after
+    /// `compacted` (bounded by [`MAX_HISTORY_CHANGES`] and
+    /// [`MAX_HISTORY_BYTES`]).
+    history: VecDeque<Change>,
+    /// The history holds every change after this revision.
+    compacted: u64,
+    /// What `history` holds, by [`Change::bytes`].
+    #[serde(skip)]
+    history_bytes: u64,
     /// `(expires_at, id)` of every session (in sessions-required mode).
     #[serde(skip)]
     by_expiry: BTreeSet<(u64, u64)>,
@@ -509,6 +585,118 @@ impl StateMachine {
             .iter()
             .map(|(&id, l)| (l.expires_at, id))
             .collect();
+        self.history_bytes = self.history.iter().map(Change::bytes).sum();
+    }
+
+    /// Records a change of revision `rev` (only once revisions count).
+    fn record(&mut self, rev: u64, key: &[u8], new: Option<Entry>, prev: Option<Entry>) {
+        if !self.revisions {
+            return;
+        }
+        let c = Change {
+            rev,
+            key: key.to_vec(),
+            new,
+            prev,
+        };
+        self.history_bytes += c.bytes();
+        self.history.push_back(c);
+        while self.history.len() > MAX_HISTORY_CHANGES || self.history_bytes > MAX_HISTORY_BYTES {
+            let Some(first) = self.history.front().map(|c| c.rev) else {
+                break;
+            };
+            self.forget_history(first);
+        }
+    }
+
+    /// Drops the history up to and including revision `upto`.
+    fn forget_history(&mut self, upto: u64) {
+        while self.history.front().is_some_and(|c| c.rev <= upto) {
+            if let Some(c) = self.history.pop_front() {
+                self.history_bytes -= c.bytes();
+            }
+        }
+        self.compacted = self.compacted.max(upto);
+    }
+
+    /// The revision after which the history starts.
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    /// The changes in `req`'s range from its cursor on (see
+    /// [`WatchRequest`]): at most its limit, about [`MAX_RANGE_BYTES`], and
+    /// where to go on. A cursor before the history is refused as
+    /// [`KvError::Compacted`].
+    pub fn watch(&self, req: &WatchRequest) -> Result<WatchResponse, KvError> {
+        if req.from_revision <= self.compacted {
+            return Err(KvError::Compacted(self.compacted));
+        }
+        let limit = match req.limit {
+            0 => MAX_WATCH_EVENTS,
+            n => n.min(MAX_WATCH_EVENTS),
+        } as usize;
+        let first = self.history.partition_point(|c| c.rev < req.from_revision);
+        let mut resp = WatchResponse {
+            revision: self.revision,
+            compacted: self.compacted,
+            ..WatchResponse::default()
+        };
+        let (mut cur_rev, mut cur_count) = (req.from_revision, req.skip);
+        let mut skipped = 0;
+        let mut bytes = 0;
+        let mut cut = false;
+        for c in self.history.range(first..) {
+            if !req.contains(&c.key) {
+                continue;
+            }
+            if c.rev == req.from_revision && skipped < req.skip {
+                skipped += 1;
+                continue;
+            }
+            if resp.events.len() >= limit || (bytes > MAX_RANGE_BYTES && !resp.events.is_empty()) {
+                cut = true;
+                break;
+            }
+            let prev = if req.prev_kv {
+                c.prev.as_ref().map(|e| e.to_kv(&c.key, true))
+            } else {
+                None
+            };
+            let (kind, kv) = match &c.new {
+                Some(e) => (EventKind::Put, e.to_kv(&c.key, true)),
+                None => (
+                    EventKind::Delete,
+                    KeyValue {
+                        key: c.key.clone(),
+                        mod_revision: c.rev,
+                        ..KeyValue::default()
+                    },
+                ),
+            };
+            bytes += kv.key.len() + kv.value.len() + prev.as_ref().map_or(0, |p| p.value.len());
+            resp.events.push(WatchEvent { kind, kv, prev });
+            if c.rev == cur_rev {
+                cur_count += 1;
+            } else {
+                (cur_rev, cur_count) = (c.rev, 1);
+            }
+        }
+        (resp.next_revision, resp.next_skip) = if cut {
+            (cur_rev, cur_count)
+        } else if self.revision >= req.from_revision {
+            // Everything in the range up to the store's revision is seen.
+            (self.revision + 1, 0)
+        } else {
+            (req.from_revision, req.skip)
+        };
+        Ok(resp)
+    }
+
+    /// Whether a watch from `req`'s cursor could have something to answer
+    /// (or an error): cheap, for the driver's parked watches.
+    pub fn watch_ready(&self, req: &WatchRequest) -> bool {
+        req.from_revision <= self.revision || req.from_revision <= self.compacted
     }
 
     /// Number of leases held.
@@ -625,7 +813,7 @@ impl StateMachine {
         let mut deleted = 0;
         for key in &lease.keys {
             if self.map.get(key).is_some_and(|e| e.lease == id) {
-                self.remove(key);
+                self.remove(key, rev);
                 deleted += 1;
             }
         }
@@ -654,6 +842,11 @@ impl StateMachine {
                 l.keys.insert(key.to_vec());
             }
         }
+        let prev = if self.revisions {
+            self.map.get(key).cloned()
+        } else {
+            None
+        };
         match self.map.get_mut(key) {
             Some(e) => {
                 self.bytes -= pair_len(key, &e.value);
@@ -680,10 +873,14 @@ impl StateMachine {
                 self.map.insert(key.to_vec(), e);
             }
         }
+        if self.revisions {
+            let new = self.map.get(key).cloned();
+            self.record(rev, key, new, prev);
+        }
     }
 
-    /// Removes `key`; whether it was there.
-    fn remove(&mut self, key: &[u8]) -> bool {
+    /// Removes `key` as the write of revision `rev`; whether it was there.
+    fn remove(&mut self, key: &[u8], rev: u64) -> bool {
         match self.map.remove(key) {
             Some(old) => {
                 self.bytes -= pair_len(key, &old.value);
@@ -692,6 +889,7 @@ impl StateMachine {
                         l.keys.remove(key);
                     }
                 }
+                self.record(rev, key, None, Some(old));
                 true
             }
             None => false,
@@ -734,11 +932,41 @@ impl StateMachine {
         } else {
             Bound::Excluded(req.end.as_slice())
         };
-        let keys = self
-            .map
-            .range::<[u8], _>((Bound::Included(from.as_slice()), end));
+        let bounds = (Bound::Included(from.as_slice()), end);
+        let at = match req.revision {
+            0 => self.revision,
+            r if r > self.revision => {
+                return Err(KvError::Unavailable(format!(
+                    "revision {r} is ahead of this replica, which has applied up to revision {}; \
+                     retry, or read through the leader",
+                    self.revision
+                )))
+            }
+            r if r < self.compacted => return Err(KvError::Compacted(self.compacted)),
+            r => r,
+        };
+        // The keys as they were at `at`: the current ones, but for the
+        // keys changed since, as they were before their first change
+        // after `at` (the history holds every change after `compacted`).
+        let mut before = BTreeMap::new();
+        if at < self.revision {
+            let first = self.history.partition_point(|c| c.rev <= at);
+            for c in self.history.range(first..) {
+                let inside =
+                    c.key.as_slice() >= from.as_slice() && (req.end.is_empty() || c.key < req.end);
+                if inside {
+                    before
+                        .entry(c.key.clone())
+                        .or_insert_with(|| c.prev.clone());
+                }
+            }
+        }
+        let keys = AtRevision {
+            now: self.map.range::<[u8], _>(bounds).peekable(),
+            then: before.range::<[u8], _>(bounds).peekable(),
+        };
         let mut resp = RangeResponse {
-            revision: self.revision,
+            revision: at,
             applied: self.applied,
             ..RangeResponse::default()
         };
@@ -997,7 +1225,7 @@ impl StateMachine {
                 (OpResult::Put, true)
             }
             Op::Delete { key } => {
-                let existed = self.remove(key);
+                let existed = self.remove(key, rev);
                 (OpResult::Deleted { existed }, existed)
             }
             Op::Cas { key, expected, new } => {
@@ -1025,6 +1253,11 @@ impl StateMachine {
             }
             Op::Txn(txn) => return OpResult::Txn(self.txn(txn)),
             Op::Lease(l) => return OpResult::Lease(self.lease_op(slot, l)),
+            Op::Compact { revision } => {
+                self.forget_history((*revision).min(self.revision));
+                let compacted = self.compacted;
+                return OpResult::Compacted { compacted };
+            }
             // Handled by `apply` before it gets here.
             Op::OpenSession { .. } | Op::NewLeader { .. } => (OpResult::Stale, false),
         };
@@ -1057,7 +1290,7 @@ impl StateMachine {
                     TxnOpResult::Put
                 }
                 TxnOp::Delete { key } => {
-                    let existed = self.remove(key);
+                    let existed = self.remove(key, rev);
                     changed |= existed;
                     TxnOpResult::Deleted { existed }
                 }
@@ -1515,6 +1748,167 @@ mod tests {
             assert!(m.get(b"a").is_none());
         }
         assert_eq!(sm.revision(), copy.revision());
+    }
+
+    fn events(
+        sm: &StateMachine,
+        req: &WatchRequest,
+    ) -> (Vec<(EventKind, String, u64)>, WatchResponse) {
+        let resp = sm.watch(req).unwrap();
+        let ev = resp
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.kind,
+                    String::from_utf8(e.kv.key.clone()).unwrap(),
+                    e.kv.mod_revision,
+                )
+            })
+            .collect();
+        (ev, resp)
+    }
+
+    #[test]
+    fn a_watch_sees_every_change_of_its_range_once_in_order_page_by_page() {
+        use EventKind::{Delete, Put};
+        let mut sm = StateMachine::default();
+        new_leader(&mut sm, 1);
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("p/a", "1")));
+        ok(&mut sm, 2, req(s, 2, put("q", "1")));
+        let both = txn(vec![], vec![tput("p/b", "1"), tput("p/c", "1")], vec![]);
+        ok(&mut sm, 3, req(s, 3, both));
+        ok(&mut sm, 4, req(s, 4, Op::Delete { key: "p/a".into() }));
+        let mut w = WatchRequest::prefix("p/", 1);
+        w.prev_kv = true;
+        let (all, resp) = events(&sm, &w);
+        assert_eq!(
+            all,
+            [
+                (Put, "p/a".into(), 1),
+                (Put, "p/b".into(), 3),
+                (Put, "p/c".into(), 3),
+                (Delete, "p/a".into(), 4)
+            ]
+        );
+        assert_eq!(resp.events[3].prev.as_ref().unwrap().value, b"1");
+        assert_eq!((resp.next_revision, resp.next_skip), (5, 0));
+        // One event an answer: the cursor goes through revision 3's two.
+        w.limit = 1;
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let (ev, resp) = events(&sm, &w);
+            seen.extend(ev);
+            (w.from_revision, w.skip) = (resp.next_revision, resp.next_skip);
+            if w.from_revision == 5 {
+                break;
+            }
+        }
+        assert_eq!(seen, all);
+        let (none, resp) = events(&sm, &w);
+        assert!(none.is_empty());
+        assert_eq!((resp.next_revision, resp.revision), (5, 4));
+        assert!(!sm.watch_ready(&w));
+        ok(&mut sm, 5, req(s, 5, put("p/z", "1")));
+        assert!(sm.watch_ready(&w));
+        assert_eq!(events(&sm, &w).0, [(Put, "p/z".to_string(), 5)]);
+    }
+
+    #[test]
+    fn the_history_is_bounded_and_compaction_refuses_older_revisions() {
+        let mut sm = StateMachine::default();
+        new_leader(&mut sm, 1);
+        let s = open(&mut sm, 1);
+        for i in 0..(MAX_HISTORY_CHANGES as u64 + 10) {
+            ok(&mut sm, 2 + i, req(s, i + 1, put("k", &i.to_string())));
+        }
+        assert_eq!(sm.compacted(), 10);
+        assert_eq!(
+            sm.watch(&WatchRequest::key("k", 10)),
+            Err(KvError::Compacted(10))
+        );
+        assert_eq!(
+            sm.watch(&WatchRequest::key("k", 11)).unwrap().events.len(),
+            50
+        );
+        let r = ok(&mut sm, 100, req(s, 100, Op::Compact { revision: 40 }));
+        assert_eq!(r.result, OpResult::Compacted { compacted: 40 });
+        assert_eq!(
+            sm.watch(&WatchRequest::key("k", 11)),
+            Err(KvError::Compacted(40))
+        );
+        let old = RangeRequest {
+            revision: 39,
+            ..RangeRequest::key("k")
+        };
+        assert_eq!(
+            sm.range(&old, &Limits::default()),
+            Err(KvError::Compacted(40))
+        );
+        // A compaction beyond the store's revision stops at it.
+        let r = ok(
+            &mut sm,
+            101,
+            req(s, 101, Op::Compact { revision: u64::MAX }),
+        );
+        assert_eq!(r.result, OpResult::Compacted { compacted: 60 });
+    }
+
+    #[test]
+    fn a_range_at_a_revision_shows_the_keys_as_they_were() {
+        let mut sm = StateMachine::default();
+        new_leader(&mut sm, 1);
+        let s = open(&mut sm, 1);
+        ok(&mut sm, 2, req(s, 1, put("a", "1")));
+        ok(&mut sm, 2, req(s, 2, put("b", "1")));
+        let at2 = sm.revision();
+        ok(&mut sm, 3, req(s, 3, put("a", "2")));
+        ok(&mut sm, 3, req(s, 4, Op::Delete { key: "b".into() }));
+        ok(&mut sm, 3, req(s, 5, put("c", "1")));
+        let l = Limits::default();
+        let at = |rev: u64| {
+            let r = sm
+                .range(
+                    &RangeRequest {
+                        revision: rev,
+                        ..RangeRequest::between("", "")
+                    },
+                    &l,
+                )
+                .unwrap();
+            r.kvs
+                .iter()
+                .map(|kv| {
+                    format!(
+                        "{}={}@{}",
+                        String::from_utf8_lossy(&kv.key),
+                        String::from_utf8_lossy(&kv.value),
+                        kv.mod_revision
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(at2), ["a=1@1", "b=1@2"]);
+        assert_eq!(at(1), ["a=1@1"]);
+        assert_eq!(at(0), ["a=2@3", "c=1@5"]);
+        assert_eq!(at(4), ["a=2@3"]);
+        let ahead = RangeRequest {
+            revision: 99,
+            ..RangeRequest::between("", "")
+        };
+        assert!(matches!(sm.range(&ahead, &l), Err(KvError::Unavailable(_))));
+        // Paged at a revision: the token resumes in the same view.
+        let mut page = RangeRequest {
+            revision: at2,
+            limit: 1,
+            ..RangeRequest::between("", "")
+        };
+        let first = sm.range(&page, &l).unwrap();
+        page.token = first.token;
+        let second = sm.range(&page, &l).unwrap();
+        assert_eq!(second.kvs[0].key, b"b");
+        assert!(!second.more);
     }
 
     #[test]

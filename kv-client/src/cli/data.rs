@@ -31,8 +31,212 @@ object a line, {\"key\":..,\"value\":..,\"create_revision\":N,\"mod_revision\":N
 UTF-8); with --count-only {\"count\":N,\"revision\":N}.
 
 The range is read in pages of at most --page-size keys (each page a
-linearizable read, or a local one with --local); with several pages, keys
-written between pages may or may not show.";
+linearizable read, or a local one with --local), every page at the first
+page's revision: one consistent view, unless the history moves past it
+meanwhile (then exit 3, kind \"compacted\"). --rev REV reads the range as it
+was at revision REV.";
+
+/// `watch --help`, after the options.
+pub const WATCH_EXAMPLES: &str = "\
+Examples:
+  kv-client watch color                      # changes of one key, from now on
+  kv-client watch --prefix config/           # of every key under config/
+  kv-client watch --prefix config/ --from-rev 120 --prev-kv
+  kv-client --output json watch --prefix jobs/ --progress
+
+Text: one line per change as it happens, `put KEY VALUE` or `delete KEY`
+(escaped as `range` does); JSON: {\"type\":\"put\"|\"delete\",\"key\":..,
+\"value\":..,\"revision\":N,\"create_revision\":N,\"version\":N} (and
+\"prev_value\" with --prev-kv). With --progress, a line
+{\"type\":\"progress\",\"revision\":N} (text: `progress N`) whenever about a
+second passed with no change: nothing in the range changed up to N.
+
+Runs until interrupted (or --max-events). Every change is printed once, in
+revision order, across a leader's death or a replica's restart: the watch
+is a long poll with a revision cursor that any replica serves. A start
+revision the history no longer holds ends it with exit 3 (kind
+\"compacted\"): read the current state with `range` and watch from its
+revision + 1.";
+
+/// `watch` arguments.
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("what").required(true).args(["key", "prefix"])))]
+pub struct WatchArgs {
+    /// The key to watch.
+    #[arg(allow_hyphen_values = true)]
+    pub key: Option<OsString>,
+    /// Watch every key that starts with PREFIX instead.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        allow_hyphen_values = true,
+        conflicts_with = "key"
+    )]
+    pub prefix: Option<OsString>,
+    /// Start at revision REV (default: the next change).
+    #[arg(long, value_name = "REV", value_parser = clap::value_parser!(u64).range(1..))]
+    pub from_rev: Option<u64>,
+    /// Show each change's previous value.
+    #[arg(long)]
+    pub prev_kv: bool,
+    /// Print a progress line whenever nothing changed for about a second.
+    #[arg(long)]
+    pub progress: bool,
+    /// Exit after this many changes.
+    #[arg(long, value_name = "N")]
+    pub max_events: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct EventJson {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    key: String,
+    value: Option<String>,
+    revision: u64,
+    create_revision: u64,
+    version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ProgressJson {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    revision: u64,
+}
+
+fn add_event(reply: &mut Reply, e: &kv_api::WatchEvent) {
+    let k = Shown::of(&e.kv.key);
+    let (kind, text, value) = match e.kind {
+        kv_api::EventKind::Put => {
+            let v = Shown::of(&e.kv.value);
+            let line = format!(
+                "put {} {}",
+                key_text(&e.kv.key),
+                v.text().replace('\n', "\\x0a")
+            );
+            ("put", line, Some(v))
+        }
+        kv_api::EventKind::Delete => ("delete", format!("delete {}", key_text(&e.kv.key)), None),
+    };
+    reply.line(
+        text,
+        &EventJson {
+            kind,
+            key: k.text().to_string(),
+            value: value.as_ref().map(|v| v.text().to_string()),
+            revision: e.kv.mod_revision,
+            create_revision: e.kv.create_revision,
+            version: e.kv.version,
+            prev_value: e
+                .prev
+                .as_ref()
+                .map(|p| Shown::of(&p.value).text().to_string()),
+            key_base64: k.base64().map(str::to_string),
+            value_base64: value.as_ref().and_then(|v| v.base64().map(str::to_string)),
+        },
+    );
+}
+
+/// Runs `watch` until interrupted, `--max-events`, or an error that
+/// retrying cannot mend (compacted: exit 3; bad input: exit 2). Errors
+/// that retrying can mend (no quorum, a replica down) are retried with
+/// the same cursor, so nothing is missed or repeated.
+pub(crate) async fn watch(settings: &Settings, args: WatchArgs) -> u8 {
+    let client = match settings
+        .builder()
+        .and_then(|(b, _)| b.build().map_err(|e| Failure::from_error(e, false)))
+    {
+        Ok(c) => c,
+        Err(f) => return Reply::failed(f).emit(settings.format),
+    };
+    let mut req = match (args.prefix, args.key) {
+        (Some(p), _) => kv_api::WatchRequest::prefix(bytes(p), 0),
+        (None, Some(k)) => kv_api::WatchRequest::key(bytes(k), 0),
+        (None, None) => {
+            return Reply::failed(Failure::usage("give KEY or --prefix PREFIX"))
+                .emit(settings.format)
+        }
+    };
+    req.from_revision = args.from_rev.unwrap_or(0);
+    req.prev_kv = args.prev_kv;
+    let fatal = |e: &crate::Error| {
+        matches!(
+            e,
+            crate::Error::InvalidArgument(_)
+                | crate::Error::PermissionDenied(_)
+                | crate::Error::Compacted(_)
+        )
+    };
+    let mut watcher = loop {
+        match client.watcher(req.clone()).await {
+            Ok(w) => break w,
+            Err(e) if fatal(&e) => {
+                return Reply::failed(Failure::from_error(e, false)).emit(settings.format)
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    };
+    let mut printed = 0u64;
+    loop {
+        match watcher.next().await {
+            Ok(events) => {
+                let mut reply = Reply::default();
+                if events.is_empty() && args.progress {
+                    let rev = watcher.revision();
+                    reply.line(
+                        format!("progress {rev}"),
+                        &ProgressJson {
+                            kind: "progress",
+                            revision: rev,
+                        },
+                    );
+                }
+                for e in &events {
+                    if args.max_events.is_some_and(|m| printed >= m) {
+                        break;
+                    }
+                    add_event(&mut reply, e);
+                    printed += 1;
+                }
+                reply.emit(settings.format);
+                if args.max_events.is_some_and(|m| printed >= m) {
+                    return super::EXIT_OK;
+                }
+            }
+            Err(e) if fatal(&e) => {
+                return Reply::failed(Failure::from_error(e, false)).emit(settings.format)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "watch poll failed; retrying from the same revision");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Runs `compact`.
+pub(crate) async fn compact(client: &Client, revision: u64) -> Result<Reply, Failure> {
+    let compacted = client
+        .compact(revision)
+        .await
+        .map_err(|e| Failure::from_error(e, true))?;
+    let mut reply = Reply::default();
+    reply.line(
+        compacted.to_string(),
+        &ProgressJson {
+            kind: "compacted",
+            revision: compacted,
+        },
+    );
+    Ok(reply)
+}
 
 /// `range` arguments.
 #[derive(Args, Debug, Clone)]
@@ -67,6 +271,11 @@ pub struct RangeArgs {
     /// Read the first answering replica's own state: fast, possibly stale.
     #[arg(long)]
     pub local: bool,
+    /// Read the range as it was at revision REV (refused, exit 3, if the
+    /// history no longer reaches back to it). Without it, every page is
+    /// read at the first page's revision: one consistent view.
+    #[arg(long, value_name = "REV")]
+    pub rev: Option<u64>,
 }
 
 /// `txn --help`, after the options.
@@ -388,6 +597,7 @@ pub(crate) async fn range(client: &Client, args: RangeArgs) -> Result<Reply, Fai
     };
     req.keys_only = args.keys_only;
     req.count_only = args.count_only;
+    req.revision = args.rev.unwrap_or(0);
     let mut left = args.limit.unwrap_or(u64::MAX);
     let mut reply = Reply::default();
     loop {
@@ -419,6 +629,7 @@ pub(crate) async fn range(client: &Client, args: RangeArgs) -> Result<Reply, Fai
             break;
         }
         req.token = page.token;
+        req.revision = page.revision;
     }
     Ok(reply)
 }

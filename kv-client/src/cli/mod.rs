@@ -38,7 +38,7 @@ use serde::Serialize;
 use crate::{Client, ClientBuilder, Error};
 
 pub use bench::{BenchArgs, BenchOp};
-pub use data::{LeaseArgs, LeaseCommand, RangeArgs, TxnArgs};
+pub use data::{LeaseArgs, LeaseCommand, RangeArgs, TxnArgs, WatchArgs};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
 
@@ -67,6 +67,7 @@ Examples:
   kv-client range --prefix config/
   kv-client txn --if 'value lock = free' --then 'put lock me'
   kv-client lease grant 10
+  kv-client watch --prefix config/
   kv-client --server 127.0.0.1:7002 --timeout 0.5 get color
   kv-client status
   kv-client shell
@@ -224,6 +225,21 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// the comparisons held, 1 if not.
     #[command(after_help = data::TXN_EXAMPLES)]
     Txn(TxnArgs),
+    /// Print every change of KEY (or of the keys under --prefix) as it
+    /// happens, one line each, until interrupted.
+    #[command(after_help = data::WATCH_EXAMPLES)]
+    Watch(WatchArgs),
+    /// Drop the history of changes up to revision REV: ranges at older
+    /// revisions and watches from them are refused from then on. Prints
+    /// where the history now starts.
+    #[command(
+        after_help = "Example: kv-client compact 1200\n\nThe history also drops its oldest revisions by itself beyond 100,000 changes or 32 MiB."
+    )]
+    Compact {
+        /// The last revision to forget.
+        #[arg(value_name = "REV")]
+        revision: u64,
+    },
     /// Leases: grant one (prints its id alone on a line), keep it alive,
     /// revoke it. Keys put with `put --lease ID` are deleted when it ends.
     #[command(after_help = data::LEASE_EXAMPLES)]
@@ -381,6 +397,7 @@ impl Failure {
             Error::InvalidArgument(_) => (EXIT_USAGE, e.to_string()),
             Error::PermissionDenied(_) => (EXIT_PERMISSION, e.to_string()),
             Error::Disabled(_) => (EXIT_USAGE, e.to_string()),
+            Error::Compacted(_) => (EXIT_UNAVAILABLE, e.to_string()),
             // Unavailable means no connection was ever made: nothing was sent.
             Error::Unavailable(_) if write => {
                 (EXIT_UNAVAILABLE, format!("{e}\nthe write was not applied"))
@@ -406,6 +423,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::UnknownSession(_) => "unknown_session",
         Error::PermissionDenied(_) => "permission_denied",
         Error::Disabled(_) => "disabled",
+        Error::Compacted(_) => "compacted",
         Error::Protocol { .. } => "protocol",
     }
 }
@@ -488,6 +506,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Lease(LeaseArgs {
             command: LeaseCommand::Keepalive { id, once: false },
         }) => data::keepalive_forever(&settings, id).await,
+        Command::Watch(args) => data::watch(&settings, args).await,
         command => {
             let reply = one_shot(&settings, command).await;
             reply.emit(settings.format)
@@ -690,6 +709,10 @@ async fn execute_inner(
         Command::Range(args) => data::range(client, args).await,
         Command::Txn(args) => data::txn(client, args).await,
         Command::Lease(args) => data::lease(client, args).await,
+        Command::Compact { revision } => data::compact(client, revision).await,
+        Command::Watch(_) => Err(Failure::usage(
+            "`watch` runs until interrupted: run it on its own, not in the shell",
+        )),
         Command::Shell | Command::Bench(_) => Err(Failure::usage(
             "`shell` and `bench` cannot be run from the shell",
         )),
