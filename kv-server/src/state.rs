@@ -2374,3 +2374,53 @@ mod tests {
         assert_eq!(sm.sessions_dropped(), copy.sessions_dropped());
     }
 }
+
+/// What applying a put costs, alone: `cargo test -p kv-server --release
+/// --lib apply_cost -- --ignored --nocapture`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn apply_cost() {
+        let mut sm = StateMachine::default();
+        let open = WriteRequest {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
+            op: Op::OpenSession {
+                ttl_ms: 60_000,
+                max_sessions: 10,
+            },
+        };
+        let s = match sm.apply(1, &open).unwrap().result {
+            OpResult::SessionOpened { session } => session,
+            other => panic!("{other:?}"),
+        };
+        let lead = WriteRequest {
+            client_id: 0,
+            seq: 1,
+            acked_below: 0,
+            op: Op::NewLeader { now_ms: 0 },
+        };
+        let _ = sm.apply(1, &lead);
+        let n = 400_000u64;
+        let value = vec![7u8; 128];
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            let r = WriteRequest {
+                client_id: s,
+                seq: i + 1,
+                acked_below: i,
+                op: Op::Put {
+                    key: format!("key-{:06}", (i * 7919) % 10_000).into_bytes(),
+                    value: value.clone(),
+                },
+            };
+            sm.apply(2 + i / 64, &r).unwrap();
+        }
+        let per = started.elapsed() / n as u32;
+        println!("apply_cost: {per:?} per put (10,000 keys, 128-byte values)");
+    }
+}

@@ -233,7 +233,7 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
     /// revisions and watches from them are refused from then on. Prints
     /// where the history now starts.
     #[command(
-        after_help = "Example: kv-client compact 1200\n\nThe history also drops its oldest revisions by itself beyond 100,000 changes or 32 MiB."
+        after_help = "Example: kv-client compact 1200\n\nThe history also drops its oldest revisions by itself beyond 10,000 changes or 4 MiB."
     )]
     Compact {
         /// The last revision to forget.
