@@ -346,6 +346,9 @@ impl Node {
         self.leadership_marked = self.core.propose(req).is_ok();
         if self.leadership_marked {
             self.leadership_entry = Some(seq);
+            // The entry carries this leader's clock: it is a time reading,
+            // and the next one is due a `TIME_EVERY` after it.
+            self.time_proposed = Some(Instant::now());
         }
     }
 

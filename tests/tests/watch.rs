@@ -177,3 +177,98 @@ async fn the_cli_watch_prints_one_line_per_change_and_compaction_is_a_clear_erro
     };
     bounded(Duration::from_secs(90), "the test", test).await;
 }
+
+/// The benchmark of the issue: 100 watchers on one prefix while about
+/// 1,000 puts a second go to it; how many events each watcher got and how
+/// long after its put began each event arrived. Ignored (it measures, it
+/// checks only that nothing was missed): `cargo test --release -p kv-tests
+/// --test watch watchers_under_load -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn watchers_under_load() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    const WATCHERS: usize = 100;
+    const RATE: u64 = 1_000;
+    const SECS: u64 = 10;
+    let cluster = Cluster::start(5).await;
+    let client = cluster.client_with_timeout(Duration::from_secs(30));
+    client.put("load/start", "x").await.unwrap();
+    let from = client
+        .get_kv("load/start")
+        .await
+        .unwrap()
+        .unwrap()
+        .mod_revision
+        + 1;
+    let total = (RATE * SECS) as usize;
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut watchers = Vec::new();
+    for i in 0..WATCHERS {
+        // Spread over the replicas, as independent clients would be.
+        let ids = cluster.ids();
+        let c = cluster.client_for(ids[i % ids.len()]);
+        let started = started.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut w = c
+                .watcher(WatchRequest::prefix("load/", from))
+                .await
+                .unwrap();
+            let mut delays = Vec::new();
+            while delays.len() < total {
+                if let Ok(events) = w.next().await {
+                    let now = Instant::now();
+                    let s = started.lock().unwrap();
+                    for e in events {
+                        let k = String::from_utf8(e.kv.key).unwrap();
+                        delays.push(now - s[&k]);
+                    }
+                }
+            }
+            delays
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..16u64 {
+        let c = cluster.client_with_timeout(Duration::from_secs(30));
+        let started = started.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < RATE * SECS {
+                // Paced: put i is due at i / RATE seconds.
+                let due = t0 + Duration::from_micros(i * 1_000_000 / RATE);
+                tokio::time::sleep_until(due.into()).await;
+                let k = format!("load/{i:06}");
+                started.lock().unwrap().insert(k.clone(), Instant::now());
+                c.put(k, "v").await.unwrap();
+                i += 16;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let wrote = t0.elapsed();
+    let mut all = Vec::new();
+    for w in watchers {
+        let d = bounded(Duration::from_secs(120), "a watcher", w)
+            .await
+            .unwrap();
+        assert_eq!(d.len(), total);
+        all.extend(d);
+    }
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    println!(
+        "watchers_under_load: {WATCHERS} watchers, {total} puts in {wrote:?} ({:.0}/s); \
+         {} events delivered; delay from put start p50 {:?} p99 {:?} max {:?}",
+        total as f64 / wrote.as_secs_f64(),
+        all.len(),
+        pct(0.5),
+        pct(0.99),
+        all[all.len() - 1]
+    );
+}
