@@ -19,6 +19,14 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use data::{
+    prefix_end, range_token, CmpOp, Compare, EventKind, KeyValue, LeaseOp, LeaseResult,
+    RangeRequest, RangeResponse, Target, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent,
+    WatchRequest, WatchResponse, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT,
+    MAX_TXN_COMPARES, MAX_TXN_OPS, MAX_WATCH_EVENTS, MAX_WATCH_WAIT_MS, MIN_LEASE_TTL_MS,
+};
+
+pub mod data;
 pub mod membership;
 pub mod replicas;
 #[cfg(feature = "tls")]
@@ -102,6 +110,31 @@ pub enum Op {
         /// The change.
         change: membership::MemberChange,
     },
+    /// A transaction: comparisons, then one of two lists of writes
+    /// (see [`Txn`]). Answered with [`OpResult::Txn`].
+    Txn(Txn),
+    /// Written by a replica into the log when it becomes leader, before any
+    /// client write it proposes; refused from clients. Applying the first
+    /// one starts the counting of revisions (see [`data`]): an entry only a
+    /// leader of this version writes, so that every replica, whatever
+    /// snapshot of an older version it started from, starts counting at
+    /// the same place in the log. `now_ms` is the leader's clock, which
+    /// becomes the log's (if ahead of it).
+    NewLeader {
+        /// The new leader's clock, milliseconds since the Unix epoch.
+        now_ms: u64,
+    },
+    /// Grants, renews or revokes a lease (see [`LeaseOp`]). Answered with
+    /// [`OpResult::Lease`].
+    Lease(LeaseOp),
+    /// Drops the history of changes up to and including `revision` (cut
+    /// to the store's revision): ranges at those revisions and watches
+    /// from them are then refused as [`KvError::Compacted`]. Answered with
+    /// [`OpResult::Compacted`].
+    Compact {
+        /// The last revision to forget.
+        revision: u64,
+    },
 }
 
 impl Op {
@@ -109,7 +142,12 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
-            Op::OpenSession { .. } | Op::Reconfigure { .. } => &[],
+            Op::OpenSession { .. }
+            | Op::Reconfigure { .. }
+            | Op::Txn(_)
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. } => &[],
         }
     }
 
@@ -125,7 +163,11 @@ impl Op {
     pub fn payload_len(&self) -> usize {
         let values = match self {
             Op::Put { value, .. } => value.len(),
-            Op::Delete { .. } | Op::OpenSession { .. } => 0,
+            Op::Delete { .. }
+            | Op::OpenSession { .. }
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. } => 0,
             Op::Reconfigure { change, .. } => match change {
                 membership::MemberChange::Add {
                     client_addr,
@@ -135,6 +177,7 @@ impl Op {
                 _ => 0,
             },
             Op::Cas { expected, new, .. } => expected.as_ref().map_or(0, Vec::len) + new.len(),
+            Op::Txn(t) => t.payload_len(),
         };
         self.key().len() + values
     }
@@ -195,6 +238,17 @@ pub enum OpResult {
     /// A configuration change: the configuration after it, or why it was
     /// not made (nothing changed then).
     Reconfigured(Result<membership::Membership, String>),
+    /// A transaction was evaluated.
+    Txn(TxnResult),
+    /// A leader's [`Op::NewLeader`] entry was applied.
+    NewLeader,
+    /// A lease operation was applied.
+    Lease(LeaseResult),
+    /// The history was compacted.
+    Compacted {
+        /// The history now starts after this revision.
+        compacted: u64,
+    },
 }
 
 /// A write's result and where it sits in the log.
@@ -319,6 +373,12 @@ pub enum KvError {
     /// the first has finished.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A range at a revision, or a watch from one, asked for history that
+    /// was dropped (by compaction, or to stay within its bound): the
+    /// history starts after the revision given. Read the current state and
+    /// watch from its revision on.
+    #[error("revision compacted: the history starts after revision {0}; read the current state and watch from its revision + 1")]
+    Compacted(u64),
 }
 
 /// Size limits on keys and values, checked by the client before sending and
@@ -371,7 +431,6 @@ impl Limits {
     /// Checks every key and value an operation carries.
     pub fn check_op(&self, op: &Op) -> Result<(), KvError> {
         match op {
-            Op::OpenSession { .. } => return Ok(()),
             Op::Reconfigure { change, .. } => {
                 return match change {
                     membership::MemberChange::Add {
@@ -391,12 +450,27 @@ impl Limits {
                     _ => Ok(()),
                 }
             }
+            Op::OpenSession { .. } | Op::Compact { .. } => return Ok(()),
+            Op::Txn(t) => return t.validate(self),
+            Op::Lease(l) => return l.validate(),
+            Op::NewLeader { .. } => {
+                return Err(KvError::InvalidArgument(
+                    "a new-leader entry is written by a replica becoming leader, never sent by a client"
+                        .into(),
+                ))
+            }
             _ => {}
         }
         self.check_key(op.key())?;
         match op {
             Op::Put { value, .. } => self.check_value(value),
-            Op::Delete { .. } | Op::OpenSession { .. } | Op::Reconfigure { .. } => Ok(()),
+            Op::Delete { .. }
+            | Op::OpenSession { .. }
+            | Op::Reconfigure { .. }
+            | Op::Txn(_)
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;
@@ -555,6 +629,21 @@ pub trait Kv {
     /// Admin: up to `max_len` bytes (at most [`MAX_BACKUP_CHUNK`]) of the
     /// snapshot at `index`, from `offset`.
     async fn backup_chunk(index: Slot, offset: u64, max_len: u32) -> Result<BackupChunk, KvError>;
+    // Methods are appended, never inserted: tarpc numbers them in order,
+    // and older clients must keep reaching the ones they know.
+    /// Reads the keys of a range in key order, with their revisions,
+    /// linearizably (through the leader, as for `get`) or locally; at most
+    /// [`MAX_RANGE_LIMIT`] keys and about [`MAX_RANGE_BYTES`] an answer,
+    /// the rest through its continuation token.
+    async fn range(
+        req: RangeRequest,
+        mode: ReadMode,
+        route: Route,
+    ) -> Result<RangeResponse, KvError>;
+    /// A long poll for the changes of a range (see [`WatchRequest`]),
+    /// served from this replica's own state: every replica keeps the same
+    /// history, so any one answers the same events.
+    async fn watch(req: WatchRequest) -> Result<WatchResponse, KvError>;
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ use kv_api::membership::{MemberChange, Membership};
 use kv_api::replicas::Replicas;
 use kv_api::tls::{Tls, TlsFiles};
 use kv_api::{
-    BackupChunk, BackupInfo, FaultReport, FaultSpec, KvClient, KvError, Limits, Op, OpResult,
-    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
+    BackupChunk, BackupInfo, FaultReport, FaultSpec, KeyValue, KvClient, KvError, LeaseOp,
+    LeaseResult, Limits, Op, OpResult, RangeRequest, RangeResponse, ReadMode, ReplicaId,
+    ReplicaStatus, Route, Txn, TxnOp, TxnResult, WatchEvent, WatchRequest, WatchResponse,
+    WriteOutcome, WriteRequest, MAX_WATCH_WAIT_MS,
 };
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -370,6 +372,276 @@ impl Client {
                 Err(Error::InvalidArgument(format!("cannot {what}: {why}")))
             }
             other => Err(unexpected(addr, "membership change", &other)),
+        }
+    }
+
+    /// Reads `key` with its revisions, linearizably. `None` if absent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// client.put("color", "blue").await?;
+    /// let kv = client.get_kv("color").await?.expect("just written");
+    /// println!("version {} at revision {}", kv.version, kv.mod_revision);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_kv(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>> {
+        let key = key.into();
+        self.inner.limits.check_key(&key).map_err(invalid)?;
+        let resp = self
+            .range_with(RangeRequest::key(key), ReadMode::Linearizable)
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// [`Client::get_kv`] from the first replica that answers, from its
+    /// own state: fast, possibly stale.
+    pub async fn get_kv_local(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>> {
+        let key = key.into();
+        self.inner.limits.check_key(&key).map_err(invalid)?;
+        let resp = self
+            .range_with(RangeRequest::key(key), ReadMode::Local)
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// Reads one page of a range, linearizably: the keys of
+    /// `[req.start, req.end)` in key order, at most `req.limit` of them
+    /// (and at most [`kv_api::MAX_RANGE_LIMIT`] and about
+    /// [`kv_api::MAX_RANGE_BYTES`]). If `more`, ask again with the
+    /// answer's `token` for the next page. Bounds that make no sense and
+    /// tokens no answer gave are refused ([`Error::InvalidArgument`]).
+    ///
+    /// ```no_run
+    /// use kv_client::RangeRequest;
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let mut req = RangeRequest::prefix("config/");
+    /// loop {
+    ///     let page = client.range(req.clone()).await?;
+    ///     for kv in &page.kvs {
+    ///         println!("{:?} = {:?} (rev {})", kv.key, kv.value, kv.mod_revision);
+    ///     }
+    ///     if !page.more {
+    ///         break;
+    ///     }
+    ///     req.token = page.token;
+    /// }
+    /// // How many keys, without reading them.
+    /// let count = RangeRequest { count_only: true, ..RangeRequest::prefix("config/") };
+    /// println!("{} keys", client.range(count).await?.count);
+    /// # Ok(()) }
+    /// ```
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.range_with(req, ReadMode::Linearizable).await
+    }
+
+    /// [`Client::range`] from the first replica that answers, from its own
+    /// state: fast, possibly stale.
+    pub async fn range_local(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.range_with(req, ReadMode::Local).await
+    }
+
+    async fn range_with(&self, req: RangeRequest, mode: ReadMode) -> Result<RangeResponse> {
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        let route = self.route();
+        let (resp, addr) = self
+            .call(move |c, ctx| {
+                let req = req.clone();
+                async move { c.range(ctx, req, mode, route).await }
+            })
+            .await?;
+        if mode == ReadMode::Linearizable {
+            self.set_preferred(&addr);
+        }
+        Ok(resp)
+    }
+
+    /// Runs a transaction: if every comparison holds, the `success`
+    /// writes, otherwise the `failure` writes, atomically and at most once
+    /// (a retry is answered with the first result). Checked against the
+    /// limits first ([`kv_api::MAX_TXN_COMPARES`], [`kv_api::MAX_TXN_OPS`],
+    /// key and value sizes).
+    ///
+    /// ```no_run
+    /// use kv_client::{CmpOp, Compare, Target, Txn, TxnOp};
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// // Move 10 from a to b, only if neither changed since it was read.
+    /// let a = client.get_kv("a").await?.expect("a exists");
+    /// let b = client.get_kv("b").await?.expect("b exists");
+    /// let txn = Txn {
+    ///     compares: vec![
+    ///         Compare { key: a.key.clone(), op: CmpOp::Equal, target: Target::ModRevision(a.mod_revision) },
+    ///         Compare { key: b.key.clone(), op: CmpOp::Equal, target: Target::ModRevision(b.mod_revision) },
+    ///     ],
+    ///     success: vec![
+    ///         TxnOp::Put { key: a.key, value: b"90".to_vec(), lease: 0 },
+    ///         TxnOp::Put { key: b.key, value: b"110".to_vec(), lease: 0 },
+    ///     ],
+    ///     failure: vec![],
+    /// };
+    /// let done = client.txn(txn).await?;
+    /// if !done.succeeded {
+    ///     println!("someone else wrote first; read again and retry");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        Ok(self.txn_outcome(txn).await?.0)
+    }
+
+    /// [`Client::txn`], with the log slot that holds it.
+    pub(crate) async fn txn_outcome(&self, txn: Txn) -> Result<(TxnResult, u64)> {
+        let (outcome, addr) = self.write_op(Op::Txn(txn)).await?;
+        match outcome.result {
+            OpResult::Txn(t) => Ok((t, outcome.slot)),
+            other => Err(unexpected(addr, "transaction", &other)),
+        }
+    }
+
+    /// Grants a lease of `ttl` (1 s to 1 day, whole milliseconds) and
+    /// returns its id. Keys put with it ([`Client::put_with_lease`]) are
+    /// deleted when it ends: `ttl` after the last keepalive, as the
+    /// cluster's log counts time (a new leader gives every lease its full
+    /// TTL again), or at a revoke.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let lease = client.lease_grant(Duration::from_secs(10)).await?;
+    /// client.put_with_lease("service/web-1", "10.0.0.7:80", lease).await?;
+    /// loop {
+    ///     tokio::time::sleep(Duration::from_secs(3)).await;
+    ///     if client.lease_keepalive(lease).await?.is_none() {
+    ///         break; // expired: the key is gone
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<u64> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let r = self.lease(LeaseOp::Grant { ttl_ms, now_ms: 0 }).await?;
+        if r.id == 0 {
+            return Err(Error::Unavailable(
+                "the cluster holds as many leases as it may; revoke some or retry later".into(),
+            ));
+        }
+        Ok(r.id)
+    }
+
+    /// Starts lease `id`'s TTL again; its TTL, or `None` if the lease no
+    /// longer exists (expired or revoked: its keys are gone).
+    pub async fn lease_keepalive(&self, id: u64) -> Result<Option<Duration>> {
+        let r = self.lease(LeaseOp::KeepAlive { id, now_ms: 0 }).await?;
+        Ok((r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)))
+    }
+
+    /// Ends lease `id` now and deletes its keys; how many were deleted (0
+    /// also if the lease did not exist).
+    pub async fn lease_revoke(&self, id: u64) -> Result<u64> {
+        Ok(self.lease(LeaseOp::Revoke { id }).await?.deleted)
+    }
+
+    async fn lease(&self, op: LeaseOp) -> Result<LeaseResult> {
+        let (outcome, addr) = self.write_op(Op::Lease(op)).await?;
+        match outcome.result {
+            OpResult::Lease(r) => Ok(r),
+            other => Err(unexpected(addr, "lease operation", &other)),
+        }
+    }
+
+    /// Sets `key` to `value`, attached to lease `lease`: deleted when the
+    /// lease ends. A lease that does not exist is refused
+    /// ([`Error::InvalidArgument`]; nothing is written).
+    pub async fn put_with_lease(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: u64,
+    ) -> Result<()> {
+        self.put_with_lease_outcome(key.into(), value.into(), lease)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Client::put_with_lease`], with the log slot that holds it.
+    pub(crate) async fn put_with_lease_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: u64,
+    ) -> Result<u64> {
+        let txn = Txn {
+            success: vec![TxnOp::Put { key, value, lease }],
+            ..Txn::default()
+        };
+        Ok(self.txn_outcome(txn).await?.1)
+    }
+
+    /// One long poll of a watch (see [`WatchRequest`]): the changes of its
+    /// range from its cursor on, waiting up to `wait_ms` for one; the
+    /// answer says where to go on. [`Client::watcher`] keeps the cursor
+    /// for you. Served by any replica (each keeps the same history); a
+    /// cursor before the history gives [`Error::Compacted`].
+    pub async fn watch_poll(&self, req: WatchRequest) -> Result<WatchResponse> {
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        let (resp, _) = self
+            .call(move |c, ctx| {
+                let req = req.clone();
+                async move { c.watch(ctx, req).await }
+            })
+            .await?;
+        Ok(resp)
+    }
+
+    /// Watches the range of `req` from `req.from_revision` on (0: from the
+    /// next change, by the store's revision now): every change exactly
+    /// once, in revision order, across disconnects, a leader's death and
+    /// replica restarts (the cursor is a revision, which any replica
+    /// understands).
+    ///
+    /// ```no_run
+    /// use kv_client::{EventKind, WatchRequest};
+    ///
+    /// # async fn demo(client: kv_client::Client) -> kv_client::Result<()> {
+    /// let mut w = client.watcher(WatchRequest::prefix("config/", 0)).await?;
+    /// loop {
+    ///     for e in w.next().await? {
+    ///         match e.kind {
+    ///             EventKind::Put => println!("{:?} = {:?}", e.kv.key, e.kv.value),
+    ///             EventKind::Delete => println!("{:?} deleted", e.kv.key),
+    ///         }
+    ///     }
+    ///     // No events: nothing changed up to w.revision().
+    /// }
+    /// # }
+    /// ```
+    pub async fn watcher(&self, mut req: WatchRequest) -> Result<Watcher> {
+        if req.from_revision == 0 {
+            let now = RangeRequest {
+                count_only: true,
+                ..RangeRequest::between(req.start.clone(), req.end.clone())
+            };
+            req.from_revision = self.range(now).await?.revision + 1;
+        }
+        req.validate(&self.inner.limits).map_err(invalid)?;
+        req.wait_ms = MAX_WATCH_WAIT_MS;
+        Ok(Watcher {
+            client: self.clone(),
+            revision: req.from_revision - 1,
+            req,
+        })
+    }
+
+    /// Compacts the history up to and including `revision` (cut to the
+    /// store's revision); returns where the history now starts. Ranges at
+    /// and watches from older revisions are then refused.
+    pub async fn compact(&self, revision: u64) -> Result<u64> {
+        let (outcome, addr) = self.write_op(Op::Compact { revision }).await?;
+        match outcome.result {
+            OpResult::Compacted { compacted } => Ok(compacted),
+            other => Err(unexpected(addr, "compaction", &other)),
         }
     }
 
@@ -757,6 +1029,39 @@ impl Client {
         if p.as_deref() != Some(addr) {
             *p = Some(addr.to_string());
         }
+    }
+}
+
+/// A watch with its cursor: see [`Client::watcher`].
+#[derive(Debug)]
+pub struct Watcher {
+    client: Client,
+    req: WatchRequest,
+    revision: u64,
+}
+
+impl Watcher {
+    /// The next changes, in revision order (none: nothing changed up to
+    /// [`Watcher::revision`] within about a second — a progress
+    /// notification). An error leaves the cursor where it was: calling
+    /// again resumes with no change missed or repeated.
+    pub async fn next(&mut self) -> Result<Vec<WatchEvent>> {
+        let resp = self.client.watch_poll(self.req.clone()).await?;
+        self.req.from_revision = resp.next_revision;
+        self.req.skip = resp.next_skip;
+        self.revision = self.revision.max(resp.revision);
+        Ok(resp.events)
+    }
+
+    /// The store's revision as of the last answer: every change up to it
+    /// has been returned.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The cursor: the next answer starts at this revision...
+    pub fn next_revision(&self) -> u64 {
+        self.req.from_revision
     }
 }
 

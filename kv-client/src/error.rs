@@ -50,6 +50,11 @@ pub enum Error {
     /// caught up. Nothing was done; retry once the other has finished.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A range at a revision, or a watch from one, reached back before the
+    /// history the cluster keeps: it starts after this revision. Read the
+    /// current state and watch from its revision + 1. Nothing was applied.
+    #[error("revision compacted: the history starts after revision {0}; read the current state and watch from its revision + 1")]
+    Compacted(u64),
     /// A replica sent an answer that does not fit the request (for example a
     /// delete answered with a compare-and-swap result). This is a bug in the
     /// server or a version mismatch; for a write the outcome is unknown.
@@ -73,6 +78,7 @@ impl Error {
                 | Error::PermissionDenied(_)
                 | Error::Disabled(_)
                 | Error::Conflict(_)
+                | Error::Compacted(_)
         )
     }
 }

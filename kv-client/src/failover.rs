@@ -175,6 +175,8 @@ where
             Attempt::Refused(KvError::Conflict(m)) => {
                 return Err(Error::Conflict(format!("{addr}: {m}")))
             }
+            // The history is the same on every replica.
+            Attempt::Refused(KvError::Compacted(rev)) => return Err(Error::Compacted(rev)),
             Attempt::Refused(e @ KvError::UnknownSession(id)) => {
                 return Err(if maybe_applied {
                     Error::OutcomeUnknown(format!(

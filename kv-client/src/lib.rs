@@ -144,7 +144,7 @@ mod failover;
 mod pool;
 mod seq;
 
-pub use client::{CasOutcome, Client, ClientBuilder, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+pub use client::{CasOutcome, Client, ClientBuilder, Watcher, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use config::{ENV_REPLICAS, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY};
 pub use error::{Error, Result};
 pub use escape::escape_bytes;
@@ -158,4 +158,11 @@ pub use kv_api::tls::{Role, TlsFiles};
 pub use kv_api::{
     FaultReport, FaultSpec, KvError, LeaderHint, Limits, Op, OpResult, ReplicaId, ReplicaStatus,
     Slot, WriteOutcome, WriteRequest, MAX_FAULT_DELAY_MS,
+};
+// The data model: revisions, ranges, transactions, leases and watches.
+pub use kv_api::{
+    prefix_end, CmpOp, Compare, EventKind, KeyValue, LeaseOp, LeaseResult, RangeRequest,
+    RangeResponse, Target, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent, WatchRequest,
+    WatchResponse, MAX_LEASE_TTL_MS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_TXN_COMPARES,
+    MAX_TXN_OPS, MAX_WATCH_EVENTS, MAX_WATCH_WAIT_MS, MIN_LEASE_TTL_MS,
 };

@@ -128,6 +128,11 @@ impl Fake {
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
             Op::Reconfigure { .. } => OpResult::Reconfigured(Err("not in this fake".into())),
+            Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) | Op::Compact { .. } => {
+                return Err(KvError::InvalidArgument(
+                    "the fake replica has no transactions".into(),
+                ))
+            }
         };
         let outcome = WriteOutcome {
             slot: s.slot,
@@ -229,6 +234,28 @@ impl Kv for Fake {
     ) -> Result<kv_api::BackupChunk, KvError> {
         Err(KvError::InvalidArgument(
             "the fake replica has no snapshots".into(),
+        ))
+    }
+
+    async fn range(
+        self,
+        _: Context,
+        _: kv_api::RangeRequest,
+        _: ReadMode,
+        _: Route,
+    ) -> Result<kv_api::RangeResponse, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no ranges".into(),
+        ))
+    }
+
+    async fn watch(
+        self,
+        _: Context,
+        _: kv_api::WatchRequest,
+    ) -> Result<kv_api::WatchResponse, KvError> {
+        Err(KvError::InvalidArgument(
+            "the fake replica has no watches".into(),
         ))
     }
 

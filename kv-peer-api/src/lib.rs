@@ -18,7 +18,10 @@
 use serde::{Deserialize, Serialize};
 
 pub use kv_api::membership::{Member, MemberChange, Membership};
-pub use kv_api::{GetResponse, KvError, Op, ReadMode, ReplicaId, Slot, WriteOutcome, WriteRequest};
+pub use kv_api::{
+    GetResponse, KvError, Op, RangeRequest, RangeResponse, ReadMode, ReplicaId, Slot, WriteOutcome,
+    WriteRequest,
+};
 
 /// A proposal number: totally ordered by round, then replica id, so two
 /// replicas never use the same ballot.
@@ -307,4 +310,7 @@ pub trait Peer {
     async fn forward_write(from: ReplicaId, req: WriteRequest) -> Result<WriteOutcome, KvError>;
     /// A linearizable read forwarded by follower `from`.
     async fn forward_get(from: ReplicaId, key: Vec<u8>) -> Result<GetResponse, KvError>;
+    // Appended, never inserted: tarpc numbers methods in order.
+    /// A linearizable range read forwarded by follower `from`.
+    async fn forward_range(from: ReplicaId, req: RangeRequest) -> Result<RangeResponse, KvError>;
 }

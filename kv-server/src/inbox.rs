@@ -4,7 +4,10 @@
 //! other: `peers` and `rpc` hand messages and requests to the driver
 //! without importing the driver.
 
-use kv_api::{GetResponse, KvError, ReadMode, ReplicaStatus, WriteOutcome, WriteRequest};
+use kv_api::{
+    GetResponse, KvError, RangeRequest, RangeResponse, ReadMode, ReplicaStatus, WatchRequest,
+    WatchResponse, WriteOutcome, WriteRequest,
+};
 use kv_peer_api::Slot;
 use tokio::sync::oneshot;
 
@@ -18,6 +21,10 @@ pub const INPUT_QUEUE: usize = 16 * 1024;
 pub type WriteReply = oneshot::Sender<std::result::Result<WriteOutcome, KvError>>;
 /// Replies to a client read.
 pub type GetReply = oneshot::Sender<std::result::Result<GetResponse, KvError>>;
+/// Replies to a watch.
+pub type WatchReply = oneshot::Sender<std::result::Result<WatchResponse, KvError>>;
+/// Replies to a client range read.
+pub type RangeReply = oneshot::Sender<std::result::Result<RangeResponse, KvError>>;
 
 /// What the driver task receives.
 pub enum Input {
@@ -43,6 +50,26 @@ pub enum Input {
         mode: ReadMode,
         /// Where the result goes.
         reply: GetReply,
+    },
+    /// A client range read (checked for bounds before it is sent here).
+    Range {
+        /// The range.
+        req: RangeRequest,
+        /// Linearizable or local.
+        mode: ReadMode,
+        /// Where the result goes.
+        reply: RangeReply,
+    },
+    /// A watch (checked before it is sent here): answered at once if
+    /// there are events (or an error), else when some are applied, or at
+    /// `until` with none.
+    Watch {
+        /// The watch.
+        req: WatchRequest,
+        /// When to answer with no events.
+        until: std::time::Instant,
+        /// Where the answer goes.
+        reply: WatchReply,
     },
     /// A status request.
     Status {

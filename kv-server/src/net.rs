@@ -1113,6 +1113,23 @@ mod tests {
         ) -> std::result::Result<kv_api::BackupChunk, KvError> {
             Err(KvError::Unavailable("test".into()))
         }
+
+        async fn range(
+            self,
+            _: tarpc::context::Context,
+            _: kv_api::RangeRequest,
+            _: ReadMode,
+            _: Route,
+        ) -> std::result::Result<kv_api::RangeResponse, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
+        async fn watch(
+            self,
+            _: tarpc::context::Context,
+            _: kv_api::WatchRequest,
+        ) -> std::result::Result<kv_api::WatchResponse, KvError> {
+            Err(KvError::Unavailable("test".into()))
+        }
     }
 
     async fn serve_held(limits: NetLimits) -> (SocketAddr, Arc<tokio::sync::Semaphore>) {

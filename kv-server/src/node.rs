@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kv_api::{
-    GetResponse, KvError, LeaderHint, Op, ReadMode, ReplicaId, ReplicaStatus, WriteRequest,
+    GetResponse, KvError, LeaderHint, Limits, Op, RangeRequest, ReadMode, ReplicaId, ReplicaStatus,
+    WriteRequest,
 };
 use kv_peer_api::{Slot, SnapshotRequest, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::Health;
-use crate::inbox::{GetReply, Input, WriteReply};
+use crate::inbox::{GetReply, Input, RangeReply, WatchReply, WriteReply};
 use crate::metrics::{self, gauge_value, OutcomeLabel};
 use crate::paxos::{Msg, Paxos, Refusal, Standing};
 use crate::peers::PeerPool;
@@ -68,6 +69,45 @@ const SLOW_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// majority can be reached, no reading is chosen and nothing expires.
 const TIME_EVERY: Duration = Duration::from_secs(1);
 
+/// Limits for ranges in the driver: their bounds and tokens were checked
+/// against the replica's own limits by the RPC handler already.
+const CHECKED: Limits = Limits {
+    max_key: usize::MAX,
+    max_value: usize::MAX,
+};
+
+/// Watches waiting for an event at once, at most: beyond, a watch is
+/// answered `unavailable` (retry shortly). Each holds its request and a
+/// reply channel, and every applied round looks at each.
+const MAX_PARKED_WATCHES: usize = 10_000;
+
+/// A watch waiting for an event. Its cursor moves on as rounds apply
+/// changes outside its range, so each round looks only at new changes.
+struct ParkedWatch {
+    req: kv_api::WatchRequest,
+    until: Instant,
+    reply: WatchReply,
+}
+
+/// A linearizable read waiting for its read index.
+enum PendingRead {
+    Get(Vec<u8>, GetReply),
+    Range(RangeRequest, RangeReply),
+}
+
+impl PendingRead {
+    fn fail(self, e: KvError) {
+        match self {
+            PendingRead::Get(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+            PendingRead::Range(_, tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Snapshot bookkeeping of the driver.
 pub struct Snapshots {
     /// The data directory's snapshot files.
@@ -96,7 +136,8 @@ pub struct Node {
     inputs: mpsc::Sender<Input>,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
-    reads: HashMap<u64, (Vec<u8>, GetReply)>,
+    reads: HashMap<u64, PendingRead>,
+    watches: Vec<ParkedWatch>,
     next_token: u64,
     ticks: u64,
     /// The last round's log write, for the slow-round log line.
@@ -107,6 +148,15 @@ pub struct Node {
     max_sessions: u64,
     /// When this replica last proposed a time reading.
     time_proposed: Option<Instant>,
+    /// Whether this replica, leading, has proposed its new-leader entry
+    /// (`Op::NewLeader`) for the current leadership.
+    leadership_marked: bool,
+    /// The token (`seq`) of that entry, and whether it has been applied:
+    /// until then this leader puts no time reading into the log, which
+    /// could otherwise be chosen ahead of it and expire leases the entry
+    /// would have renewed.
+    leadership_entry: Option<u64>,
+    leadership_applied: bool,
     /// Retried writes answered with the result of their first application
     /// since start: here, before proposing, and by the state machine when
     /// a retry reached the log too (its count restarts with an installed
@@ -176,12 +226,16 @@ impl Node {
             held_replies: Vec::new(),
             waiters: HashMap::new(),
             reads: HashMap::new(),
+            watches: Vec::new(),
             next_token: 0,
             ticks: 0,
             last_write: WriteStats::default(),
             session_ttl_ms: DEFAULT_SESSION_TTL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             time_proposed: None,
+            leadership_marked: false,
+            leadership_entry: None,
+            leadership_applied: false,
             duplicates: 0,
             health: Arc::new(Health::new()),
             seen,
@@ -328,6 +382,8 @@ impl Node {
 
     fn tick(&mut self) {
         self.core.tick();
+        self.answer_watches(false);
+        self.mark_leadership();
         self.propose_time();
         self.ticks += 1;
         self.publish();
@@ -349,9 +405,9 @@ impl Node {
             // (session, seq) if it wants it. Under overload this keeps the
             // leader from working through a backlog nobody waits for.
             let waiters = &self.waiters;
-            let dropped = self
-                .core
-                .retain_queued(|r| waiters.contains_key(&(r.client_id, r.seq)));
+            let dropped = self.core.retain_queued(|r| {
+                matches!(r.op, Op::NewLeader { .. }) || waiters.contains_key(&(r.client_id, r.seq))
+            });
             if dropped > 0 {
                 tracing::debug!(dropped, "dropped queued writes nobody waits for");
             }
@@ -365,16 +421,46 @@ impl Node {
     /// decide anything; this clock is never consulted elsewhere.
     fn propose_time(&mut self) {
         if !self.core.is_leader()
+            || !self.leadership_applied
             || self.time_proposed.is_some_and(|t| t.elapsed() < TIME_EVERY)
-            || (self.sm.session_count() == 0 && self.sm.sessions_required())
+            || (self.sm.session_count() == 0
+                && self.sm.lease_count() == 0
+                && self.sm.sessions_required())
         {
             return;
         }
-        let Ok(since_epoch) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else {
-            return;
-        };
-        let ms = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+        let ms = now_ms();
         if self.core.propose_time(ms) {
+            self.time_proposed = Some(Instant::now());
+        }
+    }
+
+    /// As a new leader, proposes its new-leader entry ([`Op::NewLeader`],
+    /// with this replica's clock) before any client write, once per
+    /// leadership: revisions are counted from the first one in the log
+    /// (see `kv_api::data`). Nobody waits for its answer.
+    fn mark_leadership(&mut self) {
+        if !self.core.is_leader() {
+            self.leadership_marked = false;
+            self.leadership_applied = false;
+            self.leadership_entry = None;
+            return;
+        }
+        if self.leadership_marked {
+            return;
+        }
+        let seq = rand::random::<u64>();
+        let req = WriteRequest {
+            client_id: 0,
+            seq,
+            acked_below: 0,
+            op: Op::NewLeader { now_ms: now_ms() },
+        };
+        self.leadership_marked = self.core.propose(req).is_ok();
+        if self.leadership_marked {
+            self.leadership_entry = Some(seq);
+            // The entry carries this leader's clock: it is a time reading,
+            // and the next one is due a `TIME_EVERY` after it.
             self.time_proposed = Some(Instant::now());
         }
     }
@@ -438,6 +524,16 @@ impl Node {
                 }
             }
             Input::Write { mut req, reply } => {
+                self.mark_leadership();
+                // A lease's time counts from this leader's clock (the log's
+                // may be up to a reading behind).
+                if let Op::Lease(
+                    kv_api::LeaseOp::Grant { now_ms: at, .. }
+                    | kv_api::LeaseOp::KeepAlive { now_ms: at, .. },
+                ) = &mut req.op
+                {
+                    *at = now_ms();
+                }
                 if let Op::OpenSession { .. } = req.op {
                     self.prepare_open(&mut req);
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
@@ -476,7 +572,7 @@ impl Node {
                     let token = self.next_token;
                     match self.core.read(token) {
                         Ok(()) => {
-                            self.reads.insert(token, (key, reply));
+                            self.reads.insert(token, PendingRead::Get(key, reply));
                         }
                         Err(leader) => {
                             let _ = reply.send(Err(self.hint(leader)));
@@ -484,6 +580,36 @@ impl Node {
                     }
                 }
             },
+            Input::Range { req, mode, reply } => match mode {
+                ReadMode::Local => {
+                    let _ = reply.send(self.sm.range(&req, &CHECKED));
+                }
+                ReadMode::Linearizable => {
+                    self.next_token += 1;
+                    let token = self.next_token;
+                    match self.core.read(token) {
+                        Ok(()) => {
+                            self.reads.insert(token, PendingRead::Range(req, reply));
+                        }
+                        Err(leader) => {
+                            let _ = reply.send(Err(self.hint(leader)));
+                        }
+                    }
+                }
+            },
+            Input::Watch { req, until, reply } => {
+                let parked = ParkedWatch { req, until, reply };
+                if let Some(parked) = self.try_watch(parked, Instant::now()) {
+                    if self.watches.len() >= MAX_PARKED_WATCHES {
+                        let _ = parked.reply.send(Err(KvError::Unavailable(format!(
+                            "this replica already holds {MAX_PARKED_WATCHES} waiting watches; \
+                             retry shortly or at another replica"
+                        ))));
+                    } else {
+                        self.watches.push(parked);
+                    }
+                }
+            }
             Input::Status { reply } => {
                 let _ = reply.send(ReplicaStatus {
                     id: self.core.id(),
@@ -595,6 +721,43 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Answers a watch if it has events, an error, or its time is up;
+    /// otherwise moves its cursor past what it has seen and hands it back.
+    fn try_watch(&self, mut w: ParkedWatch, now: Instant) -> Option<ParkedWatch> {
+        if w.reply.is_closed() {
+            return None;
+        }
+        if !self.sm.watch_ready(&w.req) && now < w.until {
+            return Some(w);
+        }
+        match self.sm.watch(&w.req) {
+            Ok(resp) if resp.events.is_empty() && now < w.until => {
+                w.req.from_revision = resp.next_revision;
+                w.req.skip = resp.next_skip;
+                Some(w)
+            }
+            answer => {
+                let _ = w.reply.send(answer);
+                None
+            }
+        }
+    }
+
+    /// Looks at every parked watch: after a round applied changes
+    /// (`applied`), or at a tick for those whose time is up.
+    fn answer_watches(&mut self, applied: bool) {
+        if self.watches.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let parked = std::mem::take(&mut self.watches);
+        for w in parked {
+            let due = applied || now >= w.until || w.reply.is_closed();
+            let kept = if due { self.try_watch(w, now) } else { Some(w) };
+            self.watches.extend(kept);
         }
     }
 
@@ -754,17 +917,25 @@ impl Node {
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
         }
+        let applied = !ready.apply.is_empty();
         for (slot, value) in ready.apply {
             self.apply(slot, value);
         }
+        self.answer_watches(applied);
         for token in ready.reads_ready {
-            if let Some((key, tx)) = self.reads.remove(&token) {
-                let _ = tx.send(Ok(self.read_local(&key)));
+            match self.reads.remove(&token) {
+                Some(PendingRead::Get(key, tx)) => {
+                    let _ = tx.send(Ok(self.read_local(&key)));
+                }
+                Some(PendingRead::Range(req, tx)) => {
+                    let _ = tx.send(self.sm.range(&req, &CHECKED));
+                }
+                None => {}
             }
         }
         for (token, leader) in ready.reads_failed {
-            if let Some((_, tx)) = self.reads.remove(&token) {
-                let _ = tx.send(Err(self.hint(leader)));
+            if let Some(read) = self.reads.remove(&token) {
+                read.fail(self.hint(leader));
             }
         }
         if let Some(peer) = ready.snapshot_from {
@@ -793,6 +964,11 @@ impl Node {
                 let mut bytes = 0u64;
                 for req in &reqs {
                     bytes += req.op.payload_len() as u64;
+                    if matches!(req.op, Op::NewLeader { .. })
+                        && self.leadership_entry == Some(req.seq)
+                    {
+                        self.leadership_applied = true;
+                    }
                     self.snapshots.log_bytes += crate::paxos::request_bytes(req) as u64;
                     // A write of an unknown session is answered with the
                     // refusal: decided here, at its log position, the same
@@ -825,6 +1001,15 @@ impl Node {
         }
         self.sm.set_applied(slot);
     }
+}
+
+/// This replica's clock, in milliseconds since the Unix epoch (0 if it is
+/// before 1970). Only ever written into the log by a leader; nothing is
+/// decided by it directly.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What one round's log write holds, and (once done) how long it took.

@@ -355,6 +355,23 @@ impl PeerPool {
             .await
             .unwrap_or_else(|e| Err(rpc_failure(&broken, to, e)))
     }
+
+    /// Forwards a linearizable range read to the leader `to`, within
+    /// `deadline`.
+    pub async fn forward_range(
+        &self,
+        to: ReplicaId,
+        deadline: Instant,
+        req: kv_peer_api::RangeRequest,
+    ) -> Result<kv_peer_api::RangeResponse, KvError> {
+        if !self.inject(to, deadline).await {
+            return Err(injected_timeout(to));
+        }
+        let (c, broken) = self.client(to).await.ok_or_else(|| unreachable(to))?;
+        c.forward_range(self.ctx(deadline), self.me, req)
+            .await
+            .unwrap_or_else(|e| Err(rpc_failure(&broken, to, e)))
+    }
 }
 
 impl PeerPool {

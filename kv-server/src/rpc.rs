@@ -27,12 +27,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kv_api::tls::Role;
 use kv_api::{
     BackupChunk, BackupInfo, FaultReport, FaultSpec, GetResponse, Kv, KvError, Limits, Op,
-    ReadMode, ReplicaId, ReplicaStatus, Route, WriteOutcome, WriteRequest,
+    RangeRequest, RangeResponse, ReadMode, ReplicaId, ReplicaStatus, Route, WatchRequest,
+    WatchResponse, WriteOutcome, WriteRequest, MAX_WATCH_WAIT_MS,
 };
 use kv_peer_api::{
     Accept, Accepted, Ballot, Fetch, FetchReply, Heartbeat, HeartbeatAck, Peer, Prepare, Probe,
@@ -209,6 +211,18 @@ impl Handler {
             .unwrap_or_else(|| Err(stopping()))
     }
 
+    async fn range_here(
+        &self,
+        req: RangeRequest,
+        mode: ReadMode,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        req.validate(&self.limits)?;
+        req.resume_key(&self.limits)?;
+        self.ask(|reply| Input::Range { req, mode, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
+    }
+
     /// A consensus request from peer `from`: through the fault gate to the
     /// driver, whose answer `unpack` takes out of its `Msg`. A replica that
     /// is stopping answers `refused` (built with `Ballot::ZERO`, which never
@@ -345,6 +359,42 @@ impl Kv for Handler {
                  backup again): {e}"
             ))),
             Err(e) => Err(KvError::Unavailable(format!("reading the snapshot: {e}"))),
+        }
+    }
+
+    async fn watch(
+        self,
+        ctx: Context,
+        req: WatchRequest,
+    ) -> std::result::Result<WatchResponse, KvError> {
+        self.allow(Role::Read, "watching")?;
+        req.validate(&self.limits)?;
+        // Answer with no events a little before the caller gives up.
+        let wait = Duration::from_millis(req.wait_ms.min(MAX_WATCH_WAIT_MS));
+        let margin = Duration::from_millis(50);
+        let until =
+            (Instant::now() + wait).min(ctx.deadline.checked_sub(margin).unwrap_or(ctx.deadline));
+        self.ask(|reply| Input::Watch { req, until, reply })
+            .await
+            .unwrap_or_else(|| Err(stopping()))
+    }
+
+    async fn range(
+        self,
+        ctx: Context,
+        req: RangeRequest,
+        mode: ReadMode,
+        route: Route,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        self.allow(Role::Read, "reading")?;
+        if route == Route::Redirect {
+            return self.range_here(req, mode).await;
+        }
+        match self.range_here(req.clone(), mode).await {
+            Err(KvError::NotLeader(Some(hint))) if hint.id != self.id => {
+                self.pool.forward_range(hint.id, ctx.deadline, req).await
+            }
+            other => other,
         }
     }
 
@@ -544,6 +594,21 @@ impl Peer for Handler {
         }
         self.gate(from).await;
         self.get_here(key, ReadMode::Linearizable).await
+    }
+
+    async fn forward_range(
+        self,
+        _: Context,
+        from: ReplicaId,
+        req: RangeRequest,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        if !self.peer_may_say(from) {
+            return Err(KvError::PermissionDenied(
+                "the connection's certificate does not name this sender".into(),
+            ));
+        }
+        self.gate(from).await;
+        self.range_here(req, ReadMode::Linearizable).await
     }
 }
 

@@ -3,12 +3,13 @@
 //! A snapshot lives in the data directory as `snapshot-<INDEX>.snap`:
 //!
 //! ```text
-//! magic "KVSNAP02" | index u64 LE | body length u64 LE | body CRC-32 u32 LE | body
+//! magic "KVSNAP03" | index u64 LE | body length u64 LE | body CRC-32 u32 LE | body
 //! ```
 //!
-//! where the body is the bincode of the [`StateMachine`]: the map, the
-//! client sessions and the log's clock. After the body comes the cluster's
-//! configuration at that index (see `kv_api::membership`):
+//! where the body is the bincode of the [`StateMachine`]: the ordered map
+//! with every key's revisions, the client sessions, the log's clock and the
+//! store's revision. After the body comes the cluster's configuration at
+//! that index (see `kv_api::membership`):
 //!
 //! ```text
 //! magic "KVMEMB01" | length u64 LE | CRC-32 u32 LE | bincode(Membership)
@@ -17,12 +18,15 @@
 //! A file without it (written before configurations were replicated) is
 //! read with none; the replica then takes its configuration from its log's
 //! first one or the replica file. The trailer sits outside the body so
-//! that every body format decodes as before. Files of the format before sessions
-//! (`KVSNAP01`, the same header, a body without the clock and with
-//! client-chosen session ids) are still read, into a state machine that
-//! applies the log after them by the old rules until the first entry of a
-//! session-aware leader (see `state`); new files are always written as
-//! `KVSNAP02`. A file is written
+//! that every body format decodes as before. Files of the two formats
+//! before are still read, with the same header: `KVSNAP02` (a body with an
+//! unordered map of plain values, before revisions: its keys load with
+//! revision 0, and revisions are counted from the first new-leader entry
+//! after it) and `KVSNAP01` (before sessions too: without the clock and
+//! with client-chosen session ids, into a state machine that applies the
+//! log after it by the old rules until the first entry of a session-aware
+//! leader; see `state`). New files are always written as `KVSNAP03`. A
+//! file is written
 //! under a temporary name, synced, then renamed into place and the directory
 //! synced: the rename is the commit point, so a crash leaves either the old
 //! snapshot or the new one, never half of one. Files are streamed, so a
@@ -34,7 +38,7 @@ use std::path::{Path, PathBuf};
 
 use kv_api::Slot;
 
-use crate::state::{LegacyStateMachine, StateMachine};
+use crate::state::{LegacyStateMachine, StateMachine, V2StateMachine};
 use crate::{Result, ServerError};
 
 /// Largest snapshot chunk served, whatever is asked: bounds the memory a
@@ -42,7 +46,9 @@ use crate::{Result, ServerError};
 /// (The `Peer` service serves chunks; the driver asks for them.)
 pub const MAX_SNAPSHOT_CHUNK: u32 = 1024 * 1024;
 
-const MAGIC: &[u8; 8] = b"KVSNAP02";
+const MAGIC: &[u8; 8] = b"KVSNAP03";
+/// The format before revisions: read, never written.
+const MAGIC_V2: &[u8; 8] = b"KVSNAP02";
 /// The format before sessions: read, never written.
 const MAGIC_V1: &[u8; 8] = b"KVSNAP01";
 /// The configuration trailer's magic.
@@ -161,7 +167,7 @@ pub struct Header {
     pub body_len: u64,
     /// CRC-32 of the body.
     pub crc: u32,
-    /// The body's format: 1 (before sessions) or 2.
+    /// The body's format: 1 (before sessions), 2 (before revisions) or 3.
     pub version: u8,
 }
 
@@ -170,7 +176,8 @@ impl Header {
         let mut buf = [0u8; HEADER_LEN as usize];
         r.read_exact(&mut buf)?;
         let version = match &buf[..8] {
-            m if m == MAGIC => 2,
+            m if m == MAGIC => 3,
+            m if m == MAGIC_V2 => 2,
             m if m == MAGIC_V1 => 1,
             _ => {
                 return Err(io::Error::new(
@@ -189,7 +196,11 @@ impl Header {
     }
 
     fn write(&self, w: &mut impl Write) -> io::Result<()> {
-        w.write_all(if self.version == 1 { MAGIC_V1 } else { MAGIC })?;
+        w.write_all(match self.version {
+            1 => MAGIC_V1,
+            2 => MAGIC_V2,
+            _ => MAGIC,
+        })?;
         w.write_all(&self.index.to_le_bytes())?;
         w.write_all(&self.body_len.to_le_bytes())?;
         w.write_all(&self.crc.to_le_bytes())
@@ -269,7 +280,7 @@ impl SnapshotDir {
             index,
             body_len: body.len,
             crc: body.hasher.finalize(),
-            version: 2,
+            version: 3,
         };
         let mut w = body.inner;
         let trailer = bincode::serialize(sm.membership()).map_err(|e| err(&e))?;
@@ -337,12 +348,18 @@ impl SnapshotDir {
             .allow_trailing_bytes()
             .with_limit(header.body_len);
         let undecodable = |e: bincode::Error| damaged(format!("undecodable body: {e}"));
-        let mut sm: StateMachine = if header.version == 1 {
-            let old: LegacyStateMachine =
-                options.deserialize_from(&mut body).map_err(undecodable)?;
-            old.into()
-        } else {
-            options.deserialize_from(&mut body).map_err(undecodable)?
+        let mut sm: StateMachine = match header.version {
+            1 => {
+                let old: LegacyStateMachine =
+                    options.deserialize_from(&mut body).map_err(undecodable)?;
+                old.into()
+            }
+            2 => {
+                let old: V2StateMachine =
+                    options.deserialize_from(&mut body).map_err(undecodable)?;
+                old.into()
+            }
+            _ => options.deserialize_from(&mut body).map_err(undecodable)?,
         };
         sm.recount();
         if body.len != header.body_len || body.hasher.finalize() != header.crc {
@@ -499,7 +516,7 @@ mod tests {
         sm.set_applied(9);
         sd.write(9, &sm).unwrap();
         let bytes = fs::read(sd.path(9)).unwrap();
-        assert_eq!(&bytes[..8], b"KVSNAP02");
+        assert_eq!(&bytes[..8], b"KVSNAP03");
         let (_, mut back) = sd.load_latest().unwrap();
         assert_eq!(back.session_count(), 2);
         assert_eq!(back.log_time_ms(), 1_700_000_000_000);
@@ -577,7 +594,76 @@ mod tests {
         // Written again, it is the new format.
         sm.set_applied(8);
         sd.write(8, &sm).unwrap();
-        assert_eq!(&fs::read(sd.path(8)).unwrap()[..8], b"KVSNAP02");
+        assert_eq!(&fs::read(sd.path(8)).unwrap()[..8], b"KVSNAP03");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `testdata/kvsnap02-index5.snap` was written by the code before
+    /// revisions (commit eb31f77): log time 1,700,000,000,000; one session
+    /// (opened in slot 1: id 1 << 20) whose writes were seq 1 put alpha = 1,
+    /// seq 2 put beta = 2, seq 3 put gamma = 3, seq 4 delete beta, seq 5 a
+    /// failed swap of alpha; applied 5.
+    #[test]
+    fn a_snapshot_of_the_format_before_revisions_still_loads() {
+        let d = temp_dir("v2");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/kvsnap02-index5.snap");
+        let sd = SnapshotDir::open(&d).unwrap();
+        fs::copy(&fixture, sd.path(5)).unwrap();
+        let (index, mut sm) = sd.load_latest().unwrap();
+        assert_eq!((index, sm.applied()), (5, 5));
+        assert_eq!(sm.len(), 2);
+        assert_eq!(sm.get(b"gamma").unwrap(), b"3");
+        assert_eq!(sm.data_bytes(), 5 + 1 + 5 + 1);
+        assert_eq!(sm.log_time_ms(), 1_700_000_000_000);
+        assert!(sm.sessions_required());
+        assert!(!sm.revisions_counted());
+        let kv = sm.get_kv(b"alpha").unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (0, 0, 1));
+        // The session and its results came through.
+        let session = 1 << 20;
+        let retry = WriteRequest {
+            client_id: session,
+            seq: 5,
+            acked_below: 0,
+            op: Op::Cas {
+                key: "alpha".into(),
+                expected: Some("nope".into()),
+                new: "x".into(),
+            },
+        };
+        assert_eq!(
+            sm.apply(6, &retry).unwrap().result,
+            OpResult::Cas {
+                swapped: false,
+                current: Some(b"1".to_vec())
+            }
+        );
+        // Revisions start at the first new-leader entry.
+        let lead = WriteRequest {
+            client_id: 0,
+            seq: 1,
+            acked_below: 0,
+            op: Op::NewLeader { now_ms: 0 },
+        };
+        sm.apply(7, &lead).unwrap();
+        let put = WriteRequest {
+            client_id: session,
+            seq: 6,
+            acked_below: 0,
+            op: Op::Put {
+                key: "alpha".into(),
+                value: "2".into(),
+            },
+        };
+        sm.apply(8, &put).unwrap();
+        let kv = sm.get_kv(b"alpha").unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (0, 1, 2));
+        sm.set_applied(8);
+        sd.write(8, &sm).unwrap();
+        let (_, back) = sd.load_latest().unwrap();
+        assert_eq!(back.get_kv(b"alpha"), sm.get_kv(b"alpha"));
+        assert_eq!(back.revision(), 1);
+        assert!(back.revisions_counted());
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -46,6 +46,9 @@ pub enum BenchOp {
     /// Local gets only (`get --local`): one round trip to one replica, no
     /// consensus; the floor under every other operation's latency.
     Local,
+    /// Linearizable ranges of 1,000 keys from a random key on (use
+    /// --preload, and --keys well above 1,000).
+    Range,
 }
 
 impl BenchOp {
@@ -55,6 +58,7 @@ impl BenchOp {
             BenchOp::Get => "get",
             BenchOp::Mixed => "mixed",
             BenchOp::Local => "local",
+            BenchOp::Range => "range",
         }
     }
 }
@@ -274,13 +278,19 @@ async fn closed_loop(
         let k = key(rng.random_range(0..keys));
         let put = match op {
             BenchOp::Put => true,
-            BenchOp::Get | BenchOp::Local => false,
+            BenchOp::Get | BenchOp::Local | BenchOp::Range => false,
             BenchOp::Mixed => rng.random_bool(0.1),
         };
         let ok = if put {
             client.put(k, value.as_slice()).await.is_ok()
         } else if op == BenchOp::Local {
             client.get_local(k).await.is_ok()
+        } else if op == BenchOp::Range {
+            let req = kv_api::RangeRequest {
+                limit: 1_000,
+                ..kv_api::RangeRequest::between(k, "")
+            };
+            client.range(req).await.is_ok()
         } else {
             client.get(k).await.is_ok()
         };

@@ -22,6 +22,7 @@
 //! - `top` — `kv-client top`: the cluster at a glance, refreshed.
 
 mod bench;
+mod data;
 mod fault;
 mod output;
 mod shell;
@@ -41,6 +42,7 @@ use serde::Serialize;
 use crate::{Client, ClientBuilder, Error};
 
 pub use bench::{BenchArgs, BenchOp};
+pub use data::{LeaseArgs, LeaseCommand, RangeArgs, TxnArgs, WatchArgs};
 pub use fault::{FaultArgs, Ids};
 use output::Reply;
 pub use snapshot::{SnapshotAction, SnapshotArgs};
@@ -71,6 +73,10 @@ Examples:
   kv-client delete color
   kv-client cas color green --expect blue
   kv-client cas lock me --expect-absent
+  kv-client range --prefix config/
+  kv-client txn --if 'value lock = free' --then 'put lock me'
+  kv-client lease grant 10
+  kv-client watch --prefix config/
   kv-client --server 127.0.0.1:7002 --timeout 0.5 get color
   kv-client status
   kv-client shell
@@ -149,6 +155,7 @@ pub enum Command {
 Examples:
   kv-client put color blue
   kv-client put config.json - < config.json
+  kv-client put --lease 1048576 service/web-1 10.0.0.7:80
 
 With VALUE `-` the value is every byte of stdin, exactly: nothing is
 stripped, not even a trailing newline (use `printf`, not `echo`, for a value
@@ -161,6 +168,11 @@ without one). To store the one-character value `-`, pipe it in:
         /// The value (at most 1 MiB); `-` reads it from stdin.
         #[arg(allow_hyphen_values = true)]
         value: OsString,
+        /// Attach the key to this lease (from `lease grant`): it is deleted
+        /// when the lease ends. A lease that does not exist is refused
+        /// (exit 2).
+        #[arg(long, value_name = "ID")]
+        lease: Option<u64>,
     },
     /// Print the value of KEY and a newline (UTF-8 as is, other bytes as
     /// \xNN). Exit status 1 if there is no such key.
@@ -170,7 +182,8 @@ Examples:
   kv-client get --local color
   kv-client --output json get color
 
-JSON: {\"key\":\"color\",\"value\":\"blue\",\"found\":true}; for an absent key
+JSON: {\"key\":\"color\",\"value\":\"blue\",\"found\":true,\"create_revision\":3,
+\"mod_revision\":7,\"version\":2}; for an absent key
 {\"key\":\"color\",\"value\":null,\"found\":false} (exit status 1). A value
 that is not UTF-8 is shown escaped in \"value\" and exactly in
 \"value_base64\" (standard base64, with padding).")]
@@ -213,6 +226,35 @@ that is not UTF-8 is shown escaped in \"value\" and exactly in
         #[arg(long)]
         expect_absent: bool,
     },
+    /// Print the keys of [START, END) or of --prefix PREFIX in key order,
+    /// one `KEY VALUE` line each (JSON: one object a line with the key's
+    /// revisions).
+    #[command(alias = "scan", after_help = data::RANGE_EXAMPLES)]
+    Range(RangeArgs),
+    /// Run a transaction: comparisons (--if), then writes if all hold
+    /// (--then), else other writes (--else), atomically. Exit status 0 if
+    /// the comparisons held, 1 if not.
+    #[command(after_help = data::TXN_EXAMPLES)]
+    Txn(TxnArgs),
+    /// Print every change of KEY (or of the keys under --prefix) as it
+    /// happens, one line each, until interrupted.
+    #[command(after_help = data::WATCH_EXAMPLES)]
+    Watch(WatchArgs),
+    /// Drop the history of changes up to revision REV: ranges at older
+    /// revisions and watches from them are refused from then on. Prints
+    /// where the history now starts.
+    #[command(
+        after_help = "Example: kv-client compact 1200\n\nThe history also drops its oldest revisions by itself beyond 10,000 changes or 4 MiB."
+    )]
+    Compact {
+        /// The last revision to forget.
+        #[arg(value_name = "REV")]
+        revision: u64,
+    },
+    /// Leases: grant one (prints its id alone on a line), keep it alive,
+    /// revoke it. Keys put with `put --lease ID` are deleted when it ends.
+    #[command(after_help = data::LEASE_EXAMPLES)]
+    Lease(LeaseArgs),
     /// Ask every replica for its role and progress; print one JSON object a
     /// line, in replica-file order. Exit status 3 if none answered.
     #[command(
@@ -439,6 +481,7 @@ impl Failure {
             Error::PermissionDenied(_) => (EXIT_PERMISSION, e.to_string()),
             Error::Disabled(_) => (EXIT_USAGE, e.to_string()),
             Error::Conflict(_) => (EXIT_CONFLICT, e.to_string()),
+            Error::Compacted(_) => (EXIT_UNAVAILABLE, e.to_string()),
             // Unavailable means no connection was ever made: nothing was sent.
             Error::Unavailable(_) if write => {
                 (EXIT_UNAVAILABLE, format!("{e}\nthe write was not applied"))
@@ -465,6 +508,7 @@ pub(crate) fn error_kind(e: &Error) -> &'static str {
         Error::PermissionDenied(_) => "permission_denied",
         Error::Disabled(_) => "disabled",
         Error::Conflict(_) => "conflict",
+        Error::Compacted(_) => "compacted",
         Error::Protocol { .. } => "protocol",
     }
 }
@@ -545,6 +589,10 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Shell => shell::run(settings).await,
         Command::Bench(args) => bench::run(settings, args).await,
         Command::Top(args) => top::run(settings, args).await,
+        Command::Lease(LeaseArgs {
+            command: LeaseCommand::Keepalive { id, once: false },
+        }) => data::keepalive_forever(&settings, id).await,
+        Command::Watch(args) => data::watch(&settings, args).await,
         command => {
             let reply = one_shot(&settings, command).await;
             reply.emit(settings.format)
@@ -556,10 +604,11 @@ pub async fn run(cli: Cli) -> u8 {
 async fn one_shot(settings: &Settings, command: Command) -> Reply {
     // `put KEY -` reads its value before the clock starts.
     let command = match command {
-        Command::Put { key, value } if value == "-" => match read_stdin_value() {
+        Command::Put { key, value, lease } if value == "-" => match read_stdin_value() {
             Ok(v) => Command::Put {
                 key,
                 value: os_from_bytes(v),
+                lease,
             },
             Err(f) => return Reply::failed(f),
         },
@@ -672,7 +721,22 @@ async fn execute_inner(
     command: Command,
 ) -> Result<Reply, Failure> {
     match command {
-        Command::Put { key, value } => {
+        Command::Put {
+            key,
+            value,
+            lease: Some(lease),
+        } => {
+            let slot = client
+                .put_with_lease_outcome(bytes(key), bytes(value), lease)
+                .await
+                .map_err(|e| Failure::from_error(e, true))?;
+            Ok(Reply::put(slot))
+        }
+        Command::Put {
+            key,
+            value,
+            lease: None,
+        } => {
             let op = Op::Put {
                 key: bytes(key),
                 value: bytes(value),
@@ -684,13 +748,13 @@ async fn execute_inner(
         }
         Command::Get { local, key } => {
             let key = bytes(key);
-            let v = if local {
-                client.get_local(key.clone()).await
+            let kv = if local {
+                client.get_kv_local(key.clone()).await
             } else {
-                client.get(key.clone()).await
+                client.get_kv(key.clone()).await
             }
             .map_err(|e| Failure::from_error(e, false))?;
-            Ok(Reply::get(&key, v.as_deref()))
+            Ok(Reply::get_kv(&key, kv.as_ref()))
         }
         Command::Delete { key } => match write(client, Op::Delete { key: bytes(key) }).await? {
             (OpResult::Deleted { existed }, slot) => Ok(Reply::deleted(existed, slot)),
@@ -749,6 +813,13 @@ async fn execute_inner(
                 .map_err(|e| Failure::from_error(e, write))
         }
         Command::Snapshot(args) => Ok(snapshot::run(settings, args).await),
+        Command::Range(args) => data::range(client, args).await,
+        Command::Txn(args) => data::txn(client, args).await,
+        Command::Lease(args) => data::lease(client, args).await,
+        Command::Compact { revision } => data::compact(client, revision).await,
+        Command::Watch(_) => Err(Failure::usage(
+            "`watch` runs until interrupted: run it on its own, not in the shell",
+        )),
         Command::Shell | Command::Bench(_) | Command::Top(_) => Err(Failure::usage(
             "`shell`, `bench` and `top` cannot be run from the shell",
         )),

@@ -40,6 +40,16 @@ impl Shown {
             base64: std::str::from_utf8(v).is_err().then(|| base64(v)),
         }
     }
+
+    /// The text form.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The exact bytes in base64, if the text is not exact.
+    pub(crate) fn base64(&self) -> Option<&str> {
+        self.base64.as_deref()
+    }
 }
 
 #[derive(Serialize)]
@@ -51,6 +61,12 @@ struct GetJson {
     key_base64: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     value_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    create_revision: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mod_revision: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -116,6 +132,12 @@ impl Reply {
         self.failure = Some(f);
     }
 
+    /// A line with a text form and a JSON form (`range`, `txn`).
+    pub(crate) fn line<T: Serialize>(&mut self, text: String, json: &T) {
+        self.text.push(text);
+        self.json.push(to_json(json));
+    }
+
     /// A line that is JSON in both formats (`status`, `fault`, `bench`).
     pub(crate) fn json_line<T: Serialize>(&mut self, v: &T) {
         let line = to_json(v);
@@ -154,8 +176,18 @@ impl Reply {
         }
     }
 
-    /// `get` answered.
+    /// `get` answered, without revisions.
+    #[cfg(test)]
     pub(crate) fn get(key: &[u8], value: Option<&[u8]>) -> Reply {
+        Reply::get_with(key, value, None)
+    }
+
+    /// `get` answered, with the key's revisions.
+    pub(crate) fn get_kv(key: &[u8], kv: Option<&kv_api::KeyValue>) -> Reply {
+        Reply::get_with(key, kv.map(|kv| kv.value.as_slice()), kv)
+    }
+
+    fn get_with(key: &[u8], value: Option<&[u8]>, kv: Option<&kv_api::KeyValue>) -> Reply {
         let k = Shown::of(key);
         let v = value.map(Shown::of);
         let json = to_json(&GetJson {
@@ -164,6 +196,9 @@ impl Reply {
             value_base64: v.as_ref().and_then(|v| v.base64.clone()),
             value: v.as_ref().map(|v| v.text.clone()),
             key_base64: k.base64,
+            create_revision: kv.map(|kv| kv.create_revision),
+            mod_revision: kv.map(|kv| kv.mod_revision),
+            version: kv.map(|kv| kv.version),
         });
         match v {
             Some(v) => Reply {
@@ -308,6 +343,20 @@ mod tests {
             [r#"{"key":"color","value":null,"found":false}"#]
         );
         assert_eq!(r.render(Format::Text).1, ["kv-client: no such key: color"]);
+        let kv = kv_api::KeyValue {
+            key: b"color".to_vec(),
+            value: b"blue".to_vec(),
+            create_revision: 3,
+            mod_revision: 7,
+            version: 2,
+            lease: 0,
+        };
+        assert_eq!(
+            Reply::get_kv(b"color", Some(&kv)).render(Format::Json).0,
+            [
+                r#"{"key":"color","value":"blue","found":true,"create_revision":3,"mod_revision":7,"version":2}"#
+            ]
+        );
         let r = Reply::get(b"k", Some(b"a\xffb"));
         assert_eq!(
             r.render(Format::Json).0,
