@@ -55,10 +55,16 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    addrs: Vec<String>,
+    /// The addresses given to the builder (duplicates removed).
+    given: Vec<String>,
+    /// The addresses tried now: the given ones, and once the client has
+    /// learnt the cluster's configuration, its other members' (see
+    /// [`Client::status`]). A std Mutex, never held across an await.
+    known: Mutex<Known>,
     timeout: Duration,
     limits: Limits,
     follow_hints: bool,
+    refresh_members: Option<Duration>,
     /// The session writes go to, once opened. A std Mutex, never held
     /// across an await.
     session: Mutex<Option<Arc<Session>>>,
@@ -71,6 +77,21 @@ struct Inner {
     /// across an await.
     preferred: Mutex<Option<String>>,
 }
+
+/// The addresses a client tries, and the configuration they came from.
+#[derive(Debug)]
+struct Known {
+    /// The epoch of the configuration learnt; `None`: the given addresses.
+    epoch: Option<u64>,
+    addrs: Arc<Vec<String>>,
+    /// When the configuration was last asked for, in the background.
+    asked: Option<Instant>,
+}
+
+/// How often a client that follows hints asks, in the background, for the
+/// cluster's configuration while it is being used: replicas replaced since
+/// then are found before the ones it knows are all gone.
+pub const MEMBERSHIP_REFRESH: Duration = Duration::from_secs(30);
 
 /// A session the cluster opened for this client, and its sequence numbers.
 #[derive(Debug)]
@@ -86,6 +107,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     limits: Limits,
     follow_hints: bool,
+    refresh_members: Option<Duration>,
     tls: Option<TlsFiles>,
 }
 
@@ -96,6 +118,7 @@ impl Default for ClientBuilder {
             timeout: DEFAULT_TIMEOUT,
             limits: Limits::default(),
             follow_hints: true,
+            refresh_members: Some(MEMBERSHIP_REFRESH),
             tls: None,
         }
     }
@@ -149,6 +172,16 @@ impl ClientBuilder {
         self
     }
 
+    /// How often a client that follows hints asks for the cluster's
+    /// configuration in the background while it is used (see
+    /// [`Client::status`]): at most once every `every` (default
+    /// [`MEMBERSHIP_REFRESH`]); `None`: never. A command that makes one
+    /// call and exits has no use for it.
+    pub fn refresh_members(mut self, every: Option<Duration>) -> Self {
+        self.refresh_members = every;
+        self
+    }
+
     /// Talks TLS to the replicas: trusts the CA certificates of
     /// `files.ca`, verifies each replica by the host it is dialled at, and
     /// presents `files.cert`/`files.key`, whose role (read, write, admin)
@@ -196,10 +229,16 @@ impl ClientBuilder {
         };
         Ok(Client {
             inner: Arc::new(Inner {
-                addrs,
+                known: Mutex::new(Known {
+                    epoch: None,
+                    addrs: Arc::new(addrs.clone()),
+                    asked: None,
+                }),
+                given: addrs,
                 timeout: self.timeout.min(MAX_TIMEOUT),
                 limits: self.limits,
                 follow_hints: self.follow_hints,
+                refresh_members: self.refresh_members,
                 session: Mutex::new(None),
                 opening: tokio::sync::Mutex::new(()),
                 pool: Pool::new(tls),
@@ -668,16 +707,31 @@ impl Client {
         Ok(self.open(self.inner.timeout).await?.0)
     }
 
-    /// Asks every replica for its status, in parallel, in the order the
-    /// addresses were given. Each answer (or error) comes with the address
+    /// Asks every replica for its status, in parallel, in the order of
+    /// [`Client::addrs`]. Each answer (or error) comes with the address
     /// asked. Takes at most the client's timeout.
+    ///
+    /// The answers carry the cluster's configuration. A client that
+    /// follows hints (the default) adopts the newest one it hears of: from
+    /// then on it also talks to members it was not given (see
+    /// [`Client::addrs`]), and those it had not asked are asked too, their
+    /// answers appended. So a client started with an old replica file
+    /// still finds replicas added since, even after every replica it was
+    /// given is gone. It also asks in the background, at most every
+    /// [`MEMBERSHIP_REFRESH`], while it is used.
     pub async fn status(&self) -> Vec<(String, Result<ReplicaStatus>)> {
         let deadline = Instant::now() + self.inner.timeout;
-        let asks = self.inner.addrs.iter().map(|addr| async move {
-            let r = self.status_of(addr, deadline).await;
-            (addr.clone(), r)
-        });
-        let answers = futures::future::join_all(asks).await;
+        let asked = self.known_addrs();
+        let mut answers = self.status_at(&asked, deadline).await;
+        if self.learn(&answers) {
+            let more: Vec<String> = self
+                .known_addrs()
+                .iter()
+                .filter(|a| !asked.contains(a))
+                .cloned()
+                .collect();
+            answers.extend(self.status_at(&more, deadline).await);
+        }
         // A replica that calls itself leader is the best place to start.
         if let Some((addr, _)) = answers.iter().find(|(_, r)| matches!(r, Ok(s) if s.leader)) {
             self.set_preferred(addr);
@@ -685,10 +739,101 @@ impl Client {
         answers
     }
 
-    /// The addresses this client talks to, in the order given (duplicates
-    /// removed).
-    pub fn addrs(&self) -> &[String] {
-        &self.inner.addrs
+    /// The addresses this client talks to: those given (in the order
+    /// given, duplicates removed), followed, once it has learnt the
+    /// cluster's configuration (see [`Client::status`]), by the client
+    /// addresses of members not among them, in id order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.known_addrs().to_vec()
+    }
+
+    fn known_addrs(&self) -> Arc<Vec<String>> {
+        self.known().addrs.clone()
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.inner
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn status_at(
+        &self,
+        addrs: &[String],
+        deadline: Instant,
+    ) -> Vec<(String, Result<ReplicaStatus>)> {
+        let asks = addrs.iter().map(|addr| async move {
+            let r = self.status_of(addr, deadline).await;
+            (addr.clone(), r)
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Adopts the newest configuration among `answers` if it is newer
+    /// than the one this client follows (and it follows hints); true if
+    /// the addresses changed.
+    fn learn(&self, answers: &[(String, Result<ReplicaStatus>)]) -> bool {
+        if !self.inner.follow_hints {
+            return false;
+        }
+        let Some(newest) = answers
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .map(|s| &s.membership)
+            .filter(|m| !m.members.is_empty())
+            .max_by_key(|m| m.epoch)
+        else {
+            return false;
+        };
+        let mut known = self.known();
+        if known.epoch.is_some_and(|e| e >= newest.epoch) {
+            return false;
+        }
+        // The given addresses keep their places (answers line up with a
+        // replica file's order, and the application named them); members
+        // not among them follow, in id order.
+        let mut addrs = self.inner.given.clone();
+        for m in &newest.members {
+            if !addrs.contains(&m.client_addr) {
+                addrs.push(m.client_addr.clone());
+            }
+        }
+        known.epoch = Some(newest.epoch);
+        let changed = *known.addrs != addrs;
+        if changed {
+            tracing::debug!(
+                epoch = newest.epoch,
+                ?addrs,
+                "following the cluster's configuration"
+            );
+            known.addrs = Arc::new(addrs);
+        }
+        changed
+    }
+
+    /// Asks for the configuration in the background if it is due (see
+    /// [`ClientBuilder::refresh_members`]).
+    fn refresh_members_if_due(&self) {
+        let Some(every) = self.inner.refresh_members else {
+            return;
+        };
+        if !self.inner.follow_hints {
+            return;
+        }
+        {
+            let mut known = self.known();
+            if known.asked.is_some_and(|t| t.elapsed() < every) {
+                return;
+            }
+            known.asked = Some(Instant::now());
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + client.inner.timeout;
+            let answers = client.status_at(&client.known_addrs(), deadline).await;
+            client.learn(&answers);
+        });
     }
 
     /// Changes the failure injection of the one replica at `addr` (a
@@ -988,11 +1133,13 @@ impl Client {
         F: Fn(KvClient, Context) -> Fut,
         Fut: Future<Output = std::result::Result<std::result::Result<T, KvError>, RpcError>>,
     {
+        self.refresh_members_if_due();
         let start = self.preferred();
         let pool = &self.inner.pool;
         let f = &f;
+        let addrs = self.known_addrs();
         failover(
-            &self.inner.addrs,
+            &addrs,
             start.as_deref(),
             budget,
             self.inner.follow_hints,
@@ -1172,7 +1319,7 @@ mod tests {
             .timeout(Duration::MAX)
             .build()
             .unwrap();
-        assert_eq!(c.inner.addrs, ["a:1", "b:2"]);
+        assert_eq!(c.addrs(), ["a:1", "b:2"]);
         assert_eq!(c.inner.timeout, MAX_TIMEOUT);
         assert_eq!(c.session_id(), None, "opened on the first write");
     }
@@ -1181,6 +1328,6 @@ mod tests {
     fn replicas_gives_every_client_address_in_file_order() {
         let r = Replicas::parse("2 h:12 h:22\n1 h:11 h:21\n", "replica").unwrap();
         let c = Client::builder().replicas(r).build().unwrap();
-        assert_eq!(c.inner.addrs, ["h:12", "h:11"]);
+        assert_eq!(c.addrs(), ["h:12", "h:11"]);
     }
 }

@@ -324,3 +324,76 @@ async fn a_second_change_is_refused_while_the_first_is_in_progress() {
     })
     .await;
 }
+
+/// An application started with the first replica file goes on working
+/// after every replica it was given has been replaced and is gone: it
+/// learns the configuration from the replicas as they change. The CLI's
+/// `status` with the old file shows a new member too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_the_first_replicas_follows_them_being_replaced() {
+    let mut cluster = Cluster::start(3).await;
+    bounded(Duration::from_secs(240), "the test", async {
+        cluster.wait_for_leader(Duration::from_secs(30)).await;
+        let app = cluster
+            .builder()
+            .addrs(
+                (1..=3)
+                    .map(|id| cluster.client_addr(id).to_string())
+                    .collect(),
+            )
+            .timeout(Duration::from_secs(10))
+            .refresh_members(Some(Duration::from_millis(100)))
+            .build()
+            .expect("build a client");
+        app.put("k0", "0").await.expect("a first write");
+        let mut members = vec![1, 2, 3];
+        for old in 1..=3u64 {
+            let new = old + 3;
+            let admin = client_of(&cluster, &members, Duration::from_secs(10));
+            let via = *members.iter().find(|&&m| m != old).unwrap();
+            grow(&mut cluster, &admin, new, via).await;
+            members.push(new);
+            admin
+                .remove_member(old)
+                .await
+                .unwrap_or_else(|e| panic!("remove replica {old}: {e}"));
+            members.retain(|&m| m != old);
+            cluster.kill(old);
+            // The application's writes go on, and it comes to know the new
+            // replica's address (from the replicas, in the background).
+            let addr = cluster.client_addr(new).to_string();
+            let mut n = 0;
+            wait_until(
+                Duration::from_secs(30),
+                "the client knows the new replica",
+                || {
+                    n += 1;
+                    let key = format!("k{new}-{n}");
+                    let app = &app;
+                    let addr = addr.clone();
+                    async move {
+                        app.put(key, "1").await.expect("a write while replacing");
+                        app.addrs().contains(&addr)
+                    }
+                },
+            )
+            .await;
+            if old == 1 {
+                // `kv-client status` with the first replica file (1, 2,
+                // 3) shows the new member too, up.
+                let out = cluster.cli(&["--output", "json", "status"]).await;
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    text.lines()
+                        .any(|l| l.contains(&format!("\"addr\":\"{addr}\""))
+                            && l.contains("\"up\":true")),
+                    "status shows replica {new} up:\n{text}"
+                );
+            }
+        }
+        // Every replica it was given is gone; it still reads and writes.
+        app.put("after", "1").await.expect("a write after");
+        assert_eq!(app.get("k0").await.expect("a read"), Some(b"0".to_vec()));
+    })
+    .await;
+}

@@ -626,7 +626,7 @@ async fn one_shot(settings: &Settings, command: Command) -> Reply {
         Ok(b) => b,
         Err(f) => return Reply::failed(f),
     };
-    let client = match builder.build() {
+    let client = match builder.refresh_members(None).build() {
         Ok(c) => c,
         Err(e) => return Reply::failed(Failure::from_error(e, false)),
     };
