@@ -771,7 +771,7 @@ async fn fetch_membership(
                 }
                 Some(m) => {
                     return Err(Failure::usage(format!(
-                        "the cluster lists replica {id} at {} and {}, not {client_addr} and                          {peer_addr}: use those, or another id",
+                        "the cluster lists replica {id} at {} and {}, not {client_addr} and {peer_addr}: use those, or another id",
                         m.client_addr, m.peer_addr
                     )))
                 }
@@ -779,7 +779,7 @@ async fn fetch_membership(
                     "{addr} reports no configuration (a version without membership?); retrying"
                 ),
                 None => format!(
-                    "replica {id} is not a member of the cluster yet; add it with                      `kv-client member add {id} {client_addr} {peer_addr}` (waiting)"
+                    "replica {id} is not a member of the cluster yet; add it with `kv-client member add {id} {client_addr} {peer_addr}` (waiting)"
                 ),
             },
             Err(e) => {
