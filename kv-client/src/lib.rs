@@ -144,7 +144,9 @@ mod failover;
 mod pool;
 mod seq;
 
-pub use client::{CasOutcome, Client, ClientBuilder, Watcher, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+pub use client::{
+    CasOutcome, Client, ClientBuilder, Watcher, DEFAULT_TIMEOUT, MAX_TIMEOUT, MEMBERSHIP_REFRESH,
+};
 pub use config::{ENV_REPLICAS, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY};
 pub use error::{Error, Result};
 pub use escape::escape_bytes;
