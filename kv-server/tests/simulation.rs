@@ -11,7 +11,9 @@
 //! half of the seeds: add a learner, promote one, remove a voter, the
 //! leader included, through the leader, as `kv-client member` does; in
 //! five-replica seeds of those the cluster starts as replicas 1-3, and
-//! 4 and 5 run outside it until added). A replica that has just made a
+//! 4 and 5 run outside it until added), wipe a crashed replica's disk
+//! (within what every configuration the cluster may come to can spare:
+//! see `Sim::wipe`). A replica that has just made a
 //! promise durable sometimes crashes and restarts at once (a crash in the
 //! middle of an election), and a replica sometimes crashes in a round's sync
 //! (its requests left, its records may or may not be on disk, its replies
@@ -612,6 +614,9 @@ struct Sim {
     reconfig: bool,
     /// The first configuration's voters.
     initial: Vec<ReplicaId>,
+    /// Every change a leader admitted, with the epoch it was made for: one
+    /// may still be chosen while its epoch is the latest.
+    proposed_changes: Vec<(u64, MemberChange)>,
 }
 
 /// The client id of membership changes.
@@ -686,6 +691,7 @@ impl Sim {
             trace_cap: trace_cap.unwrap_or(0),
             reconfig: false,
             initial: (1..=n).collect(),
+            proposed_changes: Vec::new(),
         };
         if variant == Variant::Correct
             && env_u64("SIM_MEMBERSHIP") != Some(0)
@@ -1298,6 +1304,9 @@ impl Sim {
         self.stats.reconfigs += 1;
         let core = self.nodes[l].core.as_mut().expect("live");
         let res = core.propose(req);
+        if res.is_ok() {
+            self.proposed_changes.push((m.epoch, change.clone()));
+        }
         let id = self.nodes[l].id;
         let what = self
             .tracing()
@@ -1380,14 +1389,50 @@ impl Sim {
         if lost > n - quorum {
             return;
         }
-        // The same among the voters of any configuration it may come to
-        // (every node may be promoted): of the latest, and of all nodes.
+        // The same among the voters of any configuration it may come to:
+        // of all nodes, of the latest, of the one a change admitted but not
+        // yet chosen would make (with 5 voters two may lose their disks;
+        // once a removal of a third, proposed before, is chosen, 2 of 4
+        // could never elect anyone), and of the latest with learners
+        // promoted. A leader promotes a learner that answered it lately
+        // and may vote; one that loses its disk in the moment after (before
+        // the leader hears from it again) is promoted all the same, and is
+        // then a voter that lost its state like any other.
         if self.reconfig {
-            let m = self.membership_at(self.log.len() as Slot);
-            let v = m.voters();
-            let lost_voters = v.iter().filter(|&&id| self.is_lost(id, i)).count();
-            if lost_voters > v.len() - (v.len() / 2 + 1) {
-                return;
+            let latest = self.membership_at(self.log.len() as Slot);
+            let pending = self
+                .proposed_changes
+                .iter()
+                .filter(|(epoch, _)| *epoch == latest.epoch)
+                .filter_map(|(_, c)| latest.change(c).ok());
+            // (The worst of those: the learners that lost their state
+            // promoted, the others not.)
+            let mut promoted = latest.clone();
+            for m in &mut promoted.members {
+                m.voter = m.voter || self.is_lost(m.id, i);
+            }
+            // And the configuration before the latest change while one of
+            // its voters has not applied it: that one still counts a slot
+            // chosen only by the old voters as possibly unchosen, and needs
+            // a quorum of them to find out (a removed leader that learned
+            // its removal was chosen and lost its disk at once takes that
+            // knowledge with it).
+            let behind = latest
+                .voters()
+                .iter()
+                .map(|&id| self.nodes[(id - 1) as usize].applied)
+                .min()
+                .unwrap_or(0);
+            let configs: Vec<Membership> = [latest.clone(), promoted, self.membership_at(behind)]
+                .into_iter()
+                .chain(pending)
+                .collect();
+            for m in configs {
+                let v = m.voters();
+                let lost_voters = v.iter().filter(|&&id| self.is_lost(id, i)).count();
+                if lost_voters > v.len() - (v.len() / 2 + 1) {
+                    return;
+                }
             }
         }
         let chosen_now = self.log.len() as u64;
@@ -1596,14 +1641,7 @@ impl Sim {
                 if live.len() > 1 {
                     let i = self.pick(&live).expect("non-empty");
                     self.crash(i, false);
-                    // Not in seeds with membership changes yet: with both,
-                    // some seeds (about 1 in 300) end with too few voters
-                    // able to vote to elect anyone (a wiped voter waits
-                    // for a leader elected without it).
-                    if self.tuning.pre_vote
-                        && !self.reconfig
-                        && self.rng.random_bool(self.profile.wipe)
-                    {
+                    if self.tuning.pre_vote && self.rng.random_bool(self.profile.wipe) {
                         self.wipe(i);
                     }
                 }
