@@ -261,6 +261,51 @@ impl Paxos {
                 }
             }
         }
+        if let kv_peer_api::MemberChange::Remove(gone) = change {
+            // As etcd's strict reconfiguration check: refuse a removal
+            // after which the voters left that answer this leader and may
+            // vote are not a majority of the voters left. Chosen, such a
+            // change would leave a cluster that cannot choose anything (not
+            // even the change that would bring a replica back) until a
+            // replica that is down or lost its disk returns.
+            let window = u64::from(self.cfg.election_ticks.1);
+            let left: Vec<ReplicaId> = self
+                .membership
+                .voters()
+                .into_iter()
+                .filter(|v| v != gone)
+                .collect();
+            if self.membership.get(*gone).is_some_and(|m| m.voter) && !left.is_empty() {
+                let able: Vec<ReplicaId> = left
+                    .iter()
+                    .copied()
+                    .filter(|&v| {
+                        v == self.cfg.id
+                            || l.progress
+                                .get(v)
+                                .is_some_and(|p| !p.rejoining && p.last_ack + window >= self.now)
+                    })
+                    .collect();
+                let need = left.len() / 2 + 1;
+                if able.len() < need {
+                    let down: Vec<String> = left
+                        .iter()
+                        .filter(|v| !able.contains(v))
+                        .map(|v| v.to_string())
+                        .collect();
+                    return Err(Refusal::Conflict(format!(
+                        "removing replica {gone} would leave {} voters of which only {} \
+                         answer this leader and may vote ({} do not: {}), fewer than the {need} \
+                         a majority of them needs; the cluster could not go on. Bring those \
+                         back (or let them catch up) first",
+                        left.len(),
+                        able.len(),
+                        down.len(),
+                        down.join(", ")
+                    )));
+                }
+            }
+        }
         *epoch = Some(self.epoch());
         Ok(())
     }
@@ -468,6 +513,51 @@ mod tests {
         run_up(&mut nodes, &mut applied, &up, 200);
         assert!(nodes[gone].removed(), "it found out");
         assert!(!nodes[gone].votes());
+        agree(&applied);
+    }
+
+    /// A removal after which the voters left that answer the leader are
+    /// not a majority of them is refused, naming the silent ones; once
+    /// they are back it goes through.
+    #[test]
+    fn a_removal_that_would_leave_no_working_majority_is_refused() {
+        let mut nodes = cluster(5);
+        let mut applied = vec![Vec::new(); 5];
+        run(&mut nodes, &mut applied, 100);
+        let mut up = vec![true; 5];
+        let l = leader_of(&nodes, &up);
+        // Two of the others down for longer than an election window.
+        let down: Vec<usize> = (0..5).filter(|&i| i != l).take(2).collect();
+        for &i in &down {
+            up[i] = false;
+        }
+        run_up(&mut nodes, &mut applied, &up, 200);
+        let l = leader_of(&nodes, &up);
+        let healthy = (0..5).find(|&i| i != l && up[i]).expect("a third one up");
+        // 5 voters, 2 down: removing a healthy one leaves 4, of which 2
+        // answer; a majority of 4 is 3.
+        match nodes[l].propose(change(1, MemberChange::Remove(healthy as u64 + 1))) {
+            Err(Refusal::Conflict(why)) => {
+                for &i in &down {
+                    assert!(why.contains(&(i as u64 + 1).to_string()), "{why}");
+                }
+            }
+            other => panic!("removal admitted: {other:?}"),
+        }
+        // Removing one that is down leaves 4 of which 3 answer: fine.
+        nodes[l]
+            .propose(change(2, MemberChange::Remove(down[0] as u64 + 1)))
+            .unwrap();
+        run_up(&mut nodes, &mut applied, &up, 50);
+        // The other comes back: now the healthy one may go too.
+        up[down[1]] = true;
+        run_up(&mut nodes, &mut applied, &up, 100);
+        let l = leader_of(&nodes, &up);
+        nodes[l]
+            .propose(change(3, MemberChange::Remove(healthy as u64 + 1)))
+            .unwrap();
+        run_up(&mut nodes, &mut applied, &up, 50);
+        assert_eq!(nodes[leader_of(&nodes, &up)].membership().voters().len(), 3);
         agree(&applied);
     }
 }
