@@ -424,6 +424,32 @@ pub fn make_certs(replicas_file: &Path, out: &Path) {
     );
 }
 
+/// How many replicas beyond its first `n` a TLS cluster has certificates
+/// for: [`Cluster::add_node`] can add replicas up to id `n + SPARE_CERTS`.
+pub const SPARE_CERTS: u64 = 32;
+
+/// A replica file for `kv-server certs` only: ids 1..=`n` +
+/// [`SPARE_CERTS`] on 127.0.0.1. A certificate names its replica
+/// (`replica-N`) and the hosts of its addresses, not the ports, so the
+/// certificates of the spare ids serve replicas added later on any
+/// loopback ports, made by the same command and signed by the same CA as
+/// the first `n`.
+fn certs_file(dir: &Path, n: usize) -> PathBuf {
+    let mut text = String::from("# for kv-server certs only: the ports are placeholders\n");
+    for id in 1..=n as u64 + SPARE_CERTS {
+        writeln!(
+            text,
+            "{id} 127.0.0.1:{} 127.0.0.1:{}",
+            20_000 + 2 * id,
+            20_001 + 2 * id
+        )
+        .unwrap();
+    }
+    let file = dir.join("replica-certs");
+    std::fs::write(&file, &text).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+    file
+}
+
 /// The TLS files of identity `name` (`replica-N`, `admin`, `writer`,
 /// `reader`) in a directory `kv-server certs` wrote.
 pub fn tls_files(dir: &Path, name: &str) -> kv_client::TlsFiles {
@@ -516,7 +542,7 @@ impl Cluster {
         std::fs::create_dir_all(dir.join("logs")).expect("create the log directory");
         let tls = tls.then(|| {
             let out = dir.join("tls");
-            make_certs(&replicas_file, &out);
+            make_certs(&certs_file(&dir, n), &out);
             out
         });
         let nodes = replicas
@@ -654,12 +680,18 @@ impl Cluster {
     /// A new replica `id` for this cluster, not started: fresh loopback
     /// ports, its own data directory and log. [`Cluster::spawn`] starts it
     /// with `--join` at replica `via`'s client address (add it with
-    /// `member add` first). Returns its client and peer addresses.
+    /// `member add` first). Returns its client and peer addresses. On a
+    /// TLS cluster the id must be at most [`SPARE_CERTS`] beyond the
+    /// replica file's (their certificates were made with the cluster's).
     pub fn add_node(&mut self, id: ReplicaId, via: ReplicaId) -> (String, String) {
-        assert!(
-            self.tls.is_none(),
-            "the harness makes no certificates for added replicas"
-        );
+        if let Some(dir) = &self.tls {
+            assert!(
+                tls_files(dir, &format!("replica-{id}")).cert.is_file(),
+                "the harness made no certificate for replica {id} (TLS clusters have them for \
+                 ids up to {} more than the replica file's)",
+                SPARE_CERTS
+            );
+        }
         assert!(!self.nodes.contains_key(&id), "replica {id} exists already");
         let join = self.node(via).client_addr.clone();
         let ports = free_ports(2);
