@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kv_api::{
-    prefix_end, CmpOp, Compare, KeyValue, KvError, LeaseOp, Op, OpResult, RangeRequest, Target,
-    Txn, TxnOp, TxnOpResult, MAX_LEASE_TTL_MS, MAX_TXN_COMPARES, MIN_LEASE_TTL_MS,
+    prefix_end, CmpOp, Compare, IncrError, KeyValue, KvError, LeaseOp, Op, OpResult, RangeRequest,
+    Target, Txn, TxnOp, TxnOpResult, MAX_LEASE_TTL_MS, MAX_TXN_COMPARES, MIN_LEASE_TTL_MS,
 };
 
 use super::conn::{kv_error, Args, Conn};
@@ -112,7 +112,7 @@ fn keys_of(name: &str, args: &Args) -> Result<Vec<Vec<u8>>, Reply> {
     } else {
         n >= -arity_n
     };
-    if !ok || (step == 2 && (args.len() - 1) % 2 != 0) {
+    if !ok || (step == 2 && !(args.len() - 1).is_multiple_of(2)) {
         return Err(arity(&args[0]));
     }
     if first == 0 {
@@ -262,6 +262,33 @@ pub async fn single(c: &mut Conn, name: &str, args: Args) -> Reply {
                         .filter(|r| matches!(r, TxnOpResult::Deleted { existed: true }))
                         .count() as i64,
                 ),
+                Ok(other) => Reply::err(format!("unexpected result {other:?}")),
+                Err(e) => kv_error(e),
+            }
+        }
+        "INCR" | "DECR" | "INCRBY" | "DECRBY" if keys_of(name, &args).is_ok() => {
+            let by = match name {
+                "INCR" => 1,
+                "DECR" => -1,
+                _ => match parse_i64(&args[2]) {
+                    Some(n) if name == "INCRBY" => n,
+                    Some(n) => match n.checked_neg() {
+                        Some(n) => n,
+                        None => return Reply::err("decrement would overflow"),
+                    },
+                    None => return not_integer(),
+                },
+            };
+            let op = Op::Incr {
+                key: args[1].clone(),
+                by,
+            };
+            match c.write(op).await {
+                Ok(OpResult::Incr(Ok(n))) => Reply::Int(n),
+                Ok(OpResult::Incr(Err(IncrError::NotAnInteger))) => not_integer(),
+                Ok(OpResult::Incr(Err(IncrError::Overflow))) => {
+                    Reply::err("increment or decrement would overflow")
+                }
                 Ok(other) => Reply::err(format!("unexpected result {other:?}")),
                 Err(e) => kv_error(e),
             }
@@ -638,16 +665,7 @@ fn now_ms() -> u64 {
 /// Redis's strict integer: optional `-`, digits, no leading zeros or `+`,
 /// within i64.
 fn parse_i64(b: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(b).ok()?;
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    if digits.is_empty()
-        || !digits.bytes().all(|c| c.is_ascii_digit())
-        || (digits.len() > 1 && digits.starts_with('0'))
-        || s == "-0"
-    {
-        return None;
-    }
-    s.parse().ok()
+    crate::state::parse_integer(b)
 }
 
 fn parse_f64(b: &[u8]) -> Option<f64> {
@@ -1008,7 +1026,14 @@ pub async fn execute(
     });
     let max_value = c.h.limits().max_value;
     let keys: Vec<Vec<u8>> = keys.into_iter().collect();
-    for _ in 0..MAX_ATTEMPTS {
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            // Someone wrote a key in between: back off a random while, so
+            // that clients contending on one key do not stay in step.
+            let most = 1 + 2 * attempt.min(10) as u64;
+            let ms = rand::random::<u64>() % most;
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let read = match read_all(c, &keys).await {
             Ok(r) => r,
             Err(KvError::Compacted(_)) => continue,
