@@ -95,7 +95,7 @@ struct Cli {
     #[arg(long, value_name = "ID", required = true, value_parser = clap::value_parser!(u64).range(1..))]
     id: Option<u64>,
 
-    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line. Only a new
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR [REDIS_ADDR]` a line. Only a new
     /// cluster's first configuration comes from it; after that the cluster
     /// keeps its own (`kv-client member`), and a replica whose file
     /// disagrees says so and follows the cluster's.
