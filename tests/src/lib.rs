@@ -493,7 +493,18 @@ impl Cluster {
     /// serving the Redis protocol on a free loopback port
     /// ([`Cluster::redis_addr`]).
     pub async fn start_with_redis(n: usize, server_args: &[&str]) -> Cluster {
-        let mut cluster = Cluster::build(n, server_args, false, false);
+        Cluster::start_redis(n, server_args, false).await
+    }
+
+    /// Like [`Cluster::start_with_redis`], with TLS on every port (the RESP
+    /// port included: clients present a certificate from
+    /// [`Cluster::tls_dir`]).
+    pub async fn start_with_redis_tls(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::start_redis(n, server_args, true).await
+    }
+
+    async fn start_redis(n: usize, server_args: &[&str], tls: bool) -> Cluster {
+        let mut cluster = Cluster::build(n, server_args, tls, false);
         let mut ports = free_ports(n);
         for node in cluster.nodes.values_mut() {
             node.redis_addr = ports.pop().map(|p| format!("127.0.0.1:{p}"));

@@ -325,6 +325,42 @@ ERR unknown command 'NOSUCH', with args beginning with: 'a' 'b'
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_client_certificate_role_decides_what_a_connection_may_do() {
+    let cluster = Cluster::start_with_redis_tls(3, &[]).await;
+    let dir = cluster.tls_dir().expect("a TLS cluster").to_path_buf();
+    let (host, port) = host_port(cluster.redis_addr(2));
+    let cli = |who: &str, args: &[&str]| {
+        let mut cmd = redis_tool("redis-cli");
+        cmd.args(["-h", &host, "-p", &port, "--tls"]);
+        cmd.arg("--cacert").arg(dir.join("ca.pem"));
+        if who != "nobody" {
+            cmd.arg("--cert").arg(dir.join(format!("{who}.pem")));
+            cmd.arg("--key").arg(dir.join(format!("{who}.key")));
+        }
+        cmd.args(args);
+        async move {
+            let (out, _) = run_bin(cmd, T).await.expect("redis-cli ran");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    };
+    assert_eq!(cli("writer", &["SET", "k", "v"]).await.trim(), "OK");
+    assert_eq!(cli("reader", &["GET", "k"]).await.trim(), "v");
+    let refused = cli("reader", &["SET", "k", "w"]).await;
+    assert!(refused.starts_with("NOPERM"), "{refused}");
+    assert!(refused.contains("`write` role"), "{refused}");
+    assert_eq!(cli("writer", &["GET", "k"]).await.trim(), "v");
+    let auth = cli("writer", &["AUTH", "secret"]).await;
+    assert!(auth.contains("without any password configured"), "{auth}");
+    // No certificate: the handshake fails, nothing is served.
+    let anon = cli("nobody", &["GET", "k"]).await;
+    assert!(!anon.trim().ends_with('v'), "{anon}");
+}
+
 /// How many requests each redis-benchmark test sends: the 20,000,
 /// or `KV_REDIS_BENCH_N`.
 fn bench_n() -> String {
