@@ -135,13 +135,30 @@ pub enum Op {
         /// The last revision to forget.
         revision: u64,
     },
+    /// Adds `by` to the integer `key` holds (an absent key counts as 0),
+    /// keeping its lease: the Redis door's `INCR`, `DECR`, `INCRBY` and
+    /// `DECRBY`. One write applied in the state machine rather than a
+    /// read and a compare-and-put, so that clients adding to one hot
+    /// counter never conflict (a compare-and-put retried by fifty clients
+    /// on one key mostly fails). Answered with [`OpResult::Incr`]. Last
+    /// among the variants, so that entries written before it still decode.
+    Incr {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// What to add (negative: subtract).
+        by: i64,
+    },
 }
 
 impl Op {
     /// The key this operation touches (empty for [`Op::OpenSession`]).
     pub fn key(&self) -> &[u8] {
         match self {
-            Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
+            Op::Put { key, .. }
+            | Op::Delete { key }
+            | Op::Cas { key, .. }
+            | Op::Incr { key, .. } => key,
             Op::OpenSession { .. }
             | Op::Reconfigure { .. }
             | Op::Txn(_)
@@ -167,7 +184,8 @@ impl Op {
             | Op::OpenSession { .. }
             | Op::NewLeader { .. }
             | Op::Lease(_)
-            | Op::Compact { .. } => 0,
+            | Op::Compact { .. }
+            | Op::Incr { .. } => 0,
             Op::Reconfigure { change, .. } => match change {
                 membership::MemberChange::Add {
                     client_addr,
@@ -249,6 +267,18 @@ pub enum OpResult {
         /// The history now starts after this revision.
         compacted: u64,
     },
+    /// An [`Op::Incr`]: the key's new value, or why nothing changed (the
+    /// value is not a decimal integer, or the sum overflows 64 bits).
+    Incr(Result<i64, IncrError>),
+}
+
+/// Why an [`Op::Incr`] changed nothing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IncrError {
+    /// The key's value is not a decimal integer within 64 bits.
+    NotAnInteger,
+    /// The sum is outside 64 bits.
+    Overflow,
 }
 
 /// A write's result and where it sits in the log.
@@ -470,7 +500,8 @@ impl Limits {
             | Op::Txn(_)
             | Op::NewLeader { .. }
             | Op::Lease(_)
-            | Op::Compact { .. } => Ok(()),
+            | Op::Compact { .. }
+            | Op::Incr { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(e) = expected {
                     self.check_value(e)?;

@@ -1,4 +1,6 @@
-//! The `replica` file: one replica a line, `ID CLIENT_ADDR PEER_ADDR`.
+//! The `replica` file: one replica a line, `ID CLIENT_ADDR PEER_ADDR
+//! [REDIS_ADDR]`. The optional fourth column is where the replica serves
+//! the Redis protocol (`kv-server --redis-addr` overrides it).
 //!
 //! `#` starts a comment; blank lines are ignored. Ids are positive integers
 //! and unique; every address is unique; hostnames are allowed. A bad file is
@@ -20,6 +22,9 @@ pub struct ReplicaAddr {
     pub client_addr: String,
     /// Where its peers reach it (`host:port`).
     pub peer_addr: String,
+    /// Where it serves the Redis protocol, if the file says (a fourth
+    /// column).
+    pub redis_addr: Option<String>,
 }
 
 /// A parsed, validated replica file.
@@ -91,9 +96,9 @@ impl Replicas {
                 continue;
             }
             let fields: Vec<&str> = content.split_whitespace().collect();
-            if fields.len() != 3 {
+            if !(3..=4).contains(&fields.len()) {
                 return Err(err(format!(
-                    "expected `ID CLIENT_ADDR PEER_ADDR`, found {} field(s): {content:?}",
+                    "expected `ID CLIENT_ADDR PEER_ADDR [REDIS_ADDR]`, found {} field(s): {content:?}",
                     fields.len()
                 )));
             }
@@ -119,6 +124,7 @@ impl Replicas {
                 id,
                 client_addr: fields[1].to_string(),
                 peer_addr: fields[2].to_string(),
+                redis_addr: fields.get(3).map(|a| a.to_string()),
             });
         }
         if replicas.is_empty() {
@@ -144,7 +150,11 @@ impl Replicas {
 impl fmt::Display for Replicas {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.replicas {
-            writeln!(f, "{} {} {}", r.id, r.client_addr, r.peer_addr)?;
+            write!(f, "{} {} {}", r.id, r.client_addr, r.peer_addr)?;
+            match &r.redis_addr {
+                Some(redis) => writeln!(f, " {redis}")?,
+                None => writeln!(f)?,
+            }
         }
         Ok(())
     }
@@ -167,6 +177,24 @@ mod tests {
         assert_eq!(r.replicas.len(), 2);
         assert_eq!(r.get(2).unwrap().client_addr, "localhost:7002");
         assert_eq!(r.quorum(), 2);
+        assert_eq!(r.get(2).unwrap().redis_addr, None);
+    }
+
+    #[test]
+    fn a_fourth_column_is_the_redis_address() {
+        let r = parse(
+            "1 a:1 a:2 a:3
+2 b:1 b:2
+",
+        )
+        .unwrap();
+        assert_eq!(r.get(1).unwrap().redis_addr.as_deref(), Some("a:3"));
+        assert_eq!(r.get(2).unwrap().redis_addr, None);
+        assert_eq!(parse(&r.to_string()).unwrap().replicas, r.replicas);
+        let e = parse("1 a:1 a:2 a:1\n").unwrap_err().to_string();
+        assert!(e.contains("appears twice"), "{e}");
+        let e = parse("1 a:1 a:2 a:3 a:4\n").unwrap_err().to_string();
+        assert!(e.contains("expected"), "{e}");
     }
 
     #[test]

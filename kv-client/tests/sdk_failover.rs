@@ -128,7 +128,11 @@ impl Fake {
             }
             Op::OpenSession { .. } => unreachable!("handled above"),
             Op::Reconfigure { .. } => OpResult::Reconfigured(Err("not in this fake".into())),
-            Op::Txn(_) | Op::NewLeader { .. } | Op::Lease(_) | Op::Compact { .. } => {
+            Op::Txn(_)
+            | Op::NewLeader { .. }
+            | Op::Lease(_)
+            | Op::Compact { .. }
+            | Op::Incr { .. } => {
                 return Err(KvError::InvalidArgument(
                     "the fake replica has no transactions".into(),
                 ))

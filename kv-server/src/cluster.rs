@@ -110,6 +110,9 @@ pub struct Supervisor {
     /// Each replica's admin listener (`--admin-addr`), on a loopback port
     /// chosen free at its first start and kept across restarts.
     admin: BTreeMap<ReplicaId, String>,
+    /// Each replica's RESP listener (`--redis-addr`): the replica file's
+    /// fourth column, else a loopback port chosen like the admin one.
+    redis: BTreeMap<ReplicaId, String>,
     exits_tx: mpsc::Sender<Exited>,
     exits: mpsc::Receiver<Exited>,
 }
@@ -168,6 +171,7 @@ impl Supervisor {
             tls: None,
             running: BTreeMap::new(),
             admin: BTreeMap::new(),
+            redis: BTreeMap::new(),
             exits_tx,
             exits,
         }
@@ -285,6 +289,13 @@ impl Supervisor {
                 addr
             }
         };
+        let redis = match (self.redis.get(&id), &replica.redis_addr) {
+            (Some(addr), _) | (None, Some(addr)) => addr.clone(),
+            (None, None) => free_loopback_addr().with_context(|| {
+                format!("cannot find a free loopback port for replica {id}'s redis listener")
+            })?,
+        };
+        self.redis.insert(id, redis.clone());
         let mut child = Command::new(&self.exe)
             .arg("--id")
             .arg(id.to_string())
@@ -295,6 +306,8 @@ impl Supervisor {
             .arg("--exit-on-stdin-eof")
             .arg("--admin-addr")
             .arg(&admin)
+            .arg("--redis-addr")
+            .arg(&redis)
             .args(&self.replica_args)
             .args(self.tls.iter().flat_map(|(dir, _)| {
                 let file = |name: String| dir.join(name).into_os_string();
@@ -343,6 +356,7 @@ impl Supervisor {
         ));
         // On a line of its own: scripts match the line above field by field.
         report(format_args!("replica {id} admin {admin}"));
+        report(format_args!("replica {id} redis {redis}"));
         self.running.insert(
             id,
             Running {

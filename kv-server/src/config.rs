@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// Where the admin HTTP listener serves `/metrics`, `/livez`,
     /// `/readyz` and `/status` (`--admin-addr`; `None`: no listener).
     pub admin_addr: Option<String>,
+    /// Where the RESP listener serves Redis clients (`--redis-addr`, else
+    /// the replica file's fourth column; `None`: no listener).
+    pub redis_addr: Option<String>,
 }
 
 impl ServerConfig {
@@ -76,6 +79,7 @@ impl ServerConfig {
             tls: None,
             join: None,
             admin_addr: None,
+            redis_addr: None,
         }
     }
 

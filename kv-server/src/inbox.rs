@@ -71,6 +71,14 @@ pub enum Input {
         /// Where the answer goes.
         reply: WatchReply,
     },
+    /// Lease `id`'s TTL and end (log time) as this replica's state machine
+    /// has it: for the RESP `TTL` (see `crate::redis`).
+    Lease {
+        /// The lease.
+        id: u64,
+        /// Where `(ttl_ms, expires_at_ms)` goes (`None`: no such lease).
+        reply: oneshot::Sender<Option<(u64, u64)>>,
+    },
     /// A status request.
     Status {
         /// Where the status goes.

@@ -21,6 +21,8 @@
 //!   requests in flight, idle time and deadlines.
 //! - [`logging`] — `--log-format json`: one JSON object a line.
 //! - [`metrics`] — the replica's metrics (`kvpaxos_…`), process-wide.
+//! - `redis` — the RESP listener (`--redis-addr`): redis-cli, redis-benchmark
+//!   and Redis client libraries over the same paths as `rpc`.
 //! - `admin` — the admin HTTP listener: `/metrics`, `/livez`, `/readyz`,
 //!   `/status` (`--admin-addr`).
 //! - [`restore`] — `kv-server restore`: a new replica's data directory
@@ -42,6 +44,7 @@ pub mod net;
 mod node;
 pub mod paxos;
 mod peers;
+mod redis;
 pub mod restore;
 mod rpc;
 pub mod snapshot;
@@ -134,6 +137,7 @@ pub async fn run(
             id: m.id,
             client_addr: m.client_addr.clone(),
             peer_addr: m.peer_addr.clone(),
+            redis_addr: None,
         },
         None => config
             .replicas
@@ -185,6 +189,7 @@ pub async fn run(
         snapshot_dir.clone(),
         faults,
     );
+    let redis_handler = handler.clone();
     let server_tls = match &tls {
         Some(tls) => Some(
             tls.server_config()
@@ -251,6 +256,31 @@ pub async fn run(
             Some(tokio::spawn(admin::serve(listener, admin_tls, state)))
         }
     };
+    let redis = match &config.redis_addr {
+        None => None,
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| ServerError::Bind {
+                        addr: addr.clone(),
+                        error,
+                    })?;
+            let redis_tls = match &tls {
+                Some(tls) => Some(
+                    tls.server_config()
+                        .map_err(|e| ServerError::Config(e.to_string()))?,
+                ),
+                None => None,
+            };
+            tracing::info!(id = config.id, redis = %addr, tls = redis_tls.is_some(), "RESP listener serving");
+            Some(tokio::spawn(redis::serve(
+                listener,
+                redis_tls,
+                redis_handler,
+            )))
+        }
+    };
     let (listeners_ended, aborts) = listeners.watch();
     let (stop, failed) = stop_signal(config.id, shutdown, listeners_ended);
     let result = node.run(rx, config.tick, stop).await;
@@ -259,6 +289,9 @@ pub async fn run(
     }
     if let Some(admin) = admin {
         admin.abort();
+    }
+    if let Some(redis) = redis {
+        redis.abort();
     }
     match failed.await {
         Ok(why) => Err(ServerError::Internal(why)),

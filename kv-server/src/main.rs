@@ -95,7 +95,7 @@ struct Cli {
     #[arg(long, value_name = "ID", required = true, value_parser = clap::value_parser!(u64).range(1..))]
     id: Option<u64>,
 
-    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR` a line. Only a new
+    /// The replica file: one `ID CLIENT_ADDR PEER_ADDR [REDIS_ADDR]` a line. Only a new
     /// cluster's first configuration comes from it; after that the cluster
     /// keeps its own (`kv-client member`), and a replica whose file
     /// disagrees says so and follows the cluster's.
@@ -227,6 +227,15 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     admin_addr: Option<String>,
 
+    /// Serve the Redis protocol (RESP2) on ADDR (host:port), for
+    /// redis-cli, redis-benchmark and Redis client libraries; default: the
+    /// replica file's fourth column for this replica, if it has one, else
+    /// off. With the --tls-* options it speaks TLS and the client
+    /// certificate's role decides what a connection may do. Like the other
+    /// ports, a plain address must be loopback unless --insecure.
+    #[arg(long, value_name = "ADDR")]
+    redis_addr: Option<String>,
+
     /// How log lines are written to stderr: `text` for people, `json` for
     /// log shippers (one object a line: ts, level, target, replica, msg,
     /// fields).
@@ -257,7 +266,9 @@ Example:
 
 Prints one line per replica: `replica ID client ADDR peer ADDR pid PID data DIR`,
 and after it `replica ID admin ADDR`: each replica gets an admin listener
-on a free loopback port (/metrics, /livez, /readyz, /status).
+on a free loopback port (/metrics, /livez, /readyz, /status); then
+`replica ID redis ADDR`: where it serves the Redis protocol (the replica
+file's fourth column, else a free loopback port).
 The replicas' log lines are copied to stderr prefixed with `[replica ID]`.
 
 With --chaos, it polls every replica's status every 200 ms and prints
@@ -649,6 +660,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
                     _ => None,
                 },
                 admin_addr: cli.admin_addr,
+                redis_addr: cli.redis_addr,
             };
             let source = match cli.join {
                 Some(addr) => Source::Join {
@@ -694,6 +706,7 @@ struct Tuning {
     max_sessions: u64,
     tls: Option<kv_api::tls::TlsFiles>,
     admin_addr: Option<String>,
+    redis_addr: Option<String>,
 }
 
 /// Seconds, fractions allowed, from 1 ms to 30 days.
@@ -848,6 +861,7 @@ async fn run_replica(
                             id: m.id,
                             client_addr: m.client_addr.clone(),
                             peer_addr: m.peer_addr.clone(),
+                            redis_addr: None,
                         })
                         .collect(),
                     source: PathBuf::from(format!("the configuration of {addr}")),
@@ -866,11 +880,15 @@ async fn run_replica(
     config.max_sessions = tuning.max_sessions;
     config.tls = tuning.tls;
     config.admin_addr = tuning.admin_addr;
+    config.redis_addr = tuning
+        .redis_addr
+        .or_else(|| config.replicas.get(id).and_then(|me| me.redis_addr.clone()));
     config.validate()?;
     if let Some(me) = config.replicas.get(id) {
         let tls_configured = config.tls.is_some();
         let mut addrs = vec![me.client_addr.as_str(), me.peer_addr.as_str()];
         addrs.extend(config.admin_addr.as_deref());
+        addrs.extend(config.redis_addr.as_deref());
         kv_server::binds::refuse_plain_public_bind(&addrs, tls_configured, tuning.insecure)
             .map_err(Failure::usage)?;
         if tuning.insecure

@@ -610,6 +610,9 @@ impl Node {
                     }
                 }
             }
+            Input::Lease { id, reply } => {
+                let _ = reply.send(self.sm.lease(id));
+            }
             Input::Status { reply } => {
                 let _ = reply.send(ReplicaStatus {
                     id: self.core.id(),

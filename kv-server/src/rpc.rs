@@ -110,7 +110,7 @@ impl Handler {
     }
 
     /// This handler for one connection.
-    fn for_conn(&self, caller: Caller, from: SocketAddr) -> Handler {
+    pub(crate) fn for_conn(&self, caller: Caller, from: SocketAddr) -> Handler {
         Handler {
             conn: Some(Arc::new(Connection {
                 caller,
@@ -246,6 +246,79 @@ impl Handler {
         .and_then(unpack)
         .unwrap_or(refused)
     }
+}
+
+/// What the RESP listener (`crate::redis`) calls: the same paths as the
+/// `Kv` service (authorization, follower forwarding, metrics), with a
+/// deadline instead of a tarpc context.
+impl Handler {
+    /// This replica's id.
+    pub(crate) fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The key and value limits.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A write, forwarded to the leader if this replica is not it.
+    pub(crate) async fn client_write(
+        &self,
+        req: WriteRequest,
+        deadline: Instant,
+    ) -> std::result::Result<WriteOutcome, KvError> {
+        Kv::write(self.clone(), ctx_until(deadline), req, Route::Forward).await
+    }
+
+    /// A linearizable get, forwarded to the leader if need be.
+    pub(crate) async fn client_get(
+        &self,
+        key: Vec<u8>,
+        deadline: Instant,
+    ) -> std::result::Result<GetResponse, KvError> {
+        Kv::get(
+            self.clone(),
+            ctx_until(deadline),
+            key,
+            ReadMode::Linearizable,
+            Route::Forward,
+        )
+        .await
+    }
+
+    /// A linearizable range, forwarded to the leader if need be.
+    pub(crate) async fn client_range(
+        &self,
+        req: RangeRequest,
+        deadline: Instant,
+    ) -> std::result::Result<RangeResponse, KvError> {
+        Kv::range(
+            self.clone(),
+            ctx_until(deadline),
+            req,
+            ReadMode::Linearizable,
+            Route::Forward,
+        )
+        .await
+    }
+
+    /// This replica's status.
+    pub(crate) async fn client_status(&self) -> ReplicaStatus {
+        Kv::status(self.clone(), tarpc::context::current()).await
+    }
+
+    /// Lease `id`'s TTL and the log time it ends at, as this replica's
+    /// state machine has it (`None`: it does not know the lease).
+    pub(crate) async fn lease_here(&self, id: u64) -> Option<(u64, u64)> {
+        self.ask(|reply| Input::Lease { id, reply }).await.flatten()
+    }
+}
+
+fn ctx_until(deadline: Instant) -> Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = deadline;
+    ctx
 }
 
 /// Times one client request into `kvpaxos_client_requests_total` and

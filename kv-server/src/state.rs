@@ -43,8 +43,8 @@ use std::iter::Peekable;
 use std::ops::Bound;
 
 use kv_api::{
-    range_token, EventKind, KeyValue, KvError, LeaseOp, LeaseResult, Limits, Op, OpResult,
-    RangeRequest, RangeResponse, Slot, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent,
+    range_token, EventKind, IncrError, KeyValue, KvError, LeaseOp, LeaseResult, Limits, Op,
+    OpResult, RangeRequest, RangeResponse, Slot, Txn, TxnOp, TxnOpResult, TxnResult, WatchEvent,
     WatchRequest, WatchResponse, WriteOutcome, WriteRequest, MAX_RANGE_BYTES, MAX_WATCH_EVENTS,
 };
 use serde::{Deserialize, Serialize};
@@ -1290,6 +1290,20 @@ impl StateMachine {
                 }
             }
             Op::Txn(txn) => return OpResult::Txn(self.txn(txn)),
+            Op::Incr { key, by } => {
+                let (current, lease) = match self.map.get(key) {
+                    None => (Some(0), 0),
+                    Some(e) => (parse_integer(&e.value), e.lease),
+                };
+                match current.map(|c| c.checked_add(*by)) {
+                    None => (OpResult::Incr(Err(IncrError::NotAnInteger)), false),
+                    Some(None) => (OpResult::Incr(Err(IncrError::Overflow)), false),
+                    Some(Some(n)) => {
+                        self.insert(key, n.to_string().as_bytes(), rev, lease);
+                        (OpResult::Incr(Ok(n)), true)
+                    }
+                }
+            }
             Op::Lease(l) => return OpResult::Lease(self.lease_op(slot, l)),
             Op::Compact { revision } => {
                 self.forget_history((*revision).min(self.revision));
@@ -1478,6 +1492,47 @@ mod tests {
             key: k.into(),
             op,
             target,
+        }
+    }
+
+    #[test]
+    fn incr_adds_in_place_keeps_the_lease_and_counts_a_retry_once() {
+        let mut sm = StateMachine::default();
+        let s = open(&mut sm, 1);
+        let incr = |by| Op::Incr {
+            key: b"n".to_vec(),
+            by,
+        };
+        assert_eq!(
+            ok(&mut sm, 2, req(s, 1, incr(5))).result,
+            OpResult::Incr(Ok(5))
+        );
+        // The same (session, seq) again: the first result, not 10.
+        assert_eq!(
+            ok(&mut sm, 3, req(s, 1, incr(5))).result,
+            OpResult::Incr(Ok(5))
+        );
+        assert_eq!(
+            ok(&mut sm, 4, req(s, 2, incr(-7))).result,
+            OpResult::Incr(Ok(-2))
+        );
+        assert_eq!(sm.get_kv(b"n").unwrap().value, b"-2");
+        ok(&mut sm, 5, req(s, 3, put("t", "x1")));
+        let t = |by| Op::Incr {
+            key: b"t".to_vec(),
+            by,
+        };
+        assert_eq!(
+            ok(&mut sm, 6, req(s, 4, t(1))).result,
+            OpResult::Incr(Err(IncrError::NotAnInteger))
+        );
+        ok(&mut sm, 7, req(s, 5, put("t", &i64::MAX.to_string())));
+        assert_eq!(
+            ok(&mut sm, 8, req(s, 6, t(1))).result,
+            OpResult::Incr(Err(IncrError::Overflow))
+        );
+        for bad in ["", "01", "+1", " 1", "-0", "1.0", "99999999999999999999"] {
+            assert_eq!(parse_integer(bad.as_bytes()), None, "{bad:?}");
         }
     }
 
@@ -2466,4 +2521,19 @@ mod cost {
         let per = started.elapsed() / n as u32;
         println!("apply_cost: {per:?} per put (10,000 keys, 128-byte values)");
     }
+}
+
+/// A decimal integer as Redis reads one: an optional `-`, digits without a
+/// leading zero (or `0` alone), within 64 bits.
+pub fn parse_integer(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || !digits.bytes().all(|c| c.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || s == "-0"
+    {
+        return None;
+    }
+    s.parse().ok()
 }

@@ -330,7 +330,7 @@ fn replica_file_line_with_two_fields_is_refused_naming_file_and_line() {
         assert_refused(
             &out,
             2,
-            "kv-server: replica:3: expected `ID CLIENT_ADDR PEER_ADDR`, found 2 field(s): \
+            "kv-server: replica:3: expected `ID CLIENT_ADDR PEER_ADDR [REDIS_ADDR]`, found 2 field(s): \
              \"2 127.0.0.1:7002\"",
         );
     }

@@ -374,6 +374,8 @@ struct Node {
     peer_addr: String,
     /// Its `--admin-addr`, if the cluster runs admin listeners.
     admin_addr: Option<String>,
+    /// Its `--redis-addr`, if the cluster runs RESP listeners.
+    redis_addr: Option<String>,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -512,6 +514,43 @@ impl Cluster {
         cluster
     }
 
+    /// Like [`Cluster::start_with_args`], without TLS (whatever
+    /// `KV_TEST_TLS` says: Redis tools dial plain TCP), every replica also
+    /// serving the Redis protocol on a free loopback port
+    /// ([`Cluster::redis_addr`]).
+    pub async fn start_with_redis(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::start_redis(n, server_args, false).await
+    }
+
+    /// Like [`Cluster::start_with_redis`], with TLS on every port (the RESP
+    /// port included: clients present a certificate from
+    /// [`Cluster::tls_dir`]).
+    pub async fn start_with_redis_tls(n: usize, server_args: &[&str]) -> Cluster {
+        Cluster::start_redis(n, server_args, true).await
+    }
+
+    async fn start_redis(n: usize, server_args: &[&str], tls: bool) -> Cluster {
+        let mut cluster = Cluster::build(n, server_args, tls, false);
+        let mut ports = free_ports(n);
+        for node in cluster.nodes.values_mut() {
+            node.redis_addr = ports.pop().map(|p| format!("127.0.0.1:{p}"));
+        }
+        for id in cluster.ids() {
+            cluster.spawn(id);
+        }
+        cluster.wait_ready(START_TIMEOUT).await;
+        cluster
+    }
+
+    /// Replica `id`'s RESP listener (`host:port`); panics unless the
+    /// cluster was started with [`Cluster::start_with_redis`].
+    pub fn redis_addr(&self, id: ReplicaId) -> &str {
+        self.node(id)
+            .redis_addr
+            .as_deref()
+            .expect("the cluster was started with RESP listeners")
+    }
+
     fn start_without_waiting_tls(n: usize, server_args: &[&str], tls: bool) -> Cluster {
         Cluster::start_inner(n, server_args, tls, false)
     }
@@ -555,6 +594,7 @@ impl Cluster {
                         client_addr: r.client_addr.clone(),
                         peer_addr: r.peer_addr.clone(),
                         admin_addr: admin_ports.pop().map(|p| format!("127.0.0.1:{p}")),
+                        redis_addr: None,
                         data_dir: dir.join("data").join(r.id.to_string()),
                         log: dir.join("logs").join(format!("replica-{}.log", r.id)),
                         child: None,
@@ -704,6 +744,7 @@ impl Cluster {
             paused: false,
             join: Some(join),
             admin_addr: None,
+            redis_addr: None,
         };
         let addrs = (node.client_addr.clone(), node.peer_addr.clone());
         self.nodes.insert(id, node);
@@ -727,6 +768,10 @@ impl Cluster {
         }
         if let Some(addr) = &self.node(id).admin_addr {
             server_args.push("--admin-addr".into());
+            server_args.push(addr.clone());
+        }
+        if let Some(addr) = &self.node(id).redis_addr {
+            server_args.push("--redis-addr".into());
             server_args.push(addr.clone());
         }
         let node = self.node_mut(id);
