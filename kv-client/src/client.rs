@@ -849,41 +849,11 @@ impl Client {
     /// answer in time [`Error::Timeout`].
     pub async fn set_faults(&self, addr: &str, change: FaultSpec) -> Result<FaultReport> {
         change.validate().map_err(invalid)?;
-        let deadline = Instant::now() + self.inner.timeout;
-        // Two tries, as for status: a cached connection may have died.
-        let mut last = String::new();
-        for _ in 0..2 {
+        self.call_one(addr, move |c, ctx| {
             let change = change.clone();
-            match attempt(&self.inner.pool, addr, deadline, |c, ctx| async move {
-                c.set_faults(ctx, change).await
-            })
-            .await
-            {
-                Attempt::Done(r) => return Ok(r),
-                Attempt::NoConnection(e) => {
-                    return Err(Error::Unavailable(format!("{addr}: cannot connect: {e}")))
-                }
-                Attempt::CallFailed(e) => last = e,
-                Attempt::Refused(KvError::InvalidArgument(m)) => {
-                    return Err(Error::InvalidArgument(format!("{addr}: {m}")))
-                }
-                Attempt::Refused(KvError::Timeout(m)) => last = m,
-                Attempt::Refused(KvError::PermissionDenied(m)) => {
-                    return Err(Error::PermissionDenied(format!("{addr}: {m}")))
-                }
-                Attempt::Refused(KvError::Disabled(m)) => {
-                    return Err(Error::Disabled(format!("{addr}: {m}")))
-                }
-                Attempt::Refused(KvError::Conflict(m)) => {
-                    return Err(Error::Conflict(format!("{addr}: {m}")))
-                }
-                Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        Err(Error::Timeout(format!("{addr}: {last}")))
+            async move { c.set_faults(ctx, change).await }
+        })
+        .await
     }
 
     /// Admin: asks the one replica at `addr` for a snapshot to back up
@@ -912,8 +882,8 @@ impl Client {
         .await
     }
 
-    /// One call to the replica at `addr` only (two tries: a cached
-    /// connection may have died), errors mapped as for `set_faults`.
+    /// One call to the replica at `addr` only, bounded by the client's
+    /// timeout (two tries: a cached connection may have died).
     async fn call_one<T, F, Fut>(&self, addr: &str, f: F) -> Result<T>
     where
         F: Fn(KvClient, Context) -> Fut,
@@ -937,6 +907,9 @@ impl Client {
                 }
                 Attempt::Refused(KvError::Disabled(m)) => {
                     return Err(Error::Disabled(format!("{addr}: {m}")))
+                }
+                Attempt::Refused(KvError::Conflict(m)) => {
+                    return Err(Error::Conflict(format!("{addr}: {m}")))
                 }
                 Attempt::Refused(e) => return Err(Error::Unavailable(format!("{addr}: {e}"))),
             }

@@ -232,13 +232,7 @@ pub async fn run(
     let admin = match &config.admin_addr {
         None => None,
         Some(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|error| ServerError::Bind {
-                        addr: addr.clone(),
-                        error,
-                    })?;
+            let listener = bind(addr).await?;
             let admin_tls = match &tls {
                 Some(tls) => Some(
                     tls.server_config_optional_client()
@@ -259,13 +253,7 @@ pub async fn run(
     let redis = match &config.redis_addr {
         None => None,
         Some(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|error| ServerError::Bind {
-                        addr: addr.clone(),
-                        error,
-                    })?;
+            let listener = bind(addr).await?;
             let redis_tls = match &tls {
                 Some(tls) => Some(
                     tls.server_config()
@@ -297,6 +285,17 @@ pub async fn run(
         Ok(why) => Err(ServerError::Internal(why)),
         Err(_) => result,
     }
+}
+
+/// Binds one of the optional listeners (admin, RESP), naming the address
+/// if it cannot.
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| ServerError::Bind {
+            addr: addr.to_string(),
+            error,
+        })
 }
 
 /// How long a replica waits at start for its own addresses' names to
