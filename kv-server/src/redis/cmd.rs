@@ -267,17 +267,9 @@ pub async fn single(c: &mut Conn, name: &str, args: Args) -> Reply {
             }
         }
         "INCR" | "DECR" | "INCRBY" | "DECRBY" if keys_of(name, &args).is_ok() => {
-            let by = match name {
-                "INCR" => 1,
-                "DECR" => -1,
-                _ => match parse_i64(&args[2]) {
-                    Some(n) if name == "INCRBY" => n,
-                    Some(n) => match n.checked_neg() {
-                        Some(n) => n,
-                        None => return Reply::err("decrement would overflow"),
-                    },
-                    None => return not_integer(),
-                },
+            let by = match incr_by(name, &args) {
+                Ok(by) => by,
+                Err(reply) => return reply,
             };
             let op = Op::Incr {
                 key: args[1].clone(),
@@ -677,6 +669,22 @@ fn parse_f64(b: &[u8]) -> Option<f64> {
     (!v.is_nan()).then_some(v)
 }
 
+/// What `INCR`, `DECR`, `INCRBY` or `DECRBY` (`name`, arity checked)
+/// adds, or the error reply for its argument.
+fn incr_by(name: &str, args: &[Vec<u8>]) -> Result<i64, Reply> {
+    match name {
+        "INCR" => Ok(1),
+        "DECR" => Ok(-1),
+        _ => match parse_i64(&args[2]) {
+            Some(n) if name == "INCRBY" => Ok(n),
+            Some(n) => n
+                .checked_neg()
+                .ok_or_else(|| Reply::err("decrement would overflow")),
+            None => Err(not_integer()),
+        },
+    }
+}
+
 fn not_integer() -> Reply {
     Reply::err("value is not an integer or out of range")
 }
@@ -784,19 +792,9 @@ fn apply(tx: &mut Tx, args: &Args, max_value: usize) -> Reply {
             Reply::Int(1)
         }
         "INCR" | "DECR" | "INCRBY" | "DECRBY" => {
-            let by = match name.as_str() {
-                "INCR" => 1,
-                "DECR" => -1,
-                _ => match parse_i64(&args[2]) {
-                    Some(n) if name == "INCRBY" => n,
-                    Some(n) => match n.checked_neg() {
-                        Some(n) => n,
-                        None => {
-                            return Reply::err("decrement would overflow");
-                        }
-                    },
-                    None => return not_integer(),
-                },
+            let by = match incr_by(&name, args) {
+                Ok(by) => by,
+                Err(reply) => return reply,
             };
             let (cur, lease) = match tx.get(k) {
                 None => (0, Lease::None),
