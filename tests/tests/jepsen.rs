@@ -597,28 +597,47 @@ struct RunSummary {
     reported: FaultReport,
 }
 
-async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
-    let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
+/// The keys a run of `run_for` spreads its register writes over.
+fn keys_for(run_for: Duration) -> usize {
+    KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize)
+}
+
+/// A five-replica cluster for `seed`: TLS for even seeds (or all with
+/// `KV_TEST_TLS`), plain TCP for odd ones; says which.
+async fn start_cluster(seed: u64, what: &str) -> Cluster {
     // Not `is_multiple_of`: that needs Rust 1.87, the workspace says 1.80.
     #[allow(clippy::manual_is_multiple_of)]
-    let mut cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
+    let cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
         Cluster::start_tls(5, &[]).await
     } else {
         Cluster::start(5).await
     };
-    eprintln!(
-        "seed {seed}: {}",
-        if cluster.tls_dir().is_some() {
-            "TLS"
-        } else {
-            "plain TCP"
-        }
-    );
+    let how = if cluster.tls_dir().is_some() {
+        "TLS"
+    } else {
+        "plain TCP"
+    };
+    eprintln!("seed {seed}{what}: {how}");
+    cluster
+}
+
+/// The register clients of a run, started: their history, the flag that
+/// stops them, the addresses they use, and their tasks.
+fn start_register_clients(
+    cluster: &Cluster,
+    seed: u64,
+    keys: usize,
+) -> (
+    Recorder,
+    Arc<AtomicBool>,
+    Arc<Route>,
+    tokio::task::JoinSet<u64>,
+) {
     let rec = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
     let route = Route::new(
         cluster.builder().timeout(Duration::from_secs(1)),
-        addrs_of(&cluster, &cluster.ids()),
+        addrs_of(cluster, &cluster.ids()),
     );
     let mut clients = tokio::task::JoinSet::new();
     for id in 1..=CLIENTS {
@@ -631,6 +650,13 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
             keys,
         ));
     }
+    (rec, stop, route, clients)
+}
+
+async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
+    let keys = keys_for(run_for);
+    let mut cluster = start_cluster(seed, "").await;
+    let (rec, stop, _route, mut clients) = start_register_clients(&cluster, seed, keys);
 
     let mut nemesis = Nemesis::new(seed, &ALL_FAULTS, MIN_EACH);
     let started = Instant::now();
@@ -1352,21 +1378,8 @@ struct DataSummary {
 }
 
 async fn run_data_seed(seed: u64, run_for: Duration) -> DataSummary {
-    let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
-    #[allow(clippy::manual_is_multiple_of)]
-    let mut cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
-        Cluster::start_tls(5, &[]).await
-    } else {
-        Cluster::start(5).await
-    };
-    eprintln!(
-        "seed {seed} (data model): {}",
-        if cluster.tls_dir().is_some() {
-            "TLS"
-        } else {
-            "plain TCP"
-        }
-    );
+    let keys = keys_for(run_for);
+    let mut cluster = start_cluster(seed, " (data model)").await;
     // The accounts, opened in one transaction before anything else.
     let setup = cluster.client_with_timeout(Duration::from_secs(10));
     let open = Txn {
@@ -1929,38 +1942,9 @@ struct MemberSummary {
 }
 
 async fn run_member_seed(seed: u64, run_for: Duration) -> MemberSummary {
-    let keys = KEYS_PER_MINUTE * (run_for.as_secs().div_ceil(60).max(1) as usize);
-    #[allow(clippy::manual_is_multiple_of)]
-    let mut cluster = if seed % 2 == 0 || kv_tests::tls_by_env() {
-        Cluster::start_tls(5, &[]).await
-    } else {
-        Cluster::start(5).await
-    };
-    eprintln!(
-        "seed {seed} (membership): {}",
-        if cluster.tls_dir().is_some() {
-            "TLS"
-        } else {
-            "plain TCP"
-        }
-    );
-    let rec = Recorder::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let route = Route::new(
-        cluster.builder().timeout(Duration::from_secs(1)),
-        addrs_of(&cluster, &cluster.ids()),
-    );
-    let mut clients = tokio::task::JoinSet::new();
-    for id in 1..=CLIENTS {
-        clients.spawn(client_loop(
-            route.clone(),
-            id,
-            seed,
-            rec.clone(),
-            stop.clone(),
-            keys,
-        ));
-    }
+    let keys = keys_for(run_for);
+    let mut cluster = start_cluster(seed, " (membership)").await;
+    let (rec, stop, route, mut clients) = start_register_clients(&cluster, seed, keys);
     let membership = cluster
         .client()
         .members()
