@@ -12,8 +12,9 @@
 //! - [`state`] — the key-value map and the client sessions (deduplication,
 //!   expiry by the log's clock).
 //! - `lock` — one replica process per data directory (`LOCK`, flock).
-//! - `node` — the driver task that owns core, storage and state machine.
-//! - `inbox` — what the driver receives (`Input`), from `peers`, `rpc` and
+//! - [`node`] — the driver task that owns core, storage and state machine,
+//!   generic over its log store and outbox so the simulation runs it too.
+//! - [`inbox`] — what the driver receives (`Input`), from `peers`, `rpc` and
 //!   itself; owned by none of them, so none imports another's.
 //! - `peers` — outgoing peer calls: parallel, deadline-bounded, redialling.
 //! - `rpc` — the `Kv` and `Peer` tarpc services.
@@ -36,12 +37,12 @@ pub mod binds;
 pub mod config;
 mod error;
 pub mod faults;
-mod inbox;
+pub mod inbox;
 mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod net;
-mod node;
+pub mod node;
 pub mod paxos;
 mod peers;
 mod redis;
@@ -89,22 +90,12 @@ pub async fn run(
         path: config.data_dir.clone(),
         message: format!("opening the storage failed: {e}"),
     })?;
-    let (storage, mut durable, snapshot_dir, snapshot_index, mut sm) = opened?;
+    let (storage, mut durable, snapshot_dir, snapshot_index, sm) = opened?;
     durable.snapshot = snapshot_index;
     let given = config
         .join
         .clone()
         .unwrap_or_else(|| Membership::from_replicas(&config.replicas));
-    // The configuration to start from: the snapshot's, else the first one
-    // this replica recorded, else (a new replica) the one it was given.
-    let (start, persist_seed) = match (sm.known_membership().cloned(), durable.membership.take()) {
-        (Some(m), _) => (m, false),
-        (None, Some(seed)) => (seed, false),
-        (None, None) => (given.clone(), true),
-    };
-    sm.set_membership(start.clone());
-    durable.membership = Some(start);
-    durable.persist_seed = persist_seed;
     let members: Vec<u64> = given.members.iter().map(|m| m.id).collect();
     let mut core_cfg = paxos::Config::new(config.id, members);
     core_cfg.seed = rand::random();
@@ -117,7 +108,7 @@ pub async fn run(
         "loaded state from {}",
         storage.path().display()
     );
-    let core = paxos::Paxos::new(core_cfg, durable);
+    let (core, sm, persist_seed) = node::recover(core_cfg, &given, durable, sm);
     let current = core.membership().clone();
     if !persist_seed && config.join.is_none() && !current.same_members(&given) {
         tracing::warn!(
@@ -218,16 +209,9 @@ pub async fn run(
         data_dir = %config.data_dir.display(),
         "replica serving"
     );
-    let snapshots = node::Snapshots {
-        dir: snapshot_dir,
-        every: config.snapshot_every,
-        latest: snapshot_index,
-        log_bytes: 0,
-        taking: false,
-        receiving: false,
-        installed: 0,
-    };
-    let node = node::Node::new(core, sm, storage, snapshots, pool, tx)
+    let snapshots = node::Snapshots::new(config.snapshot_every, snapshot_index);
+    let outbox = node::PeerOutbox::new(pool, tx, snapshot_dir);
+    let node = node::Node::new(core, sm, storage, snapshots, outbox, rand::random())
         .sessions(config.session_ttl, config.max_sessions);
     let admin = match &config.admin_addr {
         None => None,

@@ -7,6 +7,19 @@
 //! Everything that arrives while a sync is in progress waits in the input
 //! queue and is handled in the next round, so its records share the next
 //! sync: group commit falls out of the loop's shape.
+//!
+//! # The driver and its world
+//!
+//! The driver is generic over where its records go ([`LogStore`]) and
+//! over everything else it hands to the world ([`Outbox`]: peer messages,
+//! snapshot writes and transfers, and the clocks it reads). A replica runs
+//! it with [`Storage`] and [`PeerOutbox`] on tokio ([`Node::run`]); the
+//! deterministic simulation (`kv-server/tests/simulation.rs`) runs the
+//! same driver, round by round ([`Node::handle`], [`Node::tick`],
+//! [`Node::round`]), with a simulated disk that may lose a round's
+//! un-synced records, a simulated network, and a simulated clock. What
+//! only the tokio runner does: hand large writes to the blocking pool
+//! while it keeps heartbeats going, and time its rounds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,13 +29,15 @@ use kv_api::{
     GetResponse, KvError, LeaderHint, Limits, Op, RangeRequest, ReadMode, ReplicaId, ReplicaStatus,
     WriteRequest,
 };
-use kv_peer_api::{Slot, SnapshotRequest, Value};
+use kv_peer_api::{Membership, Slot, SnapshotRequest, Value};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::Health;
 use crate::inbox::{GetReply, Input, RangeReply, WatchReply, WriteReply};
 use crate::metrics::{self, gauge_value, OutcomeLabel};
-use crate::paxos::{Msg, Paxos, Refusal, Standing};
+use crate::paxos::{Msg, Paxos, Ready, Record, Refusal, Standing};
 use crate::peers::PeerPool;
 use crate::snapshot::{SnapshotDir, MAX_SNAPSHOT_CHUNK};
 use crate::state::{StateMachine, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS};
@@ -110,10 +125,14 @@ impl PendingRead {
 
 /// Snapshot bookkeeping of the driver.
 pub struct Snapshots {
-    /// The data directory's snapshot files.
-    pub dir: SnapshotDir,
     /// Take one every this many applied entries.
     pub every: u64,
+    /// Client commands, and bytes of them, kept in the log behind a
+    /// snapshot ([`KEEP_BEHIND_SNAPSHOT`], [`KEEP_BEHIND_SNAPSHOT_BYTES`]
+    /// unless a simulation wants its logs compacted sooner).
+    pub keep_commands: usize,
+    /// See `keep_commands`.
+    pub keep_bytes: usize,
     /// The newest durable snapshot.
     pub latest: Slot,
     /// Bytes of the writes applied since the last snapshot began (or was
@@ -127,13 +146,153 @@ pub struct Snapshots {
     pub installed: u64,
 }
 
-/// The driver's state.
-pub struct Node {
-    core: Paxos,
-    sm: StateMachine,
-    storage: Option<Storage>,
+impl Snapshots {
+    /// A snapshot every `every` applied entries; the newest durable one is
+    /// at `latest` (0: none).
+    pub fn new(every: u64, latest: Slot) -> Snapshots {
+        Snapshots {
+            every,
+            keep_commands: KEEP_BEHIND_SNAPSHOT,
+            keep_bytes: KEEP_BEHIND_SNAPSHOT_BYTES,
+            latest,
+            log_bytes: 0,
+            taking: false,
+            receiving: false,
+            installed: 0,
+        }
+    }
+}
+
+/// Where the driver's records go: written and synced before anything that
+/// depends on them leaves the driver (see [`Node::round`]). An error stops
+/// the driver: what the round promised is not durable.
+pub trait LogStore {
+    /// Writes and syncs one round's records, in order.
+    fn write(&mut self, records: &[Record]) -> Result<()>;
+}
+
+impl LogStore for Storage {
+    fn write(&mut self, records: &[Record]) -> Result<()> {
+        Storage::write(self, records)
+    }
+}
+
+/// Everything else the driver hands to the world, and the clocks it reads.
+/// Nothing here may block: a message or a snapshot transfer is started
+/// and its outcome comes back later as an [`Input`].
+pub trait Outbox {
+    /// Sends `msg` to peer `to`; its answer, if any, comes back as an
+    /// [`Input::Peer`] without a reply channel.
+    fn send(&mut self, to: ReplicaId, msg: Msg);
+    /// The configuration changed: talk to its members.
+    fn set_members(&mut self, members: &Membership);
+    /// Writes `sm`, as of `index`, as this replica's newest snapshot; the
+    /// outcome comes back as [`Input::SnapshotTaken`].
+    fn write_snapshot(&mut self, index: Slot, sm: StateMachine);
+    /// Fetches the newest snapshot of `peer` and makes it durable here;
+    /// the outcome comes back as [`Input::SnapshotReceived`].
+    fn fetch_snapshot(&mut self, me: ReplicaId, peer: ReplicaId);
+    /// The monotonic clock: watch deadlines and how often the leader
+    /// writes its clock into the log.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    /// This replica's wall clock, in milliseconds since the Unix epoch:
+    /// only ever written into the log by a leader (time readings, lease
+    /// grants); nothing is decided by it directly.
+    fn unix_ms(&self) -> u64 {
+        now_ms()
+    }
+    /// The driver applied `value` at `slot` (after the state machine did):
+    /// for a checker to compare what replicas apply. Nothing by default.
+    fn applied(&mut self, _slot: Slot, _value: &Value) {}
+}
+
+/// The replica's [`Outbox`]: peer messages through the [`PeerPool`] (their
+/// answers back into the driver's inbox), snapshots into the data
+/// directory on the blocking pool, the system clocks.
+pub struct PeerOutbox {
     pool: Arc<PeerPool>,
     inputs: mpsc::Sender<Input>,
+    dir: SnapshotDir,
+}
+
+impl PeerOutbox {
+    /// Sends through `pool`, answers into `inputs`, snapshots into `dir`.
+    pub(crate) fn new(
+        pool: Arc<PeerPool>,
+        inputs: mpsc::Sender<Input>,
+        dir: SnapshotDir,
+    ) -> PeerOutbox {
+        PeerOutbox { pool, inputs, dir }
+    }
+}
+
+impl Outbox for PeerOutbox {
+    fn send(&mut self, to: ReplicaId, msg: Msg) {
+        self.pool.send(to, msg, self.inputs.clone());
+    }
+
+    fn set_members(&mut self, members: &Membership) {
+        self.pool.set_members(members);
+    }
+
+    /// Serializing and syncing happen off the driver, on the blocking pool.
+    fn write_snapshot(&mut self, index: Slot, copy: StateMachine) {
+        let dir = self.dir.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let written = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let r = dir.write(index, &copy);
+                if r.is_ok() {
+                    let m = metrics::global();
+                    m.snapshot_duration.observe(started.elapsed().as_secs_f64());
+                    if let Ok(meta) = std::fs::metadata(dir.path(index)) {
+                        m.snapshot_size.set(gauge_value(meta.len()));
+                    }
+                }
+                r
+            })
+            .await;
+            let result = match written {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = inputs.send(Input::SnapshotTaken { index, result }).await;
+        });
+    }
+
+    /// In bounded chunks into a partial file, verified, then renamed into
+    /// place (the commit point: a crash before leaves the old state), then
+    /// decoded for install.
+    fn fetch_snapshot(&mut self, me: ReplicaId, peer: ReplicaId) {
+        let pool = self.pool.clone();
+        let dir = self.dir.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = download(pool, peer, me, dir).await;
+            if result.is_ok() {
+                metrics::global()
+                    .snapshot_transfer_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            let _ = inputs.send(Input::SnapshotReceived { result }).await;
+        });
+    }
+}
+
+/// The driver's state: generic over its log store and its outbox (see the
+/// module docs).
+pub struct Node<S = Storage, O = PeerOutbox> {
+    core: Paxos,
+    sm: StateMachine,
+    /// `None` while a write runs on the blocking pool (or after one failed).
+    store: Option<S>,
+    outbox: O,
+    /// Session tokens and new-leader entry ids.
+    rng: StdRng,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
     reads: HashMap<u64, PendingRead>,
@@ -200,16 +359,18 @@ impl Proposals {
     }
 }
 
-impl Node {
-    /// A driver for `core`, which was built from `storage`'s contents.
+impl<S: LogStore, O: Outbox> Node<S, O> {
+    /// A driver for `core` and `sm`, which were recovered from `store`'s
+    /// contents and the newest snapshot (see [`recover`]). `seed` seeds
+    /// the tokens it draws (session opens, new-leader entries).
     pub fn new(
         core: Paxos,
         sm: StateMachine,
-        storage: Storage,
+        store: S,
         snapshots: Snapshots,
-        pool: Arc<PeerPool>,
-        inputs: mpsc::Sender<Input>,
-    ) -> Node {
+        outbox: O,
+        seed: u64,
+    ) -> Node<S, O> {
         // A ballot of its own promised before a restart is not an
         // election started now.
         let seen = Seen {
@@ -220,9 +381,9 @@ impl Node {
             core,
             sm,
             snapshots,
-            storage: Some(storage),
-            pool,
-            inputs,
+            store: Some(store),
+            outbox,
+            rng: StdRng::seed_from_u64(seed),
             held_replies: Vec::new(),
             waiters: HashMap::new(),
             reads: HashMap::new(),
@@ -244,14 +405,29 @@ impl Node {
         }
     }
 
-    /// What this driver tells the admin listener's probes.
-    pub fn health(&self) -> Arc<Health> {
-        self.health.clone()
+    /// The consensus core.
+    pub fn core(&self) -> &Paxos {
+        &self.core
     }
 
-    /// A sender into this driver's inbox.
-    pub fn inputs(&self) -> mpsc::Sender<Input> {
-        self.inputs.clone()
+    /// The state machine.
+    pub fn state(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// The outbox.
+    pub fn outbox(&self) -> &O {
+        &self.outbox
+    }
+
+    /// The outbox, to take what the driver handed out.
+    pub fn outbox_mut(&mut self) -> &mut O {
+        &mut self.outbox
+    }
+
+    /// What this driver tells the admin listener's probes.
+    pub(crate) fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Counts leader changes and elections from what the round changed:
@@ -314,73 +490,15 @@ impl Node {
     /// opens it proposes as leader (defaults: [`DEFAULT_SESSION_TTL_MS`],
     /// [`DEFAULT_MAX_SESSIONS`]). They take effect through the log, so
     /// replicas started with different values still agree.
-    pub fn sessions(mut self, ttl: Duration, max_sessions: u64) -> Node {
+    pub fn sessions(mut self, ttl: Duration, max_sessions: u64) -> Node<S, O> {
         self.session_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.max_sessions = max_sessions.max(1);
         self
     }
 
-    /// Serves inputs until `shutdown` resolves or a storage failure makes
-    /// it unsafe to go on.
-    pub async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Input>,
-        tick: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<()> {
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.flush(&mut ticker).await?;
-        tokio::pin!(shutdown);
-        let mut last_slow_note: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                _ = ticker.tick() => self.tick(),
-                input = rx.recv() => match input {
-                    Some(input) => self.handle(input),
-                    None => break,
-                },
-            }
-            let started = Instant::now();
-            let mut inputs = 1;
-            for _ in 0..MAX_DRAIN {
-                match rx.try_recv() {
-                    Ok(input) => {
-                        inputs += 1;
-                        self.handle(input)
-                    }
-                    Err(_) => break,
-                }
-            }
-            let handled = started.elapsed();
-            self.flush(&mut ticker).await?;
-            self.observe_round();
-            let took = started.elapsed();
-            metrics::global().round.observe(took.as_secs_f64());
-            if took >= SLOW_ROUND && last_slow_note.is_none_or(|t| t.elapsed() >= SLOW_NOTE_EVERY) {
-                last_slow_note = Some(Instant::now());
-                tracing::warn!(
-                    id = self.core.id(),
-                    took_ms = took.as_millis() as u64,
-                    handling_ms = handled.as_millis() as u64,
-                    inputs,
-                    leader = self.core.is_leader(),
-                    persisted_bytes = self.last_write.bytes,
-                    compacted = self.last_write.compacts,
-                    persist_ms = self.last_write.took.as_millis() as u64,
-                    "a consensus round took long: heartbeats and answers were late meanwhile, \
-                     and followers may have started an election (an overloaded machine, \
-                     slow disk, or large values)"
-                );
-            }
-        }
-        tracing::info!(id = self.core.id(), "replica stopping");
-        Ok(())
-    }
-
-    fn tick(&mut self) {
+    /// Handles a tick (the timer of heartbeats, elections, retransmission
+    /// and watch deadlines). Its effects leave at the next [`Node::round`].
+    pub fn tick(&mut self) {
         self.core.tick();
         self.answer_watches(false);
         self.mark_leadership();
@@ -422,16 +540,18 @@ impl Node {
     fn propose_time(&mut self) {
         if !self.core.is_leader()
             || !self.leadership_applied
-            || self.time_proposed.is_some_and(|t| t.elapsed() < TIME_EVERY)
+            || self
+                .time_proposed
+                .is_some_and(|t| self.outbox.now().saturating_duration_since(t) < TIME_EVERY)
             || (self.sm.session_count() == 0
                 && self.sm.lease_count() == 0
                 && self.sm.sessions_required())
         {
             return;
         }
-        let ms = now_ms();
+        let ms = self.outbox.unix_ms();
         if self.core.propose_time(ms) {
-            self.time_proposed = Some(Instant::now());
+            self.time_proposed = Some(self.outbox.now());
         }
     }
 
@@ -449,19 +569,21 @@ impl Node {
         if self.leadership_marked {
             return;
         }
-        let seq = rand::random::<u64>();
+        let seq = self.rng.random::<u64>();
         let req = WriteRequest {
             client_id: 0,
             seq,
             acked_below: 0,
-            op: Op::NewLeader { now_ms: now_ms() },
+            op: Op::NewLeader {
+                now_ms: self.outbox.unix_ms(),
+            },
         };
         self.leadership_marked = self.core.propose(req).is_ok();
         if self.leadership_marked {
             self.leadership_entry = Some(seq);
             // The entry carries this leader's clock: it is a time reading,
             // and the next one is due a `TIME_EVERY` after it.
-            self.time_proposed = Some(Instant::now());
+            self.time_proposed = Some(self.outbox.now());
         }
     }
 
@@ -478,7 +600,7 @@ impl Node {
             max_sessions: self.max_sessions,
         };
         req.seq = loop {
-            let token = rand::random::<u64>();
+            let token = self.rng.random::<u64>();
             if !self.waiters.contains_key(&(0, token)) {
                 break token;
             }
@@ -497,7 +619,8 @@ impl Node {
         )
     }
 
-    fn handle(&mut self, input: Input) {
+    /// Handles one input. Its effects leave at the next [`Node::round`].
+    pub fn handle(&mut self, input: Input) {
         match input {
             Input::Peer { msg, reply } => {
                 // What the leader says it has chosen, for readiness and
@@ -532,7 +655,7 @@ impl Node {
                     | kv_api::LeaseOp::KeepAlive { now_ms: at, .. },
                 ) = &mut req.op
                 {
-                    *at = now_ms();
+                    *at = self.outbox.unix_ms();
                 }
                 if let Op::OpenSession { .. } = req.op {
                     self.prepare_open(&mut req);
@@ -599,7 +722,7 @@ impl Node {
             },
             Input::Watch { req, until, reply } => {
                 let parked = ParkedWatch { req, until, reply };
-                if let Some(parked) = self.try_watch(parked, Instant::now()) {
+                if let Some(parked) = self.try_watch(parked, self.outbox.now()) {
                     if self.watches.len() >= MAX_PARKED_WATCHES {
                         let _ = parked.reply.send(Err(KvError::Unavailable(format!(
                             "this replica already holds {MAX_PARKED_WATCHES} waiting watches; \
@@ -681,8 +804,8 @@ impl Node {
                         // slightly behind catches up from the log.
                         self.core.compact_keeping(
                             index,
-                            KEEP_BEHIND_SNAPSHOT,
-                            KEEP_BEHIND_SNAPSHOT_BYTES,
+                            self.snapshots.keep_commands,
+                            self.snapshots.keep_bytes,
                         );
                         tracing::info!(
                             id = self.core.id(),
@@ -755,7 +878,7 @@ impl Node {
         if self.watches.is_empty() {
             return;
         }
-        let now = Instant::now();
+        let now = self.outbox.now();
         let parked = std::mem::take(&mut self.watches);
         for w in parked {
             let due = applied || now >= w.until || w.reply.is_closed();
@@ -776,44 +899,16 @@ impl Node {
         self.start_snapshot();
     }
 
-    /// Starts writing a snapshot of the state now.
+    /// Starts writing a snapshot of the state now. The driver pauses only
+    /// for the copy of the map; the outbox writes it.
     fn start_snapshot(&mut self) {
         let applied = self.sm.applied();
         self.snapshots.taking = true;
         self.snapshots.log_bytes = 0;
-        let copy = self.sm.clone();
-        let dir = self.snapshots.dir.clone();
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            let written = tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let r = dir.write(applied, &copy);
-                if r.is_ok() {
-                    let m = metrics::global();
-                    m.snapshot_duration.observe(started.elapsed().as_secs_f64());
-                    if let Ok(meta) = std::fs::metadata(dir.path(applied)) {
-                        m.snapshot_size.set(gauge_value(meta.len()));
-                    }
-                }
-                r
-            })
-            .await;
-            let result = match written {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = inputs
-                .send(Input::SnapshotTaken {
-                    index: applied,
-                    result,
-                })
-                .await;
-        });
+        self.outbox.write_snapshot(applied, self.sm.clone());
     }
 
-    /// Fetches the newest snapshot of `peer` in bounded chunks into a
-    /// partial file, verifies it, renames it into place (the commit point:
-    /// a crash before leaves the old state), then decodes it for install.
+    /// Fetches the newest snapshot of `peer` (one transfer at a time).
     fn receive_snapshot(&mut self, peer: ReplicaId) {
         if self.snapshots.receiving {
             return;
@@ -824,20 +919,8 @@ impl Node {
             applied = self.sm.applied(),
             "behind the peers' logs; fetching a snapshot"
         );
-        let pool = self.pool.clone();
-        let dir = self.snapshots.dir.clone();
-        let inputs = self.inputs.clone();
         let me = self.core.id();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = download(pool, peer, me, dir).await;
-            if result.is_ok() {
-                metrics::global()
-                    .snapshot_transfer_duration
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            let _ = inputs.send(Input::SnapshotReceived { result }).await;
-        });
+        self.outbox.fetch_snapshot(me, peer);
     }
 
     fn read_local(&self, key: &[u8]) -> GetResponse {
@@ -847,76 +930,48 @@ impl Node {
         }
     }
 
-    /// Carries out the core's `Ready`: send requests, persist, release
-    /// replies, apply.
-    async fn flush(&mut self, ticker: &mut tokio::time::Interval) -> Result<()> {
-        let ready = self.core.ready();
-        // Requests go out before our own sync, so the leader's disk write
-        // overlaps the followers' (one sync on the critical path, not two).
-        // Safe: answers to them are handled only after this flush returns,
-        // i.e. after our own records are durable.
-        let sent = !ready.messages.is_empty();
-        if let Some(m) = &ready.membership {
-            self.pool.set_members(m);
-        }
-        for (to, msg) in ready.messages {
-            self.pool.send(to, msg, self.inputs.clone());
-        }
-        if !ready.persist.is_empty() {
-            let Some(mut storage) = self.storage.take() else {
-                return Err(ServerError::Internal(
-                    "storage lost after an earlier failure".into(),
-                ));
-            };
-            let records = ready.persist;
-            let write_started = Instant::now();
+    /// Ends a round: carries out the core's `Ready` (send requests,
+    /// persist and sync, release replies, apply, answer reads). An error
+    /// means the round's records may not be durable: the driver must stop
+    /// (its replies and applies were not released).
+    pub fn round(&mut self) -> Result<()> {
+        let (records, _sent, ready) = self.begin_round();
+        if !records.is_empty() {
             self.last_write = WriteStats::of(&records);
-            let result = if self.last_write.inline(&records, sent) {
-                let r = storage.write(&records);
-                self.storage = Some(storage);
-                r
-            } else {
-                let mut write = tokio::task::spawn_blocking(move || {
-                    let r = storage.write(&records);
-                    (storage, r)
-                });
-                // A leader keeps its heartbeats going while a long write
-                // runs (large values, a compaction, a busy machine): its
-                // followers would otherwise take the pause for its death.
-                // Only requests go out meanwhile; answers are handled after
-                // the write, as always (see `Paxos::tick_while_busy`).
-                let result = loop {
-                    tokio::select! {
-                        r = &mut write => break r,
-                        _ = ticker.tick() => {
-                            self.core.tick_while_busy();
-                            for (to, msg) in self.core.take_messages() {
-                                self.pool.send(to, msg, self.inputs.clone());
-                            }
-                        }
-                    }
-                };
-                match result {
-                    Ok((storage, r)) => {
-                        self.storage = Some(storage);
-                        r
-                    }
-                    Err(e) => Err(ServerError::Internal(format!(
-                        "the storage task failed: {e}"
-                    ))),
-                }
+            let Some(store) = self.store.as_mut() else {
+                return Err(lost_store());
             };
-            self.last_write.took = write_started.elapsed();
-            if self.last_write.compacts {
-                metrics::global().compactions.inc();
-            }
-            if let Err(e) = result {
-                tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
-                return Err(e);
-            }
+            store.write(&records)?;
         } else {
             self.last_write = WriteStats::default();
         }
+        self.end_round(ready);
+        Ok(())
+    }
+
+    /// The first half of a round: sends its requests and hands back its
+    /// records to persist, whether requests left, and the rest of `Ready`.
+    ///
+    /// Requests go out before our own sync, so the leader's disk write
+    /// overlaps the followers' (one sync on the critical path, not two).
+    /// Safe: answers to them are handled only after the round, i.e. after
+    /// our own records are durable.
+    fn begin_round(&mut self) -> (Vec<Record>, bool, Ready) {
+        let mut ready = self.core.ready();
+        let messages = std::mem::take(&mut ready.messages);
+        let sent = !messages.is_empty();
+        if let Some(m) = &ready.membership {
+            self.outbox.set_members(m);
+        }
+        for (to, msg) in messages {
+            self.outbox.send(to, msg);
+        }
+        (std::mem::take(&mut ready.persist), sent, ready)
+    }
+
+    /// The second half of a round, once its records are durable: releases
+    /// replies, applies, answers reads and watches, starts snapshots.
+    fn end_round(&mut self, ready: Ready) {
         for (tx, msg) in self.held_replies.drain(..) {
             let _ = tx.send(msg);
         }
@@ -952,20 +1007,19 @@ impl Node {
                 }
             }
         }
-        Ok(())
     }
 
     fn apply(&mut self, slot: u64, value: Value) {
         if slot <= self.sm.applied() {
             return; // already in an installed snapshot
         }
-        match value {
+        match &value {
             Value::Batch(reqs) => {
                 let m = metrics::global();
                 m.batches.inc();
                 m.batch_commands.observe(reqs.len() as f64);
                 let mut bytes = 0u64;
-                for req in &reqs {
+                for req in reqs {
                     bytes += req.op.payload_len() as u64;
                     if matches!(req.op, Op::NewLeader { .. })
                         && self.leadership_entry == Some(req.seq)
@@ -989,7 +1043,7 @@ impl Node {
             }
             Value::Time(ms) => {
                 let before = self.sm.sessions_dropped().0;
-                self.sm.apply_time(ms);
+                self.sm.apply_time(*ms);
                 let expired = self.sm.sessions_dropped().0 - before;
                 if expired > 0 {
                     tracing::debug!(
@@ -1003,6 +1057,164 @@ impl Node {
             Value::Noop => {}
         }
         self.sm.set_applied(slot);
+        self.outbox.applied(slot, &value);
+    }
+}
+
+/// Builds a replica's core and state machine from what it loaded at start:
+/// its log's durable state, and its newest snapshot `sm` (at
+/// `durable.snapshot`; an empty map without one). `given` is the
+/// configuration it was started with (the replica file's, or the one
+/// `--join` learned). It starts from the snapshot's configuration, else the
+/// first one it recorded, else (a new replica) `given`, which it then
+/// records as its seed; the last of the three is `fresh`.
+pub fn recover(
+    cfg: crate::paxos::Config,
+    given: &Membership,
+    mut durable: crate::paxos::Durable,
+    mut sm: StateMachine,
+) -> (Paxos, StateMachine, bool) {
+    let (start, fresh) = match (sm.known_membership().cloned(), durable.membership.take()) {
+        (Some(m), _) => (m, false),
+        (None, Some(seed)) => (seed, false),
+        (None, None) => (given.clone(), true),
+    };
+    sm.set_membership(start.clone());
+    durable.membership = Some(start);
+    durable.persist_seed = fresh;
+    (Paxos::new(cfg, durable), sm, fresh)
+}
+
+/// The error of a driver whose store was lost to an earlier failure.
+fn lost_store() -> ServerError {
+    ServerError::Internal("storage lost after an earlier failure".into())
+}
+
+impl Node<Storage, PeerOutbox> {
+    /// A sender into this driver's inbox.
+    pub fn inputs(&self) -> mpsc::Sender<Input> {
+        self.outbox.inputs.clone()
+    }
+
+    /// Serves inputs until `shutdown` resolves or a storage failure makes
+    /// it unsafe to go on.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        tick: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.flush(&mut ticker).await?;
+        tokio::pin!(shutdown);
+        let mut last_slow_note: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = ticker.tick() => self.tick(),
+                input = rx.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => break,
+                },
+            }
+            let started = Instant::now();
+            let mut inputs = 1;
+            for _ in 0..MAX_DRAIN {
+                match rx.try_recv() {
+                    Ok(input) => {
+                        inputs += 1;
+                        self.handle(input)
+                    }
+                    Err(_) => break,
+                }
+            }
+            let handled = started.elapsed();
+            self.flush(&mut ticker).await?;
+            self.observe_round();
+            let took = started.elapsed();
+            metrics::global().round.observe(took.as_secs_f64());
+            if took >= SLOW_ROUND && last_slow_note.is_none_or(|t| t.elapsed() >= SLOW_NOTE_EVERY) {
+                last_slow_note = Some(Instant::now());
+                tracing::warn!(
+                    id = self.core.id(),
+                    took_ms = took.as_millis() as u64,
+                    handling_ms = handled.as_millis() as u64,
+                    inputs,
+                    leader = self.core.is_leader(),
+                    persisted_bytes = self.last_write.bytes,
+                    compacted = self.last_write.compacts,
+                    persist_ms = self.last_write.took.as_millis() as u64,
+                    "a consensus round took long: heartbeats and answers were late meanwhile, \
+                     and followers may have started an election (an overloaded machine, \
+                     slow disk, or large values)"
+                );
+            }
+        }
+        tracing::info!(id = self.core.id(), "replica stopping");
+        Ok(())
+    }
+
+    /// [`Node::round`] on tokio: the same halves, with the write on the
+    /// driver's thread or on the blocking pool (see [`WriteStats::inline`]),
+    /// heartbeats going out meanwhile.
+    async fn flush(&mut self, ticker: &mut tokio::time::Interval) -> Result<()> {
+        let (records, sent, ready) = self.begin_round();
+        if !records.is_empty() {
+            let Some(mut storage) = self.store.take() else {
+                return Err(lost_store());
+            };
+            let write_started = Instant::now();
+            self.last_write = WriteStats::of(&records);
+            let result = if self.last_write.inline(&records, sent) {
+                let r = storage.write(&records);
+                self.store = Some(storage);
+                r
+            } else {
+                let mut write = tokio::task::spawn_blocking(move || {
+                    let r = storage.write(&records);
+                    (storage, r)
+                });
+                // A leader keeps its heartbeats going while a long write
+                // runs (large values, a compaction, a busy machine): its
+                // followers would otherwise take the pause for its death.
+                // Only requests go out meanwhile; answers are handled after
+                // the write, as always (see `Paxos::tick_while_busy`).
+                let result = loop {
+                    tokio::select! {
+                        r = &mut write => break r,
+                        _ = ticker.tick() => {
+                            self.core.tick_while_busy();
+                            for (to, msg) in self.core.take_messages() {
+                                self.outbox.send(to, msg);
+                            }
+                        }
+                    }
+                };
+                match result {
+                    Ok((storage, r)) => {
+                        self.store = Some(storage);
+                        r
+                    }
+                    Err(e) => Err(ServerError::Internal(format!(
+                        "the storage task failed: {e}"
+                    ))),
+                }
+            };
+            self.last_write.took = write_started.elapsed();
+            if self.last_write.compacts {
+                metrics::global().compactions.inc();
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot persist consensus state; stopping this replica");
+                return Err(e);
+            }
+        } else {
+            self.last_write = WriteStats::default();
+        }
+        self.end_round(ready);
+        Ok(())
     }
 }
 

@@ -1,13 +1,23 @@
-//! Deterministic simulation of the Multi-Paxos core (`kv_server::paxos`).
+//! Deterministic simulation of a replica's driver (`kv_server::node`) and
+//! the consensus core it drives (`kv_server::paxos`).
 //!
-//! Three or five cores (even seeds 3, odd seeds 5) run against a simulated
-//! network, clock and disk, all driven by one seeded RNG. Every step picks
+//! Three or five replicas (even seeds 3, odd seeds 5) run the real driver,
+//! with its real state machine, against a simulated network, clock and
+//! disk, all driven by one seeded RNG: the driver is generic over its log
+//! store and its outbox, and here they are [`SimStore`] and [`SimOutbox`].
+//! A replica starts (and restarts) as `kv_server::run` starts one, through
+//! `node::recover` from its disk and newest snapshot. Clients speak to the
+//! drivers as the RPC layer does, through `Input`s with reply channels:
+//! writes open a session first (sessions expire and are evicted: their
+//! timeout and cap are drawn small), linearizable gets, and membership
+//! changes. Every step picks
 //! one event at random: deliver an in-flight message (any one: reordering),
 //! drop one (loss), duplicate one, tick a replica, propose a client write,
 //! start a linearizable read, crash a replica (its memory and undelivered
 //! outgoing messages are lost, its disk is kept), restart one, partition the
-//! cluster in two, heal, write a snapshot and compact the log, transfer a
-//! snapshot to a replica that asked for one, change the membership (in
+//! cluster in two, heal, finish writing a snapshot a driver started (or fail
+//! to: the disk is full), transfer a snapshot to a replica whose driver
+//! asked for one, change the membership (in
 //! half of the seeds: add a learner, promote one, remove a voter, the
 //! leader included, through the leader, as `kv-client member` does; in
 //! five-replica seeds of those the cluster starts as replicas 1-3, and
@@ -26,8 +36,10 @@
 //! - *contiguity*: each replica applies slots 1, 2, 3, … in order, with no gap
 //!   (with agreement, applied logs are prefixes of one another);
 //! - *validity*: every applied command was proposed, and lands in one slot only;
-//! - *linearizable reads*: a read is served only once its replica has applied
-//!   every slot that was applied anywhere before the read was asked for;
+//! - *linearizable reads*: a read is answered only once its replica has
+//!   applied every slot that was applied anywhere before the read was asked
+//!   for (the answer's `applied`);
+//! - *durability first*: a round whose sync failed applied nothing;
 //! - *promises kept*: the ballots an acceptor's messages show (its promise)
 //!   never go down, across restarts too.
 //!
@@ -57,13 +69,16 @@
 //!     measures how often each broken disk is caught
 //! ```
 //!
-//! The driver follows the core's contract: after every input (a tick, a
-//! message, a proposal, a read, a restart, a compaction, a snapshot install)
-//! it takes `ready()`, writes `persist` to the simulated disk, and puts
-//! `messages` and the reply returned by `step` on the network; nothing is
-//! delivered before the round is over, so answers are stepped in only after
-//! the records are durable. Crashes happen between rounds, or in a round's
-//! sync as above (requests sent, replies not).
+//! Each step is one round of the driver, as `Node::run` does one: an input
+//! (`Node::handle`) or a tick (`Node::tick`), then `Node::round`, which
+//! sends the round's requests, writes and syncs its records, and only then
+//! releases its replies, applies and answers clients. Nothing sent is
+//! delivered before the round is over. Crashes happen between rounds, or
+//! in a round's sync: the store cuts the write (a prefix of its records
+//! survives) and fails it, the driver stops, and what it sent before the
+//! sync is on the wire. A driver that released a reply or applied before
+//! its sync is caught (by the promises and agreement checks: moving its
+//! replies ahead of the sync breaks agreement within 100 seeds).
 //!
 //! # Broken variants
 //!
@@ -84,17 +99,25 @@
 //! code that matches on `Record`, `Msg` and `Durable`: a new record goes into
 //! `Disk::write`, a new durable field into `Disk::durable`, a new message
 //! into `describe_msg` and `promise_shown`. Routing never looks inside
-//! messages: a reply goes back to whoever sent the request.
+//! messages: a reply goes back to whoever sent the request. A new effect of
+//! the driver goes into its `Outbox`, and so into [`SimOutbox`] here.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::Instant;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
-use kv_api::{Op, WriteRequest};
+use kv_api::{GetResponse, KvError, Op, OpResult, ReadMode, WriteOutcome, WriteRequest};
 use kv_peer_api::{Ballot, MemberChange, Membership, ReplicaId, Slot, Value};
-use kv_server::paxos::{stop_sign, Config, Durable, Msg, Paxos, Record, Refusal, Standing};
+use kv_server::inbox::Input;
+use kv_server::node::{self, LogStore, Outbox, Snapshots};
+use kv_server::paxos::{stop_sign, Config, Durable, Msg, Paxos, Record, Standing};
+use kv_server::state::StateMachine;
+use kv_server::ServerError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::oneshot;
 
 // ------------------------------------------------------------------ knobs
 
@@ -138,7 +161,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// The simulated disk of one replica: what `Storage` keeps in its log, plus
 /// the newest snapshot file.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 struct Disk {
     promised: Ballot,
     chosen: Slot,
@@ -146,11 +169,11 @@ struct Disk {
     entries: BTreeMap<Slot, (Ballot, Value)>,
     /// Entries at or below this slot were deleted.
     compacted: Slot,
-    /// The index of the newest durable snapshot (0: none). A snapshot is
-    /// the state machine as of its index, which for the checker is the
-    /// checker's log `1..=index`: every value a replica applied was
-    /// compared with that log as it was applied.
+    /// The index of the newest durable snapshot (0: none), and the state
+    /// machine it holds (as of its index: the driver's copy when it took
+    /// it, or the peer's it fetched).
     snapshot: Slot,
+    snapshot_sm: Option<StateMachine>,
     prevoted: u64,
     standing: Standing,
     /// The first configuration recorded.
@@ -207,6 +230,95 @@ impl Disk {
         }
     }
 }
+
+/// A replica's disk, and how its writes may fail: shared by the driver's
+/// store and the simulation, which keeps it across crashes.
+struct DiskCell {
+    disk: Disk,
+    variant: Variant,
+    /// Chance that a write is cut by a power loss in its sync (0 in the
+    /// final, fault-free phase).
+    crash_in_sync: f64,
+    /// Draws for this disk alone, seeded from the seed and the replica.
+    rng: StdRng,
+    /// The last write's records (cleared before each round), and how many
+    /// of them reached the disk if it was cut.
+    last: Vec<Record>,
+    cut: Option<usize>,
+}
+
+type SharedDisk = Rc<RefCell<DiskCell>>;
+
+/// The driver's [`LogStore`] in the simulation. A write is atomic, unless
+/// the power goes in its sync: then a prefix of the round's records
+/// survives (the log replays its frames in order and drops a torn last
+/// write), and the driver is told it failed, as a replica whose sync fails
+/// stops: its requests have left (the driver sends them before its sync),
+/// its replies and applies never do.
+struct SimStore(SharedDisk);
+
+impl LogStore for SimStore {
+    fn write(&mut self, records: &[Record]) -> kv_server::Result<()> {
+        let mut c = self.0.borrow_mut();
+        let c = &mut *c;
+        c.last = records.to_vec();
+        if c.crash_in_sync > 0.0 && c.rng.random_bool(c.crash_in_sync) {
+            let kept = c.rng.random_range(0..=records.len());
+            c.disk.write(&records[..kept], c.variant);
+            c.cut = Some(kept);
+            return Err(ServerError::Internal(
+                "simulated power cut in a sync".into(),
+            ));
+        }
+        c.disk.write(records, c.variant);
+        Ok(())
+    }
+}
+
+/// The driver's [`Outbox`] in the simulation: it collects what the driver
+/// hands out, for the simulation to put on the network, write, transfer
+/// and check; and its clocks are the simulation's.
+struct SimOutbox {
+    sent: Vec<(ReplicaId, Msg)>,
+    /// A snapshot the driver started writing, not yet durable.
+    snapshot_write: Option<(Slot, StateMachine)>,
+    /// A peer whose snapshot the driver asked for, not yet transferred.
+    fetch: Option<ReplicaId>,
+    applied: Vec<(Slot, Value)>,
+    now: Instant,
+    unix_ms: u64,
+}
+
+impl Outbox for SimOutbox {
+    fn send(&mut self, to: ReplicaId, msg: Msg) {
+        self.sent.push((to, msg));
+    }
+
+    fn set_members(&mut self, _members: &Membership) {}
+
+    fn write_snapshot(&mut self, index: Slot, sm: StateMachine) {
+        self.snapshot_write = Some((index, sm));
+    }
+
+    fn fetch_snapshot(&mut self, _me: ReplicaId, peer: ReplicaId) {
+        self.fetch = Some(peer);
+    }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn unix_ms(&self) -> u64 {
+        self.unix_ms
+    }
+
+    fn applied(&mut self, slot: Slot, value: &Value) {
+        self.applied.push((slot, value.clone()));
+    }
+}
+
+/// The real driver, on the simulated disk and network.
+type Driver = node::Node<SimStore, SimOutbox>;
 
 fn describe_record(r: &Record) -> String {
     match r {
@@ -507,20 +619,24 @@ struct Envelope {
     from: ReplicaId,
     to: ReplicaId,
     msg: Msg,
+    /// An answer to a request (delivered without a reply channel, as the
+    /// peer layer feeds answers into the driver's inbox).
+    answer: bool,
 }
 
 struct Node {
     id: ReplicaId,
-    /// `None` while crashed.
-    core: Option<Paxos>,
-    disk: Disk,
-    /// Bumped at every restart: seeds the core's jitter, tags reads.
+    /// The real driver; `None` while crashed.
+    driver: Option<Driver>,
+    disk: SharedDisk,
+    /// Bumped at every restart: seeds the core's jitter and the driver's
+    /// tokens.
     incarnation: u64,
+    /// Its clock's offset from the simulation's, in ms (clocks disagree).
+    skew_ms: u64,
     /// The state machine of the current incarnation: slots applied (or
     /// installed from a snapshot). Their values are the checker's log's.
     applied: u64,
-    /// The core asked for a snapshot from this peer; not yet transferred.
-    receiving: Option<ReplicaId>,
     /// The highest promise this replica has shown in a message, in any
     /// incarnation: it must never show a lower one.
     promise_floor: Ballot,
@@ -537,11 +653,30 @@ struct FirstApplied {
     step: u64,
 }
 
+/// A linearizable get waiting for its answer.
 struct PendingRead {
     node: usize,
-    incarnation: u64,
+    token: u64,
     /// Slots applied anywhere when the read was asked for.
     must_see: u64,
+    rx: oneshot::Receiver<Result<GetResponse, KvError>>,
+}
+
+/// What a client write was.
+#[derive(Clone, Copy, Debug)]
+enum WriteKind {
+    /// Client `c` opening its session.
+    Open(u64),
+    /// Client `c` writing in its session, as `(session, seq)`.
+    Put(u64, (u64, u64)),
+    Reconfigure,
+}
+
+/// A client write waiting for its answer.
+struct PendingWrite {
+    node: usize,
+    kind: WriteKind,
+    rx: oneshot::Receiver<Result<WriteOutcome, KvError>>,
 }
 
 /// Tuning drawn per seed, so runs also cover small batches, short messages
@@ -563,6 +698,11 @@ struct Tuning {
     /// disks are then never wiped (a replica that lost its state relies
     /// on pre-votes to rejoin safely).
     pre_vote: bool,
+    /// Sessions' idle timeout (simulated ms) and how many the state machine
+    /// keeps: small, so sessions expire and are evicted, and clients open
+    /// new ones.
+    session_ttl_ms: u64,
+    max_sessions: u64,
 }
 
 /// What a seed did, for the summary line.
@@ -594,11 +734,22 @@ struct Sim {
     log: Vec<FirstApplied>,
     /// Every command proposed, and the slot it was first applied in.
     proposed: HashMap<(u64, u64), Option<Slot>>,
-    /// Commands a core dropped before giving them a slot.
+    /// Commands whose outcome is unknown (the driver dropped them before
+    /// they got a slot, or crashed): their clients give up on them.
     dropped: HashSet<(u64, u64)>,
+    /// The driver's own entries (session opens, new-leader marks), by
+    /// their token, and the slot each was chosen in.
+    own: HashMap<u64, Slot>,
     next_seq: Vec<u64>,
-    reads: HashMap<u64, PendingRead>,
+    /// Each client's session, once opened (none: it opens one first).
+    sessions: Vec<Option<u64>>,
+    reads: Vec<PendingRead>,
+    writes: Vec<PendingWrite>,
     next_token: u64,
+    /// The simulated time, in ms: one per step.
+    clock_ms: u64,
+    /// What `clock_ms` 0 is on the monotonic clock.
+    epoch: Instant,
     step: u64,
     stats: Stats,
     /// Random faults are on (off in the final, fault-free phase).
@@ -619,8 +770,11 @@ struct Sim {
     proposed_changes: Vec<(u64, MemberChange)>,
 }
 
-/// The client id of membership changes.
-const ADMIN: u64 = CLIENTS + 1;
+/// The client id of membership changes (never a session's id: those come
+/// from log positions).
+const ADMIN: u64 = u64::MAX;
+/// The wall clock at simulated time 0 (2026-01-01), in ms.
+const UNIX_EPOCH_MS: u64 = 1_767_225_600_000;
 
 /// The cluster size of a seed: 3 replicas for even seeds, 5 for odd ones.
 fn replicas(seed: u64) -> u64 {
@@ -666,6 +820,8 @@ impl Sim {
             // A broken disk does harm in duels: always off.
             pre_vote: variant == Variant::AmnesiacVotes
                 || (variant == Variant::Correct && rng.random_bool(0.75)),
+            session_ttl_ms: rng.random_range(2_000..=30_000),
+            max_sessions: if rng.random_bool(0.25) { 2 } else { 100 },
         };
         let mut sim = Sim {
             seed,
@@ -679,9 +835,14 @@ impl Sim {
             log: Vec::new(),
             proposed: HashMap::new(),
             dropped: HashSet::new(),
-            next_seq: vec![1; ADMIN as usize + 1],
-            reads: HashMap::new(),
+            own: HashMap::new(),
+            next_seq: vec![1; CLIENTS as usize + 2],
+            sessions: vec![None; CLIENTS as usize + 1],
+            reads: Vec::new(),
+            writes: Vec::new(),
             next_token: 1,
+            clock_ms: 0,
+            epoch: Instant::now(),
             step: 0,
             stats: Stats::default(),
             faults: true,
@@ -727,18 +888,60 @@ impl Sim {
             ..Disk::default()
         };
         for id in 1..=n {
+            let cell = DiskCell {
+                disk: disk.clone(),
+                variant,
+                crash_in_sync: profile.crash_in_sync,
+                rng: StdRng::seed_from_u64(mix(mix(seed) ^ mix(id + 1000))),
+                last: Vec::new(),
+                cut: None,
+            };
+            let skew_ms = sim.rng.random_range(0..3_000);
             sim.nodes.push(Node {
                 id,
-                core: None,
-                disk: disk.clone(),
+                driver: None,
+                disk: Rc::new(RefCell::new(cell)),
                 incarnation: 0,
+                skew_ms,
                 applied: 0,
-                receiving: None,
                 promise_floor: Ballot::ZERO,
                 lost_until: None,
             });
         }
         sim
+    }
+
+    /// The first configuration, as a replica file would give it.
+    fn given(&self) -> Membership {
+        Membership {
+            epoch: 0,
+            members: self
+                .initial
+                .iter()
+                .map(|&id| kv_peer_api::Member {
+                    id,
+                    client_addr: format!("h:{id}"),
+                    peer_addr: format!("h:1{id}"),
+                    voter: true,
+                })
+                .collect(),
+        }
+    }
+
+    /// Node `i`'s core, if it is up.
+    fn core(&self, i: usize) -> Option<&Paxos> {
+        self.nodes[i].driver.as_ref().map(|d| d.core())
+    }
+
+    /// Node `i`'s driver, its clocks set to the simulation's.
+    fn driver(&mut self, i: usize) -> &mut Driver {
+        let now = self.epoch + Duration::from_millis(self.clock_ms);
+        let unix_ms = UNIX_EPOCH_MS + self.clock_ms + self.nodes[i].skew_ms;
+        let d = self.nodes[i].driver.as_mut().expect("a live node");
+        let out = d.outbox_mut();
+        out.now = now;
+        out.unix_ms = unix_ms;
+        d
     }
 
     fn config(&self, id: ReplicaId, incarnation: u64) -> Config {
@@ -779,26 +982,31 @@ impl Sim {
             } else {
                 String::new()
             };
-            match &n.core {
+            let cell = n.disk.borrow();
+            let disk = &cell.disk;
+            match &n.driver {
                 None => s.push_str(&format!(
                     "  r{}: DOWN (disk promised={} chosen={} compacted={}){part}\n",
-                    n.id, n.disk.promised, n.disk.chosen, n.disk.compacted
+                    n.id, disk.promised, disk.chosen, disk.compacted
                 )),
-                Some(c) => s.push_str(&format!(
-                    "  r{}: {} promised={} chosen={} compacted={} applied={} leader={:?} \
+                Some(d) => {
+                    let c = d.core();
+                    s.push_str(&format!(
+                        "  r{}: {} promised={} chosen={} compacted={} applied={} leader={:?} \
                      receiving={:?} epoch={} voters={:?} standing={:?}{part}\n",
-                    n.id,
-                    if c.is_leader() { "LEADER" } else { "follower" },
-                    c.promised(),
-                    c.chosen(),
-                    c.compacted(),
-                    n.applied,
-                    c.leader(),
-                    n.receiving,
-                    c.membership().epoch,
-                    c.membership().voters(),
-                    c.standing()
-                )),
+                        n.id,
+                        if c.is_leader() { "LEADER" } else { "follower" },
+                        c.promised(),
+                        c.chosen(),
+                        c.compacted(),
+                        n.applied,
+                        c.leader(),
+                        d.outbox().fetch,
+                        c.membership().epoch,
+                        c.membership().voters(),
+                        c.standing()
+                    ))
+                }
             }
         }
         s.push_str(&format!(
@@ -823,13 +1031,13 @@ impl Sim {
 
     fn live(&self) -> Vec<usize> {
         (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].core.is_some())
+            .filter(|&i| self.nodes[i].driver.is_some())
             .collect()
     }
 
     fn down(&self) -> Vec<usize> {
         (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].core.is_none())
+            .filter(|&i| self.nodes[i].driver.is_none())
             .collect()
     }
 
@@ -841,53 +1049,68 @@ impl Sim {
         }
     }
 
-    /// Ends a round of input at node `i`: persist, then send (the reply to
-    /// a request included), then apply and serve reads, checking as we go.
-    fn finish_round(
+    /// Ends a round at node `i` (after `what` was handled: a tick, an
+    /// input): the driver sends its requests, persists, then releases the
+    /// reply to a request (`reply`), applies and answers clients. What it
+    /// hands out goes on the network and through the checks.
+    fn round(
         &mut self,
         i: usize,
-        reply: Option<(ReplicaId, Msg)>,
+        reply: Option<(ReplicaId, oneshot::Receiver<Msg>)>,
         what: Option<String>,
     ) -> Result<(), Violation> {
-        let variant = self.variant;
-        let node = &mut self.nodes[i];
-        let id = node.id;
-        let core = node.core.as_mut().expect("a round runs on a live node");
-        let mut ready = core.ready();
-        // The round's requests may leave before its records are durable
-        // (the driver overlaps its sync with the followers'): a crash can
-        // fall in between. The write is atomic: it made it or it did not.
-        // Replies and applies wait for the sync, so they are lost.
-        if self.faults
-            && !ready.persist.is_empty()
-            && self.rng.random_bool(self.profile.crash_in_sync)
         {
-            ready.messages.sort_by_key(|(to, _)| *to);
-            // The power went: a write whose sync did not complete may have
-            // reached the disk whole, in part or not at all. A prefix of
-            // the round's records survives (the log replays its frames in
-            // order and drops a torn last write).
-            let kept = self.rng.random_range(0..=ready.persist.len());
-            let written = kept == ready.persist.len();
-            node.disk.write(&ready.persist[..kept], variant);
+            let mut c = self.nodes[i].disk.borrow_mut();
+            c.last.clear();
+            c.cut = None;
+        }
+        let driver = self.driver(i);
+        let result = driver.round();
+        let out = driver.outbox_mut();
+        let mut sent = std::mem::take(&mut out.sent);
+        let applied = std::mem::take(&mut out.applied);
+        // The core may list its messages in HashMap order; sorting by
+        // destination (stable, so per destination the order is the core's)
+        // keeps runs reproducible.
+        sent.sort_by_key(|(to, _)| *to);
+        let id = self.nodes[i].id;
+        let (persisted, cut) = {
+            let c = self.nodes[i].disk.borrow();
+            (c.last.clone(), c.cut)
+        };
+        if let Err(e) = result {
+            // The power went in the sync. Requests shown before it do not
+            // raise the promise floor: a candidate's own promise may not be
+            // durable.
+            let Some(kept) = cut else {
+                return Err(self.violation(Kind::Panic, format!("r{id}'s round failed: {e}")));
+            };
+            if !applied.is_empty() {
+                return Err(self.violation(
+                    Kind::Safety,
+                    format!("r{id} applied entries of a round whose sync failed"),
+                ));
+            }
+            // The driver holds its replies until its records are durable:
+            // one released anyway is on the wire too, and checked as such.
+            let reply = reply.and_then(|(to, mut rx)| rx.try_recv().ok().map(|m| (to, m)));
             if self.check_promises {
-                // Requests shown before the sync do not raise the floor:
-                // a candidate's own promise is not durable yet.
-                self.check_promises_shown(i, ready.messages.iter().map(|(_, m)| m), false)?;
+                let shown = sent.iter().map(|(_, m)| m);
+                self.check_promises_shown(i, shown.chain(reply.iter().map(|(_, m)| m)), false)?;
             }
             if self.trace.is_some() {
                 let mut line = what.unwrap_or_default();
-                for (to, m) in &ready.messages {
+                for (to, m) in &sent {
                     line.push_str(&format!(
                         "\n          send r{id}->r{to} {}",
                         describe_msg(m)
                     ));
                 }
-                let p: Vec<String> = ready.persist.iter().map(describe_record).collect();
+                let p: Vec<String> = persisted.iter().map(describe_record).collect();
                 line.push_str(&format!(
                     "\n          CRASH r{id} in its sync: [{}] {}; reply and applies lost",
                     p.join("; "),
-                    if written {
+                    if kept == persisted.len() {
                         "written".to_string()
                     } else {
                         format!("{kept} of them written")
@@ -895,27 +1118,33 @@ impl Sim {
                 ));
                 self.note(|| line);
             }
-            for (to, msg) in ready.messages {
-                self.net.push(Envelope { from: id, to, msg });
+            for (to, msg) in sent {
+                self.net.push(Envelope {
+                    from: id,
+                    to,
+                    msg,
+                    answer: false,
+                });
+            }
+            if let Some((to, msg)) = reply {
+                self.net.push(Envelope {
+                    from: id,
+                    to,
+                    msg,
+                    answer: true,
+                });
             }
             self.crash(i, true);
             return Ok(());
         }
-        node.disk.write(&ready.persist, variant);
-        let promised = ready
-            .persist
-            .iter()
-            .any(|r| matches!(r, Record::Promised(_)));
+        let promised = persisted.iter().any(|r| matches!(r, Record::Promised(_)));
         if self.faults && promised && self.rng.random_bool(self.profile.bounce_after_promise) {
             self.bounce.get_or_insert(i);
         }
-
-        // The core may list its messages in HashMap order; sorting by
-        // destination (stable, so per destination the order is the core's)
-        // keeps runs reproducible.
-        ready.messages.sort_by_key(|(to, _)| *to);
+        let reply = reply.and_then(|(to, mut rx)| rx.try_recv().ok().map(|m| (to, m)));
         // A tick that does nothing is not worth a trace line.
-        let quiet = ready.is_empty() && reply.is_none();
+        let quiet =
+            persisted.is_empty() && sent.is_empty() && applied.is_empty() && reply.is_none();
         if self.trace.is_some()
             && !(quiet && what.as_deref().is_some_and(|w| w.starts_with("tick")))
         {
@@ -926,76 +1155,58 @@ impl Sim {
                     describe_msg(m)
                 ));
             }
-            if !ready.persist.is_empty() {
-                let p: Vec<String> = ready.persist.iter().map(describe_record).collect();
-                let lie = if variant == Variant::Correct {
+            if !persisted.is_empty() {
+                let p: Vec<String> = persisted.iter().map(describe_record).collect();
+                let lie = if self.variant == Variant::Correct {
                     ""
                 } else {
                     " (lying disk)"
                 };
                 line.push_str(&format!("\n          persist{lie} [{}]", p.join("; ")));
             }
-            for (to, m) in &ready.messages {
+            for (to, m) in &sent {
                 line.push_str(&format!(
                     "\n          send r{id}->r{to} {}",
                     describe_msg(m)
                 ));
             }
-            if !ready.apply.is_empty() {
-                let a: Vec<String> = ready
-                    .apply
+            if !applied.is_empty() {
+                let a: Vec<String> = applied
                     .iter()
                     .map(|(s, v)| format!("{s}={}", describe_value(v)))
                     .collect();
                 line.push_str(&format!("\n          apply [{}]", a.join(" ")));
             }
-            if !ready.reads_ready.is_empty() || !ready.reads_failed.is_empty() {
-                line.push_str(&format!(
-                    "\n          reads ready {:?} failed {:?}",
-                    ready.reads_ready, ready.reads_failed
-                ));
-            }
-            if let Some(peer) = ready.snapshot_from {
+            if let Some(peer) = self.nodes[i].driver.as_ref().and_then(|d| d.outbox().fetch) {
                 line.push_str(&format!("\n          wants the snapshot of r{peer}"));
-            }
-            if !ready.dropped.is_empty() {
-                let d: Vec<String> = ready
-                    .dropped
-                    .iter()
-                    .map(|(r, _)| format!("{}.{}", r.client_id, r.seq))
-                    .collect();
-                line.push_str(&format!("\n          dropped [{}]", d.join(" ")));
             }
             self.note(|| line);
         }
 
         if self.check_promises {
-            let sent = ready.messages.iter().map(|(_, m)| m);
-            self.check_promises_shown(i, sent.chain(reply.iter().map(|(_, m)| m)), true)?;
+            let shown = sent.iter().map(|(_, m)| m);
+            self.check_promises_shown(i, shown.chain(reply.iter().map(|(_, m)| m)), true)?;
         }
-        for (to, msg) in ready.messages {
-            self.net.push(Envelope { from: id, to, msg });
+        for (to, msg) in sent {
+            self.net.push(Envelope {
+                from: id,
+                to,
+                msg,
+                answer: false,
+            });
         }
         if let Some((to, msg)) = reply {
-            self.net.push(Envelope { from: id, to, msg });
+            self.net.push(Envelope {
+                from: id,
+                to,
+                msg,
+                answer: true,
+            });
         }
-        for (slot, value) in ready.apply {
+        for (slot, value) in applied {
             self.check_apply(i, slot, value)?;
         }
-        for token in ready.reads_ready {
-            self.check_read(i, token)?;
-        }
-        for (token, _) in ready.reads_failed {
-            self.reads.remove(&token);
-        }
-        for (req, _) in ready.dropped {
-            self.dropped.insert((req.client_id, req.seq));
-        }
-        if let Some(peer) = ready.snapshot_from {
-            // As the driver: one transfer at a time.
-            self.nodes[i].receiving.get_or_insert(peer);
-        }
-        Ok(())
+        self.poll(i)
     }
 
     /// Promises kept: no message of node `i` shows a ballot below one it
@@ -1058,6 +1269,20 @@ impl Sim {
             // as r{id}'s own applied prefix is contiguous and agrees with it.
             debug_assert_eq!(idx, self.log.len());
             for c in commands(&value) {
+                if c.client_id == 0 {
+                    // The driver's own (a session open, a new leader's
+                    // mark), by a token it drew: once only, too.
+                    if let Some(other) = self.own.insert(c.seq, slot) {
+                        return Err(self.violation(
+                            Kind::Safety,
+                            format!(
+                                "driver entry 0.{} chosen twice: slots {other} and {slot}",
+                                c.seq
+                            ),
+                        ));
+                    }
+                    continue;
+                }
                 match self.proposed.get_mut(&(c.client_id, c.seq)) {
                     None => {
                         return Err(self.violation(
@@ -1092,30 +1317,73 @@ impl Sim {
         Ok(())
     }
 
-    fn check_read(&mut self, i: usize, token: u64) -> Result<(), Violation> {
+    /// Collects the answers node `i` gave its clients: a read is checked
+    /// against what was applied anywhere when it was asked; a write's
+    /// outcome opens or drops a session, or gives the write up.
+    fn poll(&mut self, i: usize) -> Result<(), Violation> {
         let id = self.nodes[i].id;
-        let Some(r) = self.reads.remove(&token) else {
-            return Err(self.violation(
-                Kind::Safety,
-                format!("r{id} served read {token}, which is not pending"),
-            ));
-        };
-        if r.node != i || r.incarnation != self.nodes[i].incarnation {
-            return Err(self.violation(
-                Kind::Safety,
-                format!("r{id} served read {token}, asked of another replica or incarnation"),
-            ));
+        let mut k = 0;
+        while k < self.reads.len() {
+            if self.reads[k].node != i {
+                k += 1;
+                continue;
+            }
+            let answer = match self.reads[k].rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    k += 1;
+                    continue;
+                }
+                Ok(a) => Some(a),
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            let r = self.reads.swap_remove(k);
+            if let Some(Ok(resp)) = answer {
+                if resp.applied < r.must_see {
+                    return Err(self.violation(
+                        Kind::Safety,
+                        format!(
+                            "stale read {} at r{id}: served with {} slots applied, but {} \
+                             were applied somewhere before it was asked",
+                            r.token, resp.applied, r.must_see
+                        ),
+                    ));
+                }
+            }
         }
-        let have = self.nodes[i].applied;
-        if have < r.must_see {
-            return Err(self.violation(
-                Kind::Safety,
-                format!(
-                    "stale read {token} at r{id}: served with {have} slots applied, \
-                     but {} were applied somewhere before it was asked",
-                    r.must_see
-                ),
-            ));
+        let mut k = 0;
+        while k < self.writes.len() {
+            if self.writes[k].node != i {
+                k += 1;
+                continue;
+            }
+            let answer = match self.writes[k].rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    k += 1;
+                    continue;
+                }
+                Ok(a) => Some(a),
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            let w = self.writes.swap_remove(k);
+            match (w.kind, answer) {
+                (
+                    WriteKind::Open(client),
+                    Some(Ok(WriteOutcome {
+                        result: OpResult::SessionOpened { session },
+                        ..
+                    })),
+                ) => self.sessions[client as usize] = Some(session),
+                // Expired or evicted: the client opens a new one.
+                (WriteKind::Put(client, _), Some(Err(KvError::UnknownSession(s))))
+                    if self.sessions[client as usize] == Some(s) =>
+                {
+                    self.sessions[client as usize] = None;
+                }
+                (WriteKind::Put(_, key), Some(Err(_)) | None) => {
+                    self.dropped.insert(key);
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -1126,7 +1394,7 @@ impl Sim {
         let env = self.net.swap_remove(k);
         let to = (env.to - 1) as usize;
         let from = (env.from - 1) as usize;
-        if self.nodes[to].core.is_none() || self.side[to] != self.side[from] {
+        if self.nodes[to].driver.is_none() || self.side[to] != self.side[from] {
             self.note(|| {
                 format!(
                     "lost r{}->r{} {} (receiver down or partitioned)",
@@ -1145,64 +1413,119 @@ impl Sim {
                 describe_msg(&env.msg)
             )
         });
-        let core = self.nodes[to].core.as_mut().expect("checked live");
-        let reply = core.step(env.msg).map(|m| (env.from, m));
-        self.finish_round(to, reply, what)
+        let (reply, rx) = if env.answer {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some((env.from, rx)))
+        };
+        self.driver(to).handle(Input::Peer {
+            msg: env.msg,
+            reply,
+        });
+        self.round(to, rx, what)
     }
 
     fn tick(&mut self, i: usize) -> Result<(), Violation> {
-        self.nodes[i].core.as_mut().expect("live").tick();
+        self.driver(i).tick();
         let what = self
             .tracing()
             .then(|| format!("tick r{}", self.nodes[i].id));
-        self.finish_round(i, None, what)
+        self.round(i, None, what)
     }
 
-    /// The next write of `client`, recorded as proposed.
-    fn request(&mut self, client: u64, op: Op) -> WriteRequest {
-        let seq = self.next_seq[client as usize];
-        self.next_seq[client as usize] += 1;
-        self.proposed.insert((client, seq), None);
+    /// The next write of client `who` (an index; `client_id` goes into the
+    /// request), recorded as proposed.
+    fn request(&mut self, who: usize, client_id: u64, op: Op) -> WriteRequest {
+        let seq = self.next_seq[who];
+        self.next_seq[who] += 1;
+        self.proposed.insert((client_id, seq), None);
         WriteRequest {
-            client_id: client,
+            client_id,
             seq,
             acked_below: 0,
             op,
         }
     }
 
-    /// A client write at node `i`; a follower's leader hint is followed
-    /// once, as the SDK does. Returns whether some core took it.
-    fn propose(&mut self, mut i: usize, client: u64) -> Result<bool, Violation> {
-        let seq = self.next_seq[client as usize];
-        let req = self.request(
-            client,
-            Op::Put {
-                key: format!("k{client}").into_bytes(),
-                value: seq.to_be_bytes().to_vec(),
-            },
-        );
+    /// Hands node `i` a client write and ends the round; returns the
+    /// answer if the driver gave it at once (a refusal), else keeps it
+    /// waiting. `Ok(None)`: the write was taken.
+    fn write(
+        &mut self,
+        i: usize,
+        req: WriteRequest,
+        kind: WriteKind,
+        what: impl FnOnce(&WriteRequest) -> String,
+    ) -> Result<Option<Result<WriteOutcome, KvError>>, Violation> {
+        let what = self.tracing().then(|| what(&req));
+        let (tx, mut rx) = oneshot::channel();
+        self.driver(i).handle(Input::Write { req, reply: tx });
+        let at_once = rx.try_recv().ok();
+        if at_once.is_none() {
+            self.writes.push(PendingWrite { node: i, kind, rx });
+        }
+        self.round(i, None, what)?;
+        Ok(at_once)
+    }
+
+    /// A client write at node `i`, as the SDK sends it: an open first if
+    /// the client has no session, else a put in its session; a follower's
+    /// leader hint is followed once. Returns the put's `(session, seq)` if
+    /// some driver took it.
+    fn propose(&mut self, mut i: usize, client: u64) -> Result<Option<(u64, u64)>, Violation> {
+        let (req, kind) = match self.sessions[client as usize] {
+            None => (
+                WriteRequest {
+                    client_id: 0,
+                    seq: 0,
+                    acked_below: 0,
+                    op: Op::OpenSession {
+                        ttl_ms: 0,
+                        max_sessions: 0,
+                    },
+                },
+                WriteKind::Open(client),
+            ),
+            Some(session) => {
+                let seq = self.next_seq[client as usize];
+                let req = self.request(
+                    client as usize,
+                    session,
+                    Op::Put {
+                        key: format!("k{client}").into_bytes(),
+                        value: seq.to_be_bytes().to_vec(),
+                    },
+                );
+                (req, WriteKind::Put(client, (session, seq)))
+            }
+        };
         for attempt in 0..2 {
-            let core = self.nodes[i].core.as_mut().expect("live");
-            let res = core.propose(req.clone());
             let id = self.nodes[i].id;
-            let what = self
-                .tracing()
-                .then(|| format!("propose {client}.{seq} at r{id}: {res:?}"));
-            self.finish_round(i, None, what)?;
-            match res {
-                Ok(()) => return Ok(true),
-                Err(Refusal::NotLeader(Some(hint))) if attempt == 0 => {
-                    let h = (hint - 1) as usize;
-                    if h >= self.nodes.len() || self.nodes[h].core.is_none() {
-                        return Ok(false);
+            let at_once = self.write(i, req.clone(), kind, |r| {
+                format!("propose {client}: {}.{} at r{id}", r.client_id, r.seq)
+            })?;
+            match at_once {
+                None => {
+                    return Ok(match kind {
+                        WriteKind::Put(_, key) => Some(key),
+                        _ => None,
+                    })
+                }
+                Some(Err(KvError::NotLeader(Some(hint)))) if attempt == 0 => {
+                    let h = (hint.id - 1) as usize;
+                    if h >= self.nodes.len() || self.nodes[h].driver.is_none() {
+                        break;
                     }
                     i = h;
                 }
-                Err(_) => return Ok(false),
+                Some(_) => break,
             }
         }
-        Ok(false)
+        if let WriteKind::Put(_, key) = kind {
+            self.dropped.insert(key);
+        }
+        Ok(None)
     }
 
     /// The configuration after the checker's log's first `index` slots, as
@@ -1234,7 +1557,7 @@ impl Sim {
     fn is_lost(&self, id: ReplicaId, i: usize) -> bool {
         let j = (id - 1) as usize;
         let node = &self.nodes[j];
-        j == i || node.lost_until.is_some() || node.disk.standing != Standing::Voter
+        j == i || node.lost_until.is_some() || node.disk.borrow().disk.standing != Standing::Voter
     }
 
     /// A membership change, through the leader if one is up: add a
@@ -1244,16 +1567,11 @@ impl Sim {
         let Some(l) = self
             .live()
             .into_iter()
-            .find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_leader()))
+            .find(|&i| self.core(i).is_some_and(|c| c.is_leader()))
         else {
             return Ok(());
         };
-        let m = self.nodes[l]
-            .core
-            .as_ref()
-            .expect("live")
-            .membership()
-            .clone();
+        let m = self.core(l).expect("live").membership().clone();
         let outside: Vec<ReplicaId> = self
             .nodes
             .iter()
@@ -1294,60 +1612,60 @@ impl Sim {
             _ => return Ok(()),
         };
         let req = self.request(
+            CLIENTS as usize + 1,
             ADMIN,
             Op::Reconfigure {
                 epoch: None,
                 change: change.clone(),
             },
         );
-        let seq = req.seq;
         self.stats.reconfigs += 1;
-        let core = self.nodes[l].core.as_mut().expect("live");
-        let res = core.propose(req);
-        if res.is_ok() {
-            self.proposed_changes.push((m.epoch, change.clone()));
-        }
         let id = self.nodes[l].id;
-        let what = self
-            .tracing()
-            .then(|| format!("RECONFIGURE {change} ({ADMIN}.{seq}) at r{id}: {res:?}"));
-        self.finish_round(l, None, what)
+        let c = change.clone();
+        let at_once = self.write(l, req, WriteKind::Reconfigure, |r| {
+            format!("RECONFIGURE {c} (admin.{}) at r{id}", r.seq)
+        })?;
+        if at_once.is_none() {
+            self.proposed_changes.push((m.epoch, change));
+        }
+        Ok(())
     }
 
     fn read(&mut self, i: usize) -> Result<(), Violation> {
         let token = self.next_token;
         self.next_token += 1;
         let must_see = self.log.len() as u64;
-        let core = self.nodes[i].core.as_mut().expect("live");
-        let res = core.read(token);
-        if res.is_ok() {
+        let (tx, mut rx) = oneshot::channel();
+        self.driver(i).handle(Input::Get {
+            key: b"k1".to_vec(),
+            mode: ReadMode::Linearizable,
+            reply: tx,
+        });
+        let refused = rx.try_recv().is_ok();
+        if !refused {
             self.stats.reads += 1;
-            self.reads.insert(
+            self.reads.push(PendingRead {
+                node: i,
                 token,
-                PendingRead {
-                    node: i,
-                    incarnation: self.nodes[i].incarnation,
-                    must_see,
-                },
-            );
+                must_see,
+                rx,
+            });
         }
         let id = self.nodes[i].id;
-        let what = self
-            .tracing()
-            .then(|| format!("read {token} at r{id} (must see {must_see} slots): {res:?}"));
-        self.finish_round(i, None, what)
+        let what = self.tracing().then(|| {
+            format!("read {token} at r{id} (must see {must_see} slots): refused {refused}")
+        });
+        self.round(i, None, what)
     }
 
     /// Crashes node `i`: its memory is lost, and its messages still in
     /// flight too unless `sent_survive`.
     fn crash(&mut self, i: usize, sent_survive: bool) {
         let id = self.nodes[i].id;
-        self.nodes[i].core = None;
-        self.nodes[i].receiving = None;
+        self.nodes[i].driver = None;
         if !sent_survive {
             self.net.retain(|e| e.from != id);
         }
-        self.reads.retain(|_, r| r.node != i);
         self.stats.crashes += 1;
         self.note(|| {
             if sent_survive {
@@ -1371,9 +1689,9 @@ impl Sim {
             if node.lost_until.is_some_and(|upto| {
                 node.applied >= upto
                     && node
-                        .core
+                        .driver
                         .as_ref()
-                        .is_some_and(|c| c.standing() == Standing::Voter)
+                        .is_some_and(|d| d.core().standing() == Standing::Voter)
             }) {
                 node.lost_until = None;
             }
@@ -1383,7 +1701,9 @@ impl Sim {
             .iter()
             .enumerate()
             .filter(|&(j, node)| {
-                j == i || node.lost_until.is_some() || node.disk.standing != Standing::Voter
+                j == i
+                    || node.lost_until.is_some()
+                    || node.disk.borrow().disk.standing != Standing::Voter
             })
             .count();
         if lost > n - quorum {
@@ -1438,9 +1758,12 @@ impl Sim {
         let chosen_now = self.log.len() as u64;
         let node = &mut self.nodes[i];
         node.lost_until = Some(chosen_now);
-        node.disk = Disk::default();
-        if self.variant == Variant::AmnesiacVotes {
-            node.disk.standing = Standing::Voter;
+        {
+            let mut c = node.disk.borrow_mut();
+            c.disk = Disk::default();
+            if self.variant == Variant::AmnesiacVotes {
+                c.disk.standing = Standing::Voter;
+            }
         }
         // Its promises are gone with the disk: what it shows from now on
         // may be lower (it votes again only once that is safe).
@@ -1451,24 +1774,18 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) -> Result<(), Violation> {
-        let node = &mut self.nodes[i];
-        node.incarnation += 1;
-        node.receiving = None;
-        // The state machine is rebuilt from the snapshot, then the log.
-        node.applied = node.disk.snapshot;
-        let cfg = self.config(self.nodes[i].id, self.nodes[i].incarnation);
-        let snapshot = self.nodes[i].disk.snapshot;
-        let at_snapshot = (snapshot > 0).then(|| self.membership_at(snapshot));
-        let node = &mut self.nodes[i];
-        let mut durable = node.disk.durable();
-        if at_snapshot.is_some() {
-            durable.membership = at_snapshot;
-        }
+        self.nodes[i].incarnation += 1;
+        let id = self.nodes[i].id;
+        let cfg = self.config(id, self.nodes[i].incarnation);
+        let (durable, sm) = {
+            let c = self.nodes[i].disk.borrow();
+            let sm = c.disk.snapshot_sm.clone().unwrap_or_default();
+            (c.disk.durable(), sm)
+        };
         let what = self.trace.is_some().then(|| {
             format!(
-                "RESTART r{} from disk: promised={} chosen={} entries={} snapshot={} \
+                "RESTART r{id} from disk: promised={} chosen={} entries={} snapshot={} \
                  compacted={}",
-                node.id,
                 durable.promised,
                 durable.chosen,
                 durable.entries.len(),
@@ -1476,66 +1793,112 @@ impl Sim {
                 durable.compacted
             )
         });
-        node.core = Some(Paxos::new(cfg, durable));
-        self.finish_round(i, None, what)
+        // As `kv_server::run` starts a replica from its data directory.
+        let (core, sm, _) = node::recover(cfg, &self.given(), durable, sm);
+        // The state machine is the snapshot's; the log's entries after it
+        // are applied again.
+        self.nodes[i].applied = sm.applied();
+        let mut snapshots = Snapshots::new(
+            self.tuning.snapshot_every.unwrap_or(u64::MAX / 4),
+            sm.applied(),
+        );
+        // Keep one interval of commands behind a snapshot, so that peers
+        // catch up both from the log and from snapshots.
+        snapshots.keep_commands = self.tuning.snapshot_every.unwrap_or(0) as usize;
+        snapshots.keep_bytes = usize::MAX;
+        let outbox = SimOutbox {
+            sent: Vec::new(),
+            snapshot_write: None,
+            fetch: None,
+            applied: Vec::new(),
+            now: self.epoch,
+            unix_ms: UNIX_EPOCH_MS,
+        };
+        let seed = mix(mix(self.seed) ^ mix(id) ^ mix(self.nodes[i].incarnation + 77));
+        let driver = Driver::new(
+            core,
+            sm,
+            SimStore(self.nodes[i].disk.clone()),
+            snapshots,
+            outbox,
+            seed,
+        )
+        .sessions(
+            Duration::from_millis(self.tuning.session_ttl_ms),
+            self.tuning.max_sessions,
+        );
+        self.nodes[i].driver = Some(driver);
+        self.round(i, None, what)
     }
 
-    /// Node `i` writes a snapshot if one is due and compacts its log
-    /// behind it, keeping one interval, as the driver does.
+    /// The snapshot node `i`'s driver started writing becomes durable (or,
+    /// now and then, fails to be written), and the driver hears so: it
+    /// compacts its log behind it.
     fn snapshot(&mut self, i: usize) -> Result<(), Violation> {
-        let Some(every) = self.tuning.snapshot_every else {
+        let Some((index, sm)) = self.driver(i).outbox_mut().snapshot_write.take() else {
             return Ok(());
         };
-        let node = &mut self.nodes[i];
-        let index = node.applied;
-        if index < node.disk.snapshot + every {
-            return Ok(());
-        }
-        node.disk.snapshot = index;
-        let core = node.core.as_mut().expect("live");
-        core.compact(index.saturating_sub(every));
-        self.stats.snapshots += 1;
-        let id = node.id;
-        let what = self.tracing().then(|| {
-            format!(
-                "SNAPSHOT r{id} at {index}, compact to {}",
-                index.saturating_sub(every)
-            )
-        });
-        self.finish_round(i, None, what)
+        let id = self.nodes[i].id;
+        let result = if self.faults && self.rng.random_bool(0.05) {
+            Err("simulated: no space left on device".to_string())
+        } else {
+            let mut c = self.nodes[i].disk.borrow_mut();
+            if index > c.disk.snapshot {
+                c.disk.snapshot = index;
+                c.disk.snapshot_sm = Some(sm);
+            }
+            self.stats.snapshots += 1;
+            Ok(())
+        };
+        let what = self
+            .tracing()
+            .then(|| format!("SNAPSHOT r{id} at {index}: {result:?}"));
+        self.driver(i)
+            .handle(Input::SnapshotTaken { index, result });
+        self.round(i, None, what)
     }
 
-    /// Node `i` gets the newest snapshot of the peer its core named: fails
-    /// if that peer is down, cut off or has none; else the snapshot becomes
-    /// durable, replaces the state machine and is installed in the core.
+    /// Node `i` gets the newest snapshot of the peer its driver asked for:
+    /// fails if that peer is down, cut off or has none; else it becomes
+    /// durable here, and the driver installs it if it is news.
     fn transfer(&mut self, i: usize) -> Result<(), Violation> {
-        let Some(peer) = self.nodes[i].receiving.take() else {
+        let Some(peer) = self.driver(i).outbox_mut().fetch.take() else {
             return Ok(());
         };
         let id = self.nodes[i].id;
         let p = (peer - 1) as usize;
-        let index = self.nodes[p].disk.snapshot;
-        if self.nodes[p].core.is_none() || self.side[p] != self.side[i] || index == 0 {
-            self.note(|| format!("snapshot transfer r{peer}->r{id} failed"));
-            return Ok(());
-        }
-        if index <= self.nodes[i].applied {
-            self.note(|| format!("snapshot of r{peer} at {index} is not news to r{id}"));
-            return Ok(());
-        }
-        let m = self.membership_at(index);
-        let node = &mut self.nodes[i];
-        node.applied = index;
-        node.disk.snapshot = index;
-        node.core
-            .as_mut()
+        let found = {
+            let c = self.nodes[p].disk.borrow();
+            c.disk.snapshot_sm.clone().map(|sm| (c.disk.snapshot, sm))
+        };
+        let result = match found {
+            Some((index, sm)) if self.nodes[p].driver.is_some() && self.side[p] == self.side[i] => {
+                let mut c = self.nodes[i].disk.borrow_mut();
+                if index > c.disk.snapshot {
+                    c.disk.snapshot = index;
+                    c.disk.snapshot_sm = Some(sm.clone());
+                }
+                Ok((index, Box::new(sm)))
+            }
+            _ => Err("simulated: the peer is down, cut off, or has no snapshot".to_string()),
+        };
+        let what = self.tracing().then(|| match &result {
+            Ok((index, _)) => format!("TRANSFER snapshot of r{peer} at {index} to r{id}"),
+            Err(e) => format!("TRANSFER r{peer}->r{id} failed: {e}"),
+        });
+        self.driver(i).handle(Input::SnapshotReceived { result });
+        let now = self.nodes[i]
+            .driver
+            .as_ref()
             .expect("live")
-            .install_snapshot(index, Some(m));
-        self.stats.installs += 1;
-        let what = self
-            .tracing()
-            .then(|| format!("INSTALL snapshot of r{peer} at {index} on r{id}"));
-        self.finish_round(i, None, what)
+            .state()
+            .applied();
+        if now > self.nodes[i].applied {
+            // Installed: the state machine jumped to the snapshot's index.
+            self.nodes[i].applied = now;
+            self.stats.installs += 1;
+        }
+        self.round(i, None, what)
     }
 
     fn partition(&mut self) {
@@ -1655,7 +2018,17 @@ impl Sim {
             Event::Partition => self.partition(),
             Event::Heal => self.heal(),
             Event::Snapshot => {
-                if let Some(i) = self.pick(&live) {
+                let writing: Vec<usize> = live
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        self.nodes[i]
+                            .driver
+                            .as_ref()
+                            .is_some_and(|d| d.outbox().snapshot_write.is_some())
+                    })
+                    .collect();
+                if let Some(i) = self.pick(&writing) {
                     self.snapshot(i)?;
                 }
             }
@@ -1663,7 +2036,12 @@ impl Sim {
                 let waiting: Vec<usize> = live
                     .iter()
                     .copied()
-                    .filter(|&i| self.nodes[i].receiving.is_some())
+                    .filter(|&i| {
+                        self.nodes[i]
+                            .driver
+                            .as_ref()
+                            .is_some_and(|d| d.outbox().fetch.is_some())
+                    })
                     .collect();
                 if let Some(i) = self.pick(&waiting) {
                     self.transfer(i)?;
@@ -1671,7 +2049,7 @@ impl Sim {
             }
         }
         if let Some(i) = self.bounce.take() {
-            if self.nodes[i].core.is_some() {
+            if self.nodes[i].driver.is_some() {
                 self.crash(i, true);
                 self.restart(i)?;
             }
@@ -1693,8 +2071,10 @@ impl Sim {
             self.deliver(k)?;
         }
         for i in self.live() {
-            self.snapshot(i)?;
-            self.transfer(i)?;
+            if self.nodes[i].driver.is_some() {
+                self.snapshot(i)?;
+                self.transfer(i)?;
+            }
         }
         Ok(())
     }
@@ -1704,14 +2084,14 @@ impl Sim {
         let l = self
             .nodes
             .iter()
-            .position(|n| n.core.as_ref().is_some_and(|c| c.is_leader()))?;
-        let leader = self.nodes[l].core.as_ref()?;
+            .position(|n| n.driver.as_ref().is_some_and(|d| d.core().is_leader()))?;
+        let leader = self.core(l)?;
         let chosen = leader.chosen();
         let m = leader.membership();
         // Every member; replicas outside the configuration (removed, or
         // never added) follow no one.
         for n in self.nodes.iter().filter(|n| m.contains(n.id)) {
-            let c = n.core.as_ref()?;
+            let c = n.driver.as_ref()?.core();
             if c.leader() != Some(leader.id())
                 || n.applied != chosen
                 || (m.is_voter(n.id) && c.standing() != Standing::Voter)
@@ -1748,6 +2128,9 @@ impl Sim {
     fn finish(&mut self) -> Result<(), Violation> {
         self.note(|| "==== FINAL: heal, restart all, run without faults".into());
         self.faults = false;
+        for n in &self.nodes {
+            n.disk.borrow_mut().crash_in_sync = 0.0;
+        }
         self.bounce = None;
         self.heal();
         for i in self.down() {
@@ -1794,19 +2177,22 @@ impl Sim {
             if chosen >= FINAL_COMMANDS && self.settled_leader().is_some() {
                 break;
             }
-            while chosen + waiting.len() < FINAL_COMMANDS {
+            // (A client without a session opens one first: a few tries.)
+            for _ in 0..2 * FINAL_COMMANDS {
+                if chosen + waiting.len() >= FINAL_COMMANDS {
+                    break;
+                }
                 let Some(l) = self
                     .live()
                     .into_iter()
-                    .find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_leader()))
+                    .find(|&i| self.core(i).is_some_and(|c| c.is_leader()))
                 else {
                     break;
                 };
                 let client = 1 + (proposed % CLIENTS as usize) as u64;
-                let seq = self.next_seq[client as usize];
                 proposed += 1;
-                if self.propose(l, client)? {
-                    waiting.push(((client, seq), round));
+                if let Some(key) = self.propose(l, client)? {
+                    waiting.push((key, round));
                 }
             }
             self.fair_round()?;
