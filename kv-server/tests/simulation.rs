@@ -19,9 +19,9 @@
 //! to: the disk is full), transfer a snapshot to a replica whose driver
 //! asked for one, change the membership (in
 //! half of the seeds: add a learner, promote one, remove a voter, the
-//! leader included, through the leader, as `kv-client member` does; in
-//! five-replica seeds of those the cluster starts as replicas 1-3, and
-//! 4 and 5 run outside it until added), wipe a crashed replica's disk
+//! leader included, through the leader, as `kv-client member` does; the
+//! cluster starts as replicas 1-3, and 4 and 5 (in three-replica seeds, a
+//! fourth) run outside it until added), wipe a crashed replica's disk
 //! (within what every configuration the cluster may come to can spare:
 //! see `Sim::wipe`). A replica that has just made a
 //! promise durable sometimes crashes and restarts at once (a crash in the
@@ -859,10 +859,13 @@ impl Sim {
             && sim.rng.random_bool(0.5)
         {
             sim.reconfig = true;
-            if n == 5 {
-                sim.initial = vec![1, 2, 3];
-            }
+            sim.initial = vec![1, 2, 3];
         }
+        // Replicas outside the first configuration, until added: 4 and 5
+        // of five; in three-replica seeds a fourth joins them, so that
+        // they grow to four voters and shrink back too.
+        let total = if sim.reconfig && n == 3 { 4 } else { n };
+        sim.side = vec![0; total as usize];
         let (reconfig, initial) = (sim.reconfig, sim.initial.clone());
         sim.note(|| {
             format!(
@@ -887,7 +890,7 @@ impl Sim {
             },
             ..Disk::default()
         };
-        for id in 1..=n {
+        for id in 1..=total {
             let cell = DiskCell {
                 disk: disk.clone(),
                 variant,
