@@ -520,6 +520,50 @@ mod tests {
     /// not a majority of them is refused, naming the silent ones; once
     /// they are back it goes through.
     #[test]
+    fn a_learner_is_judged_by_its_newest_answer_not_a_reordered_older_one() {
+        // Replica 4 is down: the leader hears only the answers below.
+        let mut nodes = cluster(4);
+        for (i, n) in nodes.iter_mut().enumerate().take(3) {
+            *n = Paxos::new(Config::new(i as u64 + 1, vec![1, 2, 3]), Durable::default());
+        }
+        let up = vec![true, true, true, false];
+        let mut applied = vec![Vec::new(); 4];
+        run_up(&mut nodes, &mut applied, &up, 100);
+        let l = leader_of(&nodes, &up);
+        nodes[l].propose(add(1, 4)).unwrap();
+        run_up(&mut nodes, &mut applied, &up, 50);
+        let l = leader_of(&nodes, &up);
+        let m = nodes[l].membership().clone();
+        assert!(m.contains(4) && !m.is_voter(4), "{m:?}");
+        let ack = |round, chosen, unsure| {
+            Msg::HeartbeatAck(HeartbeatAck {
+                from: 4,
+                ballot: Ballot::ZERO,
+                ok: true,
+                round,
+                chosen,
+                rejoin_floor: None,
+                unsure,
+            })
+        };
+        let chosen = nodes[l].chosen();
+        // Caught up at round 10; then it restarts empty and says so at
+        // round 12; its answer of round 11 (from before) arrives last.
+        nodes[l].step(ack(10, chosen, false));
+        nodes[l].step(ack(12, 0, true));
+        nodes[l].step(ack(11, chosen, false));
+        match nodes[l].propose(change(2, MemberChange::Promote(4))) {
+            Err(Refusal::Conflict(why)) => assert!(why.contains("not caught up"), "{why}"),
+            other => panic!("promoted on a stale answer: {other:?}"),
+        }
+        // Its next answer says it caught up again: now it may vote.
+        nodes[l].step(ack(13, chosen, false));
+        nodes[l]
+            .propose(change(3, MemberChange::Promote(4)))
+            .unwrap();
+    }
+
+    #[test]
     fn a_removal_that_would_leave_no_working_majority_is_refused() {
         let mut nodes = cluster(5);
         let mut applied = vec![Vec::new(); 5];

@@ -165,6 +165,10 @@ pub(crate) struct Progress {
     /// It says it does not vote yet because it lost its state (or, a
     /// learner, started empty) and is rejoining.
     pub(crate) rejoining: bool,
+    /// The heartbeat round of the answer `chosen` and `rejoining` were last
+    /// taken from: an older answer, reordered behind a newer one, may
+    /// predate a restart that emptied it, and is not believed over it.
+    pub(crate) status_round: Option<u64>,
     /// Thrifty: the tick of the oldest accept sent to it at once that it
     /// has not answered yet.
     pub(crate) waiting_since: Option<u64>,

@@ -117,8 +117,13 @@ impl Paxos {
             // Learners and rejoining replicas too: a learner is promoted
             // only once it has caught up and may vote.
             let p = l.progress.follower(m.from);
-            p.chosen = p.chosen.max(m.chosen);
-            p.rejoining = m.rejoin_floor.is_some() || m.unsure;
+            if p.status_round.is_none_or(|r| m.round >= r) {
+                // What it says of itself, from its newest answer: its
+                // chosen prefix goes down if it lost its state.
+                p.status_round = Some(m.round);
+                p.chosen = m.chosen;
+                p.rejoining = m.rejoin_floor.is_some() || m.unsure;
+            }
             p.answered = true;
             if m.ballot == Ballot::ZERO {
                 p.last_ack = now;
