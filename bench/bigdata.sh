@@ -23,7 +23,8 @@
 #      step 2's, every second's rate (the bench progress line), and when
 #      each replica logged "snapshot taken".
 #
-# Environment: KEYS, PUT_SECS, SNAP_SECS, KEEP_WORK=1. Stops only what it
+# PERF=1: `perf record -a` (cpu-clock) over the restart, reported for
+# kv-server's threads. Environment: KEYS, PUT_SECS, SNAP_SECS, KEEP_WORK=1. Stops only what it
 # started. Not part of CI.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -68,6 +69,12 @@ grep -h '"snapshot taken"\|snapshot taken' "$WORK"/replica-*.log | tail -3 | sed
 
 # ---- 3. restart ------------------------------------------------------------
 for i in $(seq 1 "$NREPLICAS"); do kill_replica "$i" TERM; done
+if [[ -n "${PERF:-}" ]]; then
+    # every CPU, call graphs by frame pointer; report only kv-server's threads
+    perf record -q -a -F 499 -g -o "$WORK/restart.perf" -- sleep 8 2>/dev/null &
+    perf_pid=$!
+    sleep 0.5
+fi
 t0=$(now)
 for i in $(seq 1 "$NREPLICAS"); do start_replica "$i"; done
 kvc --timeout 30 put restart-probe x >/dev/null
@@ -77,6 +84,15 @@ t_get=$(elapsed "$t0" "$(now)")
 echo
 echo "3. restart of all five with $keys keys: first put acknowledged ${t_put} s after starting them," \
     "first linearizable get (${got}...) ${t_get} s"
+grep -ah 'leader\|elected\|took office' "$WORK"/replica-*.log | tail -5 | sed 's/^/   /' || true
+if [[ -n "${PERF:-}" ]]; then
+    wait "$perf_pid" || true
+    echo "   where the CPU went in the 8 s from the restart (perf cpu-clock, every CPU, by thread and symbol):"
+    perf report -i "$WORK/restart.perf" --no-children --sort comm --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -8 | sed 's/ *$//; s/^/     /' || true
+    perf report -i "$WORK/restart.perf" --comms kv-server,tokio-rt-worker --no-children --sort symbol --stdio -g none 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -25 | sed 's/ *$//; s/^/     /' || true
+fi
 
 # ---- 4. puts while snapshots are taken -----------------------------------
 sleep 2

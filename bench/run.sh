@@ -18,8 +18,10 @@
 # round. Both clusters stay up throughout (the idle one ticks along beside
 # the measured one). The table shows the median of the runs (with 2 runs:
 # the mean of the two) of ops/s, p50 and p99 for each system, the ratio of
-# the medians and each round's ratio. The raw JSON of every run is printed
-# too.
+# the medians and each round's ratio, and for the put workloads the CPU
+# the five servers used per operation (user + system from /proc, over the
+# whole bench run): with other work on the machine, the least disturbed
+# figure. The raw JSON of every run is printed too.
 #
 # Then the leader-failover measurement (bench/failover.py): 16 closed-loop
 # put clients; after 4 s the leader is SIGKILLed; reported are the time from
@@ -62,6 +64,21 @@ WORKLOADS=(
     "mixed 90/10, 16 clients|--op mixed --clients 16 --preload"
 )
 declare -A RES=() ERES=()
+# CPU (user + system) of the five servers over a run, per operation: the
+# yardstick that other work on the machine disturbs least. Counted over
+# the whole bench run, warm-up included (ops scaled by (SECS + 2) / SECS);
+# shown for the put workloads only (get and mixed preload 10,000 puts in
+# the same window).
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { local t=0 p; for p in "$@"; do [[ -n "$p" ]] && t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+with_cpu() {  # with_cpu JSON TICKS_BEFORE TICKS_AFTER ARGS -> JSON + server_cpu_us_per_op
+    local us=null
+    if [[ "$4" != *--preload* ]]; then
+        us=$(awk -v d="$(($3 - $2))" -v hz="$HZ" -v n="$(jq -r .ops <<<"$1")" -v s="$SECS" \
+            'BEGIN { printf "%.1f", n > 0 ? d / hz * 1e6 / (n * (s + 2) / s) : 0 }')
+    fi
+    jq -c --argjson us "$us" '. + {server_cpu_us_per_op: $us}' <<<"$1"
+}
 for r in $(seq 1 "$RUNS"); do
     for i in "${!WORKLOADS[@]}"; do
         IFS='|' read -r name args <<<"${WORKLOADS[$i]}"
@@ -69,13 +86,17 @@ for r in $(seq 1 "$RUNS"); do
         for turn in 0 1; do
             # kvpaxos first in odd rounds, etcd first in even ones
             if (( (r + turn) % 2 == 1 )); then
+                t0=$(cpu_ticks "${PIDS[@]}")
                 # shellcheck disable=SC2086
                 out=$(bench $args "${common[@]}")
+                out=$(with_cpu "$out" "$t0" "$(cpu_ticks "${PIDS[@]}")" "$args")
                 log "run $r, $name, kvpaxos: $out"
                 RES[$i]+="$out"$'\n'
             elif [[ "$ETCD" != 0 ]]; then
+                t0=$(cpu_ticks "${ETCD_PIDS[@]}")
                 # shellcheck disable=SC2086
                 out=$(etcd_bench $args "${common[@]}")
+                out=$(with_cpu "$out" "$t0" "$(cpu_ticks "${ETCD_PIDS[@]}")" "$args")
                 log "run $r, $name, etcd: $out"
                 ERES[$i]+="$out"$'\n'
             fi
@@ -88,8 +109,8 @@ echo
 echo "kvpaxos commit $COMMIT${ETCD_VERSION:+ and etcd $ETCD_VERSION}, $(nproc) cores, five replicas/members on 127.0.0.1;" \
     "median of $RUNS interleaved runs of ${SECS} s each; load average before $LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| workload | kvpaxos ops/s (runs) | p50 / p99 ms | etcd ops/s (runs) | p50 / p99 ms | ratio (each round) |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| workload | kvpaxos ops/s (runs) | p50 / p99 ms | etcd ops/s (runs) | p50 / p99 ms | ratio (each round) | servers' CPU µs/op kvpaxos / etcd |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 # col RUNS-JSON -> "ops (runs) | p50 / p99"
 col() {
     local runs ops p50 p99 all
@@ -102,7 +123,7 @@ col() {
     printf '%.0f (%s) | %.2f / %.1f' "$ops" "$all" "$p50" "$p99"
 }
 for i in "${!WORKLOADS[@]}"; do
-    IFS='|' read -r name _ <<<"${WORKLOADS[$i]}"
+    IFS='|' read -r name args <<<"${WORKLOADS[$i]}"
     ratio="-"
     if [[ -n "${ERES[$i]:-}" ]]; then
         k=$(sed '/^$/d' <<<"${RES[$i]}" | jq -r .ops_per_s)
@@ -111,7 +132,10 @@ for i in "${!WORKLOADS[@]}"; do
         each=$(paste -d' ' <(echo "$k") <(echo "$e") | awk '{ printf "%s%.1f", (NR > 1 ? " / " : ""), $1 / $2 }')
         ratio+=" ($each)"
     fi
-    printf '| %s | %s | %s | %s |\n' "$name" "$(col "${RES[$i]}")" "$(col "${ERES[$i]:-}")" "$ratio"
+    cpu() { sed '/^$/d' <<<"$1" | jq -r 'select(.server_cpu_us_per_op != null) | .server_cpu_us_per_op' | median; }
+    cpus="-"
+    [[ "$args" != *--preload* ]] && cpus="$(cpu "${RES[$i]}") / $(cpu "${ERES[$i]:-}")"
+    printf '| %s | %s | %s | %s | %s |\n' "$name" "$(col "${RES[$i]}")" "$(col "${ERES[$i]:-}")" "$ratio" "$cpus"
 done
 echo
 echo "raw runs:"
