@@ -75,7 +75,7 @@ with_cpu() {  # with_cpu JSON TICKS_BEFORE TICKS_AFTER ARGS -> JSON + server_cpu
     local us=null
     if [[ "$4" != *--preload* ]]; then
         us=$(awk -v d="$(($3 - $2))" -v hz="$HZ" -v n="$(jq -r .ops <<<"$1")" -v s="$SECS" \
-            'BEGIN { printf "%.1f", n > 0 ? d / hz * 1e6 / (n * (s + 2) / s) : 0 }')
+            'BEGIN { printf "%.1f", (n > 0 ? d / hz * 1e6 / (n * (s + 2) / s) : 0) }')
     fi
     jq -c --argjson us "$us" '. + {server_cpu_us_per_op: $us}' <<<"$1"
 }
