@@ -31,7 +31,8 @@ mkdir -p "$OUT"
 
 setup_work profile
 build
-start_cluster
+# CALLGRIND moves the leadership with `kv-client fault --isolate`
+start_cluster ${CALLGRIND:+--enable-fault-injection}
 sleep 1
 L=$(leader_id)
 echo "kvpaxos commit $COMMIT, $(nproc) cores; workload: bench $ARGS --secs $SECS; leader $L"
@@ -94,7 +95,7 @@ if [[ -n "${CALLGRIND:-}" ]]; then
     command -v valgrind >/dev/null || { log "valgrind missing (apt-get install valgrind)"; exit 1; }
     kill_replica 1 TERM
     RUST_LOG=${RUST_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
-        "$SERVER" --id 1 --replicas "$REPLICAS" --data-dir "$WORK/data/1" >>"$WORK/replica-1.log" 2>&1 &
+        "$SERVER" --id 1 --replicas "$REPLICAS" --data-dir "$WORK/data/1" --enable-fault-injection >>"$WORK/replica-1.log" 2>&1 &
     PIDS[1]=$!
     fault() { kvc fault --server "$(awk -v i="$1" '$1 == i { print $2 }' "$REPLICAS")" --isolate "$2" >/dev/null; }
     for t in $(seq 1 20); do
