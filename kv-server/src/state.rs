@@ -854,15 +854,21 @@ impl StateMachine {
                 l.keys.insert(key.to_vec());
             }
         }
-        let prev = if self.revisions {
-            self.map.get(key).cloned()
-        } else {
-            None
-        };
-        match self.map.get_mut(key) {
+        // One lookup; the entry before moves into the history (only its
+        // value is replaced), where it used to be copied, and the map was
+        // searched three times.
+        let revisions = self.revisions;
+        let (new, prev) = match self.map.get_mut(key) {
             Some(e) => {
                 self.bytes -= pair_len(key, &e.value);
-                e.value = value.to_vec();
+                let old_value = std::mem::replace(&mut e.value, value.to_vec());
+                let prev = revisions.then_some(Entry {
+                    value: old_value,
+                    create: e.create,
+                    modified: e.modified,
+                    version: e.version,
+                    lease: e.lease,
+                });
                 e.modified = rev;
                 if e.lease != lease && e.lease != 0 {
                     if let Some(l) = self.leases.get_mut(&e.lease) {
@@ -870,9 +876,10 @@ impl StateMachine {
                     }
                 }
                 e.lease = lease;
-                if self.revisions {
+                if revisions {
                     e.version += 1;
                 }
+                (revisions.then(|| e.clone()), prev)
             }
             None => {
                 let e = Entry {
@@ -882,11 +889,12 @@ impl StateMachine {
                     version: 1,
                     lease,
                 };
+                let new = revisions.then(|| e.clone());
                 self.map.insert(key.to_vec(), e);
+                (new, None)
             }
-        }
-        if self.revisions {
-            let new = self.map.get(key).cloned();
+        };
+        if revisions {
             self.record(rev, key, new, prev);
         }
     }
