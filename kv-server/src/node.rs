@@ -889,10 +889,20 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
 
     /// Starts writing a snapshot if one is due. The driver pauses only for
     /// the copy of the map; serializing and syncing happen off it.
+    ///
+    /// Replicas take theirs at different log positions ([`stagger`]): every
+    /// replica applies the same log, so on the same thresholds all five
+    /// copied their maps and wrote their files in the same second, and on
+    /// a small machine puts fell to a third or to none while they did
+    /// (README, "What limits them"). Staggered, a follower's pause costs
+    /// the leader nothing (the others make the majority).
     fn maybe_snapshot(&mut self) {
         let applied = self.sm.applied();
-        let by_entries = applied >= self.snapshots.latest + self.snapshots.every;
-        let by_bytes = self.snapshots.log_bytes >= MIN_LOG_BYTES.max(self.sm.data_bytes() / 2);
+        let part = stagger(self.core.id());
+        let by_entries =
+            applied >= next_snapshot(self.snapshots.latest, self.snapshots.every, part);
+        let by_bytes = self.snapshots.log_bytes
+            >= MIN_LOG_BYTES.max(self.sm.data_bytes() / 2) / 10 * (10 + part);
         if self.snapshots.taking || !(by_entries || by_bytes || !self.backups.is_empty()) {
             return;
         }
@@ -1058,6 +1068,32 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         }
         self.sm.set_applied(slot);
         self.outbox.applied(slot, &value);
+    }
+}
+
+/// Parts of the snapshot interval the replicas' snapshots are spread over.
+const STAGGER_PARTS: u64 = 5;
+
+/// Which part of the snapshot interval replica `id` takes its snapshots in
+/// (0 to `STAGGER_PARTS - 1`): see [`next_snapshot`]; by bytes, that many
+/// tenths later.
+fn stagger(id: ReplicaId) -> u64 {
+    id.saturating_sub(1) % STAGGER_PARTS
+}
+
+/// The applied index at which a replica in `part` whose newest snapshot is
+/// at `latest` takes its next one, with a snapshot every `every` entries:
+/// the first index after `latest` that is `part` fifths into an interval
+/// (indexes `m * every + every / 5 * part`). Never more than `every` after
+/// `latest`, as without the stagger.
+fn next_snapshot(latest: Slot, every: u64, part: u64) -> Slot {
+    let every = every.max(1);
+    let offset = every / STAGGER_PARTS * part;
+    let base = latest - latest % every + offset;
+    if base > latest {
+        base
+    } else {
+        base.saturating_add(every)
     }
 }
 
@@ -1338,4 +1374,39 @@ async fn download(
     .await
     .map_err(|e| e.to_string())?;
     installed.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_take_their_snapshots_at_different_indexes_within_the_interval() {
+        // Every 10,000 entries: five replicas, five positions 2,000 apart.
+        let firsts: Vec<Slot> = (1..=5)
+            .map(|id| next_snapshot(0, 10_000, stagger(id)))
+            .collect();
+        assert_eq!(firsts, vec![10_000, 2_000, 4_000, 6_000, 8_000]);
+        for id in 1..=5u64 {
+            let part = stagger(id);
+            let mut latest = 0;
+            for _ in 0..5 {
+                let next = next_snapshot(latest, 10_000, part);
+                assert!(
+                    next > latest && next <= latest + 10_000,
+                    "{latest} -> {next}"
+                );
+                assert_eq!(next % 10_000, 2_000 * part);
+                latest = next;
+            }
+            // After a snapshot installed from a peer (another position),
+            // back to its own within one interval.
+            let next = next_snapshot(12_345, 10_000, part);
+            assert!(next > 12_345 && next <= 22_345 && next % 10_000 == 2_000 * part);
+        }
+        // Intervals too short to split, and none at all.
+        assert_eq!(next_snapshot(7, 3, stagger(4)), 9);
+        assert_eq!(next_snapshot(0, 1, stagger(5)), 1);
+        assert!(next_snapshot(5, u64::MAX / 4, stagger(2)) > 5);
+    }
 }
