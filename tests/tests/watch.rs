@@ -182,7 +182,7 @@ async fn the_cli_watch_prints_one_line_per_change_and_compaction_is_a_clear_erro
 /// 1,000 puts a second go to it; how many events each watcher got and how
 /// long after its put began each event arrived. Ignored (it measures, it
 /// checks only that nothing was missed): `cargo test --release -p kv-tests
-/// --test watch watchers_under_load -- --ignored --nocapture`.
+/// --test e2e watch::watchers_under_load -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn watchers_under_load() {
