@@ -679,6 +679,56 @@ struct PendingWrite {
     rx: oneshot::Receiver<Result<WriteOutcome, KvError>>,
 }
 
+/// A client request waiting for its answer from a node's driver.
+trait Pending {
+    type Answer;
+    fn node(&self) -> usize;
+    fn rx(&mut self) -> &mut oneshot::Receiver<Self::Answer>;
+}
+
+impl Pending for PendingRead {
+    type Answer = Result<GetResponse, KvError>;
+    fn node(&self) -> usize {
+        self.node
+    }
+    fn rx(&mut self) -> &mut oneshot::Receiver<Self::Answer> {
+        &mut self.rx
+    }
+}
+
+impl Pending for PendingWrite {
+    type Answer = Result<WriteOutcome, KvError>;
+    fn node(&self) -> usize {
+        self.node
+    }
+    fn rx(&mut self) -> &mut oneshot::Receiver<Self::Answer> {
+        &mut self.rx
+    }
+}
+
+/// Takes out of `pending` the requests to node `i` that were answered,
+/// with their answer (`None`: the driver is gone, the answer never comes).
+fn answered<P: Pending>(pending: &mut Vec<P>, i: usize) -> Vec<(P, Option<P::Answer>)> {
+    let mut done = Vec::new();
+    let mut k = 0;
+    while k < pending.len() {
+        if pending[k].node() != i {
+            k += 1;
+            continue;
+        }
+        let answer = match pending[k].rx().try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => {
+                k += 1;
+                continue;
+            }
+            Ok(a) => Some(a),
+            Err(oneshot::error::TryRecvError::Closed) => None,
+        };
+        done.push((pending.swap_remove(k), answer));
+    }
+    done
+}
+
 /// Tuning drawn per seed, so runs also cover small batches, short messages
 /// and little pipelining.
 #[derive(Clone, Copy, Debug)]
@@ -1325,21 +1375,7 @@ impl Sim {
     /// outcome opens or drops a session, or gives the write up.
     fn poll(&mut self, i: usize) -> Result<(), Violation> {
         let id = self.nodes[i].id;
-        let mut k = 0;
-        while k < self.reads.len() {
-            if self.reads[k].node != i {
-                k += 1;
-                continue;
-            }
-            let answer = match self.reads[k].rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    k += 1;
-                    continue;
-                }
-                Ok(a) => Some(a),
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            };
-            let r = self.reads.swap_remove(k);
+        for (r, answer) in answered(&mut self.reads, i) {
             if let Some(Ok(resp)) = answer {
                 if resp.applied < r.must_see {
                     return Err(self.violation(
@@ -1353,21 +1389,7 @@ impl Sim {
                 }
             }
         }
-        let mut k = 0;
-        while k < self.writes.len() {
-            if self.writes[k].node != i {
-                k += 1;
-                continue;
-            }
-            let answer = match self.writes[k].rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    k += 1;
-                    continue;
-                }
-                Ok(a) => Some(a),
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            };
-            let w = self.writes.swap_remove(k);
+        for (w, answer) in answered(&mut self.writes, i) {
             match (w.kind, answer) {
                 (
                     WriteKind::Open(client),
