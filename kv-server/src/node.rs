@@ -128,7 +128,7 @@ pub struct Snapshots {
     /// Take one every this many applied entries.
     pub every: u64,
     /// Client commands, and bytes of them, kept in the log behind a
-    /// snapshot ([`KEEP_BEHIND_SNAPSHOT`], [`KEEP_BEHIND_SNAPSHOT_BYTES`]
+    /// snapshot (`KEEP_BEHIND_SNAPSHOT`, `KEEP_BEHIND_SNAPSHOT_BYTES`
     /// unless a simulation wants its logs compacted sooner).
     pub keep_commands: usize,
     /// See `keep_commands`.
@@ -208,7 +208,7 @@ pub trait Outbox {
     fn applied(&mut self, _slot: Slot, _value: &Value) {}
 }
 
-/// The replica's [`Outbox`]: peer messages through the [`PeerPool`] (their
+/// The replica's [`Outbox`]: peer messages through the peer pool (their
 /// answers back into the driver's inbox), snapshots into the data
 /// directory on the blocking pool, the system clocks.
 pub struct PeerOutbox {
