@@ -1171,22 +1171,7 @@ impl Sim {
                 ));
                 self.note(|| line);
             }
-            for (to, msg) in sent {
-                self.net.push(Envelope {
-                    from: id,
-                    to,
-                    msg,
-                    answer: false,
-                });
-            }
-            if let Some((to, msg)) = reply {
-                self.net.push(Envelope {
-                    from: id,
-                    to,
-                    msg,
-                    answer: true,
-                });
-            }
+            self.on_wire(id, sent, reply);
             self.crash(i, true);
             return Ok(());
         }
@@ -1240,22 +1225,7 @@ impl Sim {
             let shown = sent.iter().map(|(_, m)| m);
             self.check_promises_shown(i, shown.chain(reply.iter().map(|(_, m)| m)), true)?;
         }
-        for (to, msg) in sent {
-            self.net.push(Envelope {
-                from: id,
-                to,
-                msg,
-                answer: false,
-            });
-        }
-        if let Some((to, msg)) = reply {
-            self.net.push(Envelope {
-                from: id,
-                to,
-                msg,
-                answer: true,
-            });
-        }
+        self.on_wire(id, sent, reply);
         for (slot, value) in applied {
             self.check_apply(i, slot, value)?;
         }
@@ -1368,6 +1338,26 @@ impl Sim {
         }
         self.nodes[i].applied = slot;
         Ok(())
+    }
+
+    /// Puts what replica `from` sent in a round on the network: its
+    /// requests, and its answer to the request it handled.
+    fn on_wire(
+        &mut self,
+        from: ReplicaId,
+        sent: Vec<(ReplicaId, Msg)>,
+        reply: Option<(ReplicaId, Msg)>,
+    ) {
+        let requests = sent.into_iter().map(|(to, msg)| (to, msg, false));
+        let answer = reply.map(|(to, msg)| (to, msg, true));
+        for (to, msg, answer) in requests.chain(answer) {
+            self.net.push(Envelope {
+                from,
+                to,
+                msg,
+                answer,
+            });
+        }
     }
 
     /// Collects the answers node `i` gave its clients: a read is checked
