@@ -361,25 +361,45 @@ impl Nemesis {
         all
     }
 
-    /// Reads every replica's counters, then heals every link; returns what
-    /// the replicas counted since the last time.
-    async fn heal_links(&mut self, cluster: &Cluster) -> FaultReport {
-        let client = cluster.client_with_timeout(Duration::from_millis(500));
+    /// Reads every running replica's counters, then heals its links;
+    /// returns what the replicas counted since the last time. A heal is
+    /// retried until the replica confirms it: one missed silently (a busy
+    /// machine, a slow TLS handshake) would leave that replica cut off for
+    /// the rest of the run, and a later step would fail for want of a
+    /// majority with nothing pointing at the cause.
+    async fn heal_links(&mut self, cluster: &mut Cluster) -> FaultReport {
+        const CONFIRM_WITHIN: Duration = Duration::from_secs(30);
+        let client = cluster.client_with_timeout(Duration::from_secs(2));
         let mut round = FaultReport::default();
-        for id in cluster.ids() {
+        for id in cluster.running() {
             let heal = FaultSpec {
                 heal: true,
                 ..FaultSpec::default()
             };
-            if let Ok(r) = client.set_faults(cluster.client_addr(id), heal).await {
-                let last = self.last.insert(id, r.clone()).unwrap_or_default();
-                // A restarted replica counts from zero again.
-                let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
-                round.dropped += delta(r.dropped, last.dropped);
-                round.delayed += delta(r.delayed, last.delayed);
-                round.timed_out += delta(r.timed_out, last.timed_out);
-                round.refused += delta(r.refused, last.refused);
-            }
+            let since = Instant::now();
+            let r = loop {
+                match client
+                    .set_faults(cluster.client_addr(id), heal.clone())
+                    .await
+                {
+                    Ok(r) => break r,
+                    Err(e) if since.elapsed() < CONFIRM_WITHIN => {
+                        eprintln!("nemesis: healing replica {id} failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!(
+                        "replica {id} is running but did not confirm the heal of its links \
+                         within {CONFIRM_WITHIN:?}: {e}"
+                    ),
+                }
+            };
+            let last = self.last.insert(id, r.clone()).unwrap_or_default();
+            // A restarted replica counts from zero again.
+            let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+            round.dropped += delta(r.dropped, last.dropped);
+            round.delayed += delta(r.delayed, last.delayed);
+            round.timed_out += delta(r.timed_out, last.timed_out);
+            round.refused += delta(r.refused, last.refused);
         }
         self.reported.dropped += round.dropped;
         self.reported.delayed += round.delayed;
@@ -679,7 +699,7 @@ async fn run_seed(seed: u64, run_for: Duration) -> RunSummary {
 
     // Heal: every replica runs and answers, every link is whole, and every
     // replica votes (a wiped one has rejoined).
-    nemesis.heal_links(&cluster).await;
+    nemesis.heal_links(&mut cluster).await;
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     kv_tests::wait_until(Duration::from_secs(30), "every replica votes", || async {
         cluster
@@ -1450,7 +1470,7 @@ async fn run_data_seed(seed: u64, run_for: Duration) -> DataSummary {
     }
 
     // Heal, as the register run does.
-    nemesis.heal_links(&cluster).await;
+    nemesis.heal_links(&mut cluster).await;
     cluster.wait_for_leader(Duration::from_secs(20)).await;
     kv_tests::wait_until(Duration::from_secs(30), "every replica votes", || async {
         cluster
@@ -1979,7 +1999,7 @@ async fn run_member_seed(seed: u64, run_for: Duration) -> MemberSummary {
 
     // Heal; then every member runs, votes and agrees: one configuration,
     // one applied index, the same keys with the same revisions.
-    nemesis.links.heal_links(&cluster).await;
+    nemesis.links.heal_links(&mut cluster).await;
     let m = nemesis.membership.clone();
     let members = m.voters();
     assert!(m.learners().is_empty(), "seed {seed}: learners left: {m:?}");
