@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kv_api::{
-    GetResponse, KvError, LeaderHint, Limits, Op, RangeRequest, ReadMode, ReplicaId, ReplicaStatus,
-    WriteRequest,
+    GetResponse, KvError, LeaderHint, Limits, Op, OpResult, RangeRequest, ReadMode, ReplicaId,
+    ReplicaStatus, WriteOutcome, WriteRequest,
 };
 use kv_peer_api::{Membership, Slot, SnapshotRequest, Value};
 use rand::rngs::StdRng;
@@ -46,6 +46,11 @@ use crate::{Result, ServerError};
 
 /// Inputs handled per round at most, so ticks are never starved.
 const MAX_DRAIN: usize = 4096;
+
+/// Configuration changes answered only once known chosen by a majority of
+/// the voters, at most this many waiting at once (more are answered at
+/// once: a bound on what admin clients can make a replica hold).
+const MAX_CHANGES_WAITING: usize = 64;
 
 /// Ticks between sweeps of abandoned waiters.
 const SWEEP_TICKS: u64 = 100;
@@ -295,6 +300,9 @@ pub struct Node<S = Storage, O = PeerOutbox> {
     rng: StdRng,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
+    /// Configuration changes applied, answered once a majority of the
+    /// voters know them chosen (see [`Node::answer_changes`]).
+    changes: Vec<(Slot, WriteOutcome, Vec<WriteReply>)>,
     reads: HashMap<u64, PendingRead>,
     watches: Vec<ParkedWatch>,
     next_token: u64,
@@ -386,6 +394,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
             rng: StdRng::seed_from_u64(seed),
             held_replies: Vec::new(),
             waiters: HashMap::new(),
+            changes: Vec::new(),
             reads: HashMap::new(),
             watches: Vec::new(),
             next_token: 0,
@@ -500,6 +509,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
     /// and watch deadlines). Its effects leave at the next [`Node::round`].
     pub fn tick(&mut self) {
         self.core.tick();
+        self.answer_changes();
         self.answer_watches(false);
         self.mark_leadership();
         self.propose_time();
@@ -662,7 +672,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
                 } else if let Some(done) = self.sm.cached(req.client_id, req.seq) {
                     self.duplicates += 1;
                     self.proposals.duplicate.inc();
-                    let _ = reply.send(Ok(done));
+                    self.answer_write(Ok(done), vec![reply]);
                     return;
                 }
                 let key = (req.client_id, req.seq);
@@ -989,6 +999,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         for (slot, value) in ready.apply {
             self.apply(slot, value);
         }
+        self.answer_changes();
         self.answer_watches(applied);
         for token in ready.reads_ready {
             match self.reads.remove(&token) {
@@ -1019,6 +1030,51 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         }
     }
 
+    /// Answers the clients waiting for a write. A configuration change
+    /// that took effect waits until a majority of the voters know it chosen
+    /// ([`Paxos::change_known`]): an operator who stops a removed replica
+    /// once told its removal is done must not leave the others needing it
+    /// (the removed leader may have been the only one that knew).
+    fn answer_write(
+        &mut self,
+        outcome: std::result::Result<WriteOutcome, KvError>,
+        txs: Vec<WriteReply>,
+    ) {
+        match outcome {
+            Ok(done)
+                if matches!(done.result, OpResult::Reconfigured(Ok(_)))
+                    && self.changes.len() < MAX_CHANGES_WAITING =>
+            {
+                self.changes.push((done.slot, done, txs));
+                self.answer_changes();
+            }
+            outcome => {
+                for tx in txs {
+                    let _ = tx.send(outcome.clone());
+                }
+            }
+        }
+    }
+
+    /// Answers the configuration changes a majority of the voters now know
+    /// chosen; forgets those nobody waits for any more.
+    fn answer_changes(&mut self) {
+        let core = &self.core;
+        self.changes.retain_mut(|(at, done, txs)| {
+            txs.retain(|tx| !tx.is_closed());
+            if txs.is_empty() {
+                return false;
+            }
+            if !core.change_known(*at) {
+                return true;
+            }
+            for tx in txs.drain(..) {
+                let _ = tx.send(Ok(done.clone()));
+            }
+            false
+        });
+    }
+
     fn apply(&mut self, slot: u64, value: Value) {
         if slot <= self.sm.applied() {
             return; // already in an installed snapshot
@@ -1044,9 +1100,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
                     let outcome = self.sm.apply(slot, req);
                     self.duplicates += self.sm.duplicates() - before;
                     if let Some(txs) = self.waiters.remove(&(req.client_id, req.seq)) {
-                        for tx in txs {
-                            let _ = tx.send(outcome.clone());
-                        }
+                        self.answer_write(outcome, txs);
                     }
                 }
                 m.batch_bytes.observe(bytes as f64);

@@ -49,6 +49,38 @@ pub fn stop_sign(cur: &Membership, value: &Value) -> Option<Membership> {
     next
 }
 
+/// A leader that left the voters by a change it knows chosen, handing it
+/// over. It may be the only replica that knows: the others accepted the
+/// stop sign but had not heard it chosen when the leader stepped down.
+/// Should it then be stopped (a removed replica is told it can be), the
+/// others would still count the old configuration's quorums, which count
+/// the stopped replica: with one more of the new voters down, a majority
+/// of the new configuration would be up and still elect no one. So, until
+/// a majority of the new voters say they know the change chosen (or for
+/// [`HANDOFF_TICKS`] at most), it sends them heartbeats of the ballot it
+/// led in: they promised that ballot, so they take its word that the stop
+/// sign is chosen (or fetch it from here, having missed it), as from any
+/// leader. It proposes nothing. The driver says a change is done only
+/// once [`Paxos::change_known`] holds, so a replica is stopped only after
+/// its handoff.
+pub(super) struct Handoff {
+    /// The stop sign's slot.
+    at: Slot,
+    /// The ballot this replica led in.
+    ballot: Ballot,
+    /// Its term's first slot (heartbeats carry it).
+    term_start: Slot,
+    /// It gives up at this tick.
+    until: u64,
+    /// When it last sent heartbeats.
+    last_sent: u64,
+}
+
+/// How long a handoff lasts at most, in ticks: long enough for a few
+/// fetches on a busy machine; a new voter that learns nothing in that time
+/// learns from the next leader.
+const HANDOFF_TICKS: u64 = 500;
+
 /// Whether a write is a configuration change.
 pub(super) fn is_reconfig(req: &WriteRequest) -> bool {
     matches!(req.op, Op::Reconfigure { .. })
@@ -68,6 +100,66 @@ impl Paxos {
     /// The epoch of the configuration the chosen prefix ends in.
     pub(super) fn epoch(&self) -> u64 {
         self.membership.epoch
+    }
+
+    /// Whether a majority of the voters (this replica counted if it votes)
+    /// are known to have chosen every slot up to `at`: a change at `at` is
+    /// then done, in that no later failure of a minority of the voters
+    /// needs a replica it removed. The driver answers a change only then.
+    pub fn change_known(&self, at: Slot) -> bool {
+        let voters = self.membership.voters();
+        let knows = voters
+            .iter()
+            .filter(|&&v| {
+                if v == self.cfg.id {
+                    self.chosen >= at
+                } else {
+                    self.peer_chosen.get(&v).is_some_and(|&c| c >= at)
+                }
+            })
+            .count();
+        knows * 2 > voters.len()
+    }
+
+    /// A tick of a handoff, if one runs: heartbeats to the voters not yet
+    /// known to know the change, until a majority do.
+    pub(super) fn hand_over(&mut self) {
+        let Some(h) = &self.handoff else {
+            return;
+        };
+        if self.change_known(h.at) || self.now >= h.until || self.votes() {
+            tracing::info!(
+                id = self.cfg.id,
+                at = h.at,
+                done = self.change_known(h.at),
+                "configuration change handed over"
+            );
+            self.handoff = None;
+            return;
+        }
+        if self.now < h.last_sent + u64::from(self.cfg.heartbeat_ticks) {
+            return;
+        }
+        let hb = Heartbeat {
+            from: self.cfg.id,
+            ballot: h.ballot,
+            chosen: h.at,
+            round: 0,
+            term_start: h.term_start,
+        };
+        let at = h.at;
+        let to: Vec<ReplicaId> = self
+            .membership
+            .voters()
+            .into_iter()
+            .filter(|&v| v != self.cfg.id && self.peer_chosen.get(&v).is_none_or(|&c| c < at))
+            .collect();
+        for v in to {
+            self.send(v, Msg::Heartbeat(hb.clone()));
+        }
+        if let Some(h) = &mut self.handoff {
+            h.last_sent = self.now;
+        }
     }
 
     /// At start: the configuration after every change in the chosen log
@@ -93,6 +185,7 @@ impl Paxos {
     /// floor, the driver told whom to talk to.
     fn enter(&mut self, m: Membership, at: Slot) {
         self.quorum = Quorum::of(self.cfg.id, &m);
+        self.peer_chosen.retain(|&id, _| m.contains(id));
         self.membership = m;
         self.out.membership = Some(self.membership.clone());
         let epoch = self.epoch();
@@ -126,6 +219,7 @@ impl Paxos {
             learners = ?next.learners(),
             "configuration changed"
         );
+        let led = self.promised;
         self.enter(next, at);
         let epoch = self.epoch();
         self.probes.clear();
@@ -148,11 +242,23 @@ impl Paxos {
                         l.queue.into_iter().for_each(|req| nl.enqueue(req));
                     }
                 } else {
-                    tracing::info!(id = me, epoch, "no longer a voter: stepping down as leader");
+                    tracing::info!(
+                        id = me,
+                        epoch,
+                        "no longer a voter: stepping down as leader, handing the change over"
+                    );
                     for req in l.queue {
                         self.out.dropped.push((req, None));
                     }
                     self.leader = None;
+                    self.handoff = Some(Handoff {
+                        at,
+                        ballot: led,
+                        term_start: l.term_start,
+                        until: self.now + HANDOFF_TICKS,
+                        last_sent: 0,
+                    });
+                    self.hand_over();
                 }
             }
             Role::Candidate(c) => {
@@ -462,6 +568,61 @@ mod tests {
                 "replica {v}: {got:?}"
             );
         }
+    }
+
+    /// A leader that removes itself may be the only replica that knows the
+    /// change chosen: the others accepted it but never heard so. It tells
+    /// them before it says the change is done ([`Paxos::change_known`]);
+    /// once it is stopped (as a removed replica is), a majority of the new
+    /// voters elects a leader even with one of them down, though that is
+    /// no majority of the old configuration.
+    #[test]
+    fn a_removed_leader_hands_over_before_it_is_stopped() {
+        let mut nodes = cluster(4);
+        let mut applied = vec![Vec::new(); 4];
+        let l = elected(&mut nodes, &mut applied);
+        let old = nodes[l].id();
+        nodes[l]
+            .propose(change(500, MemberChange::Remove(old)))
+            .unwrap();
+        // The accepts go out and their answers come back; nothing else.
+        let accepts = nodes[l].ready().messages;
+        for (to, m) in accepts {
+            let i = (to - 1) as usize;
+            let reply = nodes[i].step(m);
+            let _ = nodes[i].ready();
+            if let Some(reply) = reply {
+                nodes[l].step(reply);
+            }
+        }
+        assert!(nodes[l].removed(), "the leader knows the change chosen");
+        let at = nodes[l].chosen();
+        for (i, n) in nodes.iter().enumerate() {
+            if i != l {
+                assert!(n.chosen() < at, "replica {} does not know it yet", n.id());
+            }
+        }
+        assert!(!nodes[l].change_known(at));
+        // It runs until it may say the change is done, then is stopped.
+        let mut up = vec![true; 4];
+        for _ in 0..50 {
+            if nodes[l].change_known(at) {
+                break;
+            }
+            run_up(&mut nodes, &mut applied, &up, 1);
+        }
+        assert!(nodes[l].change_known(at), "handed over");
+        up[l] = false;
+        // And one of the three left goes down too.
+        let f = (0..4).find(|&i| i != l).unwrap();
+        up[f] = false;
+        run_up(&mut nodes, &mut applied, &up, 300);
+        let n = leader_of(&nodes, &up);
+        assert_eq!(nodes[n].membership().voters().len(), 3);
+        nodes[n].propose(put(9)).unwrap();
+        run_up(&mut nodes, &mut applied, &up, 20);
+        assert!(commands(&applied[n]).contains(&9));
+        agree(&applied);
     }
 
     /// Writes a leader had queued when its configuration changed are

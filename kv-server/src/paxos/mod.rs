@@ -118,6 +118,21 @@
 //! so (also on every start). Members answer a non-member's prepare with a
 //! refusal carrying their chosen prefix, and serve it chosen entries, so a
 //! removed replica that was down during its removal still finds out.
+//!
+//! A change is done only when a majority of its new voters know it chosen
+//! ([`Paxos::change_known`]; the driver answers the change only then). A
+//! leader that removes itself may be the only replica that knows: the
+//! others accepted the stop sign and had not heard it chosen. Stopped then
+//! (as a removed replica may be), it would leave them counting the old
+//! configuration's quorums, which count it: with one new voter down too,
+//! a majority of the new configuration is up and elects no one. So the
+//! leader hands over (`membership::Handoff`): it keeps sending the new
+//! voters heartbeats of the ballot it led in, saying the stop sign's slot
+//! is chosen, until a majority of them answer that they know. That adds
+//! nothing to argue for safety: the word is true (it knows the slot
+//! chosen), it comes in a ballot in which this replica led and proposed at
+//! most one value per slot, and the receivers take it by the same rules as
+//! any leader's (rule 4 included).
 //! The simulation (`kv-server/tests/simulation.rs`) draws changes per
 //! seed and checks that every replica applies the same value in every
 //! slot.
@@ -471,6 +486,14 @@ pub struct Paxos {
     // Learner.
     fetch_started: Option<u64>,
 
+    /// The chosen prefix each member last said it has (in any message
+    /// that carries one): whether a change is known chosen by a majority
+    /// of the voters ([`Paxos::change_known`]).
+    peer_chosen: BTreeMap<ReplicaId, Slot>,
+    /// A leader that left the voters hands the change over: see
+    /// [`membership::Handoff`].
+    handoff: Option<membership::Handoff>,
+
     out: Ready,
     chosen_dirty: bool,
 }
@@ -542,6 +565,8 @@ impl Paxos {
             election_at: 0,
             hb_round: 0,
             fetch_started: None,
+            peer_chosen: BTreeMap::new(),
+            handoff: None,
             out: Ready {
                 persist,
                 ..Ready::default()
@@ -680,6 +705,7 @@ impl Paxos {
                 self.fetch_started = None;
             }
         }
+        self.hand_over();
     }
 
     /// A tick while the driver waits for a long write of this round: a
@@ -724,6 +750,18 @@ impl Paxos {
         let from = msg.from();
         if !self.quorum.is_member(from) {
             return self.step_stranger(msg);
+        }
+        let chosen = match &msg {
+            Msg::Heartbeat(m) => Some(m.chosen),
+            Msg::HeartbeatAck(m) => Some(m.chosen),
+            Msg::Accept(m) => Some(m.chosen),
+            Msg::Promise(m) => Some(m.chosen),
+            Msg::FetchReply(m) => Some(m.chosen),
+            _ => None,
+        };
+        if let Some(c) = chosen {
+            // Its newest word, even if lower (it lost its state).
+            self.peer_chosen.insert(from, c);
         }
         match msg {
             Msg::Prepare(m) => Some(Msg::Promise(self.on_prepare(m))),
