@@ -1179,9 +1179,22 @@ impl Watcher {
         self.revision
     }
 
-    /// The cursor: the next answer starts at this revision...
+    /// The cursor's revision: the next answer starts at this revision,
+    /// after [`Watcher::next_skip`] of its events (a revision's events may
+    /// come in more than one answer).
+    ///
+    /// To resume elsewhere (a restarted process, another client), watch
+    /// again from both: a [`WatchRequest`] with `from_revision` set to this
+    /// and `skip` to `next_skip()`. Without the skip, the events of this
+    /// revision already returned are returned again.
     pub fn next_revision(&self) -> u64 {
         self.req.from_revision
+    }
+
+    /// How many events of [`Watcher::next_revision`] were already returned
+    /// (0 unless the last answer stopped partway through a revision).
+    pub fn next_skip(&self) -> u64 {
+        self.req.skip
     }
 }
 

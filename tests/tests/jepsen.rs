@@ -1176,6 +1176,34 @@ struct WatchLog {
     resumed: u64,
     /// If its cursor fell behind the history: where the history started.
     compacted: Option<u64>,
+    /// Every answer, for a failure's report: the cursor asked from, the
+    /// cursor after, the store's revision it gave, how many events
+    /// (`Answer::events_before` is the log's length before it).
+    answers: Vec<Answer>,
+}
+
+/// One answer a watcher got (see [`WatchLog::answers`]).
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // read through Debug, in failure reports
+struct Answer {
+    asked: (u64, u64),
+    next: (u64, u64),
+    revision: u64,
+    events: usize,
+    events_before: usize,
+    resumed: u64,
+}
+
+impl WatchLog {
+    /// The answers around the one that brought event `at`.
+    fn answers_near(&self, at: usize) -> Vec<Answer> {
+        let i = self
+            .answers
+            .iter()
+            .position(|a| a.events_before + a.events > at)
+            .unwrap_or(self.answers.len());
+        self.answers[i.saturating_sub(3)..(i + 3).min(self.answers.len())].to_vec()
+    }
 }
 
 /// A watcher of `REG_PREFIX` from revision `from`, through faults: a
@@ -1192,7 +1220,8 @@ async fn watch_loop(
 ) -> WatchLog {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(400 + index as u64));
     let mut log = WatchLog::default();
-    let mut next = from;
+    // The cursor: a revision, and how many of its events were seen.
+    let mut next = (from, 0);
     'resume: loop {
         // A new process, as it were: a client of its own, starting at
         // another replica.
@@ -1203,7 +1232,10 @@ async fn watch_loop(
             .build()
             .expect("build a watch client");
         let mut w = client
-            .watcher(WatchRequest::prefix(REG_PREFIX, next))
+            .watcher(WatchRequest {
+                skip: next.1,
+                ..WatchRequest::prefix(REG_PREFIX, next.0)
+            })
             .await
             .expect("a watcher from a revision needs no call");
         loop {
@@ -1211,8 +1243,19 @@ async fn watch_loop(
             if target != 0 && w.revision() >= target {
                 return log;
             }
+            let asked = (w.next_revision(), w.next_skip());
             match w.next().await {
-                Ok(events) => log.events.extend(events),
+                Ok(events) => {
+                    log.answers.push(Answer {
+                        asked,
+                        next: (w.next_revision(), w.next_skip()),
+                        revision: w.revision(),
+                        events: events.len(),
+                        events_before: log.events.len(),
+                        resumed: log.resumed,
+                    });
+                    log.events.extend(events)
+                }
                 Err(kv_client::Error::Compacted(at)) => {
                     log.compacted = Some(at);
                     return log;
@@ -1220,7 +1263,9 @@ async fn watch_loop(
                 Err(_) => log.errors += 1,
             }
             if rng.random_ratio(1, 20) {
-                next = w.next_revision();
+                // The whole cursor: an answer cut at its limit stops
+                // partway through a revision's events.
+                next = (w.next_revision(), w.next_skip());
                 log.resumed += 1;
                 continue 'resume;
             }
@@ -1287,11 +1332,54 @@ fn check_watches(
         .max_by_key(|e| e.len())
         .cloned()
         .unwrap_or_default();
+    // Each write here is of one key: one event per revision. Checked
+    // first, so that a watcher that repeats an event is named, not one
+    // compared with its longer log.
+    for (i, l) in logs.iter().enumerate() {
+        if let Some(at) = l
+            .events
+            .windows(2)
+            .position(|p| p[0].kv.mod_revision >= p[1].kv.mod_revision)
+        {
+            return Err(format!(
+                "watcher {i} saw revision {} and then {} (its events {at} and {}); its answers \
+                 near them: {:?}",
+                l.events[at].kv.mod_revision,
+                l.events[at + 1].kv.mod_revision,
+                at + 1,
+                l.answers_near(at + 1),
+            ));
+        }
+    }
     for (i, l) in logs.iter().enumerate() {
         if let Some(at) = order.iter().zip(&l.events).position(|(a, b)| a != b) {
+            let longest = logs
+                .iter()
+                .max_by_key(|l| l.events.len())
+                .expect("this one at least");
+            let revs =
+                |e: &[WatchEvent]| -> Vec<u64> { e.iter().map(|e| e.kv.mod_revision).collect() };
+            let near = |e: &Vec<WatchEvent>| revs(&e[at.saturating_sub(3)..(at + 3).min(e.len())]);
+            let (a, b) = (l.events[at].kv.mod_revision, order[at].kv.mod_revision);
+            let sent: Vec<_> = writes
+                .iter()
+                .filter(|w| {
+                    w.revision
+                        .is_some_and(|r| r + 2 >= a.min(b) && r <= a.max(b) + 2)
+                })
+                .collect();
             return Err(format!(
-                "watcher {i} saw {:?} as its event {at}, another {:?}",
-                l.events[at], order[at]
+                "watcher {i} saw {:?} as its event {at}, another {:?}\n\
+                 revisions near it: this one {:?}, the other {:?}\n\
+                 this one's answers near it: {:?}\n\
+                 the other's: {:?}\n\
+                 acknowledged writes at those revisions: {sent:?}",
+                l.events[at],
+                order[at],
+                near(&l.events),
+                near(&order),
+                l.answers_near(at),
+                longest.answers_near(at),
             ));
         }
         if l.compacted.is_none() && l.events.len() != order.len() {
@@ -1301,16 +1389,6 @@ fn check_watches(
                 order.len()
             ));
         }
-    }
-    if let Some(p) = order
-        .windows(2)
-        .find(|p| p[0].kv.mod_revision >= p[1].kv.mod_revision)
-    {
-        return Err(format!(
-            "the events are not in increasing revisions (each write here is of one key): \
-             {:?} then {:?}",
-            p[0], p[1]
-        ));
     }
     if let Some(e) = order
         .iter()
@@ -2260,6 +2338,21 @@ fn the_watch_check_catches_missed_repeated_reordered_invented_and_wrong_events()
     for (what, logs, last) in broken {
         assert!(check(&logs, &last).is_err(), "not caught: {what}");
     }
+    // A watcher that repeats an event (it resumed from a cut answer
+    // without its skip) is named as the one at fault, even though its log
+    // is the longest.
+    let repeated = log(vec![
+        good[0].clone(),
+        good[1].clone(),
+        good[1].clone(),
+        good[2].clone(),
+        good[3].clone(),
+    ]);
+    let why = check(&[log(good.clone()), repeated], &last).unwrap_err();
+    assert!(
+        why.starts_with("watcher 1 saw revision 11 and then 11"),
+        "{why}"
+    );
 }
 
 #[test]
