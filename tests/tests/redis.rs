@@ -432,7 +432,34 @@ async fn redis_benchmark_runs_without_errors_with_and_without_pipelining() {
             .unwrap()
     })
     .await;
-    assert_eq!(counter, 2 * n);
+    if counter != 2 * n {
+        // Seen once, under heavy load, not reproduced since: what the
+        // replicas say of sessions, deduplicated retries and leaders.
+        let statuses: Vec<String> = cluster
+            .statuses()
+            .await
+            .into_iter()
+            .map(|(id, s)| match s {
+                Some(s) => format!(
+                    "replica {id}: leader {:?}, ballot round {}, applied {}, sessions {}, \
+                     duplicate writes {}",
+                    s.leader_id, s.ballot_round, s.applied, s.sessions, s.duplicate_writes
+                ),
+                None => format!("replica {id}: no answer"),
+            })
+            .collect();
+        let logs: Vec<String> = cluster
+            .ids()
+            .into_iter()
+            .map(|id| cluster.log_tail(id, 20))
+            .collect();
+        panic!(
+            "every INCR counted once: the counter holds {counter}, not {}\n{}\n{}",
+            2 * n,
+            statuses.join("\n"),
+            logs.join("\n")
+        );
+    }
 }
 
 fn connect(addr: &str) -> redis::Connection {
