@@ -109,6 +109,9 @@ pub async fn run(
         storage.path().display()
     );
     let (core, sm, persist_seed) = node::recover(core_cfg, &given, durable, sm);
+    // Decoding the snapshot and the log left their buffers freed, not
+    // returned.
+    node::release_free_memory();
     let current = core.membership().clone();
     if !persist_seed && config.join.is_none() && !current.same_members(&given) {
         tracing::warn!(

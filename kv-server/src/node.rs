@@ -257,6 +257,8 @@ impl Outbox for PeerOutbox {
                         m.snapshot_size.set(gauge_value(meta.len()));
                     }
                 }
+                drop(copy);
+                release_free_memory();
                 r
             })
             .await;
@@ -1305,6 +1307,24 @@ impl Node<Storage, PeerOutbox> {
         }
         self.end_round(ready);
         Ok(())
+    }
+}
+
+/// Hands the heap's free pages back to the system. glibc keeps what is
+/// freed for reuse, so once a snapshot's copy of the map is dropped the
+/// replica's resident memory would stay at its peak (two maps, and the
+/// serializer's buffers) for good: `bench/bigdata.sh` measured 4.7–6.9×
+/// the live bytes at 1M keys. Called on a blocking thread after each
+/// snapshot is written; with other allocators (musl) it does nothing.
+// The second unsafe call of the binary (see `cluster::send_signal`).
+#[allow(unsafe_code)]
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim(3) takes a padding size and only walks and
+    // releases the allocator's own free memory; it is thread-safe (it
+    // takes each arena's lock) and touches nothing of ours.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
