@@ -155,13 +155,13 @@ where
             Attempt::Done(v) => return Ok((v, addr)),
             Attempt::NoConnection(e) => {
                 tracing::debug!(%addr, error = %e, "cannot connect");
-                last = format!("{addr}: {e}");
+                note_failure(&mut last, &addr, &e, attempts, deadline);
             }
             Attempt::CallFailed(e) => {
                 tracing::debug!(%addr, error = %e, "call failed");
                 connected = true;
                 maybe_applied = true;
-                last = format!("{addr}: {e}");
+                note_failure(&mut last, &addr, &e, attempts, deadline);
             }
             Attempt::Refused(KvError::InvalidArgument(m)) => return Err(Error::InvalidArgument(m)),
             // Refused before anything was done, and every replica would
@@ -214,11 +214,47 @@ where
     })
 }
 
+/// Keeps the last error for the final report. An attempt cut short by the
+/// operation's own deadline says only that; the error before it (a
+/// refused certificate, a connection refused) says why the operation
+/// failed, so it is kept, with the cut-short attempt noted after it.
+fn note_failure(last: &mut String, addr: &str, e: &str, attempts: u32, deadline: Instant) {
+    if attempts > 1 && Instant::now() >= deadline {
+        *last = format!("{last} (then {addr}: {e})");
+    } else {
+        *last = format!("{addr}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kv_api::LeaderHint;
     use std::sync::Mutex;
+
+    /// The attempt the deadline cut short does not hide why the ones
+    /// before it failed.
+    #[test]
+    fn an_attempt_cut_short_by_the_deadline_keeps_the_error_before_it() {
+        let mut last = String::from("no attempt was made");
+        let later = Instant::now() + Duration::from_secs(60);
+        note_failure(
+            &mut last,
+            "a:1",
+            "received fatal alert: UnknownCA",
+            1,
+            later,
+        );
+        assert_eq!(last, "a:1: received fatal alert: UnknownCA");
+        let passed = Instant::now();
+        note_failure(&mut last, "b:2", "no answer before the deadline", 2, passed);
+        assert_eq!(
+            last,
+            "a:1: received fatal alert: UnknownCA (then b:2: no answer before the deadline)"
+        );
+        note_failure(&mut last, "c:3", "connection refused", 3, later);
+        assert_eq!(last, "c:3: connection refused");
+    }
 
     fn addrs(n: usize) -> Vec<String> {
         (1..=n).map(|i| format!("r{i}")).collect()

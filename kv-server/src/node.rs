@@ -1060,18 +1060,45 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
 
     /// Answers the configuration changes a majority of the voters now know
     /// chosen; forgets those nobody waits for any more.
+    ///
+    /// Only a leader hears what the others have chosen (and a removed one
+    /// handing its change over). A replica that is neither sends the
+    /// client on: the retry, same session and sequence number, finds the
+    /// change applied at the leader and waits there. With a leader known,
+    /// as `NotLeader` with its address, which the replica a client called
+    /// forwards (the client sees only the leader's answer; one that asked
+    /// not to be forwarded follows the hint with the same request). With
+    /// none known, as `Unavailable`, which does not say that nothing was
+    /// applied, as `NotLeader` alone would.
     fn answer_changes(&mut self) {
+        if self.changes.is_empty() {
+            return;
+        }
+        let hears = self.core.is_leader() || self.core.handing_over();
+        let redirect = (!hears).then(|| match self.hint(self.core.leader()) {
+            hint @ KvError::NotLeader(Some(_)) => hint,
+            _ => KvError::Unavailable(
+                "the configuration change is applied, but this replica stopped leading before \
+                 a majority of the voters knew it, and knows no leader yet; retry (the same \
+                 request), which the next leader answers once they do"
+                    .into(),
+            ),
+        });
         let core = &self.core;
         self.changes.retain_mut(|(at, done, txs)| {
             txs.retain(|tx| !tx.is_closed());
             if txs.is_empty() {
                 return false;
             }
-            if !core.change_known(*at) {
+            let answer = if core.change_known(*at) {
+                Ok(done.clone())
+            } else if let Some(e) = &redirect {
+                Err(e.clone())
+            } else {
                 return true;
-            }
+            };
             for tx in txs.drain(..) {
-                let _ = tx.send(Ok(done.clone()));
+                let _ = tx.send(answer.clone());
             }
             false
         });

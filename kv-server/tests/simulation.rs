@@ -103,7 +103,7 @@
 //! the driver goes into its `Outbox`, and so into [`SimOutbox`] here.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -669,7 +669,8 @@ enum WriteKind {
     Open(u64),
     /// Client `c` writing in its session, as `(session, seq)`.
     Put(u64, (u64, u64)),
-    Reconfigure,
+    /// A membership change; the replica it removes, if it removes one.
+    Reconfigure(Option<ReplicaId>),
 }
 
 /// A client write waiting for its answer.
@@ -768,6 +769,8 @@ struct Stats {
     snapshots: u64,
     installs: u64,
     reconfigs: u64,
+    /// Removed replicas stopped for good once their removal was answered.
+    retired: u64,
 }
 
 struct Sim {
@@ -787,6 +790,11 @@ struct Sim {
     /// Commands whose outcome is unknown (the driver dropped them before
     /// they got a slot, or crashed): their clients give up on them.
     dropped: HashSet<(u64, u64)>,
+    /// Replicas stopped for good once their removal was answered, as an
+    /// operator stops a removed replica: never restarted, never added
+    /// again. The cluster must stay live without them (a removed leader
+    /// hands its change over before the removal is answered).
+    retired: BTreeSet<usize>,
     /// The driver's own entries (session opens, new-leader marks), by
     /// their token, and the slot each was chosen in.
     own: HashMap<u64, Slot>,
@@ -820,9 +828,11 @@ struct Sim {
     proposed_changes: Vec<(u64, MemberChange)>,
 }
 
-/// The client id of membership changes (never a session's id: those come
-/// from log positions).
-const ADMIN: u64 = u64::MAX;
+/// The client that makes membership changes, through a session of its
+/// own (as `kv-client member` does): its answer is deferred until the
+/// change is known to a majority, and a removal answered stops the
+/// removed replica for good.
+const ADMIN: usize = CLIENTS as usize + 1;
 /// The wall clock at simulated time 0 (2026-01-01), in ms.
 const UNIX_EPOCH_MS: u64 = 1_767_225_600_000;
 
@@ -885,9 +895,10 @@ impl Sim {
             log: Vec::new(),
             proposed: HashMap::new(),
             dropped: HashSet::new(),
+            retired: BTreeSet::new(),
             own: HashMap::new(),
             next_seq: vec![1; CLIENTS as usize + 2],
-            sessions: vec![None; CLIENTS as usize + 1],
+            sessions: vec![None; CLIENTS as usize + 2],
             reads: Vec::new(),
             writes: Vec::new(),
             next_token: 1,
@@ -1088,9 +1099,10 @@ impl Sim {
             .collect()
     }
 
+    /// The replicas that are down, but for the retired ones.
     fn down(&self) -> Vec<usize> {
         (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].driver.is_none())
+            .filter(|&i| self.nodes[i].driver.is_none() && !self.retired.contains(&i))
             .collect()
     }
 
@@ -1394,8 +1406,41 @@ impl Sim {
                 {
                     self.sessions[client as usize] = None;
                 }
+                (WriteKind::Reconfigure(_), Some(Err(KvError::UnknownSession(s))))
+                    if self.sessions[ADMIN] == Some(s) =>
+                {
+                    self.sessions[ADMIN] = None;
+                }
                 (WriteKind::Put(_, key), Some(Err(_)) | None) => {
                     self.dropped.insert(key);
+                }
+                (
+                    WriteKind::Reconfigure(Some(gone)),
+                    Some(Ok(WriteOutcome {
+                        result: OpResult::Reconfigured(Ok(_)),
+                        ..
+                    })),
+                ) => {
+                    // Stopped at the next step (this node's round is
+                    // still being handled), unless it was added back
+                    // since (the admin here does not wait for one change
+                    // before the next), or may still be.
+                    // Only replicas added since the start: a replica that
+                    // loses its disk restarts with the first configuration
+                    // (as with the replica file it was first started
+                    // with) and learns the current one only from those
+                    // members; with them gone for good it could not. An
+                    // operator restarts such a replica with `--join`.
+                    let m = self.core(i).map(|c| c.membership().clone());
+                    let back = self.initial.contains(&gone)
+                        || m.as_ref().is_none_or(|m| m.contains(gone))
+                        || self.proposed_changes.iter().any(|(e, c)| {
+                            matches!(c, MemberChange::Add { id, .. } if *id == gone)
+                                && m.as_ref().is_none_or(|m| *e >= m.epoch)
+                        });
+                    if !back {
+                        self.retired.insert((gone - 1) as usize);
+                    }
                 }
                 _ => {}
             }
@@ -1586,12 +1631,17 @@ impl Sim {
         else {
             return Ok(());
         };
+        let Some(session) = self.sessions[ADMIN] else {
+            // The admin opens its session first.
+            self.propose(l, ADMIN as u64)?;
+            return Ok(());
+        };
         let m = self.core(l).expect("live").membership().clone();
         let outside: Vec<ReplicaId> = self
             .nodes
             .iter()
             .map(|n| n.id)
-            .filter(|&id| !m.contains(id))
+            .filter(|&id| !m.contains(id) && !self.retired.contains(&((id - 1) as usize)))
             .collect();
         let learners = m.learners();
         let voters = m.voters();
@@ -1627,8 +1677,8 @@ impl Sim {
             _ => return Ok(()),
         };
         let req = self.request(
-            CLIENTS as usize + 1,
             ADMIN,
+            session,
             Op::Reconfigure {
                 epoch: None,
                 change: change.clone(),
@@ -1637,7 +1687,11 @@ impl Sim {
         self.stats.reconfigs += 1;
         let id = self.nodes[l].id;
         let c = change.clone();
-        let at_once = self.write(l, req, WriteKind::Reconfigure, |r| {
+        let removes = match change {
+            MemberChange::Remove(id) => Some(id),
+            _ => None,
+        };
+        let at_once = self.write(l, req, WriteKind::Reconfigure(removes), |r| {
             format!("RECONFIGURE {c} (admin.{}) at r{id}", r.seq)
         })?;
         if at_once.is_none() {
@@ -1968,6 +2022,18 @@ impl Sim {
     fn random_step(&mut self) -> Result<(), Violation> {
         self.step += 1;
         self.stats.steps += 1;
+        let stopping: Vec<usize> = self
+            .retired
+            .iter()
+            .copied()
+            .filter(|&g| self.nodes[g].driver.is_some())
+            .collect();
+        for g in stopping {
+            let id = self.nodes[g].id;
+            self.note(|| format!("r{id}'s removal was answered: stopped for good"));
+            self.crash(g, true);
+            self.stats.retired += 1;
+        }
         let event = if self.net.len() > NET_CAP {
             Event::Deliver
         } else {
@@ -2397,6 +2463,7 @@ fn run_part(part: u64) {
                 sum.snapshots += s.snapshots;
                 sum.installs += s.installs;
                 sum.reconfigs += s.reconfigs;
+                sum.retired += s.retired;
             }
             Err(v) => failures.push((seed, v)),
         }
@@ -2404,7 +2471,7 @@ fn run_part(part: u64) {
     println!(
         "part {part}: {ran} seeds in {:.1?}: {} steps, {} slots and {} commands chosen, \
          {} crashes ({} wiping the disk), {} partitions, {} reads, {} snapshots, {} installed, \
-         {} membership changes proposed",
+         {} membership changes proposed, {} removed replicas stopped for good",
         start.elapsed(),
         sum.steps,
         sum.slots,
@@ -2415,7 +2482,8 @@ fn run_part(part: u64) {
         sum.reads,
         sum.snapshots,
         sum.installs,
-        sum.reconfigs
+        sum.reconfigs,
+        sum.retired
     );
     if let Some((seed, v)) = failures.first() {
         let list: Vec<String> = failures

@@ -121,6 +121,12 @@ impl Paxos {
         knows * 2 > voters.len()
     }
 
+    /// Whether this replica, removed as leader, is handing its change over
+    /// (see `Handoff`).
+    pub fn handing_over(&self) -> bool {
+        self.handoff.is_some()
+    }
+
     /// A tick of a handoff, if one runs: heartbeats to the voters not yet
     /// known to know the change, until a majority do.
     pub(super) fn hand_over(&mut self) {
