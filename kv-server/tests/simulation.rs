@@ -19,9 +19,12 @@
 //! to: the disk is full), transfer a snapshot to a replica whose driver
 //! asked for one, change the membership (in
 //! half of the seeds: add a learner, promote one, remove a voter, the
-//! leader included, through the leader, as `kv-client member` does; the
-//! cluster starts as replicas 1-3, and 4 and 5 (in three-replica seeds, a
-//! fourth) run outside it until added), wipe a crashed replica's disk
+//! leader included, through the leader, as `kv-client member` does, in a
+//! session of the admin's own; the cluster starts as replicas 1-3, and 4
+//! and 5 (in three-replica seeds, a fourth) run outside it until added; a
+//! replica added since the start whose removal the admin is told is done
+//! is stopped for good, as an operator stops a removed replica, and the
+//! cluster must stay live without it), wipe a crashed replica's disk
 //! (within what every configuration the cluster may come to can spare:
 //! see `Sim::wipe`). A replica that has just made a
 //! promise durable sometimes crashes and restarts at once (a crash in the
@@ -43,7 +46,8 @@
 //! - *promises kept*: the ballots an acceptor's messages show (its promise)
 //!   never go down, across restarts too.
 //!
-//! At the end everything is healed and restarted, the cluster runs without
+//! At the end everything is healed and restarted (but the replicas stopped
+//! for good), the cluster runs without
 //! faults, and liveness is checked: one leader that everybody follows, every
 //! replica applied the same slots (none of those ever applied is lost), and
 //! commands proposed after healing are chosen and applied everywhere.
