@@ -279,21 +279,41 @@ impl Supervisor {
     fn start(&mut self, replica: &ReplicaAddr) -> anyhow::Result<()> {
         let id = replica.id;
         let data_dir = self.data_dir.join(id.to_string());
+        // A port chosen here is kept across restarts, unless another
+        // process took it meanwhile (between choosing it and the replica's
+        // bind, or while the replica was down): the replica would then
+        // fail to start again and again.
         let admin = match self.admin.get(&id) {
-            Some(addr) => addr.clone(),
-            None => {
+            Some(addr) if still_free(addr) => addr.clone(),
+            was => {
                 let addr = free_loopback_addr().with_context(|| {
                     format!("cannot find a free loopback port for replica {id}'s admin listener")
                 })?;
+                if let Some(was) = was {
+                    report(format_args!(
+                        "replica {id}'s admin listener moves from {was} to {addr}: another \
+                         process took its port"
+                    ));
+                }
                 self.admin.insert(id, addr.clone());
                 addr
             }
         };
         let redis = match (self.redis.get(&id), &replica.redis_addr) {
-            (Some(addr), _) | (None, Some(addr)) => addr.clone(),
-            (None, None) => free_loopback_addr().with_context(|| {
-                format!("cannot find a free loopback port for replica {id}'s redis listener")
-            })?,
+            (_, Some(addr)) => addr.clone(),
+            (Some(addr), None) if still_free(addr) => addr.clone(),
+            (was, None) => {
+                let addr = free_loopback_addr().with_context(|| {
+                    format!("cannot find a free loopback port for replica {id}'s redis listener")
+                })?;
+                if let Some(was) = was {
+                    report(format_args!(
+                        "replica {id}'s RESP listener moves from {was} to {addr}: another \
+                         process took its port"
+                    ));
+                }
+                addr
+            }
         };
         self.redis.insert(id, redis.clone());
         let mut child = Command::new(&self.exe)
@@ -1277,6 +1297,12 @@ impl HealthTracker {
     }
 }
 
+/// Whether nothing listens on `addr` now (a replica restarted there can
+/// bind it).
+fn still_free(addr: &str) -> bool {
+    std::net::TcpListener::bind(addr).is_ok()
+}
+
 /// `127.0.0.1:PORT` with a port nothing listens on now (bound, then
 /// released: the window for another process to take it is small).
 fn free_loopback_addr() -> std::io::Result<String> {
@@ -1345,6 +1371,37 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
         assert!(started.elapsed() >= Duration::from_millis(300) + grace);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A port the supervisor chose for a replica's listener and another
+    /// process took meanwhile is replaced at the next start; otherwise
+    /// the replica would fail to bind it at every restart.
+    #[test]
+    fn a_listener_port_taken_meanwhile_is_replaced_at_the_next_start() {
+        serial(async {
+            let (dir, exe) = script_dir("taken-port", "#!/bin/sh\nexit 0\n");
+            let mut supervisor =
+                Supervisor::new(exe, two_replicas(), "replica".into(), dir.join("data"));
+            let replica = supervisor.replicas.replicas[0].clone();
+            supervisor.start(&replica).unwrap();
+            let (admin, redis) = (supervisor.admin[&1].clone(), supervisor.redis[&1].clone());
+            // Another process takes both ports while the replica is down.
+            let _a = std::net::TcpListener::bind(&admin).unwrap();
+            let _r = std::net::TcpListener::bind(&redis).unwrap();
+            supervisor.running.clear();
+            supervisor.start(&replica).unwrap();
+            assert_ne!(supervisor.admin[&1], admin);
+            assert_ne!(supervisor.redis[&1], redis);
+            // Free ports are kept.
+            let (admin, redis) = (supervisor.admin[&1].clone(), supervisor.redis[&1].clone());
+            supervisor.running.clear();
+            supervisor.start(&replica).unwrap();
+            assert_eq!(
+                (&supervisor.admin[&1], &supervisor.redis[&1]),
+                (&admin, &redis)
+            );
+            let _ = std::fs::remove_dir_all(dir);
+        });
     }
 
     #[test]
