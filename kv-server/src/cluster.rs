@@ -283,37 +283,11 @@ impl Supervisor {
         // process took it meanwhile (between choosing it and the replica's
         // bind, or while the replica was down): the replica would then
         // fail to start again and again.
-        let admin = match self.admin.get(&id) {
-            Some(addr) if still_free(addr) => addr.clone(),
-            was => {
-                let addr = free_loopback_addr().with_context(|| {
-                    format!("cannot find a free loopback port for replica {id}'s admin listener")
-                })?;
-                if let Some(was) = was {
-                    report(format_args!(
-                        "replica {id}'s admin listener moves from {was} to {addr}: another \
-                         process took its port"
-                    ));
-                }
-                self.admin.insert(id, addr.clone());
-                addr
-            }
-        };
-        let redis = match (self.redis.get(&id), &replica.redis_addr) {
-            (_, Some(addr)) => addr.clone(),
-            (Some(addr), None) if still_free(addr) => addr.clone(),
-            (was, None) => {
-                let addr = free_loopback_addr().with_context(|| {
-                    format!("cannot find a free loopback port for replica {id}'s redis listener")
-                })?;
-                if let Some(was) = was {
-                    report(format_args!(
-                        "replica {id}'s RESP listener moves from {was} to {addr}: another \
-                         process took its port"
-                    ));
-                }
-                addr
-            }
+        let admin = listener_addr(id, "admin", self.admin.get(&id))?;
+        self.admin.insert(id, admin.clone());
+        let redis = match &replica.redis_addr {
+            Some(addr) => addr.clone(),
+            None => listener_addr(id, "RESP", self.redis.get(&id))?,
         };
         self.redis.insert(id, redis.clone());
         let mut child = Command::new(&self.exe)
@@ -1294,6 +1268,27 @@ impl HealthTracker {
             self.leader = leader_id;
         }
         events
+    }
+}
+
+/// The address for replica `id`'s `what` listener, chosen here: `kept`
+/// (the one of its last start) if nothing listens there now, else a new
+/// free loopback port, reported when it replaces `kept`.
+fn listener_addr(id: ReplicaId, what: &str, kept: Option<&String>) -> anyhow::Result<String> {
+    match kept {
+        Some(addr) if still_free(addr) => Ok(addr.clone()),
+        was => {
+            let addr = free_loopback_addr().with_context(|| {
+                format!("cannot find a free loopback port for replica {id}'s {what} listener")
+            })?;
+            if let Some(was) = was {
+                report(format_args!(
+                    "replica {id}'s {what} listener moves from {was} to {addr}: another process \
+                     took its port"
+                ));
+            }
+            Ok(addr)
+        }
     }
 }
 
