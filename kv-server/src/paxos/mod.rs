@@ -486,8 +486,8 @@ pub struct Paxos {
     // Learner.
     fetch_started: Option<u64>,
 
-    /// The chosen prefix each member last said it has (in any message
-    /// that carries one): whether a change is known chosen by a majority
+    /// The chosen prefix each member last said it has (in its heartbeat
+    /// answers and promises): whether a change is known chosen by a majority
     /// of the voters ([`Paxos::change_known`]).
     peer_chosen: BTreeMap<ReplicaId, Slot>,
     /// A leader that left the voters hands the change over: see
@@ -751,12 +751,12 @@ impl Paxos {
         if !self.quorum.is_member(from) {
             return self.step_stranger(msg);
         }
+        // What an answer says the sender has chosen: read by a leader and a
+        // replica handing a change over (`change_known`), which hear only
+        // answers; a follower's accept path does not pay for it.
         let chosen = match &msg {
-            Msg::Heartbeat(m) => Some(m.chosen),
             Msg::HeartbeatAck(m) => Some(m.chosen),
-            Msg::Accept(m) => Some(m.chosen),
             Msg::Promise(m) => Some(m.chosen),
-            Msg::FetchReply(m) => Some(m.chosen),
             _ => None,
         };
         if let Some(c) = chosen {
