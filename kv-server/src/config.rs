@@ -27,6 +27,9 @@ pub struct ServerConfig {
     /// it is then dropped (one interval of it is kept, so peers slightly
     /// behind can still catch up from the log).
     pub snapshot_every: u64,
+    /// Whether this replica, leading, serves linearizable reads from its
+    /// lease (`--no-read-lease` turns it off; see `paxos::read_index`).
+    pub read_lease: bool,
     /// Whether failure injection may be used: at start (`faults`) and at
     /// run time (`set_faults`, refused with `Disabled` otherwise; a
     /// report-only call is answered either way). Off by default
@@ -71,6 +74,7 @@ impl ServerConfig {
             tick: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(500),
             snapshot_every: 10_000,
+            read_lease: true,
             enable_fault_injection: false,
             faults: kv_api::FaultSpec::default(),
             fault_seed: None,

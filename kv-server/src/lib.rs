@@ -99,6 +99,12 @@ pub async fn run(
     let members: Vec<u64> = given.members.iter().map(|m| m.id).collect();
     let mut core_cfg = paxos::Config::new(config.id, members);
     core_cfg.seed = rand::random();
+    // Acceptors refuse other proposers for an election timeout's lower
+    // bound after a leader's heartbeat (followers that hear the leader do
+    // not campaign sooner anyway), so the leases cost elections nothing.
+    core_cfg.lease_us =
+        u64::try_from((config.tick * core_cfg.election_ticks.0).as_micros()).unwrap_or(u64::MAX);
+    core_cfg.read_lease = config.read_lease;
     tracing::info!(
         id = config.id,
         promised = %durable.promised,

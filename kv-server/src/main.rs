@@ -134,6 +134,16 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
 
+    /// Serve every linearizable read only after a heartbeat round that a
+    /// majority answers (a read index), never from the leader's lease. By
+    /// default a leader that a majority answered within the last 135 ms
+    /// serves reads at once: safe while no replica's clock (CLOCK_BOOTTIME)
+    /// runs more than 5% fast or slow, and every replica of a cluster must
+    /// be of a version that keeps leases (README, "Reads and leases").
+    /// Replicas with and without this option may be mixed.
+    #[arg(long)]
+    no_read_lease: bool,
+
     /// Allow failure injection: the options below, and changes at run time
     /// with `kv-client fault` (the `set_faults` call), which otherwise
     /// answers "disabled" (a call that only reports is answered either
@@ -647,6 +657,7 @@ async fn run_cli(cli: Cli) -> Result<(), Failure> {
             };
             let tuning = Tuning {
                 snapshot_every: cli.snapshot_every,
+                read_lease: !cli.no_read_lease,
                 enable_fault_injection: cli.enable_fault_injection,
                 insecure: cli.insecure,
                 faults,
@@ -698,6 +709,7 @@ fn refuse_fault_flags(cli: &Cli) -> Result<(), String> {
 /// Replica settings beyond where it is and what it stores.
 struct Tuning {
     snapshot_every: u64,
+    read_lease: bool,
     enable_fault_injection: bool,
     insecure: bool,
     faults: kv_api::FaultSpec,
@@ -873,6 +885,7 @@ async fn run_replica(
     let mut config = ServerConfig::new(id, replicas, data_dir);
     config.join = join;
     config.snapshot_every = tuning.snapshot_every;
+    config.read_lease = tuning.read_lease;
     config.enable_fault_injection = tuning.enable_fault_injection;
     config.faults = tuning.faults;
     config.fault_seed = tuning.fault_seed;

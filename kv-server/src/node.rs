@@ -208,6 +208,11 @@ pub trait Outbox {
     fn unix_ms(&self) -> u64 {
         now_ms()
     }
+    /// The lease clock, in microseconds (see [`Paxos::set_clock`]): by
+    /// default CLOCK_BOOTTIME ([`lease_clock_us`]).
+    fn lease_clock_us(&self) -> u64 {
+        lease_clock_us()
+    }
     /// The driver applied `value` at `slot` (after the state machine did):
     /// for a checker to compare what replicas apply. Nothing by default.
     fn applied(&mut self, _slot: Slot, _value: &Value) {}
@@ -510,6 +515,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
     /// Handles a tick (the timer of heartbeats, elections, retransmission
     /// and watch deadlines). Its effects leave at the next [`Node::round`].
     pub fn tick(&mut self) {
+        self.core.set_clock(self.outbox.lease_clock_us());
         self.core.tick();
         self.answer_changes();
         self.answer_watches(false);
@@ -633,6 +639,9 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
 
     /// Handles one input. Its effects leave at the next [`Node::round`].
     pub fn handle(&mut self, input: Input) {
+        // Read as the input is handled, never earlier: an acceptor's lease
+        // and a leader's read under one count from it (`Paxos::set_clock`).
+        self.core.set_clock(self.outbox.lease_clock_us());
         match input {
             Input::Peer { msg, reply } => {
                 // What the leader says it has chosen, for readiness and
@@ -1304,6 +1313,7 @@ impl Node<Storage, PeerOutbox> {
                     tokio::select! {
                         r = &mut write => break r,
                         _ = ticker.tick() => {
+                            self.core.set_clock(self.outbox.lease_clock_us());
                             self.core.tick_while_busy();
                             for (to, msg) in self.core.take_messages() {
                                 self.outbox.send(to, msg);
@@ -1353,6 +1363,32 @@ pub(crate) fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The clock leases are timed by, in microseconds since boot: Linux's
+/// CLOCK_BOOTTIME, which, unlike CLOCK_MONOTONIC (`Instant`), keeps
+/// counting while the machine is suspended, so a leader that sleeps
+/// through its lease finds it expired when it wakes. Elsewhere, `Instant`
+/// from the first reading.
+// The third unsafe call of the binary (see `release_free_memory`).
+#[allow(unsafe_code)]
+pub fn lease_clock_us() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime(2) writes the one timespec we pass, which
+        // we own and which outlives the call.
+        if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0 {
+            let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+            let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+            return secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000);
+        }
+    }
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(ORIGIN.get_or_init(Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// This replica's clock, in milliseconds since the Unix epoch (0 if it is

@@ -291,6 +291,8 @@ struct SimOutbox {
     applied: Vec<(Slot, Value)>,
     now: Instant,
     unix_ms: u64,
+    /// The lease clock, in µs: the simulation's time at this replica's rate.
+    lease_us: u64,
 }
 
 impl Outbox for SimOutbox {
@@ -314,6 +316,10 @@ impl Outbox for SimOutbox {
 
     fn unix_ms(&self) -> u64 {
         self.unix_ms
+    }
+
+    fn lease_clock_us(&self) -> u64 {
+        self.lease_us
     }
 
     fn applied(&mut self, slot: Slot, value: &Value) {
@@ -472,6 +478,10 @@ enum Variant {
     /// every replica did before standings existed): it promises and
     /// accepts with no memory of what it promised and accepted before.
     AmnesiacVotes,
+    /// Not a disk: the replicas' lease clocks run at rates from a third
+    /// to three times real time's, far outside the 5% leases assume (and
+    /// leases are always on).
+    DriftingClocks,
 }
 
 impl Variant {
@@ -481,6 +491,7 @@ impl Variant {
             Variant::ForgetPromise => "forget-promise",
             Variant::ForgetAccepted => "forget-accepted",
             Variant::AmnesiacVotes => "amnesiac-votes",
+            Variant::DriftingClocks => "drifting-clocks",
         }
     }
 
@@ -490,16 +501,17 @@ impl Variant {
             Ok("forget-promise") => Variant::ForgetPromise,
             Ok("forget-accepted") => Variant::ForgetAccepted,
             Ok("amnesiac-votes") => Variant::AmnesiacVotes,
+            Ok("drifting-clocks") => Variant::DriftingClocks,
             Ok(other) => panic!(
-                "SIM_VARIANT={other:?}: expected correct, forget-promise, forget-accepted or \
-                 amnesiac-votes"
+                "SIM_VARIANT={other:?}: expected correct, forget-promise, forget-accepted, \
+                 amnesiac-votes or drifting-clocks"
             ),
         }
     }
 
     fn drops(self, r: &Record) -> bool {
         match self {
-            Variant::Correct | Variant::AmnesiacVotes => false,
+            Variant::Correct | Variant::AmnesiacVotes | Variant::DriftingClocks => false,
             Variant::ForgetPromise => matches!(r, Record::Promised(_)),
             Variant::ForgetAccepted => {
                 matches!(r, Record::Accepted { ballot, .. } if *ballot != Ballot::ZERO)
@@ -638,6 +650,9 @@ struct Node {
     incarnation: u64,
     /// Its clock's offset from the simulation's, in ms (clocks disagree).
     skew_ms: u64,
+    /// Its lease clock's rate, in µs per simulated ms: within 5% of 1,000
+    /// (the bound leases assume), or far outside it with drifting clocks.
+    rate: u64,
     /// The state machine of the current incarnation: slots applied (or
     /// installed from a snapshot). Their values are the checker's log's.
     applied: u64,
@@ -758,6 +773,8 @@ struct Tuning {
     /// new ones.
     session_ttl_ms: u64,
     max_sessions: u64,
+    /// Leases (`Config::lease_us`) in simulated ms; 0: off.
+    lease_ms: u64,
 }
 
 /// What a seed did, for the summary line.
@@ -770,6 +787,8 @@ struct Stats {
     wipes: u64,
     partitions: u64,
     reads: u64,
+    /// Of them, served under the leader's lease (no heartbeat round).
+    leased_reads: u64,
     snapshots: u64,
     installs: u64,
     reconfigs: u64,
@@ -808,7 +827,9 @@ struct Sim {
     reads: Vec<PendingRead>,
     writes: Vec<PendingWrite>,
     next_token: u64,
-    /// The simulated time, in ms: one per step.
+    /// The simulated time, in ms: one per random step (a replica ticks
+    /// every 20 steps or so), ten per fault-free round (every replica
+    /// ticks once).
     clock_ms: u64,
     /// What `clock_ms` 0 is on the monotonic clock.
     epoch: Instant,
@@ -859,7 +880,11 @@ impl Sim {
         let n = replicas(seed);
         let mut rng = StdRng::seed_from_u64(mix(seed));
         // A broken disk only does harm across crashes: always crashy.
-        let profile = if variant == Variant::Correct && rng.random_bool(0.5) {
+        let profile = if variant == Variant::DriftingClocks
+            || (variant == Variant::Correct && rng.random_bool(0.5))
+        {
+            // Clocks do harm with leaders that live long enough to serve
+            // reads: always calm.
             Profile::calm()
         } else {
             Profile::crashy()
@@ -883,9 +908,20 @@ impl Sim {
             thrifty: rng.random_bool(0.75),
             // A broken disk does harm in duels: always off.
             pre_vote: variant == Variant::AmnesiacVotes
-                || (variant == Variant::Correct && rng.random_bool(0.75)),
+                || (matches!(variant, Variant::Correct | Variant::DriftingClocks)
+                    && rng.random_bool(0.75)),
             session_ttl_ms: rng.random_range(2_000..=30_000),
             max_sessions: if rng.random_bool(0.25) { 2 } else { 100 },
+            lease_ms: 0,
+        };
+        // Drawn from an RNG of their own, so that the draws above stay
+        // what they were before leases.
+        let mut clocks = StdRng::seed_from_u64(mix(seed ^ 0x1ea5e));
+        let mut tuning = tuning;
+        tuning.lease_ms = if variant == Variant::DriftingClocks || clocks.random_bool(0.75) {
+            clocks.random_range(10..=300)
+        } else {
+            0
         };
         let mut sim = Sim {
             seed,
@@ -965,12 +1001,18 @@ impl Sim {
                 cut: None,
             };
             let skew_ms = sim.rng.random_range(0..3_000);
+            let rate = if variant == Variant::DriftingClocks {
+                clocks.random_range(333..=3_000)
+            } else {
+                clocks.random_range(960..=1_040)
+            };
             sim.nodes.push(Node {
                 id,
                 driver: None,
                 disk: Rc::new(RefCell::new(cell)),
                 incarnation: 0,
                 skew_ms,
+                rate,
                 applied: 0,
                 promise_floor: Ballot::ZERO,
                 lost_until: None,
@@ -1005,10 +1047,12 @@ impl Sim {
     fn driver(&mut self, i: usize) -> &mut Driver {
         let now = self.epoch + Duration::from_millis(self.clock_ms);
         let unix_ms = UNIX_EPOCH_MS + self.clock_ms + self.nodes[i].skew_ms;
+        let lease_us = self.clock_ms * self.nodes[i].rate;
         let d = self.nodes[i].driver.as_mut().expect("a live node");
         let out = d.outbox_mut();
         out.now = now;
         out.unix_ms = unix_ms;
+        out.lease_us = lease_us;
         d
     }
 
@@ -1022,6 +1066,8 @@ impl Sim {
         cfg.election_ticks = self.tuning.election_ticks;
         cfg.thrifty = self.tuning.thrifty;
         cfg.pre_vote = self.tuning.pre_vote;
+        cfg.lease_us = self.tuning.lease_ms * 1_000;
+        cfg.read_lease = self.tuning.lease_ms > 0;
         cfg
     }
 
@@ -1708,6 +1754,7 @@ impl Sim {
         let token = self.next_token;
         self.next_token += 1;
         let must_see = self.log.len() as u64;
+        let leased_before = self.core(i).map_or(0, |c| c.leased_reads());
         let (tx, mut rx) = oneshot::channel();
         self.driver(i).handle(Input::Get {
             key: b"k1".to_vec(),
@@ -1715,6 +1762,9 @@ impl Sim {
             reply: tx,
         });
         let refused = rx.try_recv().is_ok();
+        if self.core(i).map_or(0, |c| c.leased_reads()) > leased_before {
+            self.stats.leased_reads += 1;
+        }
         if !refused {
             self.stats.reads += 1;
             self.reads.push(PendingRead {
@@ -1886,6 +1936,7 @@ impl Sim {
             applied: Vec::new(),
             now: self.epoch,
             unix_ms: UNIX_EPOCH_MS,
+            lease_us: self.clock_ms * self.nodes[i].rate,
         };
         let seed = mix(mix(self.seed) ^ mix(id) ^ mix(self.nodes[i].incarnation + 77));
         let driver = Driver::new(
@@ -2025,6 +2076,7 @@ impl Sim {
     /// One random step, then nothing else: every check runs inside it.
     fn random_step(&mut self) -> Result<(), Violation> {
         self.step += 1;
+        self.clock_ms += 1;
         self.stats.steps += 1;
         let stopping: Vec<usize> = self
             .retired
@@ -2146,6 +2198,8 @@ impl Sim {
     /// in flight (and every one that causes) is delivered, in random order.
     fn fair_round(&mut self) -> Result<(), Violation> {
         self.step += 1;
+        // A tick's worth: every replica ticks once.
+        self.clock_ms += 10;
         for i in self.live() {
             self.tick(i)?;
         }
@@ -2464,6 +2518,7 @@ fn run_part(part: u64) {
                 sum.wipes += s.wipes;
                 sum.partitions += s.partitions;
                 sum.reads += s.reads;
+                sum.leased_reads += s.leased_reads;
                 sum.snapshots += s.snapshots;
                 sum.installs += s.installs;
                 sum.reconfigs += s.reconfigs;
@@ -2474,8 +2529,8 @@ fn run_part(part: u64) {
     }
     println!(
         "part {part}: {ran} seeds in {:.1?}: {} steps, {} slots and {} commands chosen, \
-         {} crashes ({} wiping the disk), {} partitions, {} reads, {} snapshots, {} installed, \
-         {} membership changes proposed, {} removed replicas stopped for good",
+         {} crashes ({} wiping the disk), {} partitions, {} reads ({} under a lease), {} snapshots, \
+         {} installed, {} membership changes proposed, {} removed replicas stopped for good",
         start.elapsed(),
         sum.steps,
         sum.slots,
@@ -2484,6 +2539,7 @@ fn run_part(part: u64) {
         sum.wipes,
         sum.partitions,
         sum.reads,
+        sum.leased_reads,
         sum.snapshots,
         sum.installs,
         sum.reconfigs,
@@ -2620,6 +2676,17 @@ fn amnesiac_voters_break_agreement() {
     });
 }
 
+/// Lease clocks running far outside the 5% bound leases assume: a leader
+/// whose clock runs slow serves a read from its lease after a new leader
+/// has been elected and has chosen writes (a stale read).
+#[test]
+fn drifting_lease_clocks_serve_stale_reads() {
+    assert_caught(Setup {
+        variant: Variant::DriftingClocks,
+        ..Setup::correct()
+    });
+}
+
 /// A seed replays exactly: the same trace, line for line, with three
 /// replicas (even seeds) and five (odd seeds).
 #[test]
@@ -2663,6 +2730,7 @@ fn catch_rate_of_broken_disks() {
         (Variant::ForgetPromise, false),
         (Variant::ForgetAccepted, false),
         (Variant::AmnesiacVotes, false),
+        (Variant::DriftingClocks, true),
     ] {
         let setup = Setup {
             variant,

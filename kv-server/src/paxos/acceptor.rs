@@ -199,6 +199,31 @@ impl Paxos {
         self.reset_election_timer();
     }
 
+    /// A leader's heartbeat accepted: no other proposer gets a promise from
+    /// us for a lease's length from now (see `read_index`).
+    fn grant_lease(&mut self, leader: ReplicaId) {
+        if self.cfg.lease_us == 0 {
+            return;
+        }
+        if let Some(now) = self.clock {
+            self.lease_until = now.saturating_add(self.cfg.lease_us);
+            self.lease_holder = Some(leader);
+        }
+    }
+
+    /// Whether a lease keeps us from promising `from` now: one granted to
+    /// another leader that has not run out, or, for a lease's length after
+    /// a start (or before the driver set the clock at all), anyone's.
+    pub(super) fn leased_to_another(&self, from: ReplicaId) -> bool {
+        if self.cfg.lease_us == 0 {
+            return false;
+        }
+        match self.clock {
+            None => true,
+            Some(now) => now < self.lease_until && self.lease_holder != Some(from),
+        }
+    }
+
     pub(super) fn on_prepare(&mut self, m: Prepare) -> Promise {
         let refuse = |this: &Self, ballot: Ballot| Promise {
             from: this.cfg.id,
@@ -242,7 +267,10 @@ impl Paxos {
                 ..refuse(self, m.ballot)
             };
         }
-        if m.ballot < self.promised || (leader_alive && self.leader() != Some(m.from)) {
+        if m.ballot < self.promised
+            || (leader_alive && self.leader() != Some(m.from))
+            || self.leased_to_another(m.from)
+        {
             return refuse(self, self.promised);
         }
         if m.ballot > self.promised {
@@ -390,6 +418,7 @@ impl Paxos {
         }
         self.promise(m.ballot);
         self.heard_from_leader(m.ballot);
+        self.grant_lease(m.from);
         self.learn_chosen(m.ballot, m.chosen, m.from);
         HeartbeatAck {
             from: self.cfg.id,

@@ -64,6 +64,14 @@ impl Paxos {
     /// others always includes one of the other granters or the candidate
     /// itself, whose real prepare is durable before it answers anyone.
     pub(super) fn start_pre_vote(&mut self) {
+        if self.leased_to_another(self.cfg.id) {
+            // Our own promise is not ours to give yet: a leader we
+            // answered counts on this acceptor refusing every other
+            // proposer, us included, until its lease runs out (or, just
+            // after a start, a leader we may have answered before it).
+            self.reset_election_timer();
+            return;
+        }
         // Above every ballot seen, and at least in our own epoch. A ballot
         // of a later epoch than ours is allowed (rule 1 of the module
         // doc): a leader that learned a change chosen may have crashed
@@ -106,7 +114,8 @@ impl Paxos {
         let Role::PreCandidate(pc) = &self.role else {
             return;
         };
-        if self.quorum.is_majority(pc.votes.iter().copied()) {
+        if self.quorum.is_majority(pc.votes.iter().copied()) && !self.leased_to_another(self.cfg.id)
+        {
             let ballot = pc.ballot;
             self.start_election(ballot);
         }

@@ -33,7 +33,8 @@
 //! - `leader`: phase 2 (batching, pipelining, thrifty targeting,
 //!   retransmission, the contact check), all its state in `Leader`,
 //!   dropped when it steps down;
-//! - `read_index`: linearizable reads confirmed by heartbeat rounds;
+//! - `read_index`: linearizable reads confirmed by heartbeat rounds, or
+//!   served under the leader's lease (with the argument why that is safe);
 //! - `learner`: the chosen prefix, apply, catch-up (fetch, snapshots) and
 //!   compaction;
 //! - `quorum`: every "is this a majority" question goes through its
@@ -244,6 +245,17 @@ pub struct Config {
     pub pre_vote: bool,
     /// Seed of the election-timeout jitter.
     pub seed: u64,
+    /// Leases, in microseconds of the lease clock ([`Paxos::set_clock`]):
+    /// for this long after it accepts a leader's heartbeat, an acceptor
+    /// promises no other proposer, and for [`Config::leader_lease_us`] after
+    /// starting a heartbeat round a majority acknowledges, a leader may
+    /// serve linearizable reads without another round (see `read_index`).
+    /// 0: no leases (neither refusals nor leased reads). Every replica of a
+    /// cluster must refuse for at least as long as any leader counts on.
+    pub lease_us: u64,
+    /// Whether this replica, leading, serves reads from its lease (when
+    /// `lease_us` is not 0); off, every read waits for a heartbeat round.
+    pub read_lease: bool,
 }
 
 impl Config {
@@ -266,7 +278,19 @@ impl Config {
             thrifty: true,
             pre_vote: true,
             seed: id,
+            lease_us: 0,
+            read_lease: false,
         }
+    }
+
+    /// How long after starting a heartbeat round that a majority then
+    /// acknowledged a leader counts on its lease: 9/10 of the acceptors'
+    /// `lease_us`, which holds while every replica's lease clock runs within
+    /// 5% of real time's rate (a lease read at the leader's elapsed `0.9 W`
+    /// happens by real time `0.9 W / 0.95 < W / 1.05`, before any acceptor
+    /// of the majority has counted `W`). See `read_index`.
+    pub fn leader_lease_us(&self) -> u64 {
+        self.lease_us / 10 * 9
     }
 }
 
@@ -451,6 +475,9 @@ pub struct Paxos {
     membership: Membership,
     rng: StdRng,
     now: u64,
+    /// The lease clock, in microseconds, as the driver last set it
+    /// ([`Paxos::set_clock`]); `None` before the first reading.
+    clock: Option<u64>,
 
     // Acceptor.
     /// Whether this replica may vote, and how it gets there.
@@ -463,6 +490,14 @@ pub struct Paxos {
     /// The highest round seen in a refusal (not durable): the next
     /// pre-vote asks for a round above it.
     seen_round: u64,
+    /// Until when (lease clock) this acceptor promises no proposer but
+    /// `lease_holder`: a leader whose heartbeat it accepted counts on it
+    /// (see `read_index`). Not durable: after a start it refuses everyone
+    /// for [`Config::lease_us`] (`lease_holder` is `None`).
+    lease_until: u64,
+    lease_holder: Option<ReplicaId>,
+    /// Linearizable reads this replica served under its lease, as leader.
+    leased_reads: u64,
     log: BTreeMap<Slot, Entry>,
     /// Every slot `<= chosen` is chosen.
     chosen: Slot,
@@ -550,6 +585,10 @@ impl Paxos {
             membership,
             rng,
             now: 0,
+            clock: None,
+            lease_until: 0,
+            lease_holder: None,
+            leased_reads: 0,
             standing: durable.standing,
             probes: BTreeMap::new(),
             promised: durable.promised,
@@ -602,6 +641,12 @@ impl Paxos {
     /// The highest ballot promised.
     pub fn promised(&self) -> Ballot {
         self.promised
+    }
+
+    /// Linearizable reads served under the leader's lease, without a
+    /// heartbeat round of their own, over this replica's life.
+    pub fn leased_reads(&self) -> u64 {
+        self.leased_reads
     }
 
     /// The contiguous chosen prefix.
@@ -672,6 +717,27 @@ impl Paxos {
             Role::PreCandidate(_) | Role::Follower => {}
         }
         self.leader = leader;
+    }
+
+    /// Sets the lease clock: microseconds of a monotonic clock that keeps
+    /// counting while the process or machine is paused, from any fixed
+    /// origin. With leases on ([`Config::lease_us`]), the driver sets it
+    /// before every input (a reading from before the input arrived would
+    /// not do: a leader would time its lease from too early, an acceptor
+    /// its refusal from too late). Readings that go back are ignored. The
+    /// first reading starts this acceptor's refusal of every prepare for
+    /// a lease's length: a lease it granted before a restart is not
+    /// remembered.
+    pub fn set_clock(&mut self, us: u64) {
+        match self.clock {
+            None => {
+                self.clock = Some(us);
+                self.lease_until = us.saturating_add(self.cfg.lease_us);
+                self.lease_holder = None;
+            }
+            Some(c) if us > c => self.clock = Some(us),
+            Some(_) => {}
+        }
     }
 
     /// Advances the logical clock by one tick.
