@@ -163,6 +163,14 @@ async fn the_cli_watch_prints_one_line_per_change_and_compaction_is_a_clear_erro
             client.range(old).await.unwrap_err(),
             Error::Compacted(revs[1])
         );
+        // A watch is served by the replica it reaches, from what that
+        // replica has applied: wait until every replica has applied the
+        // compaction (a linearizable read no longer pushes it to the
+        // followers with a heartbeat round of its own).
+        let applied = cluster.max_applied().await;
+        cluster
+            .wait_all_applied(applied, Duration::from_secs(10))
+            .await;
         let out = cluster
             .cli(&["--output", "json", "watch", "c/a", "--from-rev", "1"])
             .await;
