@@ -211,6 +211,9 @@ pub struct Metrics {
     pub elections: Counter,
     /// `kvpaxos_peer_rpc_errors_total{peer,kind}`.
     pub peer_errors: Family<PeerError, Counter>,
+    /// `kvpaxos_reads_leased_total`: linearizable reads this replica
+    /// served as leader under its lease, without a heartbeat round.
+    pub reads_leased: Counter,
     /// `kvpaxos_catchup_fetches_total`: fetch replies received.
     pub catchup_fetches: Counter,
     /// `kvpaxos_catchup_entries_total`: log entries they carried.
@@ -303,6 +306,7 @@ impl Metrics {
             leader_changes: Counter::default(),
             elections: Counter::default(),
             peer_errors: Family::default(),
+            reads_leased: Counter::default(),
             catchup_fetches: Counter::default(),
             catchup_entries: Counter::default(),
             snapshot_transfers: Family::default(),
@@ -421,6 +425,11 @@ impl Metrics {
             "peer_rpc_errors",
             "Failed calls to a peer, by peer and kind (timeout, unreachable, error, shed)",
             m.peer_errors.clone(),
+        );
+        r.register(
+            "reads_leased",
+            "Linearizable reads served as leader under its lease, without a heartbeat round",
+            m.reads_leased.clone(),
         );
         r.register(
             "catchup_fetches",

@@ -21,7 +21,7 @@
 //! only the tokio runner does: hand large writes to the blocking pool
 //! while it keeps heartbeats going, and time its rounds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -306,6 +306,9 @@ pub struct Node<S = Storage, O = PeerOutbox> {
     /// Session tokens and new-leader entry ids.
     rng: StdRng,
     held_replies: Vec<(oneshot::Sender<Msg>, Msg)>,
+    /// Inputs that arrived while a round's write ran and were not reads
+    /// answered at once: handled first in the next round, in order.
+    deferred: VecDeque<Input>,
     waiters: HashMap<(u64, u64), Vec<WriteReply>>,
     /// Configuration changes applied, answered once a majority of the
     /// voters know them chosen (see [`Node::answer_changes`]).
@@ -400,6 +403,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
             outbox,
             rng: StdRng::seed_from_u64(seed),
             held_replies: Vec::new(),
+            deferred: VecDeque::new(),
             waiters: HashMap::new(),
             changes: Vec::new(),
             reads: HashMap::new(),
@@ -714,7 +718,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
                 ReadMode::Linearizable => {
                     self.next_token += 1;
                     let token = self.next_token;
-                    match self.core.read(token) {
+                    match self.read(token) {
                         Ok(()) => {
                             self.reads.insert(token, PendingRead::Get(key, reply));
                         }
@@ -731,7 +735,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
                 ReadMode::Linearizable => {
                     self.next_token += 1;
                     let token = self.next_token;
-                    match self.core.read(token) {
+                    match self.read(token) {
                         Ok(()) => {
                             self.reads.insert(token, PendingRead::Range(req, reply));
                         }
@@ -893,6 +897,65 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         }
     }
 
+    /// While a round's write runs: answers `input` at once if it is a read
+    /// that needs nothing of the round (a local one; a linearizable one
+    /// under the leader's lease whose index is applied: `Paxos::read_now`),
+    /// else hands it back for the next round. Without this, a read that
+    /// arrived during a put's sync waited for that sync and then for the
+    /// next round's (mixed 90/10 at 16 clients: p50 0.6 ms, against 0.2 ms
+    /// for reads alone).
+    pub fn read_at_once(&mut self, input: Input) -> Option<Input> {
+        self.core.set_clock(self.outbox.lease_clock_us());
+        match input {
+            Input::Get {
+                key,
+                mode: ReadMode::Local,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.read_local(&key)));
+                None
+            }
+            Input::Get {
+                key,
+                mode: ReadMode::Linearizable,
+                reply,
+            } if self.core.read_now(self.sm.applied()) => {
+                metrics::global().reads_leased.inc();
+                let _ = reply.send(Ok(self.read_local(&key)));
+                None
+            }
+            Input::Range {
+                req,
+                mode: ReadMode::Local,
+                reply,
+            } => {
+                let _ = reply.send(self.sm.range(&req, &CHECKED));
+                None
+            }
+            Input::Range {
+                req,
+                mode: ReadMode::Linearizable,
+                reply,
+            } if self.core.read_now(self.sm.applied()) => {
+                metrics::global().reads_leased.inc();
+                let _ = reply.send(self.sm.range(&req, &CHECKED));
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Asks the core for a linearizable read, counting those served under
+    /// the lease.
+    fn read(&mut self, token: u64) -> std::result::Result<(), Option<ReplicaId>> {
+        let leased = self.core.leased_reads();
+        let asked = self.core.read(token);
+        if self.core.leased_reads() > leased {
+            metrics::global().reads_leased.inc();
+        }
+        asked
+    }
+
     /// Looks at every parked watch: after a round applied changes
     /// (`applied`), or at a tick for those whose time is up.
     fn answer_watches(&mut self, applied: bool) {
@@ -997,7 +1060,28 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         for (to, msg) in messages {
             self.outbox.send(to, msg);
         }
+        // Reads whose answer needs nothing of this round go before its
+        // sync: what they show was applied, after its own round's sync,
+        // and nothing this round persists changes it.
+        if !ready.reads_ready.is_empty() && ready.reads_index <= self.sm.applied() {
+            self.answer_reads(std::mem::take(&mut ready.reads_ready));
+        }
         (std::mem::take(&mut ready.persist), sent, ready)
+    }
+
+    /// Answers linearizable reads the core released.
+    fn answer_reads(&mut self, tokens: Vec<u64>) {
+        for token in tokens {
+            match self.reads.remove(&token) {
+                Some(PendingRead::Get(key, tx)) => {
+                    let _ = tx.send(Ok(self.read_local(&key)));
+                }
+                Some(PendingRead::Range(req, tx)) => {
+                    let _ = tx.send(self.sm.range(&req, &CHECKED));
+                }
+                None => {}
+            }
+        }
     }
 
     /// The second half of a round, once its records are durable: releases
@@ -1012,17 +1096,7 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         }
         self.answer_changes();
         self.answer_watches(applied);
-        for token in ready.reads_ready {
-            match self.reads.remove(&token) {
-                Some(PendingRead::Get(key, tx)) => {
-                    let _ = tx.send(Ok(self.read_local(&key)));
-                }
-                Some(PendingRead::Range(req, tx)) => {
-                    let _ = tx.send(self.sm.range(&req, &CHECKED));
-                }
-                None => {}
-            }
-        }
+        self.answer_reads(ready.reads_ready);
         for (token, leader) in ready.reads_failed {
             if let Some(read) = self.reads.remove(&token) {
                 read.fail(self.hint(leader));
@@ -1234,21 +1308,29 @@ impl Node<Storage, PeerOutbox> {
     ) -> Result<()> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.flush(&mut ticker).await?;
+        self.flush(&mut ticker, &mut rx).await?;
         tokio::pin!(shutdown);
         let mut last_slow_note: Option<Instant> = None;
         loop {
+            let mut inputs = 0;
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 _ = ticker.tick() => self.tick(),
+                _ = std::future::ready(()), if !self.deferred.is_empty() => {}
                 input = rx.recv() => match input {
-                    Some(input) => self.handle(input),
+                    Some(input) => {
+                        inputs += 1;
+                        self.handle(input)
+                    }
                     None => break,
                 },
             }
             let started = Instant::now();
-            let mut inputs = 1;
+            while let Some(input) = self.deferred.pop_front() {
+                inputs += 1;
+                self.handle(input);
+            }
             for _ in 0..MAX_DRAIN {
                 match rx.try_recv() {
                     Ok(input) => {
@@ -1259,7 +1341,7 @@ impl Node<Storage, PeerOutbox> {
                 }
             }
             let handled = started.elapsed();
-            self.flush(&mut ticker).await?;
+            self.flush(&mut ticker, &mut rx).await?;
             self.observe_round();
             let took = started.elapsed();
             metrics::global().round.observe(took.as_secs_f64());
@@ -1287,7 +1369,11 @@ impl Node<Storage, PeerOutbox> {
     /// [`Node::round`] on tokio: the same halves, with the write on the
     /// driver's thread or on the blocking pool (see [`WriteStats::inline`]),
     /// heartbeats going out meanwhile.
-    async fn flush(&mut self, ticker: &mut tokio::time::Interval) -> Result<()> {
+    async fn flush(
+        &mut self,
+        ticker: &mut tokio::time::Interval,
+        rx: &mut mpsc::Receiver<Input>,
+    ) -> Result<()> {
         let (records, sent, ready) = self.begin_round();
         if !records.is_empty() {
             let Some(mut storage) = self.store.take() else {
@@ -1309,6 +1395,10 @@ impl Node<Storage, PeerOutbox> {
                 // followers would otherwise take the pause for its death.
                 // Only requests go out meanwhile; answers are handled after
                 // the write, as always (see `Paxos::tick_while_busy`).
+                // Reads the state machine can answer now are answered
+                // meanwhile (`Node::read_at_once`); other inputs wait for the
+                // next round, at most `MAX_DRAIN` of them here.
+                let mut open = true;
                 let result = loop {
                     tokio::select! {
                         r = &mut write => break r,
@@ -1317,6 +1407,17 @@ impl Node<Storage, PeerOutbox> {
                             self.core.tick_while_busy();
                             for (to, msg) in self.core.take_messages() {
                                 self.outbox.send(to, msg);
+                            }
+                        }
+                        input = rx.recv(), if open && self.deferred.len() < MAX_DRAIN => {
+                            match input {
+                                Some(input) => {
+                                    if let Some(input) = self.read_at_once(input) {
+                                        self.deferred.push_back(input);
+                                    }
+                                }
+                                // Closed: the run loop stops after this round.
+                                None => open = false,
                             }
                         }
                     }

@@ -775,6 +775,9 @@ struct Tuning {
     max_sessions: u64,
     /// Leases (`Config::lease_us`) in simulated ms; 0: off.
     lease_ms: u64,
+    /// A leader cut off from a majority steps down (`Config::check_quorum`);
+    /// off, only its lease keeps it from serving stale reads.
+    check_quorum: bool,
 }
 
 /// What a seed did, for the summary line.
@@ -885,7 +888,17 @@ impl Sim {
         {
             // Clocks do harm with leaders that live long enough to serve
             // reads: always calm.
-            Profile::calm()
+            if variant == Variant::DriftingClocks {
+                // Many reads, and partitions that last: an old leader cut
+                // off while a new one is elected.
+                Profile {
+                    read: 150,
+                    heal: 2,
+                    ..Profile::calm()
+                }
+            } else {
+                Profile::calm()
+            }
         } else {
             Profile::crashy()
         };
@@ -913,16 +926,20 @@ impl Sim {
             session_ttl_ms: rng.random_range(2_000..=30_000),
             max_sessions: if rng.random_bool(0.25) { 2 } else { 100 },
             lease_ms: 0,
+            check_quorum: true,
         };
         // Drawn from an RNG of their own, so that the draws above stay
         // what they were before leases.
         let mut clocks = StdRng::seed_from_u64(mix(seed ^ 0x1ea5e));
         let mut tuning = tuning;
-        tuning.lease_ms = if variant == Variant::DriftingClocks || clocks.random_bool(0.75) {
+        tuning.lease_ms = if variant == Variant::DriftingClocks {
+            clocks.random_range(100..=600)
+        } else if clocks.random_bool(0.75) {
             clocks.random_range(10..=300)
         } else {
             0
         };
+        tuning.check_quorum = variant != Variant::DriftingClocks && clocks.random_bool(0.75);
         let mut sim = Sim {
             seed,
             variant,
@@ -1002,7 +1019,7 @@ impl Sim {
             };
             let skew_ms = sim.rng.random_range(0..3_000);
             let rate = if variant == Variant::DriftingClocks {
-                clocks.random_range(333..=3_000)
+                clocks.random_range(100..=3_000)
             } else {
                 clocks.random_range(960..=1_040)
             };
@@ -1067,6 +1084,7 @@ impl Sim {
         cfg.thrifty = self.tuning.thrifty;
         cfg.pre_vote = self.tuning.pre_vote;
         cfg.lease_us = self.tuning.lease_ms * 1_000;
+        cfg.check_quorum = self.tuning.check_quorum;
         cfg.read_lease = self.tuning.lease_ms > 0;
         cfg
     }
@@ -1756,16 +1774,45 @@ impl Sim {
         let must_see = self.log.len() as u64;
         let leased_before = self.core(i).map_or(0, |c| c.leased_reads());
         let (tx, mut rx) = oneshot::channel();
-        self.driver(i).handle(Input::Get {
+        let get = Input::Get {
             key: b"k1".to_vec(),
             mode: ReadMode::Linearizable,
             reply: tx,
-        });
-        let refused = rx.try_recv().is_ok();
+        };
+        // Half the reads arrive as if during a round's write, where the
+        // driver answers at once those that need nothing of the round.
+        let early = self.rng.random_bool(0.5);
+        let d = self.driver(i);
+        if let Some(get) = if early {
+            d.read_at_once(get)
+        } else {
+            Some(get)
+        } {
+            d.handle(get);
+        }
         if self.core(i).map_or(0, |c| c.leased_reads()) > leased_before {
             self.stats.leased_reads += 1;
         }
-        if !refused {
+        let id = self.nodes[i].id;
+        // Answered already (at once), refused, or waiting for a round.
+        let (answered, refused) = match rx.try_recv() {
+            Ok(Ok(resp)) => (Some(resp.applied), false),
+            Ok(Err(_)) => (None, true),
+            Err(_) => (None, false),
+        };
+        if let Some(applied) = answered {
+            self.stats.reads += 1;
+            if applied < must_see {
+                return Err(self.violation(
+                    Kind::Safety,
+                    format!(
+                        "stale read {token} at r{id}, answered at once: served with {applied} \
+                         slots applied, but {must_see} were applied somewhere before it was \
+                         asked"
+                    ),
+                ));
+            }
+        } else if !refused {
             self.stats.reads += 1;
             self.reads.push(PendingRead {
                 node: i,
@@ -1774,9 +1821,15 @@ impl Sim {
                 rx,
             });
         }
-        let id = self.nodes[i].id;
         let what = self.tracing().then(|| {
-            format!("read {token} at r{id} (must see {must_see} slots): refused {refused}")
+            format!(
+                "read {token} at r{id} (must see {must_see} slots): {}",
+                match (answered, refused) {
+                    (Some(a), _) => format!("answered at once with {a} applied"),
+                    (None, true) => "refused".to_string(),
+                    (None, false) => "waits".to_string(),
+                }
+            )
         });
         self.round(i, None, what)
     }

@@ -245,6 +245,11 @@ pub struct Config {
     pub pre_vote: bool,
     /// Seed of the election-timeout jitter.
     pub seed: u64,
+    /// A leader that has not heard from a majority for the election
+    /// timeout's upper bound steps down. Always on in a replica; the
+    /// simulation turns it off in some seeds, so that what keeps a cut-off
+    /// leader from serving stale reads is the lease alone, as argued.
+    pub check_quorum: bool,
     /// Leases, in microseconds of the lease clock ([`Paxos::set_clock`]):
     /// for this long after it accepts a leader's heartbeat, an acceptor
     /// promises no other proposer, and for [`Config::leader_lease_us`] after
@@ -278,6 +283,7 @@ impl Config {
             thrifty: true,
             pre_vote: true,
             seed: id,
+            check_quorum: true,
             lease_us: 0,
             read_lease: false,
         }
@@ -393,6 +399,9 @@ pub struct Ready {
     pub apply: Vec<(Slot, Value)>,
     /// Linearizable reads that may be served once `apply` is applied.
     pub reads_ready: Vec<u64>,
+    /// Every read of `reads_ready` may be served once the state machine
+    /// has applied this slot (often already before this round's `apply`).
+    pub reads_index: Slot,
     /// Reads refused: this replica no longer leads (hint: who might).
     pub reads_failed: Vec<(u64, Option<ReplicaId>)>,
     /// Proposals dropped before they got a slot (this replica stopped leading).

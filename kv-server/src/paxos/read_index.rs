@@ -165,6 +165,27 @@ impl Paxos {
         Ok(())
     }
 
+    /// Whether a linearizable read may be answered at once from a state
+    /// machine that has applied `applied`, outside a round (while the
+    /// driver waits for a write): this replica leads, its lease holds, no
+    /// read waits before it, and `applied` covers the read's index. Counts
+    /// it as a leased read if so.
+    pub fn read_now(&mut self, applied: Slot) -> bool {
+        let chosen = self.chosen;
+        let Role::Leader(l) = &self.role else {
+            return false;
+        };
+        let ok = self.cfg.read_lease
+            && self.cfg.lease_us > 0
+            && self.clock.is_some_and(|now| now < l.read_index.lease_until)
+            && l.read_index.waiting.is_empty()
+            && chosen.max(l.term_start) <= applied;
+        if ok {
+            self.leased_reads += 1;
+        }
+        ok
+    }
+
     pub(super) fn serve_reads(&mut self) {
         let (applied, hb_round) = (self.applied, self.hb_round);
         let Role::Leader(l) = &mut self.role else {
@@ -176,6 +197,7 @@ impl Paxos {
             }
             let r = l.read_index.waiting.pop_front().expect("front exists");
             self.out.reads_ready.push(r.token);
+            self.out.reads_index = self.out.reads_index.max(r.index);
         }
         // Reads waiting for a round not yet started start it now.
         if l.read_index.round_started.is_none()
