@@ -999,7 +999,8 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
         let applied = self.sm.applied();
         self.snapshots.taking = true;
         self.snapshots.log_bytes = 0;
-        self.outbox.write_snapshot(applied, self.sm.clone());
+        let copy = self.sm.snapshot_copy();
+        self.outbox.write_snapshot(applied, copy);
     }
 
     /// Fetches the newest snapshot of `peer` (one transfer at a time).

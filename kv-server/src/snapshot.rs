@@ -758,4 +758,40 @@ mod tests {
         );
         fs::remove_dir_all(&d).unwrap();
     }
+
+    /// Resident memory of this process, in bytes (`/proc/self/statm`).
+    fn rss() -> u64 {
+        let statm = fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    /// What the map of 1M keys (100-byte values) holds, filled in key order
+    /// and then as the snapshot copy leaves it: `cargo test -p kv-server
+    /// --release --lib map_memory -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn map_memory() {
+        let n: u64 = 1_000_000;
+        crate::node::release_free_memory();
+        let before = rss();
+        let mut sm = machine(n);
+        crate::node::release_free_memory();
+        let filled = rss() - before;
+        let t = std::time::Instant::now();
+        let copy = sm.snapshot_copy();
+        let took = t.elapsed();
+        drop(copy);
+        crate::node::release_free_memory();
+        let packed = rss() - before;
+        let live = sm.data_bytes();
+        let per = |b: u64| b as f64 / live as f64;
+        println!(
+            "map_memory: {n} keys, {live} live bytes: filled in key order {filled} bytes \
+             ({:.2}x), after the snapshot copy ({took:?}) {packed} bytes ({:.2}x)",
+            per(filled),
+            per(packed)
+        );
+        assert_eq!(sm.len() as u64, n);
+    }
 }
