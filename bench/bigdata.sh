@@ -9,7 +9,8 @@
 #   1. memory: KEYS keys (default 1,000,000; `bench --preload --clients 256
 #      --value-size 100`, keys key-000000 .. as `kv-client bench` names
 #      them, 10 bytes each below 1,000,000), then VmRSS / VmHWM of every
-#      replica against the live bytes (keys x (key length + 100)).
+#      replica against the live bytes (keys x (key length + 100)); again
+#      after the restart of step 3 and after step 4.
 #   2. normal put rate: `bench --op put --clients 16 --value-size 100 --keys
 #      KEYS` for PUT_SECS (default 15) s, no snapshot due.
 #   3. restart: all five replicas SIGTERMed and started again with their
@@ -53,14 +54,19 @@ sleep 5  # followers apply; background snapshot writes finish
 L=$(leader_id)
 keys=$(status_json | jq -r "select(.id == $L) | .keys")
 live=$(python3 -c "n=$KEYS; print(sum(len(f'key-{i:06}') + 100 for i in range(n)))")
+memory() {
+    local L
+    L=$(leader_id)
+    for i in $(seq 1 "$NREPLICAS"); do
+        rss=$(rss_kb "${PIDS[$i]}" VmRSS); hwm=$(rss_kb "${PIDS[$i]}" VmHWM)
+        printf '   replica %d%s: VmRSS %d MiB (%.2fx live), VmHWM %d MiB (%.2fx)\n' "$i" \
+            "$([[ $i == "$L" ]] && echo ' (leader)')" $((rss / 1024)) "$(awk -v r="$rss" -v l="$live" 'BEGIN { print r * 1024 / l }')" \
+            $((hwm / 1024)) "$(awk -v r="$hwm" -v l="$live" 'BEGIN { print r * 1024 / l }')"
+    done
+}
 echo
 echo "1. memory at $keys keys: live bytes $((live / 1024 / 1024)) MiB (keys + values)"
-for i in $(seq 1 "$NREPLICAS"); do
-    rss=$(rss_kb "${PIDS[$i]}" VmRSS); hwm=$(rss_kb "${PIDS[$i]}" VmHWM)
-    printf '   replica %d%s: VmRSS %d MiB (%.2fx live), VmHWM %d MiB (%.2fx)\n' "$i" \
-        "$([[ $i == "$L" ]] && echo ' (leader)')" $((rss / 1024)) "$(awk -v r="$rss" -v l="$live" 'BEGIN { print r * 1024 / l }')" \
-        $((hwm / 1024)) "$(awk -v r="$hwm" -v l="$live" 'BEGIN { print r * 1024 / l }')"
-done
+memory
 du -sh "$WORK"/data/* | sed 's/^/   disk: /'
 
 # ---- 2. normal put rate ----------------------------------------------------
@@ -87,6 +93,9 @@ echo
 echo "3. restart of all five with $keys keys: first put acknowledged ${t_put} s after starting them," \
     "first linearizable get (${got}...) ${t_get} s"
 grep -ah 'leader\|elected\|took office' "$WORK"/replica-*.log | tail -5 | sed 's/^/   /' || true
+sleep 2
+echo "   memory after the restart (each loaded its snapshot and replayed its log):"
+memory
 
 # 3b. One replica restarted alone (a follower), the others serving: the
 # time from starting it until it answers a local read of a loaded key.
@@ -125,6 +134,8 @@ awk -v a="$(jq -r .ops_per_s <<<"$snap")" -v b="$(jq -r .ops_per_s <<<"$normal")
     'BEGIN { printf "   %.0f%% of the normal rate (step 2)\n", 100 * a / b }'
 echo "   each second (bench progress, warm-up included): $(grep -ao 'ops/s now' -B0 "$WORK/snap.stderr" >/dev/null;
     sed -n 's/.*(\([0-9]*\) ops\/s now.*/\1/p' "$WORK/snap.stderr" | paste -sd' ' -)"
+echo "   memory after it:"
+memory
 for i in $(seq 1 "$NREPLICAS"); do
     echo "   replica $i snapshots after $mark: $(grep -a 'snapshot taken' "$WORK/replica-$i.log" |
         grep -ao '[0-9][0-9]:[0-9][0-9]:[0-9][0-9][.0-9]*' | awk -v m="$mark" '$1 >= m' | paste -sd' ' -)"

@@ -906,43 +906,28 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
     /// for reads alone).
     pub fn read_at_once(&mut self, input: Input) -> Option<Input> {
         self.core.set_clock(self.outbox.lease_clock_us());
-        match input {
-            Input::Get {
-                key,
-                mode: ReadMode::Local,
-                reply,
-            } => {
-                let _ = reply.send(Ok(self.read_local(&key)));
-                None
+        let linearizable = match &input {
+            Input::Get { mode, .. } | Input::Range { mode, .. } => {
+                matches!(mode, ReadMode::Linearizable)
             }
-            Input::Get {
-                key,
-                mode: ReadMode::Linearizable,
-                reply,
-            } if self.core.read_now(self.sm.applied()) => {
-                metrics::global().reads_leased.inc();
-                let _ = reply.send(Ok(self.read_local(&key)));
-                None
+            _ => return Some(input),
+        };
+        if linearizable {
+            if !self.core.read_now(self.sm.applied()) {
+                return Some(input);
             }
-            Input::Range {
-                req,
-                mode: ReadMode::Local,
-                reply,
-            } => {
-                let _ = reply.send(self.sm.range(&req, &CHECKED));
-                None
-            }
-            Input::Range {
-                req,
-                mode: ReadMode::Linearizable,
-                reply,
-            } if self.core.read_now(self.sm.applied()) => {
-                metrics::global().reads_leased.inc();
-                let _ = reply.send(self.sm.range(&req, &CHECKED));
-                None
-            }
-            other => Some(other),
+            metrics::global().reads_leased.inc();
         }
+        match input {
+            Input::Get { key, reply, .. } => {
+                let _ = reply.send(Ok(self.read_local(&key)));
+            }
+            Input::Range { req, reply, .. } => {
+                let _ = reply.send(self.sm.range(&req, &CHECKED));
+            }
+            other => return Some(other),
+        }
+        None
     }
 
     /// Asks the core for a linearizable read, counting those served under

@@ -368,19 +368,25 @@ mod tests {
         got
     }
 
-    #[test]
-    fn under_a_lease_a_read_needs_no_round_and_after_it_one() {
+    /// A leased cluster past its acceptors' refusal after their start,
+    /// with a leader elected and a heartbeat round it started at `at`
+    /// (every clock then) acknowledged by all; and the leader's index.
+    fn leader_with_round_at(at: u64) -> (Vec<Paxos>, usize) {
         let mut nodes = leased_cluster(0);
         let mut applied = vec![Vec::new(); 3];
-        // Past the acceptors' refusal after their start, then elect.
         set_clocks(&mut nodes, W);
         run(&mut nodes, &mut applied, 100);
         let l = nodes.iter().position(|n| n.is_leader()).unwrap();
-        // A round started at `2W`, acknowledged by a majority.
-        set_clocks(&mut nodes, 2 * W);
+        set_clocks(&mut nodes, at);
         nodes[l].tick_while_busy();
         let hb = nodes[l].take_messages();
         exchange(&mut nodes, l, hb);
+        (nodes, l)
+    }
+
+    #[test]
+    fn under_a_lease_a_read_needs_no_round_and_after_it_one() {
+        let (mut nodes, l) = leader_with_round_at(2 * W);
         // Within 0.9 W of the round's start: served at once, no messages.
         nodes[l].set_clock(2 * W + W / 10 * 9 - 1);
         nodes[l].read(1).unwrap();
@@ -403,15 +409,8 @@ mod tests {
 
     #[test]
     fn with_read_leases_off_every_read_waits_for_a_round() {
-        let mut nodes = leased_cluster(0);
-        let mut applied = vec![Vec::new(); 3];
-        set_clocks(&mut nodes, W);
-        run(&mut nodes, &mut applied, 100);
-        let l = nodes.iter().position(|n| n.is_leader()).unwrap();
+        let (mut nodes, l) = leader_with_round_at(2 * W);
         nodes[l].cfg.read_lease = false;
-        nodes[l].tick_while_busy();
-        let hb = nodes[l].take_messages();
-        exchange(&mut nodes, l, hb);
         nodes[l].read(1).unwrap();
         let r = nodes[l].ready();
         assert!(r.reads_ready.is_empty(), "no lease to serve it from");
@@ -420,18 +419,10 @@ mod tests {
 
     #[test]
     fn an_acceptor_promises_no_one_else_while_a_lease_runs() {
-        let mut nodes = leased_cluster(0);
-        let mut applied = vec![Vec::new(); 3];
-        set_clocks(&mut nodes, W);
-        run(&mut nodes, &mut applied, 100);
-        let l = nodes.iter().position(|n| n.is_leader()).unwrap();
+        // The follower accepts a heartbeat at 5 W.
+        let (mut nodes, l) = leader_with_round_at(5 * W);
         let f = (l + 1) % 3;
         let other = (l + 2) % 3;
-        // The follower accepts a heartbeat at 5 W.
-        set_clocks(&mut nodes, 5 * W);
-        nodes[l].tick_while_busy();
-        let hb = nodes[l].take_messages();
-        exchange(&mut nodes, l, hb);
         let prepare = |round| {
             Msg::Prepare(Prepare {
                 from: nodes[other].id(),
