@@ -138,9 +138,10 @@ struct Cli {
     /// majority answers (a read index), never from the leader's lease. By
     /// default a leader that a majority answered within the last 135 ms
     /// serves reads at once: safe while no replica's clock (CLOCK_BOOTTIME)
-    /// runs more than 5% fast or slow, and every replica of a cluster must
-    /// be of a version that keeps leases (README, "Reads and leases").
-    /// Replicas with and without this option may be mixed.
+    /// runs more than 5% fast or slow, and while every replica runs a
+    /// version that keeps leases (this one or later): give this option to
+    /// every replica during an upgrade from an older version (README,
+    /// "Reads and leases"). Replicas with and without it may be mixed.
     #[arg(long)]
     no_read_lease: bool,
 
