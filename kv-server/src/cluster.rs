@@ -40,7 +40,7 @@
 //! paused, that replica's process group is orphaned with a stopped member,
 //! so the kernel sends it SIGHUP and SIGCONT, which ends it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 use std::io::Write;
@@ -275,6 +275,28 @@ impl Supervisor {
         result
     }
 
+    /// Every address the cluster's listeners have, from the replica file or
+    /// chosen here, except the admin and RESP ones chosen for `id`.
+    fn addresses_but(&self, id: ReplicaId) -> BTreeSet<String> {
+        let chosen = self
+            .admin
+            .iter()
+            .chain(&self.redis)
+            .filter(|(r, _)| **r != id)
+            .map(|(_, a)| a.clone());
+        let listed = self.replicas.replicas.iter().flat_map(|r| {
+            [
+                Some(&r.client_addr),
+                Some(&r.peer_addr),
+                r.redis_addr.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+        });
+        chosen.chain(listed).collect()
+    }
+
     /// Starts one replica and prints its line.
     fn start(&mut self, replica: &ReplicaAddr) -> anyhow::Result<()> {
         let id = replica.id;
@@ -283,11 +305,20 @@ impl Supervisor {
         // process took it meanwhile (between choosing it and the replica's
         // bind, or while the replica was down): the replica would then
         // fail to start again and again.
-        let admin = listener_addr(id, "admin", self.admin.get(&id))?;
+        // Nor one that any other listener of the cluster has: a port is
+        // free again once chosen (and released) until its replica binds it,
+        // so the next choice may return it (CI saw replicas 1 and 2 given
+        // the same RESP port; replica 1 could not start, and the cluster
+        // could never begin without it).
+        let mut taken = self.addresses_but(id);
+        let admin = listener_addr(id, "admin", self.admin.get(&id), &taken)?;
         self.admin.insert(id, admin.clone());
         let redis = match &replica.redis_addr {
             Some(addr) => addr.clone(),
-            None => listener_addr(id, "RESP", self.redis.get(&id))?,
+            None => {
+                taken.insert(admin.clone());
+                listener_addr(id, "RESP", self.redis.get(&id), &taken)?
+            }
         };
         self.redis.insert(id, redis.clone());
         let mut child = Command::new(&self.exe)
@@ -1273,12 +1304,18 @@ impl HealthTracker {
 
 /// The address for replica `id`'s `what` listener, chosen here: `kept`
 /// (the one of its last start) if nothing listens there now, else a new
-/// free loopback port, reported when it replaces `kept`.
-fn listener_addr(id: ReplicaId, what: &str, kept: Option<&String>) -> anyhow::Result<String> {
+/// free loopback port that is none of `taken`, reported when it replaces
+/// `kept`.
+fn listener_addr(
+    id: ReplicaId,
+    what: &str,
+    kept: Option<&String>,
+    taken: &BTreeSet<String>,
+) -> anyhow::Result<String> {
     match kept {
         Some(addr) if still_free(addr) => Ok(addr.clone()),
         was => {
-            let addr = free_loopback_addr().with_context(|| {
+            let addr = untaken(taken, free_loopback_addr).with_context(|| {
                 format!("cannot find a free loopback port for replica {id}'s {what} listener")
             })?;
             if let Some(was) = was {
@@ -1290,6 +1327,20 @@ fn listener_addr(id: ReplicaId, what: &str, kept: Option<&String>) -> anyhow::Re
             Ok(addr)
         }
     }
+}
+
+/// The first address `choose` gives that is none of `taken` (100 tries).
+fn untaken(
+    taken: &BTreeSet<String>,
+    mut choose: impl FnMut() -> std::io::Result<String>,
+) -> anyhow::Result<String> {
+    for _ in 0..100 {
+        let addr = choose()?;
+        if !taken.contains(&addr) {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("100 ports in a row were already another listener's")
 }
 
 /// Whether nothing listens on `addr` now (a replica restarted there can
@@ -1308,6 +1359,16 @@ fn free_loopback_addr() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_chosen_for_one_listener_is_never_chosen_for_another() {
+        let taken: BTreeSet<String> = ["127.0.0.1:1".to_string()].into();
+        let mut offers = ["127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:2"].into_iter();
+        let got = untaken(&taken, || Ok(offers.next().unwrap().to_string())).unwrap();
+        assert_eq!(got, "127.0.0.1:2");
+        let e = untaken(&taken, || Ok("127.0.0.1:1".to_string())).unwrap_err();
+        assert!(e.to_string().contains("another listener's"), "{e}");
+    }
     use std::sync::Mutex;
 
     /// Serializes the tests below: a script written by one test while the
