@@ -643,9 +643,12 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
 
     /// Handles one input. Its effects leave at the next [`Node::round`].
     pub fn handle(&mut self, input: Input) {
-        // Read as the input is handled, never earlier: an acceptor's lease
-        // and a leader's read under one count from it (`Paxos::set_clock`).
-        self.core.set_clock(self.outbox.lease_clock_us());
+        // Read as the input is handled, never earlier, by the inputs that
+        // grant or check a lease (`Paxos::set_clock`); not on the accept
+        // path, nor for writes.
+        if times_a_lease(&input) {
+            self.core.set_clock(self.outbox.lease_clock_us());
+        }
         match input {
             Input::Peer { msg, reply } => {
                 // What the leader says it has chosen, for readiness and
@@ -933,12 +936,10 @@ impl<S: LogStore, O: Outbox> Node<S, O> {
     /// Asks the core for a linearizable read, counting those served under
     /// the lease.
     fn read(&mut self, token: u64) -> std::result::Result<(), Option<ReplicaId>> {
-        let leased = self.core.leased_reads();
-        let asked = self.core.read(token);
-        if self.core.leased_reads() > leased {
+        if self.core.read(token)? {
             metrics::global().reads_leased.inc();
         }
-        asked
+        Ok(())
     }
 
     /// Looks at every parked watch: after a round applied changes
@@ -1449,6 +1450,19 @@ pub(crate) fn release_free_memory() {
     // takes each arena's lock) and touches nothing of ours.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Whether handling `input` may grant or check a lease, and so needs a
+/// fresh reading of the lease clock: a heartbeat (an acceptor's grant), a
+/// prepare (its refusal), a linearizable read (a leader's lease).
+fn times_a_lease(input: &Input) -> bool {
+    match input {
+        Input::Peer { msg, .. } => matches!(msg, Msg::Heartbeat(_) | Msg::Prepare(_)),
+        Input::Get { mode, .. } | Input::Range { mode, .. } => {
+            matches!(mode, ReadMode::Linearizable)
+        }
+        _ => false,
     }
 }
 

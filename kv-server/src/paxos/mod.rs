@@ -731,9 +731,12 @@ impl Paxos {
     /// Sets the lease clock: microseconds of a monotonic clock that keeps
     /// counting while the process or machine is paused, from any fixed
     /// origin. With leases on ([`Config::lease_us`]), the driver sets it
-    /// before every input (a reading from before the input arrived would
-    /// not do: a leader would time its lease from too early, an acceptor
-    /// its refusal from too late). Readings that go back are ignored. The
+    /// before every tick and before every input that grants or checks a
+    /// lease: a heartbeat, a prepare, a linearizable read (a reading from
+    /// before such an input arrived would not do: an acceptor would time
+    /// its refusal from too early, a leader count a lease that ran out).
+    /// Elsewhere an older reading only starts a leader's lease earlier,
+    /// which shortens it. Readings that go back are ignored. The
     /// first reading starts this acceptor's refusal of every prepare for
     /// a lease's length: a lease it granted before a restart is not
     /// remembered.

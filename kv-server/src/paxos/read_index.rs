@@ -133,19 +133,14 @@ impl ReadIndex {
 impl Paxos {
     /// Asks for a linearizable read; `token` comes back in
     /// `Ready::reads_ready` once the leader has confirmed its ballot with a
-    /// majority after the read arrived and has applied every slot that
-    /// could hold a write acknowledged before it.
-    pub fn read(&mut self, token: u64) -> Result<(), Option<ReplicaId>> {
-        let (chosen, hb_round) = (self.chosen, self.hb_round);
+    /// majority after the read arrived (or holds a lease: then the rounds
+    /// already confirmed do) and has applied every slot that could hold a
+    /// write acknowledged before it. Whether it was taken under the lease.
+    pub fn read(&mut self, token: u64) -> Result<bool, Option<ReplicaId>> {
+        let (chosen, hb_round, leased) = (self.chosen, self.hb_round, self.lease_holds());
         let Role::Leader(l) = &mut self.role else {
             return Err(self.leader);
         };
-        let index = chosen.max(l.term_start);
-        let leased = self.cfg.read_lease
-            && self.cfg.lease_us > 0
-            && self.clock.is_some_and(|now| now < l.read_index.lease_until);
-        // Under a lease the rounds already confirmed do: no other leader
-        // can have been elected since the read arrived.
         let round = if leased {
             l.read_index.confirmed
         } else {
@@ -153,7 +148,7 @@ impl Paxos {
         };
         l.read_index.waiting.push_back(PendingRead {
             token,
-            index,
+            index: chosen.max(l.term_start),
             round,
         });
         if leased {
@@ -162,7 +157,7 @@ impl Paxos {
             self.start_heartbeat_round();
         }
         self.serve_reads();
-        Ok(())
+        Ok(leased)
     }
 
     /// Whether a linearizable read may be answered at once from a state
@@ -171,19 +166,21 @@ impl Paxos {
     /// read waits before it, and `applied` covers the read's index. Counts
     /// it as a leased read if so.
     pub fn read_now(&mut self, applied: Slot) -> bool {
-        let chosen = self.chosen;
-        let Role::Leader(l) = &self.role else {
-            return false;
-        };
-        let ok = self.cfg.read_lease
-            && self.cfg.lease_us > 0
-            && self.clock.is_some_and(|now| now < l.read_index.lease_until)
-            && l.read_index.waiting.is_empty()
-            && chosen.max(l.term_start) <= applied;
+        let ok = self.lease_holds()
+            && matches!(&self.role, Role::Leader(l)
+                if l.read_index.waiting.is_empty() && self.chosen.max(l.term_start) <= applied);
         if ok {
             self.leased_reads += 1;
         }
         ok
+    }
+
+    /// Whether this replica leads and may serve reads under its lease now.
+    fn lease_holds(&self) -> bool {
+        let Role::Leader(l) = &self.role else {
+            return false;
+        };
+        self.cfg.read_lease && self.clock.is_some_and(|now| now < l.read_index.lease_until)
     }
 
     pub(super) fn serve_reads(&mut self) {
